@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One command from a fresh checkout to a working environment (and, with --test, a test run).
+#
+#   ./setup.sh                 create .venv, install pinned requirements, materialize and
+#                              install the transformers and unsloth forks
+#   ./setup.sh --test [ARGS]   the same, then run pytest (ARGS go to pytest)
+#   ./setup.sh --no-venv       install into the current python instead (e.g. a conda env
+#                              that already has your CUDA torch)
+#
+# Environment: HRPO_VENV (default .venv), HRPO_FORK_CACHE (archive cache, default
+# ~/.cache/hrpo-forks), PYTHON (interpreter used to create the venv, default python3).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+use_venv=1
+run_tests=0
+pytest_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --test) run_tests=1; shift; pytest_args=("$@"); break ;;
+    --no-venv) use_venv=0; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option '$1' (expected --test, --no-venv or --help)" >&2; exit 2 ;;
+  esac
+done
+
+start=$(date +%s)
+if [ "$use_venv" = 1 ]; then
+  venv=${HRPO_VENV:-.venv}
+  if [ ! -x "$venv/bin/python" ]; then
+    "${PYTHON:-python3}" -m venv "$venv"
+  fi
+  py="$venv/bin/python"
+else
+  py=${PYTHON:-python3}
+fi
+"$py" -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required (tomllib)"'
+pip=("$py" -m pip install -q --disable-pip-version-check)
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  # CUDA machine: keep the torch that is there, or take a CUDA build <2.15.
+  "$py" -c 'import torch' 2>/dev/null || "${pip[@]}" 'torch>=2.4.0,<2.15.0'
+  cuda=1
+else
+  # CPU machine: the CPU build (never let a dependency pull a CUDA torch here).
+  "${pip[@]}" 'torch==2.13.0'
+  cuda=0
+fi
+
+"$py" tools/forks.py materialize
+"$py" tools/forks.py install --no-deps
+"${pip[@]}" -r requirements.txt -r requirements-dev.txt
+"${pip[@]}" --no-deps -r requirements-nodeps.txt
+if [ "$cuda" = 1 ]; then
+  "${pip[@]}" -r requirements-cuda.txt
+fi
+echo "[setup] environment ready in $(( $(date +%s) - start )) s (python: $py)"
+
+if [ "$run_tests" = 1 ]; then
+  exec "$py" -m pytest "${pytest_args[@]}"
+fi
