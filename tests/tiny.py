@@ -30,7 +30,7 @@ def tiny_config(arch: str, vocab_size: int, hidden_size: int = 32, **thinking):
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
     return cls(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+               max_position_embeddings=2048, pad_token_id=0, eos_token_id=1, bos_token_id=None,
                tie_word_embeddings=False, **thinking)
 
 

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Decoding time: plain upstream sampling vs hybrid sampling in each latent mode.
+
+Same model, batch, prompts and a forced number of new tokens (EOS disabled); each
+variant runs --repeats times interleaved, the table shows medians and ratios to plain
+sampling (and projection modes to embedding). Writes JSON with every timing.
+
+    python bench/decoding.py --model tiny-qwen2 --new-tokens 128 512
+    python bench/decoding.py --model smollm2 --batch 8 --new-tokens 256
+    python bench/decoding.py --model Qwen/Qwen2.5-1.5B-Instruct --device cuda   (any HF model)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+MODES = ["plain", "embedding", "projection", "embedding_plus_projection"]
+QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have?", "What is 12 times 3?",
+             "A box holds 5 pens. How many pens are in 4 boxes?", "Sara reads 9 pages a day for 6 days.",
+             "What is 250 minus 75?", "A bus has 30 seats and 12 are taken. How many are free?",
+             "Half of 84 is what?", "Each of 7 bags has 8 marbles. How many marbles?"]
+
+
+def load(name: str, device: str):
+    if name.startswith("tiny-"):
+        from tiny import tiny_model, tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        return tiny_model(name.split("-", 1)[1], tokenizer, hidden_size=256), tokenizer
+    if name == "smollm2":
+        from hrpo import smollm2
+
+        return smollm2.load()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval(), tokenizer
+
+
+def run_once(model, tokenizer, enc, mode: str, new_tokens: int) -> float:
+    kwargs = {}
+    if mode != "plain":
+        model.config.thinking_latent_source = mode
+        kwargs = {"processing_class": tokenizer, "return_thinking_embeds": True}
+    torch.manual_seed(0)
+    if enc.input_ids.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=True, temperature=0.5, top_k=0, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, **kwargs)
+    if enc.input_ids.is_cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    assert sequences.shape[1] - enc.input_ids.shape[1] == new_tokens
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-qwen2", help="tiny-qwen2, tiny-llama, smollm2, or a hub name/path")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, default=None, help="where to write the results")
+    args = parser.parse_args()
+
+    model, tokenizer = load(args.model, args.device)
+    model.to(args.device)
+    questions = (QUESTIONS * (args.batch // len(QUESTIONS) + 1))[: args.batch]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                           add_generation_prompt=True) for q in questions]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
+    results = {"model": args.model, "batch": args.batch, "device": args.device,
+               "threads": torch.get_num_threads(), "runs": {}}
+    for new_tokens in args.new_tokens:
+        run_once(model, tokenizer, enc, args.modes[0], min(new_tokens, 16))  # warm-up
+        times = {mode: [] for mode in args.modes}
+        for _ in range(args.repeats):
+            for mode in args.modes:  # interleaved, so that drift hits every mode alike
+                times[mode].append(run_once(model, tokenizer, enc, mode, new_tokens))
+        med = {mode: statistics.median(ts) for mode, ts in times.items()}
+        results["runs"][str(new_tokens)] = {"times": times, "median": med}
+        print(f"\n{args.model}, batch {args.batch}, {new_tokens} new tokens, {args.device}, "
+              f"{torch.get_num_threads()} threads, median of {args.repeats}")
+        print(f"{'mode':28s} {'s':>8s} {'ms/token':>9s} {'x plain':>8s} {'x embedding':>12s}")
+        for mode in args.modes:
+            vs_plain = med[mode] / med["plain"] if "plain" in med else float("nan")
+            vs_emb = med[mode] / med["embedding"] if "embedding" in med else float("nan")
+            print(f"{mode:28s} {med[mode]:8.2f} {1000 * med[mode] / new_tokens:9.1f} {vs_plain:8.3f} {vs_emb:12.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
