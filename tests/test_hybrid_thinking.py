@@ -125,10 +125,11 @@ def test_unflagged_positions_keep_their_embedding_bit_for_bit():
     embeds = torch.randn(2, 5, 32)
     mask = torch.tensor([[False, True, False, True, False], [False] * 5])
     latents = torch.randn(2, 5, 32)
-    out, gate = base.mix_thinking_inputs(embeds, mask, latents, None)
+    out, (gate, hidden) = base.mix_thinking_inputs(embeds, mask, latents, None)
     assert torch.equal(out[~mask], embeds[~mask])
     assert not torch.equal(out[mask], embeds[mask])
     assert (gate[~mask] == 0).all() and (gate[mask] > 0.98).all()
+    assert (hidden[~mask] == 0).all() and (hidden[mask] > 0.01).all() and (hidden[mask] < 0.2).all()
 
 
 # ---------------------------------------------------------------- replay consistency
@@ -149,6 +150,8 @@ def replay_difference(model, tokenizer, enc, out):
         replayed, mask, _ = replay_logprobs(model, out.sequences, enc.attention_mask, thinking_inputs(out),
                                             tokenizer.eos_token_id, temperature=0.5)
     sampled = sampling_logprobs(out, prompt_len)
+    recorded = out.sampled_token_logprobs[:, prompt_len:]
+    assert torch.equal(recorded * mask, sampled * mask)
     diff = (replayed - sampled).abs() * mask
     return diff.max().item(), (diff.sum() / mask.sum()).item(), mask
 
