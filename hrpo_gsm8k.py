@@ -1,26 +1,263 @@
 #!/usr/bin/env python3
-"""GRPO training on GSM8K with HRPO hybrid latent reasoning (the user's main job).
+"""GRPO training on GSM8K with HRPO hybrid latent reasoning and the thinking projection.
 
-Not built yet: the trainer, rewards, evaluation and the offline demo are the open issue
-"GRPO training on GSM8K". Until it lands this entry point says so and exits non-zero,
-rather than pretending to train.
+    python hrpo_gsm8k.py --lr_thinking_projection 1e-4                 # HRPO's recipe, Qwen2.5-1.5B
+    python hrpo_gsm8k.py --model_name ./my-model --dataset_path train.jsonl --output_dir runs/x
+    python hrpo_gsm8k.py ... --resume                                   # continue from the last checkpoint
+
+Defaults are HRPO's published recipe; the seed adds --lr_thinking_projection and the
+projection's latent source and options. Every input is checked before training starts.
 """
+from __future__ import annotations
+
+import argparse
+import json
+import os
 import sys
+from pathlib import Path
 
-MISSING = [
-    "patch.py (optimizer parameter groups with lr_thinking_projection)",
-    "the HRPO trainer on TRL 1.15 GRPOTrainer (rollouts through hybrid sampling, replay loss)",
-    "GSM8K rewards and answer normalisation, eval_gsm8k.py, the offline SmolLM2 demo",
-]
+THINKING_MODULES = ["thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda",
+                    "thinking_projection"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RUN_CONFIG = "hrpo_run.json"
 
 
-def main() -> int:
-    print("hrpo_gsm8k.py: training is not implemented yet. Missing:", file=sys.stderr)
-    for item in MISSING:
-        print(f"  - {item}", file=sys.stderr)
-    print("What works today: hybrid sampling and the replay pass in the transformers fork "
-          "(see README, 'Hybrid generation').", file=sys.stderr)
-    return 2
+class UsageError(ValueError):
+    """Bad input, reported before any training starts."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model_name", default="Qwen/Qwen2.5-1.5B-Instruct", help="hub name or local folder of a Qwen2/Llama model")
+    a("--dataset_path", default="openai/gsm8k", help="hub dataset name, or a local GSM8K-format .jsonl/.json/.parquet")
+    a("--output_dir", default=None, help="experiment folder (default: experiments/<model>-<latent source>)")
+    a("--resume", action="store_true", help="continue from the last checkpoint in --output_dir")
+    a("--lora_rank", type=int, default=32, help="LoRA rank (alpha = 2 x rank) on the 7 projection modules")
+    a("--lr", type=float, default=5e-6, help="learning rate of the LoRA weights")
+    a("--beta", type=float, default=0.005, help="KL coefficient against the reference (adapter disabled)")
+    a("--residual_r_min", type=float, default=0.99, help="Lambda initialisation: lower end of exp(-c softplus(-Lambda))")
+    a("--residual_r_max", type=float, default=0.999, help="Lambda initialisation: upper end")
+    a("--lr_residual_gate", type=float, default=1e-4, help="learning rate of thinking_residual_gate_r/_i")
+    a("--lr_residual_Lambda", type=float, default=1e-3, help="learning rate of thinking_residual_Lambda")
+    a("--lr_thinking_projection", type=float, default=1e-4, help="learning rate of thinking_projection (the seed)")
+    a("--thinking_latent_source", default="projection", choices=["embedding", "projection", "embedding_plus_projection"],
+      help="embedding: HRPO; projection: the seed; embedding_plus_projection: HRPO at step 0, learnable after")
+    a("--thinking_latent_scale", default="unit", choices=["unit", "embedding"],
+      help="norm of the projection latent: 1 (the seed) or the mean token-embedding norm")
+    a("--thinking_projection_layers", type=int, default=1, choices=[1, 2], help="1: Linear (the seed); 2: MLP")
+    a("--thinking_projection_layernorm", action="store_true", help="LayerNorm after the projection")
+    a("--thinking_projection_dropout", type=float, default=0.0, help="dropout after the projection (training only)")
+    a("--weight_decay", type=float, default=0.1)
+    a("--warmup_ratio", type=float, default=0.1)
+    a("--lr_scheduler_type", default="cosine")
+    a("--optimizer", default=None, help="transformers optim name (default: paged_adamw_8bit on CUDA, adamw_torch on CPU)")
+    a("--max_grad_norm", type=float, default=0.1)
+    a("--group_size", type=int, default=4, help="completions per prompt (GRPO group)")
+    a("--temperature", type=float, default=0.5)
+    a("--gradient_accumulation_steps", type=int, default=4)
+    a("--per_device_train_batch_size", type=int, default=8, help="completions per device per micro-batch")
+    a("--max_prompt_length", type=int, default=1024, help="prompts longer than this (tokens) are left out")
+    a("--max_completion_length", type=int, default=1024)
+    a("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: one epoch)")
+    a("--num_train_epochs", type=float, default=1.0)
+    a("--save_steps", type=int, default=250)
+    a("--save_total_limit", type=int, default=3)
+    a("--logging_steps", type=int, default=1)
+    a("--report_to", default="none", help="none, wandb or tensorboard (when installed)")
+    a("--seed", type=int, default=42)
+    return p
+
+
+def default_output_dir(args) -> Path:
+    model = Path(args.model_name.rstrip("/")).name
+    return Path("experiments") / f"{model}-{args.thinking_latent_source}-lr{args.lr_thinking_projection:g}"
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1])) if checkpoints else None
+
+
+def check_args(args, world_size: int = 1) -> None:
+    """Everything that can be checked without loading the model or the data."""
+    if args.group_size < 2:
+        raise UsageError(f"--group_size {args.group_size}: GRPO needs at least 2 completions per prompt")
+    per_generation = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    if per_generation % args.group_size:
+        raise UsageError(
+            f"--group_size {args.group_size} does not divide the completions per generation batch "
+            f"(--per_device_train_batch_size {args.per_device_train_batch_size} x --gradient_accumulation_steps "
+            f"{args.gradient_accumulation_steps} x {world_size} processes = {per_generation})")
+    if not 0 < args.residual_r_min <= args.residual_r_max < 1:
+        raise UsageError(f"--residual_r_min {args.residual_r_min} / --residual_r_max {args.residual_r_max}: "
+                         f"need 0 < r_min <= r_max < 1")
+    looks_local = args.model_name.startswith((".", "/", "~")) or args.model_name.count("/") > 1
+    if looks_local and not Path(args.model_name).expanduser().is_dir():
+        raise UsageError(f"--model_name {args.model_name}: no such model folder")
+    output_dir = Path(args.output_dir)
+    if args.resume:
+        if last_checkpoint(output_dir) is None:
+            raise UsageError(f"--resume: no checkpoint-* folder in --output_dir {output_dir} to resume from")
+    elif output_dir.exists() and any(output_dir.iterdir()):
+        raise UsageError(f"--output_dir {output_dir} exists and is not empty: pass --resume to continue from its "
+                         f"last checkpoint, or choose another --output_dir")
+
+
+def thinking_config(args) -> dict:
+    return {
+        "thinking_latent_source": args.thinking_latent_source,
+        "thinking_latent_scale": args.thinking_latent_scale,
+        "thinking_projection_layers": args.thinking_projection_layers,
+        "thinking_projection_layernorm": args.thinking_projection_layernorm,
+        "thinking_projection_dropout": args.thinking_projection_dropout,
+        "thinking_residual_r_min": args.residual_r_min,
+        "thinking_residual_r_max": args.residual_r_max,
+    }
+
+
+def load_model(args, cuda: bool):
+    """Through unsloth's FastLanguageModel (CPU fallback: plain transformers + PEFT)."""
+    from unsloth import FastLanguageModel
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(args.model_name)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--model_name {args.model_name}: cannot load its config ({err})") from None
+    for key, value in thinking_config(args).items():
+        setattr(config, key, value)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        args.model_name, config=config, max_seq_length=args.max_prompt_length + args.max_completion_length,
+        load_in_4bit=False, dtype=None if cuda else __import__("torch").float32)
+    model = FastLanguageModel.get_peft_model(
+        model, r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
+        modules_to_save=THINKING_MODULES, use_gradient_checkpointing="unsloth" if cuda else False,
+        random_state=args.seed)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_dataset(args):
+    from hrpo.data import load_gsm8k, with_prompts
+
+    return with_prompts(load_gsm8k(args.dataset_path, "train"))
+
+
+def filter_long_prompts(args, dataset, tokenizer):
+    from hrpo.data import DataError
+
+    lengths = [len(tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True))
+               for p in dataset["prompt"]]
+    keep = [i for i, n in enumerate(lengths) if n <= args.max_prompt_length]
+    if not keep:
+        raise DataError(f"--max_prompt_length {args.max_prompt_length}: every prompt of {args.dataset_path} is longer")
+    if len(keep) < len(dataset):
+        print(f"[hrpo] left out {len(dataset) - len(keep)} prompts longer than {args.max_prompt_length} tokens")
+        dataset = dataset.select(keep)
+    return dataset
+
+
+def grpo_config(args, cuda: bool):
+    from trl import GRPOConfig
+
+    import torch
+
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return GRPOConfig(
+        output_dir=str(args.output_dir), learning_rate=args.lr, beta=args.beta, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_ratio, lr_scheduler_type=args.lr_scheduler_type,
+        optim=args.optimizer or ("paged_adamw_8bit" if cuda else "adamw_torch"), max_grad_norm=args.max_grad_norm,
+        num_generations=args.group_size, temperature=args.temperature, top_k=0, top_p=1.0,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        max_completion_length=args.max_completion_length, max_steps=args.max_steps,
+        num_train_epochs=args.num_train_epochs, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
+        logging_steps=args.logging_steps, report_to=args.report_to, seed=args.seed, bf16=bf16,
+        fp16=cuda and not bf16, use_cpu=not cuda, gradient_checkpointing=False, remove_unused_columns=False,
+        log_completions=False)
+
+
+class SaveThinkingConfig:
+    """Writes the model config (with the thinking fields) and the run's arguments beside
+    every adapter checkpoint, so that eval_gsm8k.py can rebuild the model from it alone."""
+
+    def __init__(self, model, run_args: dict):
+        self.model, self.run_args = model, run_args
+
+    def write(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base.config.save_pretrained(folder)
+        (folder / RUN_CONFIG).write_text(json.dumps(self.run_args, indent=2))
+
+
+def make_callback(saver: SaveThinkingConfig):
+    from transformers import TrainerCallback
+
+    class Callback(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            saver.write(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return Callback()
+
+
+def build_trainer(args, reward_funcs=None):
+    """The trainer, ready to train (reward_funcs: default the GSM8K correctness reward)."""
+    import unsloth  # noqa: F401  (first: it patches transformers/TRL, CPU fallback on CPU)
+    import torch
+    from unsloth import FastLanguageModel
+
+    from hrpo.rewards import gsm8k_reward
+    from hrpo.trainer import HRPOTrainer
+    from patch import patch_trainer_optimizer
+
+    try:  # GPU: unsloth's GRPO rewrite; unsloth's CPU fallback has no PatchFastRL (nothing to patch)
+        from unsloth import PatchFastRL
+    except ImportError:
+        PatchFastRL = None
+    if PatchFastRL is not None:
+        PatchFastRL("GRPO", FastLanguageModel)
+
+    cuda = torch.cuda.is_available()
+    dataset = load_dataset(args)  # data errors before the (slow) model load
+    model, tokenizer = load_model(args, cuda)
+    dataset = filter_long_prompts(args, dataset, tokenizer)
+    trainer = HRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=reward_funcs or [gsm8k_reward],
+                          args=grpo_config(args, cuda), train_dataset=dataset)
+    patch_trainer_optimizer(trainer, args.lr_residual_gate, args.lr_residual_Lambda, args.lr_thinking_projection)
+    trainer.thinking_saver = SaveThinkingConfig(model, vars(args) | {"output_dir": str(args.output_dir)})
+    trainer.add_callback(make_callback(trainer.thinking_saver))
+    return trainer
+
+
+def train(args) -> Path:
+    trainer = build_trainer(args)
+    resume_from = str(last_checkpoint(Path(args.output_dir))) if args.resume else None
+    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model(str(args.output_dir))
+    trainer.thinking_saver.write(Path(args.output_dir))
+    (Path(args.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    return Path(args.output_dir)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    args.output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args)
+    try:
+        check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+        train(args)
+    except UsageError as err:
+        print(f"hrpo_gsm8k.py: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # DataError and the fork's config checks
+        if type(err).__name__ not in ("DataError",) and "thinking" not in str(err):
+            raise
+        print(f"hrpo_gsm8k.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""Load a trained HRPO checkpoint (PEFT adapter + thinking modules + model config)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def load_checkpoint(path, dtype=None, device: str | None = None):
+    """(model, tokenizer) from a folder written by hrpo_gsm8k.py (the output folder or a
+    checkpoint-N inside it): the base model named in adapter_config.json, built with the
+    saved config (thinking fields included), with the adapter and thinking modules on it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path)
+    adapter_config = folder / "adapter_config.json"
+    if not adapter_config.exists():
+        raise CheckpointError(f"--checkpoint_path {folder}: no adapter_config.json (expected an HRPO output "
+                              f"folder or a checkpoint-N folder in it)")
+    base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(f"{adapter_config}: base_model_name_or_path is empty")
+    config = AutoConfig.from_pretrained(folder if (folder / "config.json").exists() else base)
+    model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=dtype or torch.float32)
+    model = PeftModel.from_pretrained(model, folder, adapter_name="default")
+    if device:
+        model.to(device)
+    tokenizer_source = folder if (folder / "tokenizer_config.json").exists() else base
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer

@@ -1,0 +1,69 @@
+"""The optimizer of the HRPO trainer: five parameter groups, each with its own rate.
+
+    main (LoRA) with weight decay | main without weight decay (biases, norms)
+    thinking_residual_gate_r/_i   | thinking_residual_Lambda | thinking_projection (+ options)
+
+Works with whatever optimizer class the trainer's arguments choose (paged 8-bit AdamW on
+CUDA, torch AdamW on CPU). Call it after building the trainer and before train().
+"""
+from __future__ import annotations
+
+GATE_MODULES = ("thinking_residual_gate_r", "thinking_residual_gate_i")
+LAMBDA_MODULE = "thinking_residual_Lambda"
+PROJECTION_MODULE = "thinking_projection"
+THINKING_MODULES = GATE_MODULES + (LAMBDA_MODULE, PROJECTION_MODULE)
+
+
+def thinking_group(name: str) -> str | None:
+    """Which thinking group a parameter name belongs to, or None for a main parameter."""
+    if any(m in name for m in GATE_MODULES):
+        return "gate"
+    if LAMBDA_MODULE in name:
+        return "lambda"
+    if PROJECTION_MODULE in name:
+        return "projection"
+    return None
+
+
+def _decays(name: str, param) -> bool:
+    lowered = name.lower()
+    return param.ndim >= 2 and "norm" not in lowered and not lowered.endswith(".bias")
+
+
+def parameter_groups(model, learning_rate: float, weight_decay: float, lr_residual_gate: float,
+                     lr_residual_Lambda: float, lr_thinking_projection: float) -> list[dict]:
+    """The five groups over the trainable parameters, always five and named (a group can
+    be empty: with LoRA nothing trainable lacks weight decay).
+
+    Lambda gets no weight decay: decay pulls Lambda towards 0, i.e. a towards exp(-5.5 r),
+    far from its initialisation in [0.99, 1]. The gates and the projection decay with the
+    main weight decay (the seed's group uses args.weight_decay).
+    """
+    groups = {
+        "main_decay": {"params": [], "lr": learning_rate, "weight_decay": weight_decay},
+        "main_no_decay": {"params": [], "lr": learning_rate, "weight_decay": 0.0},
+        "gate": {"params": [], "lr": lr_residual_gate, "weight_decay": weight_decay},
+        "lambda": {"params": [], "lr": lr_residual_Lambda, "weight_decay": 0.0},
+        "projection": {"params": [], "lr": lr_thinking_projection, "weight_decay": weight_decay},
+    }
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = thinking_group(name) or ("main_decay" if _decays(name, param) else "main_no_decay")
+        groups[group]["params"].append(param)
+    return [{"name": key, **value} for key, value in groups.items()]
+
+
+def patch_trainer_optimizer(trainer, lr_residual_gate: float, lr_residual_Lambda: float,
+                            lr_thinking_projection: float):
+    """Give ``trainer`` an optimizer with the five groups, of the class its args choose."""
+    from transformers import Trainer
+
+    args = trainer.args
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, trainer.model)
+    groups = parameter_groups(trainer.model, args.learning_rate, args.weight_decay, lr_residual_gate,
+                              lr_residual_Lambda, lr_thinking_projection)
+    optimizer_kwargs.pop("lr", None)
+    optimizer_kwargs.pop("weight_decay", None)
+    trainer.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+    return trainer.optimizer

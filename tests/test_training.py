@@ -1,0 +1,232 @@
+"""GRPO training through hrpo_gsm8k.py's code path on a tiny model (CPU, unsloth's CPU mode)."""
+import copy
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import encode_prompts, tiny_model, tiny_tokenizer
+
+import hrpo_gsm8k
+from hrpo.data import make_sample_problems, write_jsonl
+from patch import THINKING_MODULES, parameter_groups, patch_trainer_optimizer
+
+CHAT = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT  # short prompts: the tiny tokenizer is per character
+    tiny_model("qwen2", tokenizer, hidden_size=64).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    write_jsonl(make_sample_problems(16), root / "train.jsonl")
+    return root
+
+
+def cli_args(workspace, out, *extra):
+    argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
+            "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "4",
+            "--gradient_accumulation_steps", "2", "--group_size", "4", "--max_completion_length", "10",
+            "--max_prompt_length", "512", "--lora_rank", "4", "--lr", "1e-2", "--lr_residual_gate", "1e-2",
+            "--lr_residual_Lambda", "1e-2", "--lr_thinking_projection", "1e-2", "--warmup_ratio", "0",
+            "--save_steps", "1", *extra]
+    args = hrpo_gsm8k.build_parser().parse_args(argv)
+    args.output_dir = Path(args.output_dir)
+    return args
+
+
+def length_reward(completions, **_):
+    """Varies inside every group, so advantages (and gradients) are not zero."""
+    return [float(len(hrpo_gsm8k_text(c))) / 10.0 for c in completions]
+
+
+def hrpo_gsm8k_text(completion):
+    from hrpo.rewards import completion_text
+
+    return completion_text(completion)
+
+
+def trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def module_of(name):
+    for module in THINKING_MODULES:
+        if module in name:
+            return module
+    return "lora" if "lora_" in name else "other"
+
+
+# ---------------------------------------------------------------- the optimizer
+
+def test_five_parameter_groups_with_their_rates(workspace):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama", hidden_size=32, thinking_projection_layernorm=True,
+                                      thinking_latent_source="projection"),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=list(THINKING_MODULES)))
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(workspace / "opt"), learning_rate=5e-6, weight_decay=0.1,
+                             optim="adamw_torch", report_to="none", use_cpu=True)
+    trainer = types.SimpleNamespace(args=args, model=model)
+    optimizer = patch_trainer_optimizer(trainer, 1e-4, 1e-3, 2e-4)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert list(groups) == ["main_decay", "main_no_decay", "gate", "lambda", "projection"]
+    expected = {"main_decay": (5e-6, 0.1), "main_no_decay": (5e-6, 0.0), "gate": (1e-4, 0.1),
+                "lambda": (1e-3, 0.0), "projection": (2e-4, 0.1)}
+    assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == expected
+    by_id = {id(p): n for n, p in trainable(model).items()}
+    seen = [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(by_id.values())  # every trainable parameter exactly once, none missing
+    names = {g["name"]: {by_id[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    assert all("lora_" in n for n in names["main_decay"])
+    assert names["gate"] and all("thinking_residual_gate" in n for n in names["gate"])
+    assert names["lambda"] and all("thinking_residual_Lambda" in n for n in names["lambda"])
+    assert {n.rsplit(".", 1)[-1] for n in names["projection"]} == {"weight", "bias"}  # Linear + LayerNorm
+    assert parameter_groups(model, 1, 0, 1, 1, 1)[1]["params"] == []  # LoRA has nothing undecayed
+
+
+# ---------------------------------------------------------------- one real step
+
+class GradientRecorder:
+    def __init__(self):
+        self.norms = {}
+
+    def callback(self, trainer):
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class Record(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, **kwargs):
+                for name, p in trainable(trainer.model).items():
+                    if p.grad is not None:
+                        key = module_of(name)
+                        recorder.norms[key] = recorder.norms.get(key, 0.0) + p.grad.float().norm().item()
+
+        return Record()
+
+
+@pytest.mark.parametrize("source", ["projection", "embedding_plus_projection"])
+def test_one_training_step_trains_every_thinking_module_and_lora(workspace, tmp_path, source):
+    args = cli_args(workspace, tmp_path / "out", "--thinking_latent_source", source)
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    recorder = GradientRecorder()
+    trainer.add_callback(recorder.callback(trainer))
+    before = {n: p.detach().clone() for n, p in trainable(trainer.model).items()}
+    trainer.train()
+    after = trainable(trainer.model)
+    changed = {module_of(n) for n in before if not torch.equal(before[n], after[n])}
+    assert changed >= set(THINKING_MODULES) | {"lora"}, changed
+    assert all(recorder.norms.get(m, 0) > 0 for m in THINKING_MODULES), recorder.norms
+    # the replay inside the trainer reproduced the rollout's sampling log-probs, for each
+    # of the gradient-accumulation micro-batches (on-policy: no update in between)
+    assert len(trainer.replay_logprob_diffs) == 2
+    assert max(trainer.replay_logprob_diffs) <= 1e-4
+    logged = trainer.state.log_history[0]
+    for key in ("reward", "kl", "embeds_ratio", "hidden_ratio", "thinking_projection/weight_norm",
+                "thinking_projection/drift", "completions/mean_length"):
+        assert key in logged, key
+    assert logged["kl"] > 0  # policy (hybrid) vs reference (discrete tokens only)
+
+
+def test_checkpoint_reloads_and_reproduces_logits(workspace, tmp_path):
+    from hrpo.checkpoint import load_checkpoint
+
+    args = cli_args(workspace, tmp_path / "out")
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    assert (checkpoint / "adapter_model.safetensors").exists() and (checkpoint / "config.json").exists()
+    model, tokenizer = load_checkpoint(checkpoint)
+    assert model.config.thinking_latent_source == "projection"
+    live = trainer.model.eval()
+    enc = encode_prompts(tokenizer, ["1+2=?", "abc"])
+    thinking = {"thinking_mask": enc.attention_mask.bool(),
+                "thinking_hidden": torch.randn(*enc.input_ids.shape, 64)}
+    with torch.no_grad():
+        for extra in ({}, thinking):
+            expected = live(**enc, **extra).logits
+            got = model(**enc, **extra).logits
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        assert not torch.allclose(live(**enc).logits, live(**enc, **thinking).logits)
+
+
+def test_resume_continues_step_counter_and_optimizer_state(workspace, tmp_path):
+    out = tmp_path / "out"
+    assert hrpo_gsm8k.main([*map(str, cli_argv(workspace, out))]) == 0
+    saved = torch.load(out / "checkpoint-1" / "optimizer.pt", weights_only=False)
+
+    args = cli_args(workspace, out, "--resume")
+    args.max_steps = 2
+    trainer = hrpo_gsm8k.build_trainer(args)
+    seen = {}
+    from transformers import TrainerCallback
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kwargs):
+            if "step" not in seen:
+                seen["step"] = state.global_step
+                seen["state"] = copy.deepcopy(trainer.optimizer.state_dict()["state"])  # live tensors
+
+    trainer.add_callback(Probe())
+    trainer.train(resume_from_checkpoint=str(hrpo_gsm8k.last_checkpoint(out)))
+    assert seen["step"] == 1 and trainer.state.global_step == 2
+    for key, value in saved["state"].items():
+        for field in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(seen["state"][key][field], value[field])
+
+
+def cli_argv(workspace, out, *extra):
+    args = cli_args(workspace, out, *extra)
+    return [x for k, v in vars(args).items() if k not in ("resume",) and v is not None and not isinstance(v, bool)
+            for x in (f"--{k}", str(v))]
+
+
+# ---------------------------------------------------------------- bad input
+
+def run_main(capsys, argv):
+    code = hrpo_gsm8k.main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_existing_output_dir_without_resume_is_a_clear_error(workspace, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "something").write_text("x")
+    code, err = run_main(capsys, cli_argv(workspace, out))
+    assert code == 2 and "--output_dir" in err and "--resume" in err
+    assert (out / "something").exists()
+    code, err = run_main(capsys, cli_argv(workspace, tmp_path / "empty") + ["--resume"])
+    assert code == 2 and "no checkpoint" in err
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"question": "q?", "answer": "#### 3"}, {"question": "r?"}], "row 1"),
+    ([{"question": "q?", "answer": "the answer is three #### three"}], "no number after '####'"),
+    ([], "empty"),
+])
+def test_bad_dataset_is_named_before_training(workspace, tmp_path, capsys, rows, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = cli_argv(workspace, tmp_path / "out")
+    argv[argv.index("--dataset_path") + 1] = str(data)
+    code, err = run_main(capsys, argv)
+    assert code == 2 and message in err and "bad.jsonl" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_group_size_and_model_path_errors(workspace, tmp_path, capsys):
+    argv = cli_argv(workspace, tmp_path / "out")
+    bad_group = argv + ["--group_size", "3"]
+    code, err = run_main(capsys, bad_group)
+    assert code == 2 and "--group_size 3" in err and "8" in err
+    missing = list(argv)
+    missing[missing.index("--model_name") + 1] = str(tmp_path / "no-such-model")
+    code, err = run_main(capsys, missing)
+    assert code == 2 and "no-such-model" in err and "no such model folder" in err
