@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--logging_steps", type=int, default=1)
     a("--report_to", default="none", help="none, wandb or tensorboard (when installed)")
     a("--seed", type=int, default=42)
+    a("--backend", default="auto", choices=["auto", "unsloth", "transformers"],
+      help="how the model is loaded: unsloth's FastLanguageModel, or transformers + PEFT. auto: unsloth on CPU "
+           "(its CPU mode runs the fork's forward), transformers on CUDA until unsloth's fast paths are forked")
     return p
 
 
@@ -117,8 +120,7 @@ def thinking_config(args) -> dict:
 
 
 def load_model(args, cuda: bool):
-    """Through unsloth's FastLanguageModel (CPU fallback: plain transformers + PEFT)."""
-    from unsloth import FastLanguageModel
+    """LoRA on the seven projections, the four thinking modules trained in full."""
     from transformers import AutoConfig
 
     try:
@@ -127,6 +129,11 @@ def load_model(args, cuda: bool):
         raise UsageError(f"--model_name {args.model_name}: cannot load its config ({err})") from None
     for key, value in thinking_config(args).items():
         setattr(config, key, value)
+    backend = args.backend if args.backend != "auto" else ("transformers" if cuda else "unsloth")
+    if backend == "transformers":
+        return load_with_transformers(args, config, cuda)
+    from unsloth import FastLanguageModel
+
     model, tokenizer = FastLanguageModel.from_pretrained(
         args.model_name, config=config, max_seq_length=args.max_prompt_length + args.max_completion_length,
         load_in_4bit=False, dtype=None if cuda else __import__("torch").float32)
@@ -135,6 +142,27 @@ def load_model(args, cuda: bool):
         modules_to_save=THINKING_MODULES, use_gradient_checkpointing="unsloth" if cuda else False,
         random_state=args.seed)
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_with_transformers(args, config, cuda: bool):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import ModulesToSaveWrapper
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model_name, config=config, dtype=dtype)
+    if cuda:
+        model.to("cuda")
+    model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+                                             target_modules=LORA_TARGETS, modules_to_save=THINKING_MODULES))
+    for name, module in model.named_modules():  # thinking copies train in float32, as unsloth does
+        if isinstance(module, ModulesToSaveWrapper) and name.rsplit(".", 1)[-1] in THINKING_MODULES:
+            module.modules_to_save["default"].float().requires_grad_(True)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -214,14 +242,12 @@ def build_trainer(args, reward_funcs=None):
     from hrpo.trainer import HRPOTrainer
     from patch import patch_trainer_optimizer
 
-    try:  # GPU: unsloth's GRPO rewrite; unsloth's CPU fallback has no PatchFastRL (nothing to patch)
-        from unsloth import PatchFastRL
-    except ImportError:
-        PatchFastRL = None
-    if PatchFastRL is not None:
-        PatchFastRL("GRPO", FastLanguageModel)
-
     cuda = torch.cuda.is_available()
+    if args.backend == "unsloth" and cuda:
+        # unsloth's GRPO rewrite; its CPU mode has no PatchFastRL (nothing to patch there)
+        from unsloth import PatchFastRL
+
+        PatchFastRL("GRPO", FastLanguageModel)
     dataset = load_dataset(args)  # data errors before the (slow) model load
     model, tokenizer = load_model(args, cuda)
     dataset = filter_long_prompts(args, dataset, tokenizer)

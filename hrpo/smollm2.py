@@ -40,6 +40,14 @@ def load(dtype=None, **config_overrides):
         setattr(config, key, value)
     model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
                                              dtype=dtype or torch.float32)
+    # The GGUF tokenizer comes back with <|im_start|> as its bos, eos and pad token; the
+    # model's config has the real ones (<|im_end|> ends an assistant turn).
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if isinstance(token_id, int):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -59,6 +59,29 @@ def replay_inputs(base: torch.nn.Module, thinking: dict | None):
         handle.remove()
 
 
+@torch.no_grad()
+def verify_hybrid_forward(model, base) -> None:
+    """Refuse a model whose forward ignores the thinking inputs (for instance a forward
+    replaced by a fast path that does not know them): it would train plain GRPO while
+    logging HRPO."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[1, 2, 3, 4]], device=device)
+    mask = torch.tensor([[False, False, True, True]], device=device)
+    latents = torch.randn(1, 4, base.config.hidden_size, device=device) * 10
+    was_training = model.training
+    model.eval()
+    try:
+        plain = model(input_ids=input_ids).logits
+        mixed = model(input_ids=input_ids, thinking_mask=mask, thinking_latents=latents,
+                      thinking_hidden=latents).logits
+    finally:
+        model.train(was_training)
+    if torch.equal(plain[:, 2:], mixed[:, 2:]):
+        raise RuntimeError(f"{type(model).__name__}'s forward does not apply the HRPO thinking inputs (is a fast "
+                           f"path that bypasses the transformers fork's forward active? On CUDA use "
+                           f"hrpo_gsm8k.py --backend transformers)")
+
+
 def align_to_batch(stash: dict, prompt_width: int, completion_width: int) -> dict:
     """Completion-region tensors from generation -> full prompt + completion width."""
     aligned = {}
@@ -83,6 +106,7 @@ class HRPOTrainer(GRPOTrainer):
         if getattr(self, "tools", None):
             raise ValueError("HRPOTrainer does not support tool calling (multi-turn rollouts)")
         self.thinking_base = find_thinking_base(self.model)
+        verify_hybrid_forward(self.model, self.thinking_base)
         self.thinking_monitor_every = thinking_monitor_every or self.args.logging_steps or 1
         self._generation_stash: list[dict] = []
         self._loss_batch: dict | None = None

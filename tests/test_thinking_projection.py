@@ -231,3 +231,18 @@ def test_parameter_counts_of_each_variant():
         model = tiny_model("llama", hidden_size=d, thinking_latent_source="projection", **options)
         counts[name] = sum(p.numel() for p in model.model.thinking_projection.parameters())
     assert counts == {"linear": d * d, "linear+layernorm": d * d + 2 * d, "mlp2": 2 * d * d}
+
+
+@pytest.mark.parametrize("source", ["embedding", "projection"])
+def test_float32_thinking_modules_inside_a_bfloat16_model(source):
+    """How mixed precision trains them (unsloth's modules_to_save copies are float32)."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer, thinking_latent_source=source).to(torch.bfloat16)
+    for name in THINKING_PARAMS:
+        getattr(model.model, name).float()
+    enc, out = generate_hybrid(model, tokenizer, QUESTIONS[:4], marker="@never@", max_new_tokens=6)
+    assert out.thinking_mask.any()
+    with torch.no_grad():
+        logprobs, mask, _ = replay_logprobs(model, out.sequences, enc.attention_mask, thinking_inputs(out),
+                                            tokenizer.eos_token_id, temperature=0.5)
+    assert torch.isfinite(logprobs).all()

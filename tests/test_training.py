@@ -112,9 +112,10 @@ class GradientRecorder:
         return Record()
 
 
-@pytest.mark.parametrize("source", ["projection", "embedding_plus_projection"])
-def test_one_training_step_trains_every_thinking_module_and_lora(workspace, tmp_path, source):
-    args = cli_args(workspace, tmp_path / "out", "--thinking_latent_source", source)
+@pytest.mark.parametrize("source, backend", [("projection", "auto"), ("embedding_plus_projection", "auto"),
+                                             ("projection", "transformers")])
+def test_one_training_step_trains_every_thinking_module_and_lora(workspace, tmp_path, source, backend):
+    args = cli_args(workspace, tmp_path / "out", "--thinking_latent_source", source, "--backend", backend)
     trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
     recorder = GradientRecorder()
     trainer.add_callback(recorder.callback(trainer))
@@ -230,3 +231,48 @@ def test_group_size_and_model_path_errors(workspace, tmp_path, capsys):
     missing[missing.index("--model_name") + 1] = str(tmp_path / "no-such-model")
     code, err = run_main(capsys, missing)
     assert code == 2 and "no-such-model" in err and "no such model folder" in err
+
+
+# ---------------------------------------------------------------- evaluation and plots
+
+def test_eval_writes_results_next_to_checkpoint(workspace, tmp_path, capsys):
+    import eval_gsm8k
+
+    args = cli_args(workspace, tmp_path / "out")
+    hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward]).train()
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    write_jsonl(make_sample_problems(5, seed=3), tmp_path / "test.jsonl")
+    for thinking in ("on", "off"):
+        code = eval_gsm8k.main(["--checkpoint_path", str(checkpoint), "--dataset_path", str(tmp_path / "test.jsonl"),
+                                "--split", "test", "--batch_size", "2", "--greedy", "--max_new_tokens", "8",
+                                "--thinking", thinking])
+        assert code == 0
+        result = json.loads((checkpoint / "eval_results.json").read_text())
+        assert result["metrics"]["total"] == 5 and result["metrics"]["thinking"] == thinking
+        assert 0.0 <= result["metrics"]["accuracy"] <= 1.0
+        assert len(result["examples"]) == 5 and {"completion", "reference", "correct"} <= set(result["examples"][0])
+    assert eval_gsm8k.main(["--checkpoint_path", str(tmp_path), "--dataset_path", str(tmp_path / "test.jsonl")]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_plot_command_writes_png(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_run", Path(__file__).parent.parent / "bench" / "plot_run.py")
+    plot_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_run)
+    history = [{"step": s, "reward": s / 10, "embeds_ratio": 0.99, "hidden_ratio": 0.1, "kl": 0.01 * s,
+                "completions/mean_length": 40 + s, "thinking_projection/drift": 0.001 * s} for s in range(1, 6)]
+    (tmp_path / "log_history.json").write_text(json.dumps(history))
+    written = plot_run.plot(tmp_path)
+    assert written[0].exists() and written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trainer_refuses_a_forward_that_ignores_the_thinking_inputs(workspace, tmp_path, monkeypatch):
+    """A fast path that bypasses the fork's forward would train plain GRPO silently."""
+    from transformers.hybrid_thinking.modeling import HybridThinkingMixin
+
+    monkeypatch.setattr(HybridThinkingMixin, "mix_thinking_inputs",
+                        lambda self, embeds, *a, **k: (embeds, None))
+    with pytest.raises(RuntimeError, match="does not apply the HRPO thinking inputs"):
+        hrpo_gsm8k.build_trainer(cli_args(workspace, tmp_path / "out"))

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Training curves of an HRPO run, as PNG files beside its logs.
+
+    python bench/plot_run.py runs/demo            # reads log_history.json or the last trainer_state.json
+
+Curves: reward, embeds_ratio, hidden_ratio, completion length, KL and the projection's
+drift from its initial weights (those present in the log).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+CURVES = [
+    ("reward", "reward"),
+    ("embeds_ratio", "embeds_ratio (mean gate a)"),
+    ("hidden_ratio", "hidden_ratio (mean sqrt(1 - a^2))"),
+    ("completions/mean_length", "completion length (tokens)"),
+    ("kl", "KL to the reference"),
+    ("thinking_projection/drift", "projection drift ||W - W0|| / ||W0||"),
+]
+
+
+def log_history(run: Path) -> list[dict]:
+    direct = run / "log_history.json"
+    if direct.exists():
+        return json.loads(direct.read_text())
+    states = sorted(run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
+    if not states:
+        raise FileNotFoundError(f"{run}: no log_history.json and no checkpoint-*/trainer_state.json")
+    return json.loads(states[-1].read_text())["log_history"]
+
+
+def plot(run: Path, out: Path | None = None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = [row for row in log_history(run) if "step" in row]
+    out = out or run / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    present = [(key, title) for key, title in CURVES if any(key in row for row in history)]
+    if not present:
+        raise ValueError(f"{run}: the log has none of {[k for k, _ in CURVES]}")
+    fig, axes = plt.subplots(len(present), 1, figsize=(7, 2.3 * len(present)), sharex=True)
+    axes = axes if len(present) > 1 else [axes]
+    for ax, (key, title) in zip(axes, present):
+        points = [(row["step"], row[key]) for row in history if key in row]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", linewidth=1)
+        ax.set_ylabel(title, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("optimizer step")
+    fig.suptitle(f"HRPO run: {run}", fontsize=10)
+    fig.tight_layout()
+    target = out / "curves.png"
+    fig.savefig(target, dpi=110)
+    written.append(target)
+    print(f"wrote {target}")
+    return written
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="the run's --output_dir")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the PNG (default RUN/plots)")
+    args = parser.parse_args()
+    try:
+        plot(args.run, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"plot_run.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

