@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--logging_steps", type=int, default=1)
     a("--report_to", default="none", help="none, wandb or tensorboard (when installed)")
     a("--seed", type=int, default=42)
+    a("--gradient_checkpointing", default="auto", choices=["auto", "on", "off"],
+      help="recompute activations in the backward pass (auto: on with CUDA)")
     a("--backend", default="auto", choices=["auto", "unsloth", "transformers"],
       help="how the model is loaded: unsloth's FastLanguageModel, or transformers + PEFT. auto: unsloth on CPU "
            "(its CPU mode runs the fork's forward), transformers on CUDA until unsloth's fast paths are forked")
@@ -139,7 +141,8 @@ def load_model(args, cuda: bool):
         load_in_4bit=False, dtype=None if cuda else __import__("torch").float32)
     model = FastLanguageModel.get_peft_model(
         model, r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
-        modules_to_save=THINKING_MODULES, use_gradient_checkpointing="unsloth" if cuda else False,
+        modules_to_save=THINKING_MODULES,
+        use_gradient_checkpointing="unsloth" if cuda and args.gradient_checkpointing != "off" else False,
         random_state=args.seed)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -177,8 +180,8 @@ def load_dataset(args):
 def filter_long_prompts(args, dataset, tokenizer):
     from hrpo.data import DataError
 
-    lengths = [len(tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True))
-               for p in dataset["prompt"]]
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in dataset["prompt"]]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
     keep = [i for i, n in enumerate(lengths) if n <= args.max_prompt_length]
     if not keep:
         raise DataError(f"--max_prompt_length {args.max_prompt_length}: every prompt of {args.dataset_path} is longer")
@@ -186,6 +189,13 @@ def filter_long_prompts(args, dataset, tokenizer):
         print(f"[hrpo] left out {len(dataset) - len(keep)} prompts longer than {args.max_prompt_length} tokens")
         dataset = dataset.select(keep)
     return dataset
+
+
+def use_trainer_checkpointing(args, cuda: bool) -> bool:
+    """The trainer's gradient checkpointing; unsloth's backend does its own ("unsloth")."""
+    wanted = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and cuda)
+    unsloth_backend = args.backend == "unsloth" or (args.backend == "auto" and not cuda)
+    return wanted and not (unsloth_backend and cuda)
 
 
 def grpo_config(args, cuda: bool):
@@ -204,7 +214,8 @@ def grpo_config(args, cuda: bool):
         max_completion_length=args.max_completion_length, max_steps=args.max_steps,
         num_train_epochs=args.num_train_epochs, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
         logging_steps=args.logging_steps, report_to=args.report_to, seed=args.seed, bf16=bf16,
-        fp16=cuda and not bf16, use_cpu=not cuda, gradient_checkpointing=False, remove_unused_columns=False,
+        fp16=cuda and not bf16, use_cpu=not cuda,
+        gradient_checkpointing=use_trainer_checkpointing(args, cuda), remove_unused_columns=False,
         log_completions=False)
 
 
@@ -272,6 +283,8 @@ def train(args) -> Path:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args)
+    if Path(args.model_name).expanduser().is_dir():  # checkpoints record it: make it work from anywhere
+        args.model_name = str(Path(args.model_name).expanduser().resolve())
     try:
         check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
         train(args)

@@ -112,10 +112,13 @@ class GradientRecorder:
         return Record()
 
 
-@pytest.mark.parametrize("source, backend", [("projection", "auto"), ("embedding_plus_projection", "auto"),
-                                             ("projection", "transformers")])
-def test_one_training_step_trains_every_thinking_module_and_lora(workspace, tmp_path, source, backend):
-    args = cli_args(workspace, tmp_path / "out", "--thinking_latent_source", source, "--backend", backend)
+@pytest.mark.parametrize("source, backend, checkpointing", [
+    ("projection", "auto", "off"), ("embedding_plus_projection", "auto", "off"),
+    ("projection", "transformers", "off"), ("projection", "transformers", "on")])
+def test_one_training_step_trains_every_thinking_module_and_lora(workspace, tmp_path, source, backend,
+                                                                 checkpointing):
+    args = cli_args(workspace, tmp_path / "out", "--thinking_latent_source", source, "--backend", backend,
+                    "--gradient_checkpointing", checkpointing)
     trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
     recorder = GradientRecorder()
     trainer.add_callback(recorder.callback(trainer))
@@ -276,3 +279,21 @@ def test_trainer_refuses_a_forward_that_ignores_the_thinking_inputs(workspace, t
                         lambda self, embeds, *a, **k: (embeds, None))
     with pytest.raises(RuntimeError, match="does not apply the HRPO thinking inputs"):
         hrpo_gsm8k.build_trainer(cli_args(workspace, tmp_path / "out"))
+
+
+def test_long_prompts_are_left_out_and_all_too_long_is_an_error(workspace, tmp_path, capsys):
+    from hrpo.data import DataError, load_gsm8k, with_prompts
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT
+    dataset = with_prompts(load_gsm8k(str(workspace / "train.jsonl")))
+    lengths = [len(tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                             add_special_tokens=False).input_ids) for p in dataset["prompt"]]
+    cut = sorted(lengths)[len(lengths) // 2]
+    args = cli_args(workspace, tmp_path / "out", "--max_prompt_length", str(cut))
+    kept = hrpo_gsm8k.filter_long_prompts(args, dataset, tokenizer)
+    assert len(kept) == sum(n <= cut for n in lengths) < len(dataset)
+    assert "left out" in capsys.readouterr().out
+    args.max_prompt_length = min(lengths) - 1
+    with pytest.raises(DataError, match="--max_prompt_length"):
+        hrpo_gsm8k.filter_long_prompts(args, dataset, tokenizer)
