@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 THINKING_MODULES = ["thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda",
                     "thinking_projection"]
@@ -94,9 +95,12 @@ def check_args(args, world_size: int = 1) -> None:
             f"--group_size {args.group_size} does not divide the completions per generation batch "
             f"(--per_device_train_batch_size {args.per_device_train_batch_size} x --gradient_accumulation_steps "
             f"{args.gradient_accumulation_steps} x {world_size} processes = {per_generation})")
-    if not 0 < args.residual_r_min <= args.residual_r_max < 1:
-        raise UsageError(f"--residual_r_min {args.residual_r_min} / --residual_r_max {args.residual_r_max}: "
-                         f"need 0 < r_min <= r_max < 1")
+    from transformers.hybrid_thinking.modeling import ensure_thinking_config
+
+    try:
+        ensure_thinking_config(SimpleNamespace(**thinking_config(args)))
+    except ValueError as err:
+        raise UsageError(f"the thinking options: {err}") from None
     looks_local = args.model_name.startswith((".", "/", "~")) or args.model_name.count("/") > 1
     if looks_local and not Path(args.model_name).expanduser().is_dir():
         raise UsageError(f"--model_name {args.model_name}: no such model folder")
@@ -285,15 +289,12 @@ def main(argv=None) -> int:
     args.output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args)
     if Path(args.model_name).expanduser().is_dir():  # checkpoints record it: make it work from anywhere
         args.model_name = str(Path(args.model_name).expanduser().resolve())
+    from hrpo.data import DataError
+
     try:
         check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
         train(args)
-    except UsageError as err:
-        print(f"hrpo_gsm8k.py: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # DataError and the fork's config checks
-        if type(err).__name__ not in ("DataError",) and "thinking" not in str(err):
-            raise
+    except (UsageError, DataError) as err:
         print(f"hrpo_gsm8k.py: error: {err}", file=sys.stderr)
         return 2
     return 0

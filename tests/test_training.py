@@ -10,6 +10,7 @@ from tiny import encode_prompts, tiny_model, tiny_tokenizer
 
 import hrpo_gsm8k
 from hrpo.data import make_sample_problems, write_jsonl
+from hrpo.rewards import completion_text
 from patch import THINKING_MODULES, parameter_groups, patch_trainer_optimizer
 
 CHAT = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
@@ -40,13 +41,7 @@ def cli_args(workspace, out, *extra):
 
 def length_reward(completions, **_):
     """Varies inside every group, so advantages (and gradients) are not zero."""
-    return [float(len(hrpo_gsm8k_text(c))) / 10.0 for c in completions]
-
-
-def hrpo_gsm8k_text(completion):
-    from hrpo.rewards import completion_text
-
-    return completion_text(completion)
+    return [float(len(completion_text(c))) / 10.0 for c in completions]
 
 
 def trainable(model):
@@ -234,6 +229,12 @@ def test_group_size_and_model_path_errors(workspace, tmp_path, capsys):
     missing[missing.index("--model_name") + 1] = str(tmp_path / "no-such-model")
     code, err = run_main(capsys, missing)
     assert code == 2 and "no-such-model" in err and "no such model folder" in err
+    bad_range = argv + ["--residual_r_min", "0.999", "--residual_r_max", "0.99"]
+    code, err = run_main(capsys, bad_range)
+    assert code == 2 and "thinking_residual_r_min" in err
+    conflict = argv + ["--thinking_latent_source", "embedding_plus_projection", "--thinking_projection_layernorm"]
+    code, err = run_main(capsys, conflict)
+    assert code == 2 and "layernorm" in err
 
 
 # ---------------------------------------------------------------- evaluation and plots
