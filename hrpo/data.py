@@ -43,7 +43,12 @@ def load_gsm8k(dataset_path: str, split: str = "train"):
     elif dataset_path.startswith((".", "/")) or dataset_path.endswith(tuple(LOCAL_FORMATS)):
         raise DataError(f"--dataset_path {dataset_path}: no such file or folder")
     else:
-        dataset = datasets.load_dataset(dataset_path, "main", split=split)
+        try:
+            dataset = datasets.load_dataset(dataset_path, "main", split=split)
+        except Exception as err:  # offline, unknown name, no such split: say which input and what to do
+            raise DataError(f"--dataset_path {dataset_path}: cannot load split {split!r} of this hub dataset "
+                            f"({type(err).__name__}: {str(err)[:300]}); without hub access pass a local "
+                            f"GSM8K-format .jsonl/.json/.parquet file") from err
     check_gsm8k(dataset, dataset_path)
     return dataset
 

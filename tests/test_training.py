@@ -298,3 +298,12 @@ def test_long_prompts_are_left_out_and_all_too_long_is_an_error(workspace, tmp_p
     args.max_prompt_length = min(lengths) - 1
     with pytest.raises(DataError, match="--max_prompt_length"):
         hrpo_gsm8k.filter_long_prompts(args, dataset, tokenizer)
+
+
+def test_unreachable_hub_dataset_is_a_clear_error(monkeypatch):
+    from hrpo.data import DataError, load_gsm8k
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="no-such-org/no-such-dataset.*local"):
+        load_gsm8k("no-such-org/no-such-dataset")
