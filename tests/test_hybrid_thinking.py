@@ -289,3 +289,34 @@ def test_smollm2_hybrid_sampling_and_replay():
               f"over {int(mask.sum())} tokens")
         assert out.thinking_mask.any() and out.thinking_latent_source == source
         assert max_diff <= 2e-4 and mean_diff <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_synced_gpus_peer_keeps_stepping_without_changing_its_result(arch, monkeypatch):
+    """Under ZeRO-3/FSDP a finished peer must keep running forwards until every peer is
+    done; simulate a slower peer that needs 3 more steps."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(arch, tokenizer)
+    enc, alone = generate_hybrid(model, tokenizer, QUESTIONS[:4], max_new_tokens=12)
+
+    extra = {"left": 3, "forwards": 0}
+    real_forward = model.forward
+
+    def has_unfinished(this_peer_finished, synced_gpus, device):
+        if not this_peer_finished:
+            return True
+        extra["left"] -= 1
+        return extra["left"] >= 0
+
+    def counting_forward(*args, **kwargs):
+        extra["forwards"] += 1
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "_has_unfinished_sequences", has_unfinished)
+    monkeypatch.setattr(model, "forward", counting_forward)
+    _, synced = generate_hybrid(model, tokenizer, QUESTIONS[:4], max_new_tokens=12, synced_gpus=True)
+    assert extra["left"] < 0 and extra["forwards"] == alone.sequences.shape[1] - enc.input_ids.shape[1] + 3
+    assert torch.equal(synced.sequences, alone.sequences)
+    assert torch.equal(synced.thinking_mask, alone.thinking_mask)
+    # generate() prepares a synced run slightly differently: float-rounding differences only
+    torch.testing.assert_close(synced.thinking_latents, alone.thinking_latents, rtol=0, atol=1e-6)
