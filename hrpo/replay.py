@@ -54,3 +54,122 @@ def sampling_logprobs(generation_output, prompt_len: int) -> torch.Tensor:
     completion = generation_output.sequences[:, prompt_len:]
     scores = torch.stack(generation_output.scores, dim=1).float()
     return torch.log_softmax(scores, dim=-1).gather(-1, completion[..., None]).squeeze(-1)
+
+
+class ReplayMiss(LookupError):
+    """A scoring forward over a token sequence that no recorded rollout has."""
+
+
+class ReplayIndex:
+    """The thinking inputs recorded while sampling, found again by the tokens they belong to.
+
+    Trainers reshape rollouts before scoring them: TRL re-pads prompt and completion,
+    unsloth's GRPO loss moves left padding to the right and packs rows into one sequence,
+    and both score in chunks of rows. Every one of those keeps, within a row, the order of
+    the row's attended tokens. So each rollout's replay data is kept as one entry per
+    attended token, under the tuple of those tokens, and a forward over any of the
+    rollouts, in any of those layouts, gets its thinking inputs by lookup. Two rollouts
+    with the same tokens have the same thinking inputs (same model, same prefix), so
+    sharing a key loses nothing.
+
+    A pad token sampled inside a completion is attended for TRL but dropped by unsloth's
+    left packing (which treats every pad-id token as padding); such a rollout is also
+    kept under its tokens without the pad-id ones.
+    """
+
+    FIELDS = ("thinking_mask", "thinking_latents", "thinking_hidden", "sampled_token_logprobs")
+
+    def __init__(self, pad_token_id: int | None, eos_token_id: int | None):
+        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+        self.records: dict[tuple, dict] = {}
+
+    def clear(self) -> None:
+        self.records.clear()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @staticmethod
+    def _subset(record: dict, keep: torch.Tensor) -> dict:
+        flagged_keep = keep[record["thinking_mask"]]
+        return {"pad_dropped": True, "thinking_mask": record["thinking_mask"][keep],
+                "sampled_token_logprobs": record["sampled_token_logprobs"][keep],
+                **{key: (record[key][flagged_keep] if record[key] is not None else None)
+                   for key in ("thinking_latents", "thinking_hidden")}}
+
+    def add(self, generation_output, prompt_attention_mask: torch.Tensor) -> None:
+        """Record the rollouts of one hybrid generate() call (sequences = prompt + completion)."""
+        sequences = generation_output.sequences
+        prompt_len = prompt_attention_mask.shape[1]
+        completion = completion_mask(sequences[:, prompt_len:], self.eos_token_id)
+        attended = torch.cat([prompt_attention_mask.to(completion.dtype), completion], dim=1).bool()
+        latents, hidden = generation_output.thinking_latents, generation_output.thinking_hidden
+        for row in range(sequences.shape[0]):
+            positions = attended[row].nonzero().squeeze(1)
+            tokens = sequences[row, positions]
+            mask = generation_output.thinking_mask[row, positions]
+            flagged = positions[mask]
+            record = {
+                "thinking_mask": mask,
+                "thinking_latents": latents[row, flagged] if latents is not None else None,
+                "thinking_hidden": hidden[row, flagged] if hidden is not None else None,
+                "sampled_token_logprobs": generation_output.sampled_token_logprobs[row, positions],
+            }
+            self.records[tuple(tokens.tolist())] = record
+            if self.pad_token_id is not None and bool((tokens == self.pad_token_id).any()):
+                keep = tokens != self.pad_token_id
+                self.records.setdefault(tuple(tokens[keep].tolist()), self._subset(record, keep))
+
+    def _segments(self, input_ids, attention_mask, packed_seq_lengths):
+        """(row, positions of the attended tokens) of each sequence in the forward's input."""
+        if packed_seq_lengths is None:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            return [(row, attention_mask[row].bool().nonzero().squeeze(1)) for row in range(input_ids.shape[0])]
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"packed_seq_lengths with {input_ids.shape[0]} rows: expected one packed row")
+        segments, start = [], 0
+        for length in torch.as_tensor(packed_seq_lengths).tolist():
+            segments.append((0, torch.arange(start, start + length, device=input_ids.device)))
+            start += length
+        return segments
+
+    def _find(self, input_ids, row, positions):
+        record = self.records.get(tuple(input_ids[row, positions].tolist()))
+        if record is None and self.pad_token_id is not None:  # unmasked trailing padding
+            positions = positions[input_ids[row, positions] != self.pad_token_id]
+            record = self.records.get(tuple(input_ids[row, positions].tolist()))
+        return record, positions
+
+    def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               packed_seq_lengths=None) -> dict:
+        """Thinking inputs (and sampling log-probs) laid out like ``input_ids``.
+
+        Raises ReplayMiss when a sequence was not recorded."""
+        batch, length = input_ids.shape
+        device = input_ids.device
+        found = []
+        for row, positions in self._segments(input_ids, attention_mask, packed_seq_lengths):
+            record, positions = self._find(input_ids, row, positions)
+            if record is None:
+                raise ReplayMiss(f"no recorded rollout has the {positions.numel()} tokens of row {row} of this "
+                                 f"forward ({len(self.records)} rollouts recorded)")
+            found.append((row, positions, record))
+        out = {"thinking_mask": torch.zeros(batch, length, dtype=torch.bool, device=device),
+               "sampled_token_logprobs": torch.zeros(batch, length, dtype=torch.float32, device=device),
+               # positions of rollouts found only without their sampled pad-id tokens
+               "pad_dropped": torch.zeros(batch, length, dtype=torch.bool, device=device)}
+        for key in ("thinking_latents", "thinking_hidden"):
+            sample = next((rec[key] for _, _, rec in found if rec[key] is not None), None)
+            out[key] = (None if sample is None else
+                        torch.zeros(batch, length, sample.shape[-1], dtype=sample.dtype, device=device))
+        for row, positions, record in found:
+            positions = positions.to(device)
+            flags = record["thinking_mask"].to(device)
+            out["thinking_mask"][row, positions] = flags
+            out["pad_dropped"][row, positions] = record.get("pad_dropped", False)
+            out["sampled_token_logprobs"][row, positions] = record["sampled_token_logprobs"].to(device)
+            for key in ("thinking_latents", "thinking_hidden"):
+                if out[key] is not None and record[key] is not None:
+                    out[key][row, positions[flags]] = record[key].to(device)
+        return out

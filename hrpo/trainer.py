@@ -1,33 +1,39 @@
-"""The HRPO trainer: TRL 1.15's GRPOTrainer with hybrid rollouts and a hybrid replay.
+"""The HRPO trainer: GRPO with hybrid rollouts and a hybrid replay.
 
-- Rollouts: TRL's own generation path, with the model's ``generate`` wrapped for the call
-  so that it samples in hybrid mode (``processing_class``, ``return_thinking_embeds``) and
-  hands back plain sequences to TRL; the per-position replay data is kept aside.
-- The batch: the replay data is aligned to TRL's re-padded prompt + completion columns
-  and added to the batch dict as tensors, so TRL's shuffling and splitting carry it with
-  its row.
-- The loss: every policy forward TRL makes (old-policy and current log-probs) gets the
-  thinking mask, the latent sources and generate()'s position ids through a forward
-  pre-hook on the base model, so the gates, Lambda and the projection are recomputed
-  inside autograd. The reference pass (adapter disabled, or a separate ref_model) stays on
-  the discrete tokens, as in HRPO.
-- Metrics: TRL's, plus ``embeds_ratio``, ``hidden_ratio``, ``thinking/*`` and
+It subclasses whatever ``trl.GRPOTrainer`` is when it is imported: TRL 1.15's own class,
+or, on CUDA after ``import unsloth``, the ``UnslothGRPOTrainer`` that unsloth generates
+from it (``PatchFastRL``), whose loss (``grpo_accumulated_loss``) makes its own forwards.
+
+- Rollouts: the trainer's own generation path, with the model's ``generate`` wrapped for
+  the call so that it samples in hybrid mode (``processing_class``,
+  ``return_thinking_embeds``) and hands back plain sequences; the per-position thinking
+  data goes into a ``ReplayIndex`` keyed by each rollout's tokens.
+- The replay: a forward pre-hook on the base model gives every policy forward the
+  trainer makes while scoring (old-policy and current log-probs, in TRL's re-padded
+  layout or unsloth's left-packed, sequence-packed and chunked ones) the thinking mask
+  and latent sources of the rollouts it scores, found by their tokens, plus generate()'s
+  position ids; the gates, Lambda and the projection are recomputed inside autograd.
+  The reference pass (adapter disabled, a "ref" adapter, or a separate ref_model) stays
+  on the discrete tokens, as in HRPO. A scoring forward over tokens that no rollout has
+  is an error, never a silent plain-GRPO step.
+- Metrics: the trainer's, plus ``embeds_ratio``, ``hidden_ratio``, ``thinking/*`` and
   ``thinking_projection/*`` (weight norm, drift from the initial weights, cosine between
   the embedding-method and projection-method latents on the same rollouts).
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.hybrid_thinking.modeling import HybridThinkingMixin
 from trl import GRPOTrainer
 
-from .replay import position_ids_from_mask
+from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask
 
 THINKING_KEYS = ("thinking_mask", "thinking_latents", "thinking_hidden")
-STASH_KEYS = THINKING_KEYS + ("thinking_gate_ratio", "thinking_hidden_ratio", "sampled_token_logprobs")
+MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
 
 
 def find_thinking_base(model) -> HybridThinkingMixin:
@@ -36,27 +42,6 @@ def find_thinking_base(model) -> HybridThinkingMixin:
             return module
     raise ValueError(f"{type(model).__name__} has no HRPO thinking modules: load the model with the "
                      f"transformers fork (Qwen2 or Llama)")
-
-
-@contextlib.contextmanager
-def replay_inputs(base: torch.nn.Module, thinking: dict | None):
-    """Add the thinking inputs (and generate()'s position ids) to the base model's forward."""
-
-    def hook(module, args, kwargs):
-        if thinking:
-            for key, value in thinking.items():
-                if value is not None and kwargs.get(key) is None:
-                    kwargs[key] = value
-        mask = kwargs.get("attention_mask")
-        if kwargs.get("position_ids") is None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            kwargs["position_ids"] = position_ids_from_mask(mask)
-        return args, kwargs
-
-    handle = base.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()
@@ -83,20 +68,6 @@ def verify_hybrid_forward(model, base) -> None:
                            f"hrpo_gsm8k.py --backend transformers)")
 
 
-def align_to_batch(stash: dict, prompt_width: int, completion_width: int) -> dict:
-    """Completion-region tensors from generation -> full prompt + completion width."""
-    aligned = {}
-    for key, value in stash.items():
-        if value is None:
-            aligned[key] = None
-            continue
-        width = min(completion_width, value.shape[1])
-        full = value.new_zeros((value.shape[0], prompt_width + completion_width, *value.shape[2:]))
-        full[:, prompt_width:prompt_width + width] = value[:, :width]
-        aligned[key] = full
-    return aligned
-
-
 class HRPOTrainer(GRPOTrainer):
     """GRPOTrainer with HRPO hybrid latent reasoning (see the module docstring)."""
 
@@ -109,8 +80,11 @@ class HRPOTrainer(GRPOTrainer):
         self.thinking_base = find_thinking_base(self.model)
         verify_hybrid_forward(self.model, self.thinking_base)
         self.thinking_monitor_every = thinking_monitor_every or self.args.logging_steps or 1
-        self._generation_stash: list[dict] = []
-        self._loss_batch: dict | None = None
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        self.replay_index = ReplayIndex(tokenizer.pad_token_id, tokenizer.eos_token_id)
+        self._generating = False
+        self._warned_pad_dropped = False
+        self._loss_inputs: dict | None = None
         self.replay_logprob_diffs: list[float] = []  # on-policy checks, for tests and logging
         self._initial_projection = {name: p.detach().clone() for name, p in self._projection_parameters()}
         self._initial_projection_norm = torch.sqrt(
@@ -123,20 +97,28 @@ class HRPOTrainer(GRPOTrainer):
 
     @contextlib.contextmanager
     def _hybrid_generate(self):
-        """Make the model's generate() sample in hybrid mode for TRL's generation call."""
+        """Make the model's generate() sample in hybrid mode for the trainer's generation call."""
         model = self.accelerator.unwrap_model(self.model)
         original = model.generate
         had_instance_generate = "generate" in vars(model)
         monitor = self.state.global_step % self.thinking_monitor_every == 0
         tokenizer = getattr(self, "_tokenizer", None) or self.processing_class
+        # unsloth's generate switches the model to inference mode: decide the bucket now
+        mode = "train" if self.model.training else "eval"
 
         def generate(*args, **kwargs):
-            out = original(*args, processing_class=tokenizer, return_thinking_embeds=True,
-                           thinking_monitor=monitor, **kwargs)
-            prompt_len = kwargs["input_ids"].shape[1] if "input_ids" in kwargs else args[0].shape[1]
-            stash = {key: getattr(out, key) for key in STASH_KEYS}
-            self._generation_stash.append({k: (v[:, prompt_len:] if v is not None else None) for k, v in stash.items()})
-            self._generation_stash[-1]["source"] = out.thinking_latent_source
+            self._generating = True
+            try:
+                out = original(*args, processing_class=tokenizer, return_thinking_embeds=True,
+                               thinking_monitor=monitor, **kwargs)
+            finally:
+                self._generating = False
+            prompt_mask = kwargs.get("attention_mask")
+            if prompt_mask is None:
+                prompt_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+                prompt_mask = torch.ones_like(prompt_ids)
+            self.replay_index.add(out, prompt_mask)
+            self._log_thinking_metrics(out, prompt_mask.shape[1], mode)
             return out.sequences
 
         model.generate = generate
@@ -149,94 +131,106 @@ class HRPOTrainer(GRPOTrainer):
                 del model.generate  # back to the class's method
 
     def _generate_and_score_completions(self, inputs):
-        self._generation_stash = []
-        try:
-            with self._hybrid_generate():
-                batch = super()._generate_and_score_completions(inputs)
-            if len(self._generation_stash) != 1:
-                raise RuntimeError(f"expected one generate() call per batch, saw {len(self._generation_stash)}")
-            stash = self._generation_stash[0]
-            stash.pop("source")
-            aligned = align_to_batch(stash, batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1])
-        finally:
-            self._generation_stash = []
-        completion = torch.cat([torch.zeros_like(batch["prompt_mask"]), batch["completion_mask"]], dim=1).bool()
-        aligned["thinking_mask"] = aligned["thinking_mask"] & completion
-        self._log_thinking_metrics(aligned, completion)
-        batch.update({k: aligned[k] for k in THINKING_KEYS})
-        batch["sampled_token_logprobs"] = aligned["sampled_token_logprobs"][:, batch["prompt_ids"].shape[1]:]
+        # A new generation batch: the rollouts scored from now on are these.
+        self.replay_index.clear()
+        with self._hybrid_generate(), self._replay_hook():
+            batch = super()._generate_and_score_completions(inputs)
+        prompt_completion = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        recorded = self.replay_index.lookup(prompt_completion, attention)
+        batch["sampled_token_logprobs"] = recorded["sampled_token_logprobs"][:, batch["prompt_ids"].shape[1]:]
         return batch
 
     # ------------------------------------------------------------ the replay
 
-    def _is_reference_pass(self, model) -> bool:
-        """TRL scores the reference with a separate ref_model, with the adapters disabled, or
-        (a PEFT model given to it, as here) with a frozen copy of the adapter named "ref"."""
-        if self.ref_model is not None and model is self.ref_model:
-            return True
-        unwrapped = self.accelerator.unwrap_model(model)
+    def _is_reference_pass(self) -> bool:
+        """The policy's own modules score the reference with the adapters disabled (TRL with
+        beta > 0 and no "ref" copy, unsloth's rewrite) or with TRL's frozen "ref" adapter. A
+        separate ref_model has its own base model, which this hook is not on."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
         if getattr(unwrapped, "active_adapter", None) == "ref":
             return True
         layer = next((m for m in unwrapped.modules() if isinstance(m, BaseTunerLayer)), None)
         return layer is not None and layer.disable_adapters
 
-    def _thinking_for(self, input_ids, logits_to_keep) -> dict | None:
-        if self._loss_batch is not None:
-            return {k: self._loss_batch.get(k) for k in THINKING_KEYS}
-        if self._generation_stash:  # old-policy log-probs, computed while scoring the rollouts
-            stash = {k: self._generation_stash[0][k] for k in THINKING_KEYS}
-            aligned = align_to_batch(stash, input_ids.shape[1] - logits_to_keep, logits_to_keep)
-            return aligned
-        return None
+    def _feed_thinking_inputs(self, module, args, kwargs):
+        if self._generating or kwargs.get("thinking_mask") is not None or self._is_reference_pass():
+            return args, kwargs
+        if kwargs.get("prefix_seg_info") is not None:
+            raise RuntimeError("HRPO cannot replay through unsloth's PrefixGrouper layout (one shared prompt per "
+                               "group): set UNSLOTH_GRPO_PREFIX_GROUPER=0 before importing unsloth "
+                               "(hrpo_gsm8k.py does)")
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise RuntimeError("HRPO's replay needs input_ids in every scoring forward, got inputs_embeds")
+        attention_mask = kwargs.get("attention_mask")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
+            attention_mask = None
+        try:
+            recorded = self.replay_index.lookup(input_ids, attention_mask, kwargs.get("packed_seq_lengths"))
+        except ReplayMiss as err:
+            raise RuntimeError(f"HRPO replay: {err}. A scoring forward must only see this batch's rollouts; "
+                               f"scoring it on discrete tokens would train plain GRPO while logging HRPO") from None
+        if bool(recorded["pad_dropped"].any()) and not self._warned_pad_dropped:
+            self._warned_pad_dropped = True
+            warnings.warn("a rollout sampled the pad token inside its completion, and the trainer's loss layout "
+                          "(unsloth's left packing) dropped it: that rollout is scored on a shorter sequence than "
+                          "was sampled. Use a pad token the model does not generate.", stacklevel=2)
+        for key in THINKING_KEYS:
+            kwargs[key] = recorded[key]
+        if kwargs.get("position_ids") is None and attention_mask is not None:
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        return args, kwargs
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
-                                           batch_size=None, **kwargs):
-        if any(v is not None for k, v in kwargs.items() if k not in ("compute_entropy", "compute_aux_loss")):
+    @contextlib.contextmanager
+    def _replay_hook(self):
+        handle = self.thinking_base.register_forward_pre_hook(self._feed_thinking_inputs, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self._loss_inputs = inputs
+        try:
+            with self._replay_hook():
+                return super().compute_loss(model, inputs, *args, **kwargs)
+        finally:
+            self._loss_inputs = None
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, *args, **kwargs):
+        if any(kwargs.get(key) is not None for key in MULTIMODAL_KEYS):
             raise ValueError("HRPOTrainer is text-only: no multimodal inputs")
-        thinking = None if self._is_reference_pass(model) else self._thinking_for(input_ids, logits_to_keep)
-        batch_size = batch_size or input_ids.shape[0]
-        parts = []
-        for start in range(0, input_ids.shape[0], batch_size):
-            rows = slice(start, start + batch_size)
-            chunk = {k: (v[rows] if v is not None else None) for k, v in (thinking or {}).items()}
-            with replay_inputs(self.thinking_base, chunk):
-                parts.append(super()._get_per_token_logps_and_entropies(
-                    model, input_ids[rows], attention_mask[rows], logits_to_keep, batch_size=None, **kwargs))
-        logps = torch.cat([p[0] for p in parts], dim=0)
-        entropies = torch.cat([p[1] for p in parts], dim=0) if parts[0][1] is not None else None
-        aux = torch.stack([p[2] for p in parts]).mean() if parts[0][2] is not None else None
-        self._check_on_policy(logps)
-        return logps, entropies, aux
+        result = super()._get_per_token_logps_and_entropies(model, input_ids, *args, **kwargs)
+        self._check_on_policy(result[0])
+        return result
 
     def _check_on_policy(self, logps) -> None:
-        batch = self._loss_batch
-        if batch is None or batch.get("sampled_token_logprobs") is None or not self.model.training:
+        """The loss pass's log-probs against the sampling-time ones (on-policy, first
+        iteration: they must agree). unsloth's fused loss returns none here."""
+        inputs = self._loss_inputs
+        if logps is None or inputs is None or not self.model.training or "sampled_token_logprobs" not in inputs:
             return
-        mask = batch["completion_mask"].bool()
-        diff = (logps.detach().float() - batch["sampled_token_logprobs"]).abs()[mask]
+        mask = inputs["completion_mask"].bool()
+        if logps.shape != mask.shape:
+            return
+        diff = (logps.detach().float() - inputs["sampled_token_logprobs"]).abs()[mask]
         if diff.numel():
             self.replay_logprob_diffs.append(diff.max().item())
             self._metrics["train"]["thinking/replay_logprob_max_abs_diff"].append(diff.max().item())
 
-    def _compute_loss(self, model, inputs):
-        self._loss_batch = inputs
-        try:
-            return super()._compute_loss(model, inputs)
-        finally:
-            self._loss_batch = None
-
     # ------------------------------------------------------------ metrics
 
     @torch.no_grad()
-    def _log_thinking_metrics(self, aligned: dict, completion: torch.Tensor) -> None:
-        mode = "train" if self.model.training else "eval"
+    def _log_thinking_metrics(self, out, prompt_len: int, mode: str) -> None:
         metrics = self._metrics[mode]
-        mask = aligned["thinking_mask"]
+        completion = completion_mask(out.sequences[:, prompt_len:], self.replay_index.eos_token_id).bool()
+        mask = out.thinking_mask[:, prompt_len:] & completion
         count = mask.sum()
         metrics["thinking/positions_frac"].append((count / completion.sum().clamp(min=1)).item())
         if count > 0:
-            metrics["embeds_ratio"].append(aligned["thinking_gate_ratio"][mask].mean().item())
-            metrics["hidden_ratio"].append(aligned["thinking_hidden_ratio"][mask].mean().item())
+            metrics["embeds_ratio"].append(out.thinking_gate_ratio[:, prompt_len:][mask].mean().item())
+            metrics["hidden_ratio"].append(out.thinking_hidden_ratio[:, prompt_len:][mask].mean().item())
         projection = self._projection_parameters()
         if projection:
             norm = torch.sqrt(sum((p.detach().float() ** 2).sum() for _, p in projection))
@@ -244,8 +238,9 @@ class HRPOTrainer(GRPOTrainer):
                                    for n, p in projection))
             metrics["thinking_projection/weight_norm"].append(norm.item())
             metrics["thinking_projection/drift"].append((drift / self._initial_projection_norm.clamp(min=1e-12)).item())
-        latents, hidden = aligned.get("thinking_latents"), aligned.get("thinking_hidden")
+        latents, hidden = out.thinking_latents, out.thinking_hidden
         if count > 0 and latents is not None and hidden is not None:
-            projected = self.thinking_base.projection_latent(hidden[mask])
-            cosine = torch.nn.functional.cosine_similarity(latents[mask].float(), projected.float(), dim=-1)
+            projected = self.thinking_base.projection_latent(hidden[:, prompt_len:][mask])
+            cosine = torch.nn.functional.cosine_similarity(latents[:, prompt_len:][mask].float(), projected.float(),
+                                                           dim=-1)
             metrics["thinking_projection/cosine_to_embedding_latent"].append(cosine.mean().item())

@@ -85,7 +85,7 @@ def use_rope_tables(model):
     return model
 
 
-def prepare_like_from_pretrained(model, max_seq_length: int = 512):
+def prepare_like_from_pretrained(model, tokenizer=None, max_seq_length: int = 512):
     """What FastLlamaModel.from_pretrained does to a loaded model that the fast paths rely on:
     `max_seq_length` on every module, CPU RoPE tables, and unsloth's generate wrapper."""
     import types
@@ -99,4 +99,27 @@ def prepare_like_from_pretrained(model, max_seq_length: int = 512):
     if model.generate.__name__ != "unsloth_fast_generate":
         model._old_generate = model.generate
         model.generate = types.MethodType(fast.unsloth_fast_generate, model)
+    if tokenizer is not None:
+        model._saved_temp_tokenizer = tokenizer
+    return model
+
+
+def peft_like_get_peft_model(model, modules_to_save, r: int = 4):
+    """A LoRA model shaped like FastLlamaModel.get_peft_model's, as far as the GRPO rewrite
+    reads it: plain PEFT LoRA on the seven projections (unsloth's fused LoRA kernels are
+    Triton), the thinking copies prepared by the fork's helper, and the for_training /
+    for_inference switches the rewritten trainer calls."""
+    import functools
+
+    from peft import LoraConfig, get_peft_model
+
+    import unsloth.models.llama as fast
+    from unsloth.models.hybrid_thinking import prepare_thinking_modules_for_training
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets,
+                                             modules_to_save=list(modules_to_save)))
+    prepare_thinking_modules_for_training(model)
+    model.for_training = functools.partial(fast.FastLlamaModel.for_training, model)
+    model.for_inference = functools.partial(fast.FastLlamaModel.for_inference, model)
     return model

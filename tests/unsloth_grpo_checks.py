@@ -1,0 +1,143 @@
+"""Subprocess entry: one HRPO step through unsloth's GRPO rewrite (PatchFastRL) on the CPU.
+
+    python tests/unsloth_grpo_checks.py <arch> <latent source> <packing 0|1> <out.json>
+
+Importing unsloth's GPU model code (tests/unsloth_cpu.py) runs PatchFastRL, which replaces
+trl.GRPOTrainer by the generated UnslothGRPOTrainer; HRPOTrainer, imported after it,
+subclasses that. Its loss (grpo_accumulated_loss) makes its own forwards over left-packed,
+sequence-packed (or padded) chunks of the rollouts. A forward hook on the base model
+records every forward: whether it got thinking inputs, whether it was the reference pass,
+and for policy forwards the log-probs of the completion tokens computed from its output
+hidden states, compared with the log-probs recorded while sampling (on-policy: equal).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+
+def main(arch: str, source: str, packing: str, out_path: str) -> None:
+    os.environ["UNSLOTH_GRPO_SEQ_PACKING"] = packing
+    os.environ["UNSLOTH_GRPO_PREFIX_GROUPER"] = "0"  # as hrpo_gsm8k.py sets it
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "no"  # float32 scoring: compare at float32 tolerance
+    import torch
+    import unsloth_cpu
+
+    unsloth_cpu.install()
+    import trl
+    from datasets import Dataset
+    from tiny import tiny_model, tiny_tokenizer
+    from transformers import TrainerCallback
+
+    from hrpo.data import make_sample_problems, with_prompts
+    from hrpo.rewards import completion_text
+    from hrpo.trainer import HRPOTrainer
+    from patch import THINKING_MODULES
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    model = tiny_model(arch, tokenizer, hidden_size=64, thinking_latent_source=source)
+    unsloth_cpu.prepare_like_from_pretrained(model, tokenizer)
+    model = unsloth_cpu.peft_like_get_peft_model(model, THINKING_MODULES)
+    dataset = with_prompts(Dataset.from_list(make_sample_problems(8)))
+    temperature = 0.7
+
+    def length_reward(completions, **_):
+        return [float(len(completion_text(c))) / 10.0 for c in completions]
+
+    config = trl.GRPOConfig(
+        output_dir=str(Path(out_path).parent / "run"), learning_rate=1e-2, beta=0.04, num_generations=4,
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, max_completion_length=10, max_steps=1,
+        temperature=temperature, top_k=0, top_p=1.0, use_cpu=True, report_to="none", logging_steps=1,
+        remove_unused_columns=False, save_strategy="no", lr_scheduler_type="constant", warmup_steps=0)
+    trainer = HRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[length_reward], args=config,
+                          train_dataset=dataset)
+
+    forwards = []
+    inside = []
+
+    def spy(module, args, kwargs, output):
+        if inside:  # the negative control's own forward
+            return
+        input_ids = kwargs.get("input_ids")
+        entry = {"grad": torch.is_grad_enabled(), "thinking": kwargs.get("thinking_mask") is not None,
+                 "reference": trainer._is_reference_pass(), "shape": list(input_ids.shape),
+                 "packed": kwargs.get("packed_seq_lengths") is not None}
+        if entry["thinking"] and not entry["reference"]:
+            with torch.no_grad():
+                entry.update(replay_against_sampling(trainer, kwargs, output, temperature))
+                inside.append(True)
+                try:  # negative control: the same forward on the discrete tokens
+                    plain = module(**{**kwargs, "thinking_mask": torch.zeros_like(kwargs["thinking_mask"])})
+                finally:
+                    inside.clear()
+                entry["discrete_max_diff"] = replay_against_sampling(trainer, kwargs, plain, temperature)["max_diff"]
+        forwards.append(entry)
+
+    grads = {}
+
+    class GradientNorms(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            for name, p in trainer.model.named_parameters():
+                if p.requires_grad and p.grad is not None:
+                    key = module_of(name, THINKING_MODULES)
+                    grads[key] = grads.get(key, 0.0) + p.grad.float().norm().item()
+
+    trainer.add_callback(GradientNorms())
+    trainer.thinking_base.register_forward_hook(spy, with_kwargs=True)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = sorted({module_of(n, THINKING_MODULES) for n in before if not torch.equal(before[n], after[n])})
+    result = {
+        "mro": [c.__name__ for c in type(trainer).__mro__[:3]],
+        "forwards": forwards,
+        "changed": changed,
+        "grad_norms": grads,
+        "logged": trainer.state.log_history[0],
+    }
+    Path(out_path).write_text(json.dumps(result, indent=1))
+
+
+def module_of(name: str, thinking_modules) -> str:
+    for module in thinking_modules:
+        if module in name:
+            return module
+    return "lora" if "lora_" in name else "other"
+
+
+def replay_against_sampling(trainer, kwargs, output, temperature: float) -> dict:
+    """Log-probs of the completion tokens from this forward's final hidden states, against
+    the sampling-time ones of the same tokens."""
+    import torch
+
+    input_ids = kwargs["input_ids"]
+    mask = kwargs.get("attention_mask")
+    lengths = kwargs.get("packed_seq_lengths")
+    recorded = trainer.replay_index.lookup(input_ids, mask if isinstance(mask, torch.Tensor) and mask.dim() == 2
+                                           else None, lengths)
+    sampled = recorded["sampled_token_logprobs"]
+    head = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings()
+    logits = head(output.last_hidden_state.to(head.weight.dtype)).float() / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    # the token at position q is scored by the output at q - 1, within its own sequence
+    scored = torch.zeros_like(sampled)
+    scored[:, 1:] = logprobs[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    # unsloth's left packing drops pad-id tokens the tiny model sampled inside a completion:
+    # such rollouts are scored on another sequence than was sampled, by unsloth's design
+    completion = (sampled != 0) & ~recorded["pad_dropped"]
+    if lengths is not None:  # a sequence's first token is not scored by the previous sequence
+        starts = torch.cumsum(torch.as_tensor(lengths), 0)[:-1]
+        completion[0, starts] = False
+    diff = (scored - sampled).abs()[completion]
+    return {"compared": int(completion.sum()), "max_diff": diff.max().item() if diff.numel() else None,
+            "pad_dropped": bool(recorded["pad_dropped"].any())}
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
