@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gradient_checkpointing", default="auto", choices=["auto", "on", "off"],
       help="recompute activations in the backward pass (auto: on with CUDA)")
     a("--backend", default="auto", choices=["auto", "unsloth", "transformers"],
-      help="how the model is loaded: unsloth's FastLanguageModel, or transformers + PEFT. auto: unsloth on CPU "
-           "(its CPU mode runs the fork's forward), transformers on CUDA until unsloth's fast paths are forked")
+      help="how the model is loaded and trained: unsloth (FastLanguageModel; on CUDA its fast forward paths and "
+           "GRPO rewrite, forked for HRPO), or transformers + PEFT with TRL's own GRPOTrainer (the reference "
+           "path; unsloth is then not imported). auto: unsloth")
     return p
 
 
@@ -126,11 +127,9 @@ def thinking_config(args) -> dict:
 
 
 def resolve_backend(args, cuda: bool) -> str:
-    """auto: unsloth on CPU (its CPU mode runs the fork's forward); transformers on CUDA,
-    where unsloth's fast paths would bypass it until they are forked."""
-    if args.backend != "auto":
-        return args.backend
-    return "transformers" if cuda else "unsloth"
+    """auto: unsloth. On CPU that is unsloth's CPU mode (the fork's own forward, TRL's own
+    trainer); on CUDA its fast paths and GRPO rewrite, which the forks carry HRPO through."""
+    return "unsloth" if args.backend == "auto" else args.backend
 
 
 def load_model(args, cuda: bool):
@@ -252,24 +251,42 @@ def make_callback(saver: SaveThinkingConfig):
     return Callback()
 
 
+def import_unsloth(cuda: bool) -> None:
+    # unsloth's GRPO loss may score each group's shared prompt once (PrefixGrouper), a layout
+    # in which rollouts cannot be matched to their thinking inputs; sequence packing is fine.
+    os.environ.setdefault("UNSLOTH_GRPO_PREFIX_GROUPER", "0")
+    import unsloth  # noqa: F401  (first: it patches transformers/TRL; CPU fallback on CPU)
+
+    if cuda:  # its CPU mode has no PatchFastRL (it leaves TRL alone)
+        from unsloth import FastLanguageModel, PatchFastRL
+
+        PatchFastRL("GRPO", FastLanguageModel)
+
+
+def check_thinking_config(model, args) -> None:
+    """The loaded model must carry the thinking options asked for (they shape its modules)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for key, wanted in thinking_config(args).items():
+        got = getattr(base.config, key, None)
+        if got != wanted:
+            raise UsageError(f"the loaded model has {key}={got!r}, but {wanted!r} was asked for: the loader "
+                             f"dropped the config (--backend {args.backend})")
+
+
 def build_trainer(args, reward_funcs=None):
     """The trainer, ready to train (reward_funcs: default the GSM8K correctness reward)."""
-    import unsloth  # noqa: F401  (first: it patches transformers/TRL, CPU fallback on CPU)
     import torch
-    from unsloth import FastLanguageModel
 
+    cuda = torch.cuda.is_available()
+    if resolve_backend(args, cuda) == "unsloth":
+        import_unsloth(cuda)  # before TRL: on CUDA it replaces trl.GRPOTrainer by its rewrite
     from hrpo.rewards import gsm8k_reward
     from hrpo.trainer import HRPOTrainer
     from patch import patch_trainer_optimizer
 
-    cuda = torch.cuda.is_available()
-    if cuda and resolve_backend(args, cuda) == "unsloth":
-        # unsloth's GRPO rewrite; its CPU mode has no PatchFastRL (nothing to patch there)
-        from unsloth import PatchFastRL
-
-        PatchFastRL("GRPO", FastLanguageModel)
     dataset = load_dataset(args)  # data errors before the (slow) model load
     model, tokenizer = load_model(args, cuda)
+    check_thinking_config(model, args)
     dataset = filter_long_prompts(args, dataset, tokenizer)
     trainer = HRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=reward_funcs or [gsm8k_reward],
                           args=grpo_config(args, cuda), train_dataset=dataset)

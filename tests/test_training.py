@@ -307,3 +307,11 @@ def test_unreachable_hub_dataset_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match="no-such-org/no-such-dataset.*local"):
         load_gsm8k("no-such-org/no-such-dataset")
+
+
+def test_a_loader_that_drops_the_thinking_config_is_named(workspace, tmp_path):
+    args = cli_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
+    model = tiny_model("qwen2", hidden_size=32)  # built with the default source, "embedding"
+    with pytest.raises(hrpo_gsm8k.UsageError, match="thinking_latent_source='embedding'.*'projection'"):
+        hrpo_gsm8k.check_thinking_config(model, args)
+    hrpo_gsm8k.check_thinking_config(tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args)), args)

@@ -1,0 +1,125 @@
+"""ReplayIndex: thinking inputs found again by the rollout's tokens, in every scoring layout."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hrpo.replay import ReplayIndex, ReplayMiss
+
+PAD, EOS, D = 0, 1, 3
+
+
+def rollouts():
+    """Three left-padded prompts and their completions (EOS then padding), with
+    per-position thinking data whose values encode (row, column)."""
+    prompts = [[0, 0, 5, 6], [0, 7, 8, 9], [4, 5, 6, 7]]
+    completions = [[10, 11, 1, 0, 0], [12, 13, 14, 15, 16], [17, 0, 18, 1, 0]]  # row 2 samples the pad token
+    sequences = torch.tensor([p + c for p, c in zip(prompts, completions)])
+    prompt_mask = (torch.tensor(prompts) != PAD).long()
+    batch, width = sequences.shape
+    code = torch.arange(batch)[:, None] * 100 + torch.arange(width)[None, :] + 1.0
+    thinking = torch.zeros(batch, width, dtype=torch.bool)
+    thinking[:, 4:] = True
+    out = SimpleNamespace(sequences=sequences, thinking_mask=thinking,
+                          thinking_latents=code[..., None].repeat(1, 1, D), thinking_hidden=-code[..., None].repeat(1, 1, D),
+                          sampled_token_logprobs=-code / 1000)
+    return out, prompt_mask
+
+
+def attended(out, prompt_mask):
+    completion = out.sequences[:, 4:]
+    after_eos = (completion == EOS).long().cumsum(1) - (completion == EOS).long() > 0
+    return torch.cat([prompt_mask.bool(), ~after_eos], dim=1)
+
+
+def real_columns(out, prompt_mask, row, drop_pad=False):
+    cols = attended(out, prompt_mask)[row].nonzero().squeeze(1)
+    if drop_pad:
+        cols = cols[out.sequences[row, cols] != PAD]
+    return cols
+
+
+def check_layout(index, out, ids, mask, placement, packed=None):
+    """placement: list of (target row, target columns, source row, source columns)."""
+    got = index.lookup(ids, mask, packed)
+    expected_logprobs = torch.zeros(ids.shape)
+    expected_latents = torch.zeros(*ids.shape, D)
+    expected_mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for row, cols, src, src_cols in placement:
+        assert torch.equal(ids[row, cols], out.sequences[src, src_cols])
+        flags = out.thinking_mask[src, src_cols]
+        expected_mask[row, cols] = flags
+        expected_logprobs[row, cols] = out.sampled_token_logprobs[src, src_cols]
+        expected_latents[row, cols[flags]] = out.thinking_latents[src, src_cols[flags]]
+    assert torch.equal(got["thinking_mask"], expected_mask)
+    assert torch.equal(got["sampled_token_logprobs"], expected_logprobs)
+    assert torch.equal(got["thinking_latents"], expected_latents)
+    assert torch.equal(got["thinking_hidden"], -expected_latents)
+    return got
+
+
+@pytest.fixture
+def recorded():
+    out, prompt_mask = rollouts()
+    index = ReplayIndex(PAD, EOS)
+    index.add(out, prompt_mask)
+    return index, out, prompt_mask
+
+
+def test_same_layout_as_generation(recorded):
+    index, out, prompt_mask = recorded
+    mask = attended(out, prompt_mask).long()
+    check_layout(index, out, out.sequences, mask,
+                 [(r, real_columns(out, prompt_mask, r), r, real_columns(out, prompt_mask, r)) for r in range(3)])
+
+
+def test_trl_repadding_to_wider_prompt_and_completion_columns(recorded):
+    index, out, prompt_mask = recorded
+    ids = torch.full((3, 12), PAD)
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    placement = []
+    for r in range(3):
+        cols = real_columns(out, prompt_mask, r)
+        n_prompt = int(prompt_mask[r].sum())
+        target = torch.cat([torch.arange(6 - n_prompt, 6), torch.arange(6, 6 + len(cols) - n_prompt)])
+        ids[r, target] = out.sequences[r, cols]
+        mask[r, target] = 1
+        placement.append((r, target, r, cols))
+    check_layout(index, out, ids, mask, placement)
+
+
+def test_unsloth_left_packing_chunks_and_reordered_rows(recorded):
+    index, out, prompt_mask = recorded
+    rows = [1, 0]  # a chunk, in another order
+    ids = torch.full((2, 9), PAD)
+    placement = []
+    for target_row, r in enumerate(rows):
+        cols = real_columns(out, prompt_mask, r)
+        ids[target_row, :len(cols)] = out.sequences[r, cols]
+        placement.append((target_row, torch.arange(len(cols)), r, cols))
+    check_layout(index, out, ids, (ids != PAD).long(), placement)
+
+
+def test_sequence_packing(recorded):
+    index, out, prompt_mask = recorded
+    pieces, placement, start = [], [], 0
+    for r in (2, 0, 1):
+        cols = real_columns(out, prompt_mask, r, drop_pad=True)
+        pieces.append(out.sequences[r, cols])
+        placement.append((0, torch.arange(start, start + len(cols)), r, cols))
+        start += len(cols)
+    ids = torch.cat(pieces)[None]
+    got = check_layout(index, out, ids, None, placement, packed=torch.tensor([len(p) for p in pieces]))
+    # row 2 sampled the pad token, which left packing drops: found, and said so
+    assert got["pad_dropped"][0, :len(pieces[0])].all() and not got["pad_dropped"][0, len(pieces[0]):].any()
+
+
+def test_an_unrecorded_sequence_is_an_error_not_a_plain_forward(recorded):
+    index, out, prompt_mask = recorded
+    ids = out.sequences.clone()
+    ids[1, -1] = 19  # one token differs
+    with pytest.raises(ReplayMiss, match="row 1"):
+        index.lookup(ids, attended(out, prompt_mask).long())
+    index.clear()
+    with pytest.raises(ReplayMiss, match="0 rollouts recorded"):
+        index.lookup(out.sequences, attended(out, prompt_mask).long())
