@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
 # All GPU checks in one run, for a lent CUDA machine with no network: writes a summary and
-# JSON under ${OUT:-gpu-results}. Needs ./setup.sh (or --no-venv) done on that machine
-# (the forks' upstream archives travel in the fork cache). Models are built from configs.
+# JSON under ${OUT:-gpu-results}. Models are built from configs (no hub).
+# Either ./setup.sh was done on that machine, or .gpu-carry/ came along
+# (scripts/prepare_gpu_carry.sh: the patched fork sources and the missing wheels), which is
+# installed into /tmp here, on top of the machine's own torch / transformers / peft / triton.
 set -uo pipefail
 cd "$(dirname "$0")"
 py=${PYTHON:-.venv/bin/python}
+if [ ! -x "$py" ] && [ -d .gpu-carry ]; then
+  site=/tmp/hrpo-site
+  rm -rf "$site" && mkdir -p "$site/forks" "$site/lib"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site/lib" \
+    .gpu-carry/wheels/*.whl || exit 1
+  tar xzf .gpu-carry/forks.tar.gz -C "$site/forks" || exit 1
+  export PYTHONPATH="$site/forks:$site/lib:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  py=python3
+fi
+"$py" -c "import transformers.hrpo_fork, unsloth.hrpo_fork, trl, unsloth_zoo; print('forks in place:', transformers.__file__)" \
+  || { echo "the forks or a package are missing (run ./setup.sh, or carry .gpu-carry/)"; exit 1; }
 out=${OUT:-gpu-results}
 work=$(mktemp -d)
 mkdir -p "$out"
 {
   echo "== nvidia-smi"; nvidia-smi -L
-  echo "== pytest -m gpu, and the suites whose numbers CUDA could change"
-  "$py" -m pytest -q -m gpu tests 2>&1 | tail -5
-  "$py" -m pytest -q tests/test_hybrid_thinking.py tests/test_thinking_projection.py tests/test_training.py \
-    tests/test_unsloth_fast_path.py tests/test_unsloth_grpo.py 2>&1 | tail -3
   for arch in llama qwen2; do
     echo "== unsloth fast paths vs the transformers fork, $arch, hidden 1024, bf16 (real Triton kernels)"
     "$py" bench/unsloth_gpu.py --arch "$arch" --source projection --json "$out/unsloth_fast_path_$arch.json" \
@@ -69,6 +78,10 @@ report = {"trainer": [c.__name__ for c in type(trainer).__mro__[:2]], "seconds_3
 print(json.dumps(report, indent=1))
 print("ALL PASS" if len(updated) == 4 and all(updated.values()) else "FAILED")
 PY
+  echo "== pytest -m gpu, and the suites whose numbers CUDA could change"
+  "$py" -m pytest -q -m gpu tests 2>&1 | tail -5
+  timeout 240 "$py" -m pytest -q -x tests/test_hybrid_thinking.py tests/test_thinking_projection.py tests/test_training.py \
+    tests/test_unsloth_fast_path.py tests/test_unsloth_grpo.py 2>&1 | tail -3
   echo "== decoding and training-step benches (transformers backend, tiny Qwen2)"
   "$py" bench/decoding.py --model tiny-qwen2 --device cuda --new-tokens 128 512 --json "$out/decoding_tiny_cuda.json"
   "$py" bench/train_step.py --model tiny --steps 4 --json "$out/train_step_tiny_cuda.json"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Prepare what a lent GPU machine (no network, Python 3.12, torch/transformers/peft/triton
+# already there) needs to run ./gpu_checks.sh, in .gpu-carry/ (git-ignored; carry it):
+#   forks.tar.gz  the materialized, patched fork sources (transformers/, unsloth/), so that
+#                 neither git nor the upstream archives are needed there
+#   wheels/       the packages that machine lacks, for CPython 3.12 manylinux x86_64
+# Then, there:  ./gpu_checks.sh   (it installs from .gpu-carry/ into /tmp when it finds it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-.venv/bin/python}
+out=.gpu-carry
+rm -rf "$out"
+mkdir -p "$out/wheels"
+"$py" tools/forks.py materialize >/dev/null
+tar czf "$out/forks.tar.gz" -C transformers/tree/src transformers -C ../../../unsloth/tree unsloth unsloth_cli unsloth.egg-info
+# Missing there (KINDS.md's package list against what hrpo_gsm8k.py and unsloth import).
+wanted="trl==1.15.0 datasets==4.8.5 dill multiprocess unsloth_zoo==2026.10.9 msgspec tyro docstring-parser
+        typeguard shtab"
+platforms=""
+for n in 17 27 28; do platforms="$platforms --platform manylinux_2_${n}_x86_64"; done
+"$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  $platforms --platform manylinux2014_x86_64 --platform any -d "$out/wheels" $wanted
+du -sh "$out" "$out"/*
