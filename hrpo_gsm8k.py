@@ -255,6 +255,9 @@ def import_unsloth(cuda: bool) -> None:
     # unsloth's GRPO loss may score each group's shared prompt once (PrefixGrouper), a layout
     # in which rollouts cannot be matched to their thinking inputs; sequence packing is fine.
     os.environ.setdefault("UNSLOTH_GRPO_PREFIX_GROUPER", "0")
+    # Hybrid decode steps always run eagerly (a captured graph has no thinking inputs), so
+    # the CUDA-graph decode unsloth turns on for RL rollouts would only hold buffers.
+    os.environ.setdefault("UNSLOTH_DECODE_CUDA_GRAPHS", "0")
     import unsloth  # noqa: F401  (first: it patches transformers/TRL; CPU fallback on CPU)
 
     if cuda:  # its CPU mode has no PatchFastRL (it leaves TRL alone)
