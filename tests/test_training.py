@@ -315,3 +315,25 @@ def test_a_loader_that_drops_the_thinking_config_is_named(workspace, tmp_path):
     with pytest.raises(hrpo_gsm8k.UsageError, match="thinking_latent_source='embedding'.*'projection'"):
         hrpo_gsm8k.check_thinking_config(model, args)
     hrpo_gsm8k.check_thinking_config(tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args)), args)
+
+
+def test_transformers_backend_trains_with_trls_own_trainer_and_no_unsloth(workspace, tmp_path):
+    """On CUDA, importing unsloth replaces trl.GRPOTrainer by its rewrite; the reference
+    backend must not import it at all (checked in a fresh process)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parent.parent)!r}]
+import test_training as T, hrpo_gsm8k
+from pathlib import Path
+args = T.cli_args(Path({str(workspace)!r}), Path({str(tmp_path / "out")!r}), "--backend", "transformers")
+trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[T.length_reward])
+print("unsloth imported:", any(m == "unsloth" or m.startswith("unsloth.") for m in sys.modules))
+print("base:", type(trainer).__mro__[1].__module__)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unsloth imported: False" in proc.stdout
+    assert "base: trl.trainer.grpo_trainer" in proc.stdout
