@@ -63,9 +63,9 @@ def verify_hybrid_forward(model, base) -> None:
     finally:
         model.train(was_training)
     if torch.equal(plain[:, 2:], mixed[:, 2:]):
-        raise RuntimeError(f"{type(model).__name__}'s forward does not apply the HRPO thinking inputs (is a fast "
-                           f"path that bypasses the transformers fork's forward active? On CUDA use "
-                           f"hrpo_gsm8k.py --backend transformers)")
+        raise RuntimeError(f"{type(model).__name__}'s forward does not apply the HRPO thinking inputs: a forward "
+                           f"that does not know them is active (unsloth without the HRPO fork's series? run "
+                           f"./setup.sh), or use hrpo_gsm8k.py --backend transformers")
 
 
 class HRPOTrainer(GRPOTrainer):
