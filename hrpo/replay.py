@@ -75,19 +75,23 @@ class ReplayIndex:
     A pad token sampled inside a completion is attended for TRL but dropped by unsloth's
     left packing (which treats every pad-id token as padding); such a rollout is also
     kept under its tokens without the pad-id ones.
+
+    Rollouts are kept per ``group`` (the trainer's "train" and "eval"), each cleared on its
+    own: an evaluation in the middle of a buffered training batch leaves that batch's
+    rollouts in place. A lookup searches every group.
     """
 
     FIELDS = ("thinking_mask", "thinking_latents", "thinking_hidden", "sampled_token_logprobs")
 
     def __init__(self, pad_token_id: int | None, eos_token_id: int | None):
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
-        self.records: dict[tuple, dict] = {}
+        self.groups: dict[str, dict[tuple, dict]] = {}
 
-    def clear(self) -> None:
-        self.records.clear()
+    def clear(self, group: str = "train") -> None:
+        self.groups.pop(group, None)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return sum(len(records) for records in self.groups.values())
 
     @staticmethod
     def _subset(record: dict, keep: torch.Tensor) -> dict:
@@ -97,8 +101,9 @@ class ReplayIndex:
                 **{key: (record[key][flagged_keep] if record[key] is not None else None)
                    for key in ("thinking_latents", "thinking_hidden")}}
 
-    def add(self, generation_output, prompt_attention_mask: torch.Tensor) -> None:
+    def add(self, generation_output, prompt_attention_mask: torch.Tensor, group: str = "train") -> None:
         """Record the rollouts of one hybrid generate() call (sequences = prompt + completion)."""
+        records = self.groups.setdefault(group, {})
         sequences = generation_output.sequences
         prompt_len = prompt_attention_mask.shape[1]
         completion = completion_mask(sequences[:, prompt_len:], self.eos_token_id)
@@ -115,10 +120,10 @@ class ReplayIndex:
                 "thinking_hidden": hidden[row, flagged] if hidden is not None else None,
                 "sampled_token_logprobs": generation_output.sampled_token_logprobs[row, positions],
             }
-            self.records[tuple(tokens.tolist())] = record
+            records[tuple(tokens.tolist())] = record
             if self.pad_token_id is not None and bool((tokens == self.pad_token_id).any()):
                 keep = tokens != self.pad_token_id
-                self.records.setdefault(tuple(tokens[keep].tolist()), self._subset(record, keep))
+                records.setdefault(tuple(tokens[keep].tolist()), self._subset(record, keep))
 
     def _segments(self, input_ids, attention_mask, packed_seq_lengths):
         """(row, positions of the attended tokens) of each sequence in the forward's input."""
@@ -134,11 +139,17 @@ class ReplayIndex:
             start += length
         return segments
 
+    def _get(self, key: tuple) -> dict | None:
+        for records in self.groups.values():
+            if key in records:
+                return records[key]
+        return None
+
     def _find(self, input_ids, row, positions):
-        record = self.records.get(tuple(input_ids[row, positions].tolist()))
+        record = self._get(tuple(input_ids[row, positions].tolist()))
         if record is None and self.pad_token_id is not None:  # unmasked trailing padding
             positions = positions[input_ids[row, positions] != self.pad_token_id]
-            record = self.records.get(tuple(input_ids[row, positions].tolist()))
+            record = self._get(tuple(input_ids[row, positions].tolist()))
         return record, positions
 
     def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -153,7 +164,7 @@ class ReplayIndex:
             record, positions = self._find(input_ids, row, positions)
             if record is None:
                 raise ReplayMiss(f"no recorded rollout has the {positions.numel()} tokens of row {row} of this "
-                                 f"forward ({len(self.records)} rollouts recorded)")
+                                 f"forward ({len(self)} rollouts recorded)")
             found.append((row, positions, record))
         out = {"thinking_mask": torch.zeros(batch, length, dtype=torch.bool, device=device),
                "sampled_token_logprobs": torch.zeros(batch, length, dtype=torch.float32, device=device),

@@ -117,7 +117,7 @@ class HRPOTrainer(GRPOTrainer):
             if prompt_mask is None:
                 prompt_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
                 prompt_mask = torch.ones_like(prompt_ids)
-            self.replay_index.add(out, prompt_mask)
+            self.replay_index.add(out, prompt_mask, group=mode)
             self._log_thinking_metrics(out, prompt_mask.shape[1], mode)
             return out.sequences
 
@@ -131,8 +131,8 @@ class HRPOTrainer(GRPOTrainer):
                 del model.generate  # back to the class's method
 
     def _generate_and_score_completions(self, inputs):
-        # A new generation batch: the rollouts scored from now on are these.
-        self.replay_index.clear()
+        # A new generation batch of this mode: its rollouts replace the previous ones.
+        self.replay_index.clear("train" if self.model.training else "eval")
         with self._hybrid_generate(), self._replay_hook():
             batch = super()._generate_and_score_completions(inputs)
         prompt_completion = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)

@@ -123,3 +123,18 @@ def test_an_unrecorded_sequence_is_an_error_not_a_plain_forward(recorded):
     index.clear()
     with pytest.raises(ReplayMiss, match="0 rollouts recorded"):
         index.lookup(out.sequences, attended(out, prompt_mask).long())
+
+
+def test_an_evaluation_batch_leaves_the_buffered_training_rollouts_in_place(recorded):
+    index, out, prompt_mask = recorded  # recorded as "train"
+    eval_out, eval_mask = rollouts()
+    eval_out.sequences = eval_out.sequences.clone()
+    eval_out.sequences[:, 4] += 20  # other rollouts
+    index.clear("eval")
+    index.add(eval_out, eval_mask, group="eval")
+    mask = attended(out, prompt_mask).long()
+    assert torch.equal(index.lookup(out.sequences, mask)["thinking_mask"], out.thinking_mask & mask.bool())
+    assert index.lookup(eval_out.sequences, mask)["thinking_mask"].any()
+    index.clear("train")
+    with pytest.raises(ReplayMiss):
+        index.lookup(out.sequences, mask)
