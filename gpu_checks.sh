@@ -6,18 +6,7 @@
 # installed into /tmp here, on top of the machine's own torch / transformers / peft / triton.
 set -uo pipefail
 cd "$(dirname "$0")"
-py=${PYTHON:-.venv/bin/python}
-if [ ! -x "$py" ] && [ -d .gpu-carry ]; then
-  site=/tmp/hrpo-site
-  rm -rf "$site" && mkdir -p "$site/forks" "$site/lib"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site/lib" \
-    .gpu-carry/wheels/*.whl || exit 1
-  tar xzf .gpu-carry/forks.tar.gz -C "$site/forks" || exit 1
-  export PYTHONPATH="$site/forks:$site/lib:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  py=python3
-fi
-"$py" -c "import transformers.hrpo_fork, unsloth.hrpo_fork, trl, unsloth_zoo; print('forks in place:', transformers.__file__)" \
-  || { echo "the forks or a package are missing (run ./setup.sh, or carry .gpu-carry/)"; exit 1; }
+source scripts/gpu_env.sh || exit 1
 out=${OUT:-gpu-results}
 work=$(mktemp -d)
 mkdir -p "$out"

@@ -18,6 +18,6 @@ wanted="trl==1.15.0 datasets==4.8.5 dill multiprocess unsloth_zoo==2026.10.9 msg
         typeguard shtab"
 platforms=""
 for n in 17 27 28; do platforms="$platforms --platform manylinux_2_${n}_x86_64"; done
-"$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+"$py" -m pip download -q --no-deps --only-binary=:all: --python-version "${PYVER:-3.12}" --implementation cp \
   $platforms --platform manylinux2014_x86_64 --platform any -d "$out/wheels" $wanted
 du -sh "$out" "$out"/*
