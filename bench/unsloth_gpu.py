@@ -74,26 +74,40 @@ def replay(model, tokenizer, enc, out):
     return logprobs, mask
 
 
-def reference(folder: Path, result: Path) -> None:
+def dtype_for(device: str):
+    import torch
+
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reference(folder: Path, result: Path, device: str) -> None:
     """The transformers fork alone (run in its own process, unsloth never imported)."""
     import torch
     from tiny import encode_prompts
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
-    enc = encode_prompts(tokenizer, QUESTIONS).to("cuda")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype_for(device)).to(device).eval()
+    enc = encode_prompts(tokenizer, QUESTIONS).to(device)
     with torch.no_grad():
         logits = model(**enc).logits.float()
     out = rollout(model, tokenizer, enc)
     logprobs, mask = replay(model, tokenizer, enc, out)
-    torch.save({"logits": logits.cpu(), "sequences": out.sequences.cpu(), "thinking_mask": out.thinking_mask.cpu(),
+    torch.save({"input_ids": enc.input_ids.cpu(), "attention_mask": enc.attention_mask.cpu(),
+                "logits": logits.cpu(), "sequences": out.sequences.cpu(), "thinking_mask": out.thinking_mask.cpu(),
                 "thinking_latents": None if out.thinking_latents is None else out.thinking_latents.cpu(),
                 "thinking_hidden": None if out.thinking_hidden is None else out.thinking_hidden.cpu(),
                 "sampled": out.sampled_token_logprobs.cpu(), "replay": logprobs.cpu(), "mask": mask.cpu()}, result)
 
 
-def tokens_per_second(model, tokenizer, enc, hybrid: bool, new_tokens: int, repeats: int = 3) -> float:
+def tokens_per_second(model, tokenizer, enc, hybrid: bool, new_tokens: int, device: str, repeats: int = 3) -> float:
     import statistics
 
     import torch
@@ -104,29 +118,30 @@ def tokens_per_second(model, tokenizer, enc, hybrid: bool, new_tokens: int, repe
         kwargs.update(processing_class=tokenizer, return_thinking_embeds=True, answer_marker="##")
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         with torch.no_grad():
             model.generate(**enc, **kwargs)
-        torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return enc.input_ids.shape[0] * new_tokens / statistics.median(times)
 
 
-def fast(folder: Path, reference_file: Path, new_tokens: int) -> dict:
+def fast(folder: Path, reference_file: Path, new_tokens: int, device: str) -> dict:
     os.environ.setdefault("UNSLOTH_GRPO_PREFIX_GROUPER", "0")
     import unsloth  # noqa: F401
     from unsloth import FastLanguageModel
 
     import torch
-    from tiny import encode_prompts
+    from transformers import BatchEncoding
 
     ref = torch.load(reference_file)
-    model, tokenizer = FastLanguageModel.from_pretrained(str(folder), max_seq_length=1024, dtype=torch.bfloat16,
+    model, tokenizer = FastLanguageModel.from_pretrained(str(folder), max_seq_length=1024, dtype=dtype_for(device),
                                                          load_in_4bit=False)
     base = model.model
     forwards = (type(model).forward.__name__, type(base).forward.__name__)
-    enc = encode_prompts(tokenizer, QUESTIONS).to("cuda")
+    # the reference's own prompts, padding included (unsloth may change the tokenizer's padding side)
+    enc = BatchEncoding({"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]}).to(device)
     FastLanguageModel.for_inference(model)
     with torch.no_grad():
         logits = model(**enc).logits.float().cpu()
@@ -136,7 +151,7 @@ def fast(folder: Path, reference_file: Path, new_tokens: int) -> dict:
 
     # the reference rollout replayed through the fast training forward
     FastLanguageModel.for_training(model)
-    reference_out = type("Rollout", (), {k: (ref[k].cuda() if ref[k] is not None else None)
+    reference_out = type("Rollout", (), {k: (ref[k].to(device) if ref[k] is not None else None)
                                          for k in ("sequences", "thinking_mask", "thinking_latents",
                                                    "thinking_hidden")})()
     logprobs, mask = replay(model, tokenizer, enc, reference_out)
@@ -157,11 +172,11 @@ def fast(folder: Path, reference_file: Path, new_tokens: int) -> dict:
     report["thinking_positions"] = int(out.thinking_mask.sum())
 
     FastLanguageModel.for_inference(model)
-    plain = tokens_per_second(model, tokenizer, enc, hybrid=False, new_tokens=new_tokens)
-    hybrid = tokens_per_second(model, tokenizer, enc, hybrid=True, new_tokens=new_tokens)
+    plain = tokens_per_second(model, tokenizer, enc, hybrid=False, new_tokens=new_tokens, device=device)
+    hybrid = tokens_per_second(model, tokenizer, enc, hybrid=True, new_tokens=new_tokens, device=device)
     report.update(decoding_tokens_per_s_plain=plain, decoding_tokens_per_s_hybrid=hybrid,
                   decoding_hybrid_time_ratio=plain / hybrid,
-                  peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30)
+                  peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
     return report
 
 
@@ -172,6 +187,9 @@ def main() -> None:
                         choices=["embedding", "projection", "embedding_plus_projection"])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a dry run of this script (float32; unsloth's CPU mode has no fast paths, so "
+                             "the 'fast paths in place' check fails there by design)")
     parser.add_argument("--reference-only", nargs=2, type=Path, metavar=("FOLDER", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--build-only", type=Path, metavar="FOLDER",
                         help="only write the model and tokenizer to FOLDER (for the GRPO run of gpu_checks.sh)")
@@ -180,15 +198,16 @@ def main() -> None:
         build(args.arch, args.build_only, args.source)
         return
     if args.reference_only:
-        reference(*args.reference_only)
+        reference(*args.reference_only, args.device)
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder, ref_file = Path(tmp) / "model", Path(tmp) / "reference.pt"
         build(args.arch, folder, args.source)
-        subprocess.run([sys.executable, __file__, "--reference-only", str(folder), str(ref_file)], check=True)
+        subprocess.run([sys.executable, __file__, "--reference-only", str(folder), str(ref_file),
+                        "--device", args.device], check=True)
         report = {"arch": args.arch, "source": args.source, "tolerances": {
             "logits_max_abs_diff": BF16_LOGIT_TOL, "replay_*": BF16_LOGPROB_TOL,
-            "unsloth_replay_vs_unsloth_sampling": BF16_LOGPROB_TOL}, **fast(folder, ref_file, args.new_tokens)}
+            "unsloth_replay_vs_unsloth_sampling": BF16_LOGPROB_TOL}, **fast(folder, ref_file, args.new_tokens, args.device)}
     checks = {
         "fast paths in place": report["forwards"] == ("_CausalLM_fast_forward", "LlamaModel_fast_forward"),
         "logits": report["logits_max_abs_diff"] <= BF16_LOGIT_TOL,
