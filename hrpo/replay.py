@@ -81,8 +81,6 @@ class ReplayIndex:
     rollouts in place. A lookup searches every group.
     """
 
-    FIELDS = ("thinking_mask", "thinking_latents", "thinking_hidden", "sampled_token_logprobs")
-
     def __init__(self, pad_token_id: int | None, eos_token_id: int | None):
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         self.groups: dict[str, dict[tuple, dict]] = {}
