@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""GRPO training on GSM8K with HRPO hybrid latent reasoning and the thinking projection.
+"""GRPO training with HRPO hybrid latent reasoning and the thinking projection (GSM8K by default).
 
     python hrpo_gsm8k.py --lr_thinking_projection 1e-4                 # HRPO's recipe, Qwen2.5-1.5B
     python hrpo_gsm8k.py --model_name ./my-model --dataset_path train.jsonl --output_dir runs/x
     python hrpo_gsm8k.py ... --resume                                   # continue from the last checkpoint
+    python hrpo_gsm8k.py ... --hybrid_thinking off                      # plain GRPO, same everything else
+    python hrpo_gsm8k.py --task arith --eval_samples 64 --eval_on_start # offline task, held-out accuracy
 
 Defaults are HRPO's published recipe; the seed adds --lr_thinking_projection and the
 projection's latent source and options. Every input is checked before training starts.
@@ -17,10 +19,13 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+from hrpo.tasks import SYSTEM_PROMPTS, TASK_NAMES, get_task
 from patch import THINKING_MODULES  # the four modules trained in full
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RUN_CONFIG = "hrpo_run.json"
+EVAL_FILES = {"start": "eval_step0.json", "end": "eval_final.json"}
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 
 
 class UsageError(ValueError):
@@ -31,7 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model_name", default="Qwen/Qwen2.5-1.5B-Instruct", help="hub name or local folder of a Qwen2/Llama model")
-    a("--dataset_path", default="openai/gsm8k", help="hub dataset name, or a local GSM8K-format .jsonl/.json/.parquet")
+    a("--task", default="gsm8k", choices=TASK_NAMES,
+      help="gsm8k: GSM8K word problems; arith: generated arithmetic problems in GSM8K's format (offline)")
+    a("--dataset_path", default=None,
+      help="hub dataset name or local .jsonl/.json/.parquet in the task's format (default: the task's, "
+           "openai/gsm8k for gsm8k; for arith 'generated' or 'generated:D' with difficulty D in 1-3)")
+    a("--system_prompt", default="hrpo",
+      help=f"one of {sorted(SYSTEM_PROMPTS)} (hrpo: the paper's prompt format) or a prompt text containing the "
+           f"answer marker")
+    a("--hybrid_thinking", default="on", choices=["on", "off"],
+      help="on: HRPO (hybrid rollouts, thinking modules trained); off: plain GRPO with TRL's own trainer on the "
+           "same model, LoRA, data, prompts and optimizer (the baseline)")
     a("--output_dir", default=None, help="experiment folder (default: experiments/<model>-<latent source>)")
     a("--resume", action="store_true", help="continue from the last checkpoint in --output_dir")
     a("--lora_rank", type=int, default=32, help="LoRA rank (alpha = 2 x rank) on the 7 projection modules")
@@ -49,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--thinking_projection_layers", type=int, default=1, choices=[1, 2], help="1: Linear (the seed); 2: MLP")
     a("--thinking_projection_layernorm", action="store_true", help="LayerNorm after the projection")
     a("--thinking_projection_dropout", type=float, default=0.0, help="dropout after the projection (training only)")
+    a("--loss_type", default="grpo", choices=LOSS_TYPES,
+      help="TRL's loss aggregation; grpo (HRPO's): per-sequence mean, then mean over the batch")
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.99, help="HRPO's 0.99 (TRL/transformers default 0.999)")
     a("--weight_decay", type=float, default=0.1)
     a("--warmup_ratio", type=float, default=0.1)
     a("--lr_scheduler_type", default="cosine")
@@ -67,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--logging_steps", type=int, default=1)
     a("--report_to", default="none", help="none, wandb or tensorboard (when installed)")
     a("--seed", type=int, default=42)
+    a("--eval_samples", type=int, default=0,
+      help="held-out problems evaluated (greedy, as trained) after training; 0: none")
+    a("--eval_on_start", action="store_true", help="also evaluate them before the first step")
+    a("--eval_dataset_path", default=None, help="held-out data (default: --dataset_path), split --eval_split")
+    a("--eval_split", default="test")
     a("--gradient_checkpointing", default="auto", choices=["auto", "on", "off"],
       help="recompute activations in the backward pass (auto: on with CUDA)")
     a("--backend", default="auto", choices=["auto", "unsloth", "transformers"],
@@ -78,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_output_dir(args) -> Path:
     model = Path(args.model_name.rstrip("/")).name
-    return Path("experiments") / f"{model}-{args.thinking_latent_source}-lr{args.lr_thinking_projection:g}"
+    arm = args.thinking_latent_source if args.hybrid_thinking == "on" else "grpo"
+    return Path("experiments") / f"{model}-{args.task}-{arm}-lr{args.lr_thinking_projection:g}"
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
@@ -98,10 +123,18 @@ def check_args(args, world_size: int = 1) -> None:
             f"{args.gradient_accumulation_steps} x {world_size} processes = {per_generation})")
     from transformers.hybrid_thinking.modeling import ensure_thinking_config
 
+    from hrpo.tasks import system_prompt_text
+
     try:
         ensure_thinking_config(SimpleNamespace(**thinking_config(args)))
     except ValueError as err:
         raise UsageError(f"the thinking options: {err}") from None
+    try:
+        system_prompt_text(args.system_prompt, get_task(args.task).answer_marker)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.eval_samples < 0:
+        raise UsageError(f"--eval_samples {args.eval_samples}: expected 0 (no evaluation) or a positive count")
     looks_local = args.model_name.startswith((".", "/", "~")) or args.model_name.count("/") > 1
     if looks_local and not Path(args.model_name).expanduser().is_dir():
         raise UsageError(f"--model_name {args.model_name}: no such model folder")
@@ -154,7 +187,7 @@ def load_model(args, cuda: bool):
         load_in_4bit=False, dtype=None if cuda else torch.float32)
     model = FastLanguageModel.get_peft_model(
         model, r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
-        modules_to_save=THINKING_MODULES,
+        modules_to_save=trained_thinking_modules(args),
         use_gradient_checkpointing="unsloth" if cuda and args.gradient_checkpointing != "off" else False,
         random_state=args.seed)
     return model, left_padded(tokenizer)
@@ -173,17 +206,28 @@ def load_with_transformers(args, config, cuda: bool):
     if cuda:
         model.to("cuda")
     model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
-                                             target_modules=LORA_TARGETS, modules_to_save=THINKING_MODULES))
+                                             target_modules=LORA_TARGETS,
+                                             modules_to_save=trained_thinking_modules(args)))
     for name, module in model.named_modules():  # thinking copies train in float32, as unsloth does
         if isinstance(module, ModulesToSaveWrapper) and name.rsplit(".", 1)[-1] in THINKING_MODULES:
             module.modules_to_save["default"].float().requires_grad_(True)
     return model, left_padded(AutoTokenizer.from_pretrained(args.model_name))
 
 
-def load_dataset(args):
-    from hrpo.data import load_gsm8k, with_prompts
+def trained_thinking_modules(args) -> list[str] | None:
+    """The thinking modules are trained in full with HRPO; plain GRPO never uses them."""
+    return list(THINKING_MODULES) if args.hybrid_thinking == "on" else None
 
-    return with_prompts(load_gsm8k(args.dataset_path, "train"))
+
+def load_dataset(args):
+    task = get_task(args.task)
+    return task.with_prompts(task.load(args.dataset_path, "train"), args.system_prompt)
+
+
+def load_eval_rows(args) -> list[dict]:
+    task = get_task(args.task)
+    dataset = task.load(args.eval_dataset_path or args.dataset_path, args.eval_split)
+    return dataset.select(range(min(args.eval_samples, len(dataset)))).to_list()
 
 
 def filter_long_prompts(args, dataset, tokenizer):
@@ -214,7 +258,8 @@ def grpo_config(args, cuda: bool):
     bf16 = cuda and torch.cuda.is_bf16_supported()
     return GRPOConfig(
         output_dir=str(args.output_dir), learning_rate=args.lr, beta=args.beta, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_ratio, lr_scheduler_type=args.lr_scheduler_type,
+        loss_type=args.loss_type, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        warmup_steps=args.warmup_ratio,  # transformers 5 reads a float below 1 as a ratio of the steps lr_scheduler_type=args.lr_scheduler_type,
         optim=args.optimizer or ("paged_adamw_8bit" if cuda else "adamw_torch"), max_grad_norm=args.max_grad_norm,
         num_generations=args.group_size, temperature=args.temperature, top_k=0, top_p=1.0,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -268,6 +313,8 @@ def import_unsloth(cuda: bool) -> None:
 
 def check_thinking_config(model, args) -> None:
     """The loaded model must carry the thinking options asked for (they shape its modules)."""
+    if args.hybrid_thinking == "off":
+        return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for key, wanted in thinking_config(args).items():
         got = getattr(base.config, key, None)
@@ -277,40 +324,73 @@ def check_thinking_config(model, args) -> None:
 
 
 def build_trainer(args, reward_funcs=None):
-    """The trainer, ready to train (reward_funcs: default the GSM8K correctness reward)."""
+    """The trainer, ready to train (reward_funcs: default the task's correctness reward)."""
     import torch
+
+    args.dataset_path = args.dataset_path or get_task(args.task).default_dataset
 
     cuda = torch.cuda.is_available()
     if resolve_backend(args, cuda) == "unsloth":
         import_unsloth(cuda)  # before TRL: on CUDA it replaces trl.GRPOTrainer by its rewrite
-    from hrpo.rewards import gsm8k_reward
     from hrpo.trainer import HRPOTrainer
     from patch import patch_trainer_optimizer
 
     dataset = load_dataset(args)  # data errors before the (slow) model load
+    eval_rows = load_eval_rows(args) if args.eval_samples else []
     model, tokenizer = load_model(args, cuda)
     check_thinking_config(model, args)
     dataset = filter_long_prompts(args, dataset, tokenizer)
-    trainer = HRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=reward_funcs or [gsm8k_reward],
-                          args=grpo_config(args, cuda), train_dataset=dataset)
+    if args.hybrid_thinking == "on":
+        trainer_class = HRPOTrainer
+    else:
+        from trl import GRPOTrainer as trainer_class  # TRL's own (or, on CUDA, unsloth's rewrite of it)
+    trainer = trainer_class(model=model, processing_class=tokenizer,
+                            reward_funcs=reward_funcs or [get_task(args.task).reward_function()],
+                            args=grpo_config(args, cuda), train_dataset=dataset)
+    trainer.held_out_rows = eval_rows
     patch_trainer_optimizer(trainer, args.lr_residual_gate, args.lr_residual_Lambda, args.lr_thinking_projection)
     trainer.thinking_saver = SaveThinkingConfig(model, vars(args) | {"output_dir": str(args.output_dir)})
     trainer.add_callback(make_callback(trainer.thinking_saver))
     return trainer
 
 
+def evaluate_held_out(trainer, args, when: str) -> dict:
+    """Greedy held-out accuracy of the model being trained (decoding as trained), written
+    to eval_step0.json / eval_final.json in the output folder."""
+    from hrpo.evaluation import evaluate_rows
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    result = evaluate_rows(model, trainer.processing_class, get_task(args.task), trainer.held_out_rows,
+                           system_prompt=args.system_prompt, thinking=args.hybrid_thinking == "on", greedy=True,
+                           temperature=args.temperature, max_new_tokens=args.max_completion_length,
+                           batch_size=args.per_device_train_batch_size * 4)
+    result["metrics"]["step"] = trainer.state.global_step
+    folder = Path(args.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / EVAL_FILES[when]).write_text(json.dumps(result, indent=2))
+    m = result["metrics"]
+    print(f"[hrpo] held-out accuracy at step {m['step']}: {m['accuracy']:.3f} ({m['correct']}/{m['total']}, "
+          f"greedy, {m['seconds']:.0f} s)", flush=True)
+    return result
+
+
 def train(args) -> Path:
     trainer = build_trainer(args)
     resume_from = str(last_checkpoint(Path(args.output_dir))) if args.resume else None
+    if trainer.held_out_rows and args.eval_on_start and not resume_from:
+        evaluate_held_out(trainer, args, "start")
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(str(args.output_dir))
     trainer.thinking_saver.write(Path(args.output_dir))
     (Path(args.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    if trainer.held_out_rows:
+        evaluate_held_out(trainer, args, "end")
     return Path(args.output_dir)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.dataset_path = args.dataset_path or get_task(args.task).default_dataset
     args.output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args)
     if Path(args.model_name).expanduser().is_dir():  # checkpoints record it: make it work from anywhere
         args.model_name = str(Path(args.model_name).expanduser().resolve())

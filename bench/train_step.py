@@ -93,11 +93,12 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO))
-    from hrpo.data import make_sample_problems, write_jsonl
+    from hrpo.data import write_jsonl
+    from hrpo.tasks.arith import make_problems
 
     workdir = Path(tempfile.mkdtemp())
     model = prepare_model(args.model, workdir)
-    data = write_jsonl(make_sample_problems(64), workdir / "train.jsonl")
+    data = write_jsonl(make_problems(64, difficulty=3), workdir / "train.jsonl")
     results = {}
     for variant in args.variants:
         out = workdir / f"{variant}.json"

@@ -1,12 +1,9 @@
-"""GSM8K data: loading (hub name or local jsonl/json/parquet), checks, chat prompts, and a
-generator of GSM8K-format sample problems for tests and the offline demo."""
+"""Data plumbing shared by the tasks: local files or hub datasets, tokenizer padding,
+and writing rows. Each task's own loading and checks are in ``hrpo/tasks/``."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
-
-from .rewards import SYSTEM_PROMPT, reference_answer
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -15,12 +12,9 @@ class DataError(ValueError):
     """A dataset problem, found before any training starts."""
 
 
-def load_gsm8k(dataset_path: str, split: str = "train"):
-    """A `datasets.Dataset` with `question` and `answer` columns, checked row by row.
-
-    ``dataset_path``: a local .jsonl/.json/.parquet file, a folder of them, or a hub
-    dataset name (``openai/gsm8k``, config ``main``).
-    """
+def load_rows(dataset_path: str, split: str, hub_config: str | None = None, expected: str = "task-format"):
+    """A `datasets.Dataset` from a local .jsonl/.json/.parquet file, a folder of them
+    (files whose name contains the split), or a hub dataset (``hub_config``)."""
     import datasets
 
     path = Path(dataset_path)
@@ -31,43 +25,23 @@ def load_gsm8k(dataset_path: str, split: str = "train"):
         if kind == "json" and not path.read_text(errors="replace").strip():
             raise DataError(f"dataset {dataset_path} (0 rows): it is empty")
         try:
-            dataset = datasets.load_dataset(kind, data_files={split: str(path)}, split=split)
+            return datasets.load_dataset(kind, data_files={split: str(path)}, split=split)
         except Exception as err:  # the datasets library's own errors name neither file nor row
             raise DataError(f"dataset {dataset_path}: cannot be read as {kind} ({type(err).__name__}: {err})") from err
-    elif path.is_dir():
+    if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS and split in p.stem)
         if not files:
             raise DataError(f"--dataset_path {dataset_path}: no {split}*.jsonl/.json/.parquet file in this folder")
         kind = LOCAL_FORMATS[files[0].suffix]
-        dataset = datasets.load_dataset(kind, data_files={split: [str(f) for f in files]}, split=split)
-    elif dataset_path.startswith((".", "/")) or dataset_path.endswith(tuple(LOCAL_FORMATS)):
+        return datasets.load_dataset(kind, data_files={split: [str(f) for f in files]}, split=split)
+    if dataset_path.startswith((".", "/")) or dataset_path.endswith(tuple(LOCAL_FORMATS)):
         raise DataError(f"--dataset_path {dataset_path}: no such file or folder")
-    else:
-        try:
-            dataset = datasets.load_dataset(dataset_path, "main", split=split)
-        except Exception as err:  # offline, unknown name, no such split: say which input and what to do
-            raise DataError(f"--dataset_path {dataset_path}: cannot load split {split!r} of this hub dataset "
-                            f"({type(err).__name__}: {str(err)[:300]}); without hub access pass a local "
-                            f"GSM8K-format .jsonl/.json/.parquet file") from err
-    check_gsm8k(dataset, dataset_path)
-    return dataset
-
-
-def check_gsm8k(dataset, name: str) -> None:
-    if len(dataset) == 0:
-        raise DataError(f"dataset {name} ({len(dataset)} rows): it is empty")
-    missing = {"question", "answer"} - set(dataset.column_names)
-    if missing:
-        raise DataError(f"dataset {name}: missing column(s) {sorted(missing)}; expected 'question' and 'answer' "
-                        f"(GSM8K format), found {dataset.column_names}")
-    for index, row in enumerate(dataset):
-        if not isinstance(row["question"], str) or not row["question"].strip():
-            raise DataError(f"dataset {name}, row {index}: the question is empty")
-        if not isinstance(row["answer"], str) or not row["answer"].strip():
-            raise DataError(f"dataset {name}, row {index}: the answer is missing")
-        if reference_answer(row["answer"]) is None:
-            raise DataError(f"dataset {name}, row {index}: the answer {row['answer'][-60:]!r} has no number "
-                            f"after '####' (expected '... #### <number>')")
+    try:
+        return datasets.load_dataset(dataset_path, hub_config, split=split)
+    except Exception as err:  # offline, unknown name, no such split: say which input and what to do
+        raise DataError(f"--dataset_path {dataset_path}: cannot load split {split!r} of this hub dataset "
+                        f"({type(err).__name__}: {str(err)[:300]}); without hub access pass a local "
+                        f"{expected} .jsonl/.json/.parquet file") from err
 
 
 def left_padded(tokenizer):
@@ -76,52 +50,6 @@ def left_padded(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def to_prompt(question: str) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
-
-
-def with_prompts(dataset):
-    """Add TRL's conversational ``prompt`` column (system + user messages)."""
-    return dataset.map(lambda row: {"prompt": to_prompt(row["question"])})
-
-
-# ---------------------------------------------------------------- sample problems
-
-_NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elif", "Femi", "Gus", "Hana", "Ivan", "Jo"]
-_ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "shells", "cards"]
-
-
-def _problem(rng: random.Random) -> tuple[str, str]:
-    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    kind = rng.randrange(4)
-    if kind == 0:
-        a, b = rng.randint(2, 40), rng.randint(2, 40)
-        return (f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
-                f"{name} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {item}.\n#### {a + b}")
-    if kind == 1:
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-        return (f"{name} buys {a} bags with {b} {item} in each bag. How many {item} is that?",
-                f"{a} bags of {b} make {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {item}.\n#### {a * b}")
-    if kind == 2:
-        b = rng.randint(2, 20)
-        a = b + rng.randint(1, 40)
-        return (f"{name} had {a} {item} and gave away {b}. How many {item} are left?",
-                f"{a} - {b} = <<{a}-{b}={a - b}>>{a - b} {item} are left.\n#### {a - b}")
-    per, groups = rng.randint(2, 9), rng.randint(2, 9)
-    total, price = per * groups, rng.randint(2, 5)
-    return (f"{name} shares {total} {item} equally among {groups} friends and sells each friend's share "
-            f"for ${price} per item. How many dollars does one friend's share cost?",
-            f"Each friend gets {total} / {groups} = <<{total}/{groups}={per}>>{per} {item}. "
-            f"That costs {per} * {price} = <<{per}*{price}={per * price}>>{per * price} dollars.\n"
-            f"#### {per * price}")
-
-
-def make_sample_problems(count: int, seed: int = 0) -> list[dict]:
-    """Templated grade-school problems in GSM8K's format (ours, not dataset rows)."""
-    rng = random.Random(seed)
-    return [dict(zip(("question", "answer"), _problem(rng))) for _ in range(count)]
 
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:

@@ -36,7 +36,6 @@ def test_parse_number(text, expected):
     ("Total is 1000 dollars #### $1,000.", "#### 1000", 1.0),
     ("So 5.0 #### 5.0", "#### 5", 1.0),
     ("#### -4", "#### -4", 1.0),
-    ("#### 7 #### 7", "#### 7", 0.0),          # two markers
     ("The answer is 7", "#### 7", 0.0),        # no marker
     ("#### 8", "#### 7", 0.0),                 # wrong
     ("#### seven", "#### 7", 0.0),             # no number after the marker
@@ -45,6 +44,56 @@ def test_parse_number(text, expected):
 ])
 def test_correctness_reward(completion, reference, reward):
     assert correctness_reward(completion, reference) == reward
+
+
+# The extraction policy (hrpo/rewards.py's docstring), as a table: completion -> answer read.
+POLICY = [
+    # an expression followed by "= result" takes the result
+    ("#### 5 + 3 = 8", Fraction(8)),
+    ("#### 2 * 9 = 18 dollars", Fraction(18)),
+    ("#### 3^2 = 9", Fraction(9)),
+    ("#### x = 3", Fraction(3)),
+    # identical repeated answers count once; conflicting ones give no answer
+    ("#### 22\n#### 22", Fraction(22)),
+    ("so 4 * 4 = 16.\n#### 16\n#### 16\n#### 16", Fraction(16)),
+    ("#### 7 #### 7", Fraction(7)),
+    ("#### 8\n#### 4\n#### 2", None),
+    ("#### 16\n#### 16\n#### 1", None),          # a repeat cut off by the length limit conflicts
+    ("#### 31\n#### 31\n####", Fraction(31)),    # a marker with no number is passed over
+    ("#### seven\n#### 7", Fraction(7)),
+    # signs before currency
+    ("#### -$5", Fraction(-5)),
+    ("#### $-5", Fraction(-5)),
+    ("#### \u2212$5.50", Fraction(-11, 2)),
+    ("#### \\$12", Fraction(12)),
+    # mixed numbers and fractions
+    ("#### 1 1/2", Fraction(3, 2)),
+    ("#### -2 3/4 cups", Fraction(-11, 4)),
+    ("#### 3/4", Fraction(3, 4)),
+    ("#### 12 apples and 3 pears", Fraction(12)),
+    # LaTeX
+    ("#### \\frac{3}{4}", Fraction(3, 4)),
+    ("#### \\dfrac{10}{4}", Fraction(5, 2)),
+    ("#### \\boxed{42}", Fraction(42)),
+    ("#### \\boxed{\\frac{1}{2}}", Fraction(1, 2)),
+    # the answer is on the marker's line, or the first non-empty line after it
+    ("#### \n\n 42\nmore text 9", Fraction(42)),
+    ("Reasoning 1, 2, 3.\n#### 1,000 students", Fraction(1000)),
+    # no answer
+    ("The answer is 7", None),
+    ("####", None),
+    ("#### seven", None),
+]
+
+
+@pytest.mark.parametrize("completion, expected", POLICY)
+def test_answer_policy(completion, expected):
+    assert extract_answer(completion) == expected
+
+
+def test_repeated_and_conflicting_answers_in_the_reward():
+    assert correctness_reward("#### 22\n#### 22", "#### 22") == 1.0
+    assert correctness_reward("#### 22\n#### 23", "#### 22") == 0.0
 
 
 def test_trl_reward_function_takes_chat_completions():

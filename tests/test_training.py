@@ -9,8 +9,9 @@ import torch
 from tiny import encode_prompts, tiny_model, tiny_tokenizer
 
 import hrpo_gsm8k
-from hrpo.data import make_sample_problems, write_jsonl
+from hrpo.data import write_jsonl
 from hrpo.rewards import completion_text
+from hrpo.tasks.arith import make_problems
 from patch import THINKING_MODULES, parameter_groups, patch_trainer_optimizer
 
 CHAT = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
@@ -23,7 +24,7 @@ def workspace(tmp_path_factory):
     tokenizer.chat_template = CHAT  # short prompts: the tiny tokenizer is per character
     tiny_model("qwen2", tokenizer, hidden_size=64).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    write_jsonl(make_sample_problems(16), root / "train.jsonl")
+    write_jsonl(make_problems(16, difficulty=3), root / "train.jsonl")
     return root
 
 
@@ -245,14 +246,14 @@ def test_eval_writes_results_next_to_checkpoint(workspace, tmp_path, capsys):
     args = cli_args(workspace, tmp_path / "out")
     hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward]).train()
     checkpoint = tmp_path / "out" / "checkpoint-1"
-    write_jsonl(make_sample_problems(5, seed=3), tmp_path / "test.jsonl")
+    write_jsonl(make_problems(5, seed=3, difficulty=3), tmp_path / "test.jsonl")
     for thinking in ("on", "off"):
         code = eval_gsm8k.main(["--checkpoint_path", str(checkpoint), "--dataset_path", str(tmp_path / "test.jsonl"),
                                 "--split", "test", "--batch_size", "2", "--greedy", "--max_new_tokens", "8",
                                 "--thinking", thinking])
         assert code == 0
         result = json.loads((checkpoint / "eval_results.json").read_text())
-        assert result["metrics"]["total"] == 5 and result["metrics"]["thinking"] == thinking
+        assert result["metrics"]["total"] == 5 and result["metrics"]["thinking"] == (thinking == "on")
         assert 0.0 <= result["metrics"]["accuracy"] <= 1.0
         assert len(result["examples"]) == 5 and {"completion", "reference", "correct"} <= set(result["examples"][0])
     assert eval_gsm8k.main(["--checkpoint_path", str(tmp_path), "--dataset_path", str(tmp_path / "test.jsonl")]) == 2
@@ -262,7 +263,7 @@ def test_eval_writes_results_next_to_checkpoint(workspace, tmp_path, capsys):
 def test_plot_command_writes_png(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("plot_run", Path(__file__).parent.parent / "bench" / "plot_run.py")
+    spec = importlib.util.spec_from_file_location("plot_run", Path(__file__).parent.parent / "scripts" / "plot_run.py")
     plot_run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot_run)
     history = [{"step": s, "reward": s / 10, "embeds_ratio": 0.99, "hidden_ratio": 0.1, "kl": 0.01 * s,
@@ -283,11 +284,13 @@ def test_trainer_refuses_a_forward_that_ignores_the_thinking_inputs(workspace, t
 
 
 def test_long_prompts_are_left_out_and_all_too_long_is_an_error(workspace, tmp_path, capsys):
-    from hrpo.data import DataError, load_gsm8k, with_prompts
+    from hrpo.data import DataError
+    from hrpo.tasks import get_task
 
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHAT
-    dataset = with_prompts(load_gsm8k(str(workspace / "train.jsonl")))
+    task = get_task("gsm8k")
+    dataset = task.with_prompts(task.load(str(workspace / "train.jsonl"), "train"))
     lengths = [len(tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
                              add_special_tokens=False).input_ids) for p in dataset["prompt"]]
     cut = sorted(lengths)[len(lengths) // 2]
@@ -301,7 +304,8 @@ def test_long_prompts_are_left_out_and_all_too_long_is_an_error(workspace, tmp_p
 
 
 def test_unreachable_hub_dataset_is_a_clear_error(monkeypatch):
-    from hrpo.data import DataError, load_gsm8k
+    from hrpo.data import DataError
+    from hrpo.tasks.gsm8k import load_gsm8k
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

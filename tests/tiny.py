@@ -48,3 +48,12 @@ def encode_prompts(tokenizer, questions):
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                            add_generation_prompt=True) for q in questions]
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def save_tiny_chat_model(folder, arch: str = "qwen2", hidden_size: int = 64):
+    """A tiny model and its tokenizer (with a system/user chat template) saved to ``folder``,
+    for smoke runs of the training script and the benches."""
+    tokenizer = tiny_tokenizer()
+    tiny_model(arch, tokenizer, hidden_size=hidden_size).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

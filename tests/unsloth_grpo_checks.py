@@ -33,7 +33,8 @@ def main(arch: str, source: str, packing: str, out_path: str) -> None:
     from tiny import tiny_model, tiny_tokenizer
     from transformers import TrainerCallback
 
-    from hrpo.data import make_sample_problems, with_prompts
+    from hrpo.tasks import get_task
+    from hrpo.tasks.arith import make_problems
     from hrpo.rewards import completion_text
     from hrpo.trainer import HRPOTrainer
     from patch import THINKING_MODULES
@@ -43,7 +44,7 @@ def main(arch: str, source: str, packing: str, out_path: str) -> None:
     model = tiny_model(arch, tokenizer, hidden_size=64, thinking_latent_source=source)
     unsloth_cpu.prepare_like_from_pretrained(model, tokenizer)
     model = unsloth_cpu.peft_like_get_peft_model(model, THINKING_MODULES)
-    dataset = with_prompts(Dataset.from_list(make_sample_problems(8)))
+    dataset = get_task("arith").with_prompts(Dataset.from_list(make_problems(8, difficulty=3)))
     temperature = 0.7
 
     def length_reward(completions, **_):

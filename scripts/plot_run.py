@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Training curves of an HRPO run, as PNG files beside its logs.
+"""Training curves of an HRPO run, as PNG files beside its logs, and a summary.
 
-    python bench/plot_run.py runs/demo            # reads log_history.json or the last trainer_state.json
+    python scripts/plot_run.py runs/demo          # reads log_history.json or the last trainer_state.json
 
 Curves: reward, embeds_ratio, hidden_ratio, completion length, KL and the projection's
-drift from its initial weights (those present in the log).
+drift from its initial weights (those present in the log). The summary prints the reward
+per step and the held-out accuracy before and after training (eval_step0.json and
+eval_final.json, when the run evaluated).
 """
 from __future__ import annotations
 
@@ -33,6 +35,27 @@ def log_history(run: Path) -> list[dict]:
     return json.loads(states[-1].read_text())["log_history"]
 
 
+def held_out(run: Path) -> dict:
+    """Held-out accuracy by when it was measured ("step 0", "end"), where the run evaluated."""
+    found = {}
+    for when, name in (("step 0", "eval_step0.json"), ("end", "eval_final.json")):
+        if (run / name).exists():
+            found[when] = json.loads((run / name).read_text())["metrics"]
+    return found
+
+
+def held_out_title(run: Path) -> str:
+    parts = [f"{when} {m['accuracy']:.3f}" for when, m in held_out(run).items()]
+    return f"\nheld-out greedy accuracy: {', '.join(parts)}" if parts else ""
+
+
+def print_summary(run: Path) -> None:
+    rewards = [row["reward"] for row in log_history(run) if "reward" in row and "step" in row]
+    print(f"reward per step ({len(rewards)} steps): " + " ".join(f"{r:.2f}" for r in rewards))
+    for when, m in held_out(run).items():
+        print(f"held-out accuracy at {when}: {m['accuracy']:.3f} ({m['correct']}/{m['total']})")
+
+
 def plot(run: Path, out: Path | None = None) -> list[Path]:
     import matplotlib
 
@@ -54,7 +77,7 @@ def plot(run: Path, out: Path | None = None) -> list[Path]:
         ax.set_ylabel(title, fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("optimizer step")
-    fig.suptitle(f"HRPO run: {run}", fontsize=10)
+    fig.suptitle(f"HRPO run: {run}{held_out_title(run)}", fontsize=10)
     fig.tight_layout()
     target = out / "curves.png"
     fig.savefig(target, dpi=110)
@@ -70,6 +93,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         plot(args.run, args.out)
+        print_summary(args.run)
     except (FileNotFoundError, ValueError) as err:
         print(f"plot_run.py: error: {err}", file=sys.stderr)
         return 2

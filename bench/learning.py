@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Does training learn, and does the latent source matter? Plain GRPO vs the three HRPO
+latent sources, on the calibrated offline task, several seeds each.
+
+Every run is `hrpo_gsm8k.py` in its own process with the settings of the CPU demo
+(`scripts/cpu_demo.args`), the arm's flags and the seed; it evaluates the held-out
+problems greedily before the first step and after the last. Runs that finished are kept
+(resumable: a comparison cut off midway continues with the runs it lacks).
+
+    python bench/learning.py                                  # 4 arms x seeds 1 2, SmolLM2, CPU
+    python bench/learning.py --seeds 1 2 3                    # adds seed 3 to a finished comparison
+    python bench/learning.py --model tiny --seeds 1 --arms grpo projection -- --max_steps 2   # smoke run
+
+Flags after "--" go to every hrpo_gsm8k.py run, after the demo's (the last one wins).
+
+Writes OUT/learning.json (per run: reward per step, held-out accuracy at step 0 and at the
+end, seconds per step; per arm: mean and spread over seeds) and OUT/learning.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+SETTINGS = REPO / "scripts" / "cpu_demo.args"
+ARMS = {
+    "grpo": ["--hybrid_thinking", "off"],
+    "embedding": ["--thinking_latent_source", "embedding"],
+    "projection": ["--thinking_latent_source", "projection"],
+    "embedding_plus_projection": ["--thinking_latent_source", "embedding_plus_projection"],
+}
+
+
+def demo_settings(path: Path = SETTINGS) -> list[str]:
+    """The CPU demo's flags: one or more per line, # comments."""
+    lines = [line.split("#", 1)[0] for line in path.read_text().splitlines()]
+    return [token for line in lines for token in shlex.split(line)]
+
+
+def prepare_model(name: str, workdir: Path) -> str:
+    if name == "smollm2":
+        from hrpo import smollm2
+
+        return str(smollm2.export_to_folder(REPO / ".cache" / "SmolLM2-135M-Instruct"))
+    if name == "tiny":
+        from tiny import save_tiny_chat_model
+
+        return str(save_tiny_chat_model(workdir / "tiny-model"))
+    return name
+
+
+def run_is_complete(folder: Path) -> bool:
+    return all((folder / name).exists() for name in ("eval_step0.json", "eval_final.json", "log_history.json",
+                                                     "bench_run.json"))
+
+
+def run_arm(arm: str, seed: int, model: str, settings: list[str], folder: Path) -> None:
+    """One arm and seed in its own process; its output goes to folder/train.log, shown on failure."""
+    if folder.exists():
+        subprocess.run(["rm", "-rf", str(folder)], check=True)
+    folder.mkdir(parents=True)
+    command = [sys.executable, str(REPO / "hrpo_gsm8k.py"), *settings, "--model_name", model,
+               "--output_dir", str(folder), "--seed", str(seed), *ARMS[arm]]
+    log = folder / "train.log"
+    start = time.time()
+    with log.open("w") as handle:
+        proc = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-6000:]
+        raise RuntimeError(f"{arm} seed {seed} failed (exit {proc.returncode}): {shlex.join(command)}\n{tail}")
+    (folder / "bench_run.json").write_text(json.dumps({"arm": arm, "seed": seed, "command": shlex.join(command),
+                                                       "wall_seconds": round(time.time() - start, 1)}))
+
+
+def summarise_run(folder: Path) -> dict:
+    history = json.loads((folder / "log_history.json").read_text())
+    steps = [row for row in history if "reward" in row and "step" in row]
+    start = json.loads((folder / "eval_step0.json").read_text())["metrics"]
+    end = json.loads((folder / "eval_final.json").read_text())["metrics"]
+    meta = json.loads((folder / "bench_run.json").read_text())
+    step_times = [row["step_time"] for row in history if "step_time" in row]
+    return {**meta, "reward": [row["reward"] for row in steps], "accuracy_start": start["accuracy"],
+            "accuracy_end": end["accuracy"], "eval_total": end["total"],
+            "frac_reward_zero_std": [row.get("frac_reward_zero_std") for row in steps],
+            "seconds_per_step": statistics.median(step_times) if step_times else None}
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarise(runs: list[dict]) -> dict:
+    arms = {}
+    for arm in dict.fromkeys(run["arm"] for run in runs):
+        mine = [run for run in runs if run["arm"] == arm]
+        length = min(len(run["reward"]) for run in mine)
+        arms[arm] = {
+            "seeds": [run["seed"] for run in mine],
+            "accuracy_start": spread([run["accuracy_start"] for run in mine]),
+            "accuracy_end": spread([run["accuracy_end"] for run in mine]),
+            "accuracy_gain": spread([run["accuracy_end"] - run["accuracy_start"] for run in mine]),
+            "reward_per_step": [spread([run["reward"][i] for run in mine]) for i in range(length)],
+            "seconds_per_step": spread([run["seconds_per_step"] for run in mine if run["seconds_per_step"]]
+                                       or [0.0]),
+            "wall_seconds": sum(run["wall_seconds"] for run in mine),
+        }
+    return arms
+
+
+def plot(arms: dict, target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curve, bars) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    for arm, summary in arms.items():
+        per_step = summary["reward_per_step"]
+        steps = range(1, len(per_step) + 1)
+        means = [s["mean"] for s in per_step]
+        curve.plot(steps, means, label=f"{arm} (n={len(summary['seeds'])})", linewidth=1.3)
+        curve.fill_between(steps, [s["min"] for s in per_step], [s["max"] for s in per_step], alpha=0.15)
+    curve.set_xlabel("optimizer step")
+    curve.set_ylabel("mean reward of the step's completions")
+    curve.set_title("reward per step: mean over seeds, band = min..max", fontsize=9)
+    curve.grid(alpha=0.3)
+    curve.legend(fontsize=8)
+    names = list(arms)
+    for offset, key, label in ((-0.2, "accuracy_start", "step 0"), (0.2, "accuracy_end", "end")):
+        means = [arms[a][key]["mean"] for a in names]
+        errors = [arms[a][key]["std"] for a in names]
+        bars.bar([i + offset for i in range(len(names))], means, width=0.4, yerr=errors, capsize=3, label=label)
+    bars.set_xticks(range(len(names)), [n.replace("_plus_", "+\n") for n in names], fontsize=8)
+    bars.set_ylabel("held-out greedy accuracy")
+    bars.set_title("held-out accuracy: mean over seeds, bar = std", fontsize=9)
+    bars.legend(fontsize=8)
+    bars.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+
+
+def print_table(arms: dict) -> None:
+    print(f"\n{'arm':27s} {'seeds':>6s} {'acc step 0':>16s} {'acc end':>16s} {'gain':>16s} {'s/step':>7s}")
+    for arm, s in arms.items():
+        cell = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
+        print(f"{arm:27s} {len(s['seeds']):6d} {cell(s['accuracy_start']):>16s} {cell(s['accuracy_end']):>16s} "
+              f"{cell(s['accuracy_gain']):>16s} {s['seconds_per_step']['mean']:7.1f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--model", default="smollm2", help="smollm2 (offline), tiny (smoke runs) or a model folder")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "learning")
+    parser.add_argument("training_flags", nargs="*", help="after --: more hrpo_gsm8k.py flags for every run")
+    args = parser.parse_args(argv)
+
+    settings = demo_settings() + args.training_flags
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = prepare_model(args.model, args.out)
+    started = time.time()
+    for seed in args.seeds:  # seed-major: a cut-off comparison still has every arm at the first seeds
+        for arm in args.arms:
+            folder = args.out / "runs" / f"{arm}-seed{seed}"
+            if run_is_complete(folder):
+                print(f"[learning] {arm} seed {seed}: done before, kept", flush=True)
+                continue
+            print(f"[learning] {arm} seed {seed}: running", flush=True)
+            try:
+                run_arm(arm, seed, model, settings, folder)
+            except RuntimeError as err:
+                print(f"[learning] error: {err}", file=sys.stderr)
+                return 1
+            run = summarise_run(folder)
+            print(f"[learning] {arm} seed {seed}: accuracy {run['accuracy_start']:.3f} -> {run['accuracy_end']:.3f}, "
+                  f"{run['wall_seconds']:.0f} s", flush=True)
+    runs = [summarise_run(args.out / "runs" / f"{arm}-seed{seed}") for seed in args.seeds for arm in args.arms]
+    arms = summarise(runs)
+    result = {"command": shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+              "model": args.model, "settings": settings, "arms": arms, "runs": runs,
+              "cpu_seconds_all_runs": round(sum(run["wall_seconds"] for run in runs), 1),
+              "this_invocation_seconds": round(time.time() - started, 1)}
+    (args.out / "learning.json").write_text(json.dumps(result, indent=2))
+    plot(arms, args.out / "learning.png")
+    print_table(arms)
+    print(f"\nwrote {args.out / 'learning.json'} and {args.out / 'learning.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

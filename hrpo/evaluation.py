@@ -1,0 +1,72 @@
+"""Held-out evaluation: decode as training did, grade with the task's reward.
+
+Decoding is the training distribution, built explicitly so that nothing comes from a
+checkpoint's generation_config (Qwen2.5 ships repetition_penalty 1.1, top_k 20, top_p
+0.8): temperature T, top_k 0, top_p 1, min_p 0, no repetition penalty, and the same stop
+ids as TRL's trainer (the tokenizer's eos plus every eos id of the model). Greedy means
+HRPO's inference mode: argmax tokens, while the embedding-method latent is still formed
+from the temperature-T distribution that training used.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .tasks import Task
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """TRL's rule: the tokenizer's eos first, then every eos id the model's generation config declares."""
+    declared = model.generation_config.eos_token_id
+    ids = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    return ids if tokenizer.eos_token_id in ids else [tokenizer.eos_token_id, *ids]
+
+
+def decoding_config(model, tokenizer, *, temperature: float, greedy: bool, max_new_tokens: int):
+    """The full GenerationConfig of an evaluation (see the module docstring)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=0.0,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_token_ids(model, tokenizer),
+        disable_compile=True)
+
+
+@torch.no_grad()
+def evaluate_rows(model, tokenizer, task: Task, rows: list[dict], *, system_prompt: str, thinking: bool,
+                  greedy: bool, temperature: float, max_new_tokens: int, batch_size: int = 32,
+                  progress=None) -> dict:
+    """Accuracy over ``rows`` and every example ({question, completion, predicted, reference, correct})."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    config = decoding_config(model, tokenizer, temperature=temperature, greedy=greedy, max_new_tokens=max_new_tokens)
+    examples, start = [], time.time()
+    try:
+        for first in range(0, len(rows), batch_size):
+            batch = rows[first:first + batch_size]
+            texts = [tokenizer.apply_chat_template(task.to_prompt(row["question"], system_prompt), tokenize=False,
+                                                   add_generation_prompt=True) for row in batch]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            hybrid = {"processing_class": tokenizer, "is_inference": greedy} if thinking else {}
+            if greedy and not thinking:
+                config.do_sample = False
+            out = model.generate(**enc, generation_config=config, **hybrid)
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
+            completions = tokenizer.batch_decode(sequences[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for row, completion in zip(batch, completions):
+                graded = task.grade(completion, row)
+                examples.append({"question": row["question"], "completion": completion,
+                                 "predicted": None if graded["predicted"] is None else str(graded["predicted"]),
+                                 "reference": str(graded["reference"]), "correct": graded["correct"]})
+            if progress is not None:
+                progress(len(examples), sum(e["correct"] for e in examples))
+    finally:
+        model.train(was_training)
+    correct = sum(e["correct"] for e in examples)
+    metrics = {"accuracy": correct / max(len(examples), 1), "correct": correct, "total": len(examples),
+               "thinking": thinking, "greedy": greedy, "temperature": temperature, "max_new_tokens": max_new_tokens,
+               "system_prompt": system_prompt, "seconds": round(time.time() - start, 1)}
+    return {"metrics": metrics, "examples": examples}

@@ -1,0 +1,43 @@
+"""Smoke run of bench/learning.py (tiny model, 2 steps, 1 seed, 2 arms) and the plain-GRPO arm."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE_FLAGS = ["--max_steps", "2", "--eval_samples", "2", "--max_completion_length", "6", "--max_prompt_length",
+               "4096", "--per_device_train_batch_size", "4", "--lora_rank", "4"]
+
+
+def test_learning_bench_smoke_run_and_resume(tmp_path):
+    command = [sys.executable, str(REPO / "bench" / "learning.py"), "--model", "tiny", "--seeds", "1", "--arms",
+               "grpo", "projection", "--out", str(tmp_path), "--", *SMOKE_FLAGS]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads((tmp_path / "learning.json").read_text())
+    assert set(result["arms"]) == {"grpo", "projection"}
+    for run in result["runs"]:
+        assert len(run["reward"]) == 2 and 0.0 <= run["accuracy_start"] <= 1.0 and 0.0 <= run["accuracy_end"] <= 1.0
+    assert (tmp_path / "learning.png").stat().st_size > 0
+    grpo_log = (tmp_path / "runs" / "grpo-seed1" / "train.log").read_text()
+    assert "[hrpo] held-out accuracy at step 0" in grpo_log and "at step 2" in grpo_log
+    # the plain arm trains no thinking module; the HRPO arm's rollouts are hybrid
+    grpo_history = json.loads((tmp_path / "runs" / "grpo-seed1" / "log_history.json").read_text())
+    hrpo_history = json.loads((tmp_path / "runs" / "projection-seed1" / "log_history.json").read_text())
+    assert not any("embeds_ratio" in row for row in grpo_history)
+    assert any("embeds_ratio" in row for row in hrpo_history)
+    settings = json.loads((tmp_path / "runs" / "grpo-seed1" / "hrpo_run.json").read_text())
+    assert settings["hybrid_thinking"] == "off" and settings["task"] == "arith"
+    assert settings["loss_type"] == "grpo" and settings["adam_beta2"] == 0.99 and settings["system_prompt"] == "hrpo"
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)  # resumable: nothing reruns
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done before, kept") == 2
+
+
+def test_a_failing_run_shows_its_error(tmp_path):
+    command = [sys.executable, str(REPO / "bench" / "learning.py"), "--model", "tiny", "--seeds", "1", "--arms",
+               "grpo", "--out", str(tmp_path), "--", *SMOKE_FLAGS, "--group_size", "3"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "--group_size 3 does not divide" in proc.stderr
