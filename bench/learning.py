@@ -62,13 +62,13 @@ def run_is_complete(folder: Path) -> bool:
 
 
 def run_arm(arm: str, seed: int, model: str, settings: list[str], folder: Path) -> None:
-    """One arm and seed in its own process; its output goes to folder/train.log, shown on failure."""
+    """One arm and seed in its own process; its output goes to <folder>.log, shown on failure."""
     if folder.exists():
         subprocess.run(["rm", "-rf", str(folder)], check=True)
-    folder.mkdir(parents=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(REPO / "hrpo_gsm8k.py"), *settings, "--model_name", model,
                "--output_dir", str(folder), "--seed", str(seed), *ARMS[arm]]
-    log = folder / "train.log"
+    log = folder.with_name(folder.name + ".log")
     start = time.time()
     with log.open("w") as handle:
         proc = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)

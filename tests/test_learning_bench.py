@@ -19,7 +19,7 @@ def test_learning_bench_smoke_run_and_resume(tmp_path):
     for run in result["runs"]:
         assert len(run["reward"]) == 2 and 0.0 <= run["accuracy_start"] <= 1.0 and 0.0 <= run["accuracy_end"] <= 1.0
     assert (tmp_path / "learning.png").stat().st_size > 0
-    grpo_log = (tmp_path / "runs" / "grpo-seed1" / "train.log").read_text()
+    grpo_log = (tmp_path / "runs" / "grpo-seed1.log").read_text()
     assert "[hrpo] held-out accuracy at step 0" in grpo_log and "at step 2" in grpo_log
     # the plain arm trains no thinking module; the HRPO arm's rollouts are hybrid
     grpo_history = json.loads((tmp_path / "runs" / "grpo-seed1" / "log_history.json").read_text())
