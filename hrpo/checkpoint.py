@@ -9,6 +9,10 @@ from .data import left_padded
 RUN_SETTINGS = "hrpo_run.json"
 
 
+THINKING_MODULES = ("thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda",
+                    "thinking_projection")
+
+
 class CheckpointError(ValueError):
     pass
 
@@ -53,6 +57,10 @@ def load_checkpoint(path, dtype=None, device: str | None = None):
         raise CheckpointError(f"{adapter_config}: base_model_name_or_path is empty")
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=dtype or torch.float32)
+    # The thinking modules are float32 whatever the model dtype, as in training: cast them
+    # before the adapter's copies are made and loaded, so that no saved value is rounded.
+    for name in THINKING_MODULES:
+        getattr(model.model, name).float()
     model = PeftModel.from_pretrained(model, folder, adapter_name="default")
     if device:
         model.to(device)

@@ -320,3 +320,79 @@ def test_synced_gpus_peer_keeps_stepping_without_changing_its_result(arch, monke
     assert torch.equal(synced.thinking_mask, alone.thinking_mask)
     # generate() prepares a synced run slightly differently: float-rounding differences only
     torch.testing.assert_close(synced.thinking_latents, alone.thinking_latents, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- sampling options
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_projection_dropout_is_off_while_sampling(arch):
+    """TRL samples with the model in train mode: the projection's Dropout must not act on
+    the latents fed while sampling, else no replay reproduces the sampling distribution."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(arch, tokenizer, thinking_latent_source="projection", thinking_projection_dropout=0.5)
+    with torch.no_grad():  # a projection that matters (the init's std 0.001 is direction only)
+        model.model.thinking_projection.weight.normal_(0, 0.3)
+    model.train()
+    enc, out = generate_hybrid(model, tokenizer, QUESTIONS[:4], max_new_tokens=24)
+    assert model.training and model.model.thinking_projection.training  # the mode is restored
+    assert out.thinking_mask.any() and out.thinking_latent_source == "projection"
+    model.eval()
+    max_diff, mean_diff, _ = replay_difference(model, tokenizer, enc, out)
+    print(f"[{arch}] dropout 0.5, sampled in train mode, eval replay: max {max_diff:.2e}, mean {mean_diff:.2e}")
+    assert max_diff <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source", ["embedding", "projection"])
+def test_generate_without_cache_matches_generate_with_cache(arch, source):
+    """use_cache=False: every step feeds the whole sequence, with the thinking inputs of
+    every completion position so far; greedy tokens are those of the cached loop."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(arch, tokenizer, thinking_latent_source=source)
+    with torch.no_grad():
+        model.model.thinking_projection.weight.normal_(0, 0.3)
+    enc = encode_prompts(tokenizer, QUESTIONS)
+    runs = {}
+    for use_cache in (True, False):
+        with torch.no_grad():
+            runs[use_cache] = model.generate(**enc, processing_class=tokenizer, return_thinking_embeds=True,
+                                             answer_marker="##", do_sample=False, max_new_tokens=24,
+                                             use_cache=use_cache)
+    cached, uncached = runs[True], runs[False]
+    assert cached.thinking_mask.any() and not cached.thinking_mask.all()
+    assert torch.equal(uncached.sequences, cached.sequences)
+    assert torch.equal(uncached.thinking_mask, cached.thinking_mask)
+    torch.testing.assert_close(uncached.sampled_token_logprobs, cached.sampled_token_logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(uncached.thinking_gate_ratio, cached.thinking_gate_ratio, rtol=0, atol=1e-6)
+
+
+def test_explicit_answer_marker_none_means_the_config_marker():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer)
+    model.model.answer_marker = "##"
+    enc = encode_prompts(tokenizer, QUESTIONS[:4])
+    outs = []
+    for kw in ({"answer_marker": "##"}, {"answer_marker": None}, {}):
+        with torch.no_grad():
+            outs.append(model.generate(**enc, processing_class=tokenizer, return_thinking_embeds=True,
+                                       do_sample=False, max_new_tokens=24, **kw))
+    assert outs[0].thinking_mask.any() and not outs[0].thinking_mask.all()
+    for out in outs[1:]:
+        assert torch.equal(out.sequences, outs[0].sequences)
+        assert torch.equal(out.thinking_mask, outs[0].thinking_mask)
+    # and no hybrid option reaches the model's forward as a model kwarg, whatever its value
+    seen = []
+    real_forward = model.forward
+
+    def recording_forward(*args, **kwargs):
+        seen.append(set(kwargs))
+        return real_forward(*args, **kwargs)
+
+    model.forward = recording_forward
+    with torch.no_grad():
+        model.generate(**enc, processing_class=tokenizer, answer_marker=None, thinking_monitor=None,
+                       is_inference=None, do_sample=False, max_new_tokens=3)
+        model.generate(**enc, answer_marker=None, do_sample=False, max_new_tokens=3)
+    hybrid_options = {"processing_class", "answer_marker", "thinking_monitor", "is_inference",
+                      "return_thinking_embeds", "require_thinking_source"}
+    assert seen and all(not (keys & hybrid_options) for keys in seen), seen

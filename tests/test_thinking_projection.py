@@ -246,3 +246,54 @@ def test_float32_thinking_modules_inside_a_bfloat16_model(source):
         logprobs, mask, _ = replay_logprobs(model, out.sequences, enc.attention_mask, thinking_inputs(out),
                                             tokenizer.eos_token_id, temperature=0.5)
     assert torch.isfinite(logprobs).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_require_thinking_source_raises_instead_of_falling_back(arch, monkeypatch):
+    """The trainer's strict mode: a projection source without a hidden state is an error."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(arch, tokenizer, thinking_latent_source="projection")
+    # with the hidden state there, strict mode samples exactly as the default
+    enc, plain = generate_hybrid(model, tokenizer, QUESTIONS[:4], marker="@never@", max_new_tokens=8)
+    _, strict = generate_hybrid(model, tokenizer, QUESTIONS[:4], marker="@never@", max_new_tokens=8,
+                                require_thinking_source=True)
+    assert strict.thinking_latent_source == "projection"
+    assert torch.equal(strict.sequences, plain.sequences)
+    assert torch.equal(strict.thinking_hidden, plain.thinking_hidden)
+
+    real_forward = model.forward
+
+    def forward_without_hidden(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        out.last_hidden_state = None
+        return out
+
+    monkeypatch.setattr(model, "forward", forward_without_hidden)
+    with pytest.raises(RuntimeError, match="needs the last hidden state.*require_thinking_source=True"):
+        generate_hybrid(model, tokenizer, QUESTIONS[:4], marker="@never@", max_new_tokens=8,
+                        require_thinking_source=True)
+    # the default still falls back, with a warning
+    with pytest.warns(UserWarning, match="falling back to the embedding method"):
+        _, fallback = generate_hybrid(model, tokenizer, QUESTIONS[:4], marker="@never@", max_new_tokens=8,
+                                      require_thinking_source=False)
+    assert fallback.thinking_latent_source == "embedding"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reset_lambda_parameters_resets_a_loaded_lambda(arch, tmp_path):
+    tokenizer = tiny_tokenizer()
+    tiny_model(arch, tokenizer, thinking_latent_source="projection").save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    module = loaded.model.thinking_residual_Lambda
+    before = module.Lambda.detach().clone()
+    torch.manual_seed(123)
+    module.reset_lambda_parameters(0.9, 0.95)
+    assert not torch.equal(module.Lambda, before)
+    rate = torch.exp(-8 * torch.nn.functional.softplus(-module.Lambda.double()))
+    assert rate.min() >= 0.9 - 1e-6 and rate.max() <= 0.95 + 1e-6
+    # the configured range again: a fresh draw, within it
+    drawn = module.Lambda.detach().clone()
+    module.reset_lambda_parameters()
+    assert not torch.equal(module.Lambda, drawn)
+    rate = torch.exp(-8 * torch.nn.functional.softplus(-module.Lambda.double()))
+    assert rate.min() >= 0.99 - 1e-6 and rate.max() <= 0.999 + 1e-6

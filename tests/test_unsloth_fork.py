@@ -87,14 +87,15 @@ def test_cpu_fast_language_model_trains_exactly_the_thinking_copies(arch, tmp_pa
 
 
 @pytest.mark.gpu
-def test_gpu_get_peft_model_trains_thinking_copies_in_fp32(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_get_peft_model_trains_thinking_copies_in_fp32(tmp_path, dtype):
     from unsloth import FastLanguageModel
 
     tokenizer = tiny_tokenizer()
-    tiny_model("llama", tokenizer, hidden_size=128).half().save_pretrained(tmp_path)
+    tiny_model("llama", tokenizer, hidden_size=128).to(dtype).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model, _ = FastLanguageModel.from_pretrained(str(tmp_path), max_seq_length=256, load_in_4bit=False,
-                                                 dtype=torch.float16)
+                                                 dtype=dtype)
     model = FastLanguageModel.get_peft_model(model, r=4, target_modules=LORA_TARGETS, modules_to_save=THINKING)
     for name in THINKING:
         wrapper = next(m for n, m in model.named_modules() if n.endswith(name) and hasattr(m, "modules_to_save"))
