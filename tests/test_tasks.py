@@ -62,3 +62,18 @@ def test_system_prompts():
 def test_unknown_task_is_named():
     with pytest.raises(ValueError, match="--task 'nope'"):
         get_task("nope")
+
+
+def test_make_arith_data_script_writes_the_generated_splits(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_arith_data.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--difficulty", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert written == generated_split("test", 1)
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 2000
