@@ -57,7 +57,7 @@ def module_of(name):
 
 # ---------------------------------------------------------------- the optimizer
 
-def test_five_parameter_groups_with_their_rates(workspace):
+def test_six_parameter_groups_with_their_rates_and_undecayed_projection_norm(workspace):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(tiny_model("llama", hidden_size=32, thinking_projection_layernorm=True,
@@ -71,9 +71,9 @@ def test_five_parameter_groups_with_their_rates(workspace):
     optimizer = patch_trainer_optimizer(trainer, 1e-4, 1e-3, 2e-4)
     assert isinstance(optimizer, torch.optim.AdamW)
     groups = {g["name"]: g for g in optimizer.param_groups}
-    assert list(groups) == ["main_decay", "main_no_decay", "gate", "lambda", "projection"]
+    assert list(groups) == ["main_decay", "main_no_decay", "gate", "lambda", "projection", "projection_no_decay"]
     expected = {"main_decay": (5e-6, 0.1), "main_no_decay": (5e-6, 0.0), "gate": (1e-4, 0.1),
-                "lambda": (1e-3, 0.0), "projection": (2e-4, 0.1)}
+                "lambda": (1e-3, 0.0), "projection": (2e-4, 0.1), "projection_no_decay": (2e-4, 0.0)}
     assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == expected
     by_id = {id(p): n for n, p in trainable(model).items()}
     seen = [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
@@ -82,7 +82,10 @@ def test_five_parameter_groups_with_their_rates(workspace):
     assert all("lora_" in n for n in names["main_decay"])
     assert names["gate"] and all("thinking_residual_gate" in n for n in names["gate"])
     assert names["lambda"] and all("thinking_residual_Lambda" in n for n in names["lambda"])
-    assert {n.rsplit(".", 1)[-1] for n in names["projection"]} == {"weight", "bias"}  # Linear + LayerNorm
+    # the projection's matrix decays, its LayerNorm's weight and bias do not
+    assert {n.split("thinking_projection.")[-1] for n in names["projection"]} == {"modules_to_save.default.weight"}
+    assert {n.split("thinking_projection.")[-1] for n in names["projection_no_decay"]} == {
+        "modules_to_save.default.norm.weight", "modules_to_save.default.norm.bias"}
     assert parameter_groups(model, 1, 0, 1, 1, 1)[1]["params"] == []  # LoRA has nothing undecayed
 
 
