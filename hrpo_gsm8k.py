@@ -134,8 +134,9 @@ def resolve_backend(args, cuda: bool) -> str:
 
 def load_model(args, cuda: bool):
     """LoRA on the seven projections, the four thinking modules trained in full."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, set_seed
 
+    set_seed(args.seed)  # the thinking modules (gates, Lambda, projection) are drawn while the model is built
     try:
         config = AutoConfig.from_pretrained(args.model_name)
     except (OSError, ValueError) as err:

@@ -340,3 +340,40 @@ print("base:", type(trainer).__mro__[1].__module__)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unsloth imported: False" in proc.stdout
     assert "base: trl.trainer.grpo_trainer" in proc.stdout
+
+
+def thinking_parameters(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if any(m in n for m in THINKING_MODULES)}
+
+
+@pytest.fixture(scope="module")
+def model_without_thinking_weights(workspace):
+    """The tiny model as a hub model is stored: no thinking tensors, so they are drawn at load."""
+    from safetensors.torch import load_file, save_file
+
+    folder = workspace / "plain-model"
+    if not folder.exists():
+        import shutil
+
+        shutil.copytree(workspace / "model", folder)
+        weights = load_file(folder / "model.safetensors")
+        save_file({k: v for k, v in weights.items() if "thinking" not in k}, folder / "model.safetensors",
+                  metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("backend", ["auto", "transformers"])
+def test_same_seed_gives_the_same_thinking_modules(workspace, model_without_thinking_weights, tmp_path, backend):
+    """The thinking modules are initialised when the model is built: after the seed."""
+    if backend == "auto":
+        hrpo_gsm8k.import_unsloth(cuda=False)
+    loads = {}
+    for run, seed in (("a", 42), ("b", 42), ("c", 7)):
+        torch.randn(17)  # the global RNG stream moves on between loads, as it does in a process
+        args = cli_args(workspace, tmp_path / run, "--seed", str(seed), "--backend", backend,
+                        "--thinking_latent_source", "projection", "--model_name", str(model_without_thinking_weights))
+        model, _ = hrpo_gsm8k.load_model(args, cuda=False)
+        loads[run] = thinking_parameters(model)
+    assert loads["a"] and loads["a"].keys() == loads["b"].keys() == loads["c"].keys()
+    assert all(torch.equal(loads["a"][n], loads["b"][n]) for n in loads["a"])
+    assert any(not torch.equal(loads["a"][n], loads["c"][n]) for n in loads["a"])
