@@ -9,11 +9,25 @@ from __future__ import annotations
 import torch
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """1 for completion tokens up to and including the first EOS, 0 after it."""
+def stop_token_ids(eos_token_id) -> list[int]:
+    """The end-of-sequence ids as a list: a generation config's ``eos_token_id`` is None,
+    one id, or several (Qwen2.5 and Llama 3 stop on more than one)."""
     if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, torch.Tensor):
+        return [int(i) for i in eos_token_id.flatten().tolist()]
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    return [int(i) for i in eos_token_id]
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id) -> torch.Tensor:
+    """1 for completion tokens up to and including the first end-of-sequence token (any of
+    ``eos_token_id``: one id or a list), 0 after it."""
+    stop = stop_token_ids(eos_token_id)
+    if not stop:
         return torch.ones_like(completion_ids)
-    is_eos = completion_ids == eos_token_id
+    is_eos = torch.isin(completion_ids, torch.tensor(stop, device=completion_ids.device))
     after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
     return (~after_eos).long()
 
@@ -33,7 +47,7 @@ def thinking_inputs(generation_output) -> dict:
 
 
 def replay_logprobs(model, sequences, prompt_attention_mask, thinking: dict | None,
-                    eos_token_id: int | None, temperature: float = 1.0):
+                    eos_token_id, temperature: float = 1.0):
     """Per-token log-probs of the completion under ``model`` (with grad if enabled).
 
     Returns (logprobs (batch, completion_len) float32, completion mask, model outputs).
@@ -81,8 +95,10 @@ class ReplayIndex:
     rollouts in place. A lookup searches every group.
     """
 
-    def __init__(self, pad_token_id: int | None, eos_token_id: int | None):
-        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+    def __init__(self, pad_token_id: int | None, eos_token_ids):
+        """``eos_token_ids``: every id that ends a completion (one id or a list), as the
+        trainer's own completion mask uses them."""
+        self.pad_token_id, self.eos_token_ids = pad_token_id, stop_token_ids(eos_token_ids)
         self.groups: dict[str, dict[tuple, dict]] = {}
 
     def clear(self, group: str = "train") -> None:
@@ -104,7 +120,7 @@ class ReplayIndex:
         records = self.groups.setdefault(group, {})
         sequences = generation_output.sequences
         prompt_len = prompt_attention_mask.shape[1]
-        completion = completion_mask(sequences[:, prompt_len:], self.eos_token_id)
+        completion = completion_mask(sequences[:, prompt_len:], self.eos_token_ids)
         attended = torch.cat([prompt_attention_mask.to(completion.dtype), completion], dim=1).bool()
         latents, hidden = generation_output.thinking_latents, generation_output.thinking_hidden
         for row in range(sequences.shape[0]):

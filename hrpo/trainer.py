@@ -30,7 +30,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.hybrid_thinking.modeling import HybridThinkingMixin
 from trl import GRPOTrainer
 
-from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask
+from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
 
 THINKING_KEYS = ("thinking_mask", "thinking_latents", "thinking_hidden")
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
@@ -81,7 +81,7 @@ class HRPOTrainer(GRPOTrainer):
         verify_hybrid_forward(self.model, self.thinking_base)
         self.thinking_monitor_every = thinking_monitor_every or self.args.logging_steps or 1
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        self.replay_index = ReplayIndex(tokenizer.pad_token_id, tokenizer.eos_token_id)
+        self.replay_index = ReplayIndex(tokenizer.pad_token_id, self._stop_token_ids(tokenizer))
         self._generating = False
         self._warned_pad_dropped = False
         self._loss_inputs: dict | None = None
@@ -91,6 +91,11 @@ class HRPOTrainer(GRPOTrainer):
             sum((p.float() ** 2).sum() for p in self._initial_projection.values())) if self._initial_projection else None
 
     # ------------------------------------------------------------ rollouts
+
+    def _stop_token_ids(self, tokenizer) -> list[int]:
+        """Every id that ends a completion, as TRL's own completion mask uses them (its
+        ``eos_token_ids``: the generation config's ids plus the tokenizer's)."""
+        return stop_token_ids(getattr(self, "eos_token_ids", None) or tokenizer.eos_token_id)
 
     def _projection_parameters(self):
         return [(n, p) for n, p in self.model.named_parameters() if "thinking_projection" in n and p.requires_grad]
@@ -224,7 +229,7 @@ class HRPOTrainer(GRPOTrainer):
     @torch.no_grad()
     def _log_thinking_metrics(self, out, prompt_len: int, mode: str) -> None:
         metrics = self._metrics[mode]
-        completion = completion_mask(out.sequences[:, prompt_len:], self.replay_index.eos_token_id).bool()
+        completion = completion_mask(out.sequences[:, prompt_len:], self.replay_index.eos_token_ids).bool()
         mask = out.thinking_mask[:, prompt_len:] & completion
         count = mask.sum()
         metrics["thinking/positions_frac"].append((count / completion.sum().clamp(min=1)).item())

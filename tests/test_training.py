@@ -377,3 +377,49 @@ def test_same_seed_gives_the_same_thinking_modules(workspace, model_without_thin
     assert loads["a"] and loads["a"].keys() == loads["b"].keys() == loads["c"].keys()
     assert all(torch.equal(loads["a"][n], loads["b"][n]) for n in loads["a"])
     assert any(not torch.equal(loads["a"][n], loads["c"][n]) for n in loads["a"])
+
+
+# ---------------------------------------------------------------- several stop ids
+
+SECOND_STOP = "."
+
+
+@pytest.fixture(scope="module")
+def two_stop_model(workspace):
+    """The tiny model whose generation config stops on two ids (as Qwen2.5 and Llama 3 do)."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT
+    folder = workspace / "two-stop-model"
+    model = tiny_model("qwen2", tokenizer, hidden_size=64)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(SECOND_STOP)]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_every_stop_id_ends_a_completion_in_the_replay_and_the_metrics(workspace, two_stop_model, tmp_path):
+    import warnings
+
+    args = cli_args(workspace, tmp_path / "out", "--model_name", str(two_stop_model),
+                    "--thinking_latent_source", "projection")
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    second = trainer.processing_class.convert_tokens_to_ids(SECOND_STOP)
+    assert second in trainer.eos_token_ids
+    trainer.generation_config.sequence_bias = {(second,): 2.0}  # stop early on the second id, often
+    recorded = []
+    add = trainer.replay_index.add
+    trainer.replay_index.add = lambda out, mask, **kw: (recorded.append((out, mask)), add(out, mask, **kw))[1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "pad" in str(w.message)], [str(w.message) for w in caught]
+    (out, prompt_mask), = recorded
+    completion = out.sequences[:, prompt_mask.shape[1]:]
+    stops = torch.isin(completion, torch.tensor(trainer.eos_token_ids))
+    first_stop = torch.where(stops.any(1), stops.int().argmax(1), completion.shape[1])
+    assert (completion[torch.arange(len(completion)), first_stop.clamp(max=completion.shape[1] - 1)]
+            == second).any(), "no rollout stopped on the second id: the test shows nothing"
+    upto = torch.arange(completion.shape[1])[None] <= first_stop[:, None]
+    thinking = out.thinking_mask[:, prompt_mask.shape[1]:] & upto
+    expected = (thinking.sum() / upto.sum()).item()
+    assert trainer.state.log_history[0]["thinking/positions_frac"] == pytest.approx(expected, abs=1e-6)
