@@ -66,6 +66,39 @@ def verify_hybrid_forward(model, base) -> None:
         raise RuntimeError(f"{type(model).__name__}'s forward does not apply the HRPO thinking inputs: a forward "
                            f"that does not know them is active (unsloth without the HRPO fork's series? run "
                            f"./setup.sh), or use hrpo_gsm8k.py --backend transformers")
+    verify_hidden_state_handover(model, base, input_ids)
+
+
+@torch.no_grad()
+def verify_hidden_state_handover(model, base, input_ids) -> None:
+    """A projection source needs the forward to hand generation the last position's hidden
+    state (``return_last_hidden_state``); without it generation falls back to the embedding
+    method and the projection never gets a gradient."""
+    source = base.config.thinking_latent_source
+    if source == "embedding":
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(input_ids=input_ids, return_last_hidden_state=True)
+    finally:
+        model.train(was_training)
+    if getattr(out, "last_hidden_state", None) is None:
+        raise RuntimeError(f"thinking_latent_source={source!r} needs the last hidden state, but "
+                           f"{type(model).__name__}'s forward returned no last_hidden_state when asked "
+                           f"(return_last_hidden_state=True): a forward without the HRPO fork's hand-over is "
+                           f"active (run ./setup.sh), or use hrpo_gsm8k.py --backend transformers")
+
+
+def check_rollout_source(out, base) -> None:
+    """Refuse rollouts sampled with another latent source than the model's (generation fell
+    back to the embedding method because the forward returned no hidden state): training
+    on them would leave the projection without a gradient."""
+    wanted = base.config.thinking_latent_source
+    if out.thinking_latent_source != wanted:
+        raise RuntimeError(f"the rollouts were sampled with thinking_latent_source={out.thinking_latent_source!r}, "
+                           f"but the model is configured for {wanted!r}: generation fell back because the forward "
+                           f"returned no last hidden state; training on them would not train the projection")
 
 
 class HRPOTrainer(GRPOTrainer):
@@ -118,6 +151,7 @@ class HRPOTrainer(GRPOTrainer):
                                thinking_monitor=monitor, **kwargs)
             finally:
                 self._generating = False
+            check_rollout_source(out, self.thinking_base)
             prompt_mask = kwargs.get("attention_mask")
             if prompt_mask is None:
                 prompt_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]

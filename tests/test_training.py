@@ -423,3 +423,29 @@ def test_every_stop_id_ends_a_completion_in_the_replay_and_the_metrics(workspace
     thinking = out.thinking_mask[:, prompt_mask.shape[1]:] & upto
     expected = (thinking.sum() / upto.sum()).item()
     assert trainer.state.log_history[0]["thinking/positions_frac"] == pytest.approx(expected, abs=1e-6)
+
+
+# ---------------------------------------------------------------- the hidden-state hand-over
+
+def drop_last_hidden_state(monkeypatch):
+    """A forward that ignores return_last_hidden_state (as one without the fork's hand-over)."""
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    monkeypatch.setattr(qwen2, "last_position_hidden", lambda hidden_states, wanted: None)
+
+
+def test_start_up_check_refuses_a_forward_without_the_hidden_state(workspace, tmp_path, monkeypatch):
+    drop_last_hidden_state(monkeypatch)
+    args = cli_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
+    with pytest.raises(RuntimeError, match="returned no last_hidden_state"):
+        hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    embedding = cli_args(workspace, tmp_path / "out2", "--thinking_latent_source", "embedding")
+    hrpo_gsm8k.build_trainer(embedding, reward_funcs=[length_reward])  # needs no hidden state
+
+
+def test_a_rollout_that_fell_back_to_the_embedding_method_stops_training(workspace, tmp_path, monkeypatch):
+    args = cli_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    drop_last_hidden_state(monkeypatch)  # after the start-up check: generation falls back
+    with pytest.raises(RuntimeError, match="sampled with thinking_latent_source='embedding'.*'projection'"):
+        trainer.train()
