@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_steps", type=int, default=250)
     a("--save_total_limit", type=int, default=3)
     a("--logging_steps", type=int, default=1)
+    a("--thinking_monitor_every", type=int, default=None,
+      help="every N optimizer steps, also compute HRPO's embedding latent on the rollouts and log its cosine to "
+           "the projection latent (thinking_projection/cosine_to_embedding_latent); it costs a vocabulary x hidden "
+           "product per decoding step of those rollouts. Default: every 10 x --logging_steps; 0: never")
     a("--report_to", default="none", help="none, wandb or tensorboard (when installed)")
     a("--seed", type=int, default=42)
     a("--gradient_checkpointing", default="auto", choices=["auto", "on", "off"],
@@ -293,7 +297,8 @@ def build_trainer(args, reward_funcs=None):
     check_thinking_config(model, args)
     dataset = filter_long_prompts(args, dataset, tokenizer)
     trainer = HRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=reward_funcs or [gsm8k_reward],
-                          args=grpo_config(args, cuda), train_dataset=dataset)
+                          args=grpo_config(args, cuda), train_dataset=dataset,
+                          thinking_monitor_every=args.thinking_monitor_every)
     patch_trainer_optimizer(trainer, args.lr_residual_gate, args.lr_residual_Lambda, args.lr_thinking_projection)
     trainer.thinking_saver = SaveThinkingConfig(model, vars(args) | {"output_dir": str(args.output_dir)})
     trainer.add_callback(make_callback(trainer.thinking_saver))

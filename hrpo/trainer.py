@@ -101,6 +101,11 @@ def check_rollout_source(out, base) -> None:
                            f"returned no last hidden state; training on them would not train the projection")
 
 
+def default_monitor_every(args) -> int:
+    """The thinking monitor's default period: every 10 logging steps."""
+    return 10 * max(1, int(args.logging_steps or 1))
+
+
 class HRPOTrainer(GRPOTrainer):
     """GRPOTrainer with HRPO hybrid latent reasoning (see the module docstring)."""
 
@@ -112,12 +117,14 @@ class HRPOTrainer(GRPOTrainer):
             raise ValueError("HRPOTrainer does not support tool calling (multi-turn rollouts)")
         self.thinking_base = find_thinking_base(self.model)
         verify_hybrid_forward(self.model, self.thinking_base)
-        self.thinking_monitor_every = thinking_monitor_every or self.args.logging_steps or 1
+        self.thinking_monitor_every = default_monitor_every(self.args) if thinking_monitor_every is None \
+            else thinking_monitor_every
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         self.replay_index = ReplayIndex(tokenizer.pad_token_id, self._stop_token_ids(tokenizer))
         self._generating = False
         self._warned_pad_dropped = False
         self._loss_inputs: dict | None = None
+        self._rollout_global_step: int | None = None  # the optimizer step at which the buffered rollouts were sampled
         self.replay_logprob_diffs: list[float] = []  # on-policy checks, for tests and logging
         self._initial_projection = {name: p.detach().clone() for name, p in self._projection_parameters()}
         self._initial_projection_norm = torch.sqrt(
@@ -139,7 +146,7 @@ class HRPOTrainer(GRPOTrainer):
         model = self.accelerator.unwrap_model(self.model)
         original = model.generate
         had_instance_generate = "generate" in vars(model)
-        monitor = self.state.global_step % self.thinking_monitor_every == 0
+        monitor = self._thinking_monitor_due()
         tokenizer = getattr(self, "_tokenizer", None) or self.processing_class
         # unsloth's generate switches the model to inference mode: decide the bucket now
         mode = "train" if self.model.training else "eval"
@@ -169,9 +176,17 @@ class HRPOTrainer(GRPOTrainer):
             else:
                 del model.generate  # back to the class's method
 
+    def _thinking_monitor_due(self) -> bool:
+        """Whether this generation also records the embedding-method latent (to compare it with
+        the projection's): a V x d product per decoding step, so only every
+        ``thinking_monitor_every`` optimizer steps (0: never)."""
+        return self.thinking_monitor_every > 0 and self.state.global_step % self.thinking_monitor_every == 0
+
     def _generate_and_score_completions(self, inputs):
         # A new generation batch of this mode: its rollouts replace the previous ones.
         self.replay_index.clear("train" if self.model.training else "eval")
+        if self.model.training:
+            self._rollout_global_step = self.state.global_step
         with self._hybrid_generate(), self._replay_hook():
             batch = super()._generate_and_score_completions(inputs)
         prompt_completion = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
@@ -244,11 +259,21 @@ class HRPOTrainer(GRPOTrainer):
         self._check_on_policy(result[0])
         return result
 
+    def _policy_unchanged_since_rollout(self) -> bool:
+        """No optimizer step since the buffered rollouts were sampled. With num_iterations > 1
+        TRL scores the same generation batch again after updates (off-policy iterations);
+        with its default steps_per_generation (= gradient_accumulation_steps) this is exactly
+        the first iteration of each generation batch."""
+        return self._rollout_global_step == self.state.global_step
+
     def _check_on_policy(self, logps) -> None:
-        """The loss pass's log-probs against the sampling-time ones (on-policy, first
-        iteration: they must agree). unsloth's fused loss returns none here."""
+        """The loss pass's log-probs against the sampling-time ones (on-policy: they must
+        agree), recorded only while the policy is the one that sampled the rollouts.
+        unsloth's fused loss returns none here."""
         inputs = self._loss_inputs
         if logps is None or inputs is None or not self.model.training or "sampled_token_logprobs" not in inputs:
+            return
+        if not self._policy_unchanged_since_rollout():
             return
         mask = inputs["completion_mask"].bool()
         if logps.shape != mask.shape:

@@ -449,3 +449,34 @@ def test_a_rollout_that_fell_back_to_the_embedding_method_stops_training(workspa
     drop_last_hidden_state(monkeypatch)  # after the start-up check: generation falls back
     with pytest.raises(RuntimeError, match="sampled with thinking_latent_source='embedding'.*'projection'"):
         trainer.train()
+
+
+# ---------------------------------------------------------------- occasional metrics
+
+COSINE = "thinking_projection/cosine_to_embedding_latent"
+
+
+@pytest.mark.parametrize("flag, logged", [(None, [True, False]), ("0", [False, False]), ("1", [True, True])])
+def test_thinking_monitor_runs_occasionally_by_default(workspace, tmp_path, flag, logged):
+    extra = ["--thinking_monitor_every", flag] if flag is not None else []
+    args = cli_args(workspace, tmp_path / "out", "--max_steps", "2", "--thinking_latent_source", "projection", *extra)
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "reward" in row]
+    assert [COSINE in row for row in rows] == logged
+
+
+def test_help_says_how_often_the_thinking_monitor_runs():
+    text = " ".join(hrpo_gsm8k.build_parser().format_help().split())
+    assert "--thinking_monitor_every" in text and "every 10 x --logging_steps; 0: never" in text
+
+
+def test_replay_check_is_recorded_on_the_first_iteration_only(workspace, tmp_path):
+    """With num_iterations 2 the second pass over a generation batch is off-policy."""
+    args = cli_args(workspace, tmp_path / "out", "--max_steps", "2", "--thinking_latent_source", "projection")
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer.args.num_iterations = trainer.num_iterations = 2
+    trainer.train()
+    assert len(trainer.replay_logprob_diffs) == 2 and max(trainer.replay_logprob_diffs) <= 1e-4  # 2 micro-batches
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert ["thinking/replay_logprob_max_abs_diff" in row for row in rows] == [True, False]
