@@ -162,7 +162,7 @@ def load_model(args, cuda: bool):
         modules_to_save=THINKING_MODULES,
         use_gradient_checkpointing="unsloth" if cuda and args.gradient_checkpointing != "off" else False,
         random_state=args.seed)
-    return model, left_padded(tokenizer)
+    return model, left_padded(tokenizer, model.generation_config.eos_token_id)
 
 
 def load_with_transformers(args, config, cuda: bool):
@@ -182,7 +182,7 @@ def load_with_transformers(args, config, cuda: bool):
     for name, module in model.named_modules():  # thinking copies train in float32, as unsloth does
         if isinstance(module, ModulesToSaveWrapper) and name.rsplit(".", 1)[-1] in THINKING_MODULES:
             module.modules_to_save["default"].float().requires_grad_(True)
-    return model, left_padded(AutoTokenizer.from_pretrained(args.model_name))
+    return model, left_padded(AutoTokenizer.from_pretrained(args.model_name), model.generation_config.eos_token_id)
 
 
 def load_dataset(args):

@@ -86,9 +86,11 @@ class ReplayIndex:
     with the same tokens have the same thinking inputs (same model, same prefix), so
     sharing a key loses nothing.
 
-    A pad token sampled inside a completion is attended for TRL but dropped by unsloth's
-    left packing (which treats every pad-id token as padding); such a rollout is also
-    kept under its tokens without the pad-id ones.
+    A pad-id token inside a rollout (in the prompt when pad = EOS and the chat template
+    puts EOS between turns, or sampled in a completion) is attended for TRL but dropped by
+    unsloth's left packing (which treats every pad-id token as padding). A forward over such
+    a shortened rollout would score other tokens than were sampled, so it is refused
+    (ReplayMiss, saying so); hrpo.data.left_padded gives every model a dedicated pad token.
 
     Rollouts are kept per ``group`` (the trainer's "train" and "eval"), each cleared on its
     own: an evaluation in the middle of a buffered training batch leaves that batch's
@@ -100,24 +102,20 @@ class ReplayIndex:
         trainer's own completion mask uses them."""
         self.pad_token_id, self.eos_token_ids = pad_token_id, stop_token_ids(eos_token_ids)
         self.groups: dict[str, dict[tuple, dict]] = {}
+        # per group: the rollouts that hold pad-id tokens, keyed without them (to name the miss)
+        self.pad_dropped_keys: dict[str, set[tuple]] = {}
 
     def clear(self, group: str = "train") -> None:
         self.groups.pop(group, None)
+        self.pad_dropped_keys.pop(group, None)
 
     def __len__(self) -> int:
         return sum(len(records) for records in self.groups.values())
 
-    @staticmethod
-    def _subset(record: dict, keep: torch.Tensor) -> dict:
-        flagged_keep = keep[record["thinking_mask"]]
-        return {"pad_dropped": True, "thinking_mask": record["thinking_mask"][keep],
-                "sampled_token_logprobs": record["sampled_token_logprobs"][keep],
-                **{key: (record[key][flagged_keep] if record[key] is not None else None)
-                   for key in ("thinking_latents", "thinking_hidden")}}
-
     def add(self, generation_output, prompt_attention_mask: torch.Tensor, group: str = "train") -> None:
         """Record the rollouts of one hybrid generate() call (sequences = prompt + completion)."""
         records = self.groups.setdefault(group, {})
+        pad_dropped = self.pad_dropped_keys.setdefault(group, set())
         sequences = generation_output.sequences
         prompt_len = prompt_attention_mask.shape[1]
         completion = completion_mask(sequences[:, prompt_len:], self.eos_token_ids)
@@ -136,8 +134,7 @@ class ReplayIndex:
             }
             records[tuple(tokens.tolist())] = record
             if self.pad_token_id is not None and bool((tokens == self.pad_token_id).any()):
-                keep = tokens != self.pad_token_id
-                records.setdefault(tuple(tokens[keep].tolist()), self._subset(record, keep))
+                pad_dropped.add(tuple(tokens[tokens != self.pad_token_id].tolist()))
 
     def _segments(self, input_ids, attention_mask, packed_seq_lengths):
         """(row, positions of the attended tokens) of each sequence in the forward's input."""
@@ -166,6 +163,17 @@ class ReplayIndex:
             record = self._get(tuple(input_ids[row, positions].tolist()))
         return record, positions
 
+    def _miss(self, input_ids, row, positions) -> ReplayMiss:
+        key = tuple(input_ids[row, positions].tolist())
+        if any(key in keys for keys in self.pad_dropped_keys.values()):
+            return ReplayMiss(f"row {row} of this forward is a recorded rollout without its pad-id "
+                              f"({self.pad_token_id}) tokens: the scoring layout (unsloth's left packing) dropped "
+                              f"them as padding, so it would score other tokens than were sampled. The pad token "
+                              f"must be one that no chat template emits and the model does not generate "
+                              f"(hrpo.data.left_padded chooses one)")
+        return ReplayMiss(f"no recorded rollout has the {positions.numel()} tokens of row {row} of this "
+                          f"forward ({len(self)} rollouts recorded)")
+
     def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                packed_seq_lengths=None) -> dict:
         """Thinking inputs (and sampling log-probs) laid out like ``input_ids``.
@@ -177,13 +185,10 @@ class ReplayIndex:
         for row, positions in self._segments(input_ids, attention_mask, packed_seq_lengths):
             record, positions = self._find(input_ids, row, positions)
             if record is None:
-                raise ReplayMiss(f"no recorded rollout has the {positions.numel()} tokens of row {row} of this "
-                                 f"forward ({len(self)} rollouts recorded)")
+                raise self._miss(input_ids, row, positions)
             found.append((row, positions, record))
         out = {"thinking_mask": torch.zeros(batch, length, dtype=torch.bool, device=device),
-               "sampled_token_logprobs": torch.zeros(batch, length, dtype=torch.float32, device=device),
-               # positions of rollouts found only without their sampled pad-id tokens
-               "pad_dropped": torch.zeros(batch, length, dtype=torch.bool, device=device)}
+               "sampled_token_logprobs": torch.zeros(batch, length, dtype=torch.float32, device=device)}
         for key in ("thinking_latents", "thinking_hidden"):
             sample = next((rec[key] for _, _, rec in found if rec[key] is not None), None)
             out[key] = (None if sample is None else
@@ -192,7 +197,6 @@ class ReplayIndex:
             positions = positions.to(device)
             flags = record["thinking_mask"].to(device)
             out["thinking_mask"][row, positions] = flags
-            out["pad_dropped"][row, positions] = record.get("pad_dropped", False)
             out["sampled_token_logprobs"][row, positions] = record["sampled_token_logprobs"].to(device)
             for key in ("thinking_latents", "thinking_hidden"):
                 if out[key] is not None and record[key] is not None:

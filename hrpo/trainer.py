@@ -23,7 +23,6 @@ from it (``PatchFastRL``), whose loss (``grpo_accumulated_loss``) makes its own 
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -122,7 +121,6 @@ class HRPOTrainer(GRPOTrainer):
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         self.replay_index = ReplayIndex(tokenizer.pad_token_id, self._stop_token_ids(tokenizer))
         self._generating = False
-        self._warned_pad_dropped = False
         self._loss_inputs: dict | None = None
         self._rollout_global_step: int | None = None  # the optimizer step at which the buffered rollouts were sampled
         self.replay_logprob_diffs: list[float] = []  # on-policy checks, for tests and logging
@@ -225,11 +223,6 @@ class HRPOTrainer(GRPOTrainer):
         except ReplayMiss as err:
             raise RuntimeError(f"HRPO replay: {err}. A scoring forward must only see this batch's rollouts; "
                                f"scoring it on discrete tokens would train plain GRPO while logging HRPO") from None
-        if bool(recorded["pad_dropped"].any()) and not self._warned_pad_dropped:
-            self._warned_pad_dropped = True
-            warnings.warn("a rollout sampled the pad token inside its completion, and the trainer's loss layout "
-                          "(unsloth's left packing) dropped it: that rollout is scored on a shorter sequence than "
-                          "was sampled. Use a pad token the model does not generate.", stacklevel=2)
         for key in THINKING_KEYS:
             kwargs[key] = recorded[key]
         if kwargs.get("position_ids") is None and attention_mask is not None:
