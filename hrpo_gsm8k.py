@@ -118,6 +118,64 @@ def check_args(args, world_size: int = 1) -> None:
                          f"last checkpoint, or choose another --output_dir")
 
 
+# Settings that shape the model or the run: on --resume they come from the checkpoint.
+RESUMED_SETTINGS = ("model_name", "dataset_path", "lora_rank", "seed", "group_size",
+                    "per_device_train_batch_size", "gradient_accumulation_steps", "max_prompt_length",
+                    "max_completion_length", "temperature", "beta", "lr", "lr_residual_gate", "lr_residual_Lambda",
+                    "lr_thinking_projection", "weight_decay", "thinking_latent_source", "thinking_latent_scale",
+                    "thinking_projection_layers", "thinking_projection_layernorm", "thinking_projection_dropout",
+                    "residual_r_min", "residual_r_max")
+# config.json field -> flag, for the thinking options
+THINKING_FLAGS = {"thinking_residual_r_min": "residual_r_min", "thinking_residual_r_max": "residual_r_max"}
+
+
+def explicit_flags(argv) -> set[str]:
+    """The options given on the command line (parsed again with every default suppressed)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def checkpoint_settings(folder: Path) -> dict:
+    """The run settings saved beside a checkpoint: hrpo_run.json, with the thinking fields of
+    its config.json (what the model was built with) over them."""
+    settings = {}
+    run_file, config_file = folder / RUN_CONFIG, folder / "config.json"
+    for path in (run_file, config_file):
+        if path.exists():
+            try:
+                json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise UsageError(f"--resume: {path} is not valid JSON ({err})") from None
+    if run_file.exists():
+        settings.update({k: v for k, v in json.loads(run_file.read_text()).items() if k in RESUMED_SETTINGS})
+    if config_file.exists():
+        config = json.loads(config_file.read_text())
+        settings.update({THINKING_FLAGS.get(k, k): v for k, v in config.items()
+                         if k.startswith("thinking_") and THINKING_FLAGS.get(k, k) in RESUMED_SETTINGS})
+    if not settings:
+        raise UsageError(f"--resume: {folder} has neither {RUN_CONFIG} nor config.json: its settings are unknown")
+    return settings
+
+
+def take_checkpoint_settings(args, given: set[str]) -> None:
+    """On --resume, the settings that shape the model and the run come from the last
+    checkpoint: a flag left out takes the checkpoint's value, a flag given with another
+    value is an error (it would continue a different run on the same weights)."""
+    folder = last_checkpoint(Path(args.output_dir))
+    if folder is None:
+        return  # check_args says so
+    for key, saved in checkpoint_settings(folder).items():
+        current = getattr(args, key)
+        if key not in given:
+            setattr(args, key, saved)
+        elif current != saved:
+            raise UsageError(f"--{key} {current!r} conflicts with the checkpoint being resumed ({folder}): it was "
+                             f"trained with --{key} {saved!r}. Leave the flag out to continue with the checkpoint's "
+                             f"value, or start a new run in another --output_dir")
+
+
 def thinking_config(args) -> dict:
     return {
         "thinking_latent_source": args.thinking_latent_source,
@@ -323,6 +381,8 @@ def main(argv=None) -> int:
     from hrpo.data import DataError
 
     try:
+        if args.resume:
+            take_checkpoint_settings(args, explicit_flags(argv))
         check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
         train(args)
     except (UsageError, DataError) as err:

@@ -480,3 +480,46 @@ def test_replay_check_is_recorded_on_the_first_iteration_only(workspace, tmp_pat
     assert len(trainer.replay_logprob_diffs) == 2 and max(trainer.replay_logprob_diffs) <= 1e-4  # 2 micro-batches
     rows = [row for row in trainer.state.log_history if "loss" in row]
     assert ["thinking/replay_logprob_max_abs_diff" in row for row in rows] == [True, False]
+
+
+# ---------------------------------------------------------------- resume takes the checkpoint's settings
+
+def fake_checkpoint(workspace, out, *flags):
+    """A checkpoint folder as SaveThinkingConfig writes it, for a run started with ``flags``."""
+    args = cli_args(workspace, out, *flags)
+    model = tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args))
+    hrpo_gsm8k.SaveThinkingConfig(model, vars(args) | {"output_dir": str(out)}).write(out / "checkpoint-1")
+
+
+def resumed_args(monkeypatch, argv):
+    seen = {}
+    monkeypatch.setattr(hrpo_gsm8k, "train", lambda args: seen.setdefault("args", args))
+    code = hrpo_gsm8k.main(argv)
+    return code, seen.get("args")
+
+
+def test_resume_takes_the_thinking_options_from_the_checkpoint(workspace, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    fake_checkpoint(workspace, out, "--thinking_latent_source", "embedding", "--lora_rank", "8",
+                    "--residual_r_min", "0.95")
+    argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
+            "--output_dir", str(out), "--resume", "--max_steps", "5"]
+    code, args = resumed_args(monkeypatch, argv)
+    assert code == 0
+    assert (args.thinking_latent_source, args.lora_rank, args.residual_r_min) == ("embedding", 8, 0.95)
+    assert args.max_steps == 5  # not a setting of the model: the command line's
+    code, args = resumed_args(monkeypatch, argv + ["--thinking_latent_source", "embedding"])  # the same: fine
+    assert code == 0 and args.thinking_latent_source == "embedding"
+
+
+@pytest.mark.parametrize("flag, value, saved", [("--thinking_latent_source", "projection", "'embedding'"),
+                                                ("--lora_rank", "32", "8")])
+def test_resume_with_a_conflicting_flag_is_an_error(workspace, tmp_path, monkeypatch, capsys, flag, value, saved):
+    out = tmp_path / "out"
+    fake_checkpoint(workspace, out, "--thinking_latent_source", "embedding", "--lora_rank", "8")
+    argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
+            "--output_dir", str(out), "--resume", flag, value]
+    code, args = resumed_args(monkeypatch, argv)
+    err = capsys.readouterr().err
+    assert code == 2 and args is None
+    assert flag in err and value in err and saved in err and "checkpoint-1" in err
