@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_steps", type=int, default=250)
     a("--save_total_limit", type=int, default=3)
     a("--logging_steps", type=int, default=1)
+    a("--thinking_monitor_every", type=int, default=None,
+      help="every N optimizer steps, also compute HRPO's embedding latent on the rollouts and log its cosine to "
+           "the projection latent (thinking_projection/cosine_to_embedding_latent); it costs a vocabulary x hidden "
+           "product per decoding step of those rollouts. Default: every 10 x --logging_steps; 0: never")
     a("--report_to", default="none", help="none, wandb or tensorboard (when installed)")
     a("--seed", type=int, default=42)
     a("--eval_samples", type=int, default=0,
@@ -147,6 +152,65 @@ def check_args(args, world_size: int = 1) -> None:
                          f"last checkpoint, or choose another --output_dir")
 
 
+# Settings that shape the model or the run: on --resume they come from the checkpoint.
+RESUMED_SETTINGS = ("model_name", "task", "dataset_path", "system_prompt", "hybrid_thinking", "loss_type",
+                    "adam_beta1", "adam_beta2", "lora_rank", "seed", "group_size",
+                    "per_device_train_batch_size", "gradient_accumulation_steps", "max_prompt_length",
+                    "max_completion_length", "temperature", "beta", "lr", "lr_residual_gate", "lr_residual_Lambda",
+                    "lr_thinking_projection", "weight_decay", "thinking_latent_source", "thinking_latent_scale",
+                    "thinking_projection_layers", "thinking_projection_layernorm", "thinking_projection_dropout",
+                    "residual_r_min", "residual_r_max")
+# config.json field -> flag, for the thinking options
+THINKING_FLAGS = {"thinking_residual_r_min": "residual_r_min", "thinking_residual_r_max": "residual_r_max"}
+
+
+def explicit_flags(argv) -> set[str]:
+    """The options given on the command line (parsed again with every default suppressed)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def checkpoint_settings(folder: Path) -> dict:
+    """The run settings saved beside a checkpoint: hrpo_run.json, with the thinking fields of
+    its config.json (what the model was built with) over them."""
+    settings = {}
+    run_file, config_file = folder / RUN_CONFIG, folder / "config.json"
+    for path in (run_file, config_file):
+        if path.exists():
+            try:
+                json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise UsageError(f"--resume: {path} is not valid JSON ({err})") from None
+    if run_file.exists():
+        settings.update({k: v for k, v in json.loads(run_file.read_text()).items() if k in RESUMED_SETTINGS})
+    if config_file.exists():
+        config = json.loads(config_file.read_text())
+        settings.update({THINKING_FLAGS.get(k, k): v for k, v in config.items()
+                         if k.startswith("thinking_") and THINKING_FLAGS.get(k, k) in RESUMED_SETTINGS})
+    if not settings:
+        raise UsageError(f"--resume: {folder} has neither {RUN_CONFIG} nor config.json: its settings are unknown")
+    return settings
+
+
+def take_checkpoint_settings(args, given: set[str]) -> None:
+    """On --resume, the settings that shape the model and the run come from the last
+    checkpoint: a flag left out takes the checkpoint's value, a flag given with another
+    value is an error (it would continue a different run on the same weights)."""
+    folder = last_checkpoint(Path(args.output_dir))
+    if folder is None:
+        return  # check_args says so
+    for key, saved in checkpoint_settings(folder).items():
+        current = getattr(args, key)
+        if key not in given:
+            setattr(args, key, saved)
+        elif current != saved:
+            raise UsageError(f"--{key} {current!r} conflicts with the checkpoint being resumed ({folder}): it was "
+                             f"trained with --{key} {saved!r}. Leave the flag out to continue with the checkpoint's "
+                             f"value, or start a new run in another --output_dir")
+
+
 def thinking_config(args) -> dict:
     return {
         "thinking_latent_source": args.thinking_latent_source,
@@ -167,8 +231,9 @@ def resolve_backend(args, cuda: bool) -> str:
 
 def load_model(args, cuda: bool):
     """LoRA on the seven projections, the four thinking modules trained in full."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, set_seed
 
+    set_seed(args.seed)  # the thinking modules (gates, Lambda, projection) are drawn while the model is built
     try:
         config = AutoConfig.from_pretrained(args.model_name)
     except (OSError, ValueError) as err:
@@ -190,7 +255,7 @@ def load_model(args, cuda: bool):
         modules_to_save=trained_thinking_modules(args),
         use_gradient_checkpointing="unsloth" if cuda and args.gradient_checkpointing != "off" else False,
         random_state=args.seed)
-    return model, left_padded(tokenizer)
+    return model, left_padded(tokenizer, model.generation_config.eos_token_id)
 
 
 def load_with_transformers(args, config, cuda: bool):
@@ -211,7 +276,7 @@ def load_with_transformers(args, config, cuda: bool):
     for name, module in model.named_modules():  # thinking copies train in float32, as unsloth does
         if isinstance(module, ModulesToSaveWrapper) and name.rsplit(".", 1)[-1] in THINKING_MODULES:
             module.modules_to_save["default"].float().requires_grad_(True)
-    return model, left_padded(AutoTokenizer.from_pretrained(args.model_name))
+    return model, left_padded(AutoTokenizer.from_pretrained(args.model_name), model.generation_config.eos_token_id)
 
 
 def trained_thinking_modules(args) -> list[str] | None:
@@ -341,7 +406,7 @@ def build_trainer(args, reward_funcs=None):
     check_thinking_config(model, args)
     dataset = filter_long_prompts(args, dataset, tokenizer)
     if args.hybrid_thinking == "on":
-        trainer_class = HRPOTrainer
+        trainer_class = partial(HRPOTrainer, thinking_monitor_every=args.thinking_monitor_every)
     else:
         from trl import GRPOTrainer as trainer_class  # TRL's own (or, on CUDA, unsloth's rewrite of it)
     trainer = trainer_class(model=model, processing_class=tokenizer,
@@ -397,6 +462,8 @@ def main(argv=None) -> int:
     from hrpo.data import DataError
 
     try:
+        if args.resume:
+            take_checkpoint_settings(args, explicit_flags(argv))
         check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
         train(args)
     except (UsageError, DataError) as err:

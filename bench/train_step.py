@@ -43,6 +43,26 @@ def prepare_model(name: str, workdir: Path) -> Path:
     return Path(name)
 
 
+def use_plain_grpo_step(trainer) -> None:
+    """TRL's own GRPO step on the same model and optimizer groups: every method HRPOTrainer
+    overrides on the step's path goes back to the parent class's (compute_loss included,
+    which would install the replay hook and refuse forwards over unrecorded rollouts)."""
+    base = type(trainer).__mro__[1]  # trl.GRPOTrainer, or unsloth's rewrite of it on CUDA
+    for method in ("_generate_and_score_completions", "compute_loss", "_get_per_token_logps_and_entropies"):
+        setattr(trainer, method, getattr(base, method).__get__(trainer))
+
+
+def run_child(variant: str, model: Path, data: Path, steps: int, new_tokens: int, out: Path) -> dict:
+    """Run one variant in its own process; a failing child's stderr is printed and the bench stops."""
+    proc = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--new-tokens", str(new_tokens),
+                           "--child", variant, str(model), str(data), str(out)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-8000:])
+        sys.exit(f"bench/train_step.py: the {variant} child failed (exit {proc.returncode}); its stderr is above")
+    return json.loads(out.read_text())
+
+
 def run_variant(variant: str, model: str, data: Path, steps: int, new_tokens: int) -> dict:
     """In a child process: build the trainer the way hrpo_gsm8k.py does and train."""
     sys.path.insert(0, str(REPO))
@@ -63,11 +83,8 @@ def run_variant(variant: str, model: str, data: Path, steps: int, new_tokens: in
 
     trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[fixed_length_reward])
     trainer.generation_config.min_new_tokens = new_tokens  # forced length: every step does the same work
-    if variant == "plain_grpo":  # TRL's own GRPO step on the same model and optimizer groups
-        from trl import GRPOTrainer
-
-        for method in ("_generate_and_score_completions", "_get_per_token_logps_and_entropies", "_compute_loss"):
-            setattr(trainer, method, getattr(GRPOTrainer, method).__get__(trainer))
+    if variant == "plain_grpo":
+        use_plain_grpo_step(trainer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -101,11 +118,7 @@ def main() -> None:
     data = write_jsonl(make_problems(64, difficulty=3), workdir / "train.jsonl")
     results = {}
     for variant in args.variants:
-        out = workdir / f"{variant}.json"
-        subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--new-tokens", str(args.new_tokens),
-                        "--child", variant, str(model), str(data), str(out)], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        results[variant] = json.loads(out.read_text())
+        results[variant] = run_child(variant, model, data, args.steps, args.new_tokens, workdir / f"{variant}.json")
     base = statistics.median(results["plain_grpo"]["step_times"]) if "plain_grpo" in results else None
     print(f"\n{args.model}: group 4, 8 completions/step, {args.new_tokens} new tokens (forced), "
           f"median of {args.steps - 1} steps")

@@ -44,12 +44,66 @@ def load_rows(dataset_path: str, split: str, hub_config: str | None = None, expe
                         f"{expected} .jsonl/.json/.parquet file") from err
 
 
-def left_padded(tokenizer):
-    """Batched generation pads on the left; models without a pad token pad with EOS."""
+def left_padded(tokenizer, eos_token_ids=None):
+    """Batched generation pads on the left, with a dedicated pad token (see dedicated_pad_token)."""
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.pad_token = dedicated_pad_token(tokenizer, eos_token_ids)
     return tokenizer
+
+
+class PadTokenError(DataError):
+    """The tokenizer has no token that can serve as a dedicated pad token."""
+
+
+def tokens_the_chat_template_emits(tokenizer) -> set[int]:
+    """The ids of a rendered two-turn conversation (system, user, assistant, user, generation prompt)."""
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    if getattr(tokenizer, "chat_template", None) is None:
+        return set()
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": "s"}, *turns], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # a template without a system role
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    return set(tokenizer(text, add_special_tokens=True).input_ids)
+
+
+def dedicated_pad_token(tokenizer, eos_token_ids=None) -> str:
+    """A pad token that no chat template emits and that ends no completion.
+
+    unsloth's GRPO loss (left packing) drops every pad-id token of a scored sequence. With
+    pad = EOS (SmolLM2's export, many Llama models) and a template that puts EOS between
+    turns, that drops prompt tokens, and a completion that stops on a pad-id token loses its
+    last token. So the pad must differ from every stop id (``eos_token_ids``: the generation
+    config's, one id or a list, plus the tokenizer's) and from every token of a rendered
+    conversation. The tokenizer's own pad is kept when it qualifies; otherwise an existing
+    special token is chosen (names with "pad" first, then "reserved"/"unused", then the
+    lowest id), never one with another role (bos, unk, ...). No embedding resize: the
+    chosen token is already in the model's vocabulary.
+    """
+    from .replay import stop_token_ids
+
+    stop = set(stop_token_ids(eos_token_ids)) | set(stop_token_ids(tokenizer.eos_token_id))
+    emitted = tokens_the_chat_template_emits(tokenizer)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in stop | emitted:
+        return tokenizer.pad_token
+    roles = {getattr(tokenizer, f"{role}_token_id", None) for role in ("bos", "unk", "sep", "cls", "mask")}
+    candidates = [(token_id, added.content) for token_id, added in sorted(tokenizer.added_tokens_decoder.items())
+                  if added.special and token_id not in stop | emitted | roles]
+    if not candidates:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise PadTokenError(
+            f"the tokenizer of {name} has no dedicated pad token: its pad {tokenizer.pad_token!r} is a stop id "
+            f"{sorted(stop)} or appears in its chat template, and no other special token is free. Add one "
+            f"(tokenizer.add_special_tokens({{'pad_token': '<|pad|>'}}) and model.resize_token_embeddings(len("
+            f"tokenizer))), save both to a folder and pass that folder as --model_name")
+
+    def preference(candidate):
+        token_id, text = candidate
+        lowered = text.lower()
+        return (0 if "pad" in lowered else 1 if "reserved" in lowered or "unused" in lowered else 2, token_id)
+
+    return min(candidates, key=preference)[1]
 
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:

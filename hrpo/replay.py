@@ -9,11 +9,25 @@ from __future__ import annotations
 import torch
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """1 for completion tokens up to and including the first EOS, 0 after it."""
+def stop_token_ids(eos_token_id) -> list[int]:
+    """The end-of-sequence ids as a list: a generation config's ``eos_token_id`` is None,
+    one id, or several (Qwen2.5 and Llama 3 stop on more than one)."""
     if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, torch.Tensor):
+        return [int(i) for i in eos_token_id.flatten().tolist()]
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    return [int(i) for i in eos_token_id]
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id) -> torch.Tensor:
+    """1 for completion tokens up to and including the first end-of-sequence token (any of
+    ``eos_token_id``: one id or a list), 0 after it."""
+    stop = stop_token_ids(eos_token_id)
+    if not stop:
         return torch.ones_like(completion_ids)
-    is_eos = completion_ids == eos_token_id
+    is_eos = torch.isin(completion_ids, torch.tensor(stop, device=completion_ids.device))
     after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
     return (~after_eos).long()
 
@@ -33,7 +47,7 @@ def thinking_inputs(generation_output) -> dict:
 
 
 def replay_logprobs(model, sequences, prompt_attention_mask, thinking: dict | None,
-                    eos_token_id: int | None, temperature: float = 1.0):
+                    eos_token_id, temperature: float = 1.0):
     """Per-token log-probs of the completion under ``model`` (with grad if enabled).
 
     Returns (logprobs (batch, completion_len) float32, completion mask, model outputs).
@@ -72,39 +86,39 @@ class ReplayIndex:
     with the same tokens have the same thinking inputs (same model, same prefix), so
     sharing a key loses nothing.
 
-    A pad token sampled inside a completion is attended for TRL but dropped by unsloth's
-    left packing (which treats every pad-id token as padding); such a rollout is also
-    kept under its tokens without the pad-id ones.
+    A pad-id token inside a rollout (in the prompt when pad = EOS and the chat template
+    puts EOS between turns, or sampled in a completion) is attended for TRL but dropped by
+    unsloth's left packing (which treats every pad-id token as padding). A forward over such
+    a shortened rollout would score other tokens than were sampled, so it is refused
+    (ReplayMiss, saying so); hrpo.data.left_padded gives every model a dedicated pad token.
 
     Rollouts are kept per ``group`` (the trainer's "train" and "eval"), each cleared on its
     own: an evaluation in the middle of a buffered training batch leaves that batch's
     rollouts in place. A lookup searches every group.
     """
 
-    def __init__(self, pad_token_id: int | None, eos_token_id: int | None):
-        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+    def __init__(self, pad_token_id: int | None, eos_token_ids):
+        """``eos_token_ids``: every id that ends a completion (one id or a list), as the
+        trainer's own completion mask uses them."""
+        self.pad_token_id, self.eos_token_ids = pad_token_id, stop_token_ids(eos_token_ids)
         self.groups: dict[str, dict[tuple, dict]] = {}
+        # per group: the rollouts that hold pad-id tokens, keyed without them (to name the miss)
+        self.pad_dropped_keys: dict[str, set[tuple]] = {}
 
     def clear(self, group: str = "train") -> None:
         self.groups.pop(group, None)
+        self.pad_dropped_keys.pop(group, None)
 
     def __len__(self) -> int:
         return sum(len(records) for records in self.groups.values())
 
-    @staticmethod
-    def _subset(record: dict, keep: torch.Tensor) -> dict:
-        flagged_keep = keep[record["thinking_mask"]]
-        return {"pad_dropped": True, "thinking_mask": record["thinking_mask"][keep],
-                "sampled_token_logprobs": record["sampled_token_logprobs"][keep],
-                **{key: (record[key][flagged_keep] if record[key] is not None else None)
-                   for key in ("thinking_latents", "thinking_hidden")}}
-
     def add(self, generation_output, prompt_attention_mask: torch.Tensor, group: str = "train") -> None:
         """Record the rollouts of one hybrid generate() call (sequences = prompt + completion)."""
         records = self.groups.setdefault(group, {})
+        pad_dropped = self.pad_dropped_keys.setdefault(group, set())
         sequences = generation_output.sequences
         prompt_len = prompt_attention_mask.shape[1]
-        completion = completion_mask(sequences[:, prompt_len:], self.eos_token_id)
+        completion = completion_mask(sequences[:, prompt_len:], self.eos_token_ids)
         attended = torch.cat([prompt_attention_mask.to(completion.dtype), completion], dim=1).bool()
         latents, hidden = generation_output.thinking_latents, generation_output.thinking_hidden
         for row in range(sequences.shape[0]):
@@ -120,8 +134,7 @@ class ReplayIndex:
             }
             records[tuple(tokens.tolist())] = record
             if self.pad_token_id is not None and bool((tokens == self.pad_token_id).any()):
-                keep = tokens != self.pad_token_id
-                records.setdefault(tuple(tokens[keep].tolist()), self._subset(record, keep))
+                pad_dropped.add(tuple(tokens[tokens != self.pad_token_id].tolist()))
 
     def _segments(self, input_ids, attention_mask, packed_seq_lengths):
         """(row, positions of the attended tokens) of each sequence in the forward's input."""
@@ -150,6 +163,17 @@ class ReplayIndex:
             record = self._get(tuple(input_ids[row, positions].tolist()))
         return record, positions
 
+    def _miss(self, input_ids, row, positions) -> ReplayMiss:
+        key = tuple(input_ids[row, positions].tolist())
+        if any(key in keys for keys in self.pad_dropped_keys.values()):
+            return ReplayMiss(f"row {row} of this forward is a recorded rollout without its pad-id "
+                              f"({self.pad_token_id}) tokens: the scoring layout (unsloth's left packing) dropped "
+                              f"them as padding, so it would score other tokens than were sampled. The pad token "
+                              f"must be one that no chat template emits and the model does not generate "
+                              f"(hrpo.data.left_padded chooses one)")
+        return ReplayMiss(f"no recorded rollout has the {positions.numel()} tokens of row {row} of this "
+                          f"forward ({len(self)} rollouts recorded)")
+
     def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                packed_seq_lengths=None) -> dict:
         """Thinking inputs (and sampling log-probs) laid out like ``input_ids``.
@@ -161,13 +185,10 @@ class ReplayIndex:
         for row, positions in self._segments(input_ids, attention_mask, packed_seq_lengths):
             record, positions = self._find(input_ids, row, positions)
             if record is None:
-                raise ReplayMiss(f"no recorded rollout has the {positions.numel()} tokens of row {row} of this "
-                                 f"forward ({len(self)} rollouts recorded)")
+                raise self._miss(input_ids, row, positions)
             found.append((row, positions, record))
         out = {"thinking_mask": torch.zeros(batch, length, dtype=torch.bool, device=device),
-               "sampled_token_logprobs": torch.zeros(batch, length, dtype=torch.float32, device=device),
-               # positions of rollouts found only without their sampled pad-id tokens
-               "pad_dropped": torch.zeros(batch, length, dtype=torch.bool, device=device)}
+               "sampled_token_logprobs": torch.zeros(batch, length, dtype=torch.float32, device=device)}
         for key in ("thinking_latents", "thinking_hidden"):
             sample = next((rec[key] for _, _, rec in found if rec[key] is not None), None)
             out[key] = (None if sample is None else
@@ -176,7 +197,6 @@ class ReplayIndex:
             positions = positions.to(device)
             flags = record["thinking_mask"].to(device)
             out["thinking_mask"][row, positions] = flags
-            out["pad_dropped"][row, positions] = record.get("pad_dropped", False)
             out["sampled_token_logprobs"][row, positions] = record["sampled_token_logprobs"].to(device)
             for key in ("thinking_latents", "thinking_hidden"):
                 if out[key] is not None and record[key] is not None:

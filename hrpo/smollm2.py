@@ -49,8 +49,9 @@ def load(dtype=None, **config_overrides):
         if isinstance(token_id, int):
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), left_padded(tokenizer)
+    tokenizer = left_padded(tokenizer, model.generation_config.eos_token_id)  # pad = <|im_end|> in the export
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
 
 
 def export_to_folder(dest: Path, **config_overrides) -> Path:

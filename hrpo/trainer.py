@@ -23,14 +23,13 @@ from it (``PatchFastRL``), whose loss (``grpo_accumulated_loss``) makes its own 
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.hybrid_thinking.modeling import HybridThinkingMixin
 from trl import GRPOTrainer
 
-from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask
+from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
 
 THINKING_KEYS = ("thinking_mask", "thinking_latents", "thinking_hidden")
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
@@ -66,6 +65,44 @@ def verify_hybrid_forward(model, base) -> None:
         raise RuntimeError(f"{type(model).__name__}'s forward does not apply the HRPO thinking inputs: a forward "
                            f"that does not know them is active (unsloth without the HRPO fork's series? run "
                            f"./setup.sh), or use hrpo_gsm8k.py --backend transformers")
+    verify_hidden_state_handover(model, base, input_ids)
+
+
+@torch.no_grad()
+def verify_hidden_state_handover(model, base, input_ids) -> None:
+    """A projection source needs the forward to hand generation the last position's hidden
+    state (``return_last_hidden_state``); without it generation falls back to the embedding
+    method and the projection never gets a gradient."""
+    source = base.config.thinking_latent_source
+    if source == "embedding":
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(input_ids=input_ids, return_last_hidden_state=True)
+    finally:
+        model.train(was_training)
+    if getattr(out, "last_hidden_state", None) is None:
+        raise RuntimeError(f"thinking_latent_source={source!r} needs the last hidden state, but "
+                           f"{type(model).__name__}'s forward returned no last_hidden_state when asked "
+                           f"(return_last_hidden_state=True): a forward without the HRPO fork's hand-over is "
+                           f"active (run ./setup.sh), or use hrpo_gsm8k.py --backend transformers")
+
+
+def check_rollout_source(out, base) -> None:
+    """Refuse rollouts sampled with another latent source than the model's (generation fell
+    back to the embedding method because the forward returned no hidden state): training
+    on them would leave the projection without a gradient."""
+    wanted = base.config.thinking_latent_source
+    if out.thinking_latent_source != wanted:
+        raise RuntimeError(f"the rollouts were sampled with thinking_latent_source={out.thinking_latent_source!r}, "
+                           f"but the model is configured for {wanted!r}: generation fell back because the forward "
+                           f"returned no last hidden state; training on them would not train the projection")
+
+
+def default_monitor_every(args) -> int:
+    """The thinking monitor's default period: every 10 logging steps."""
+    return 10 * max(1, int(args.logging_steps or 1))
 
 
 class HRPOTrainer(GRPOTrainer):
@@ -79,18 +116,24 @@ class HRPOTrainer(GRPOTrainer):
             raise ValueError("HRPOTrainer does not support tool calling (multi-turn rollouts)")
         self.thinking_base = find_thinking_base(self.model)
         verify_hybrid_forward(self.model, self.thinking_base)
-        self.thinking_monitor_every = thinking_monitor_every or self.args.logging_steps or 1
+        self.thinking_monitor_every = default_monitor_every(self.args) if thinking_monitor_every is None \
+            else thinking_monitor_every
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        self.replay_index = ReplayIndex(tokenizer.pad_token_id, tokenizer.eos_token_id)
+        self.replay_index = ReplayIndex(tokenizer.pad_token_id, self._stop_token_ids(tokenizer))
         self._generating = False
-        self._warned_pad_dropped = False
         self._loss_inputs: dict | None = None
+        self._rollout_global_step: int | None = None  # the optimizer step at which the buffered rollouts were sampled
         self.replay_logprob_diffs: list[float] = []  # on-policy checks, for tests and logging
         self._initial_projection = {name: p.detach().clone() for name, p in self._projection_parameters()}
         self._initial_projection_norm = torch.sqrt(
             sum((p.float() ** 2).sum() for p in self._initial_projection.values())) if self._initial_projection else None
 
     # ------------------------------------------------------------ rollouts
+
+    def _stop_token_ids(self, tokenizer) -> list[int]:
+        """Every id that ends a completion, as TRL's own completion mask uses them (its
+        ``eos_token_ids``: the generation config's ids plus the tokenizer's)."""
+        return stop_token_ids(getattr(self, "eos_token_ids", None) or tokenizer.eos_token_id)
 
     def _projection_parameters(self):
         return [(n, p) for n, p in self.model.named_parameters() if "thinking_projection" in n and p.requires_grad]
@@ -101,7 +144,7 @@ class HRPOTrainer(GRPOTrainer):
         model = self.accelerator.unwrap_model(self.model)
         original = model.generate
         had_instance_generate = "generate" in vars(model)
-        monitor = self.state.global_step % self.thinking_monitor_every == 0
+        monitor = self._thinking_monitor_due()
         tokenizer = getattr(self, "_tokenizer", None) or self.processing_class
         # unsloth's generate switches the model to inference mode: decide the bucket now
         mode = "train" if self.model.training else "eval"
@@ -113,6 +156,7 @@ class HRPOTrainer(GRPOTrainer):
                                thinking_monitor=monitor, **kwargs)
             finally:
                 self._generating = False
+            check_rollout_source(out, self.thinking_base)
             prompt_mask = kwargs.get("attention_mask")
             if prompt_mask is None:
                 prompt_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
@@ -130,9 +174,17 @@ class HRPOTrainer(GRPOTrainer):
             else:
                 del model.generate  # back to the class's method
 
+    def _thinking_monitor_due(self) -> bool:
+        """Whether this generation also records the embedding-method latent (to compare it with
+        the projection's): a V x d product per decoding step, so only every
+        ``thinking_monitor_every`` optimizer steps (0: never)."""
+        return self.thinking_monitor_every > 0 and self.state.global_step % self.thinking_monitor_every == 0
+
     def _generate_and_score_completions(self, inputs):
         # A new generation batch of this mode: its rollouts replace the previous ones.
         self.replay_index.clear("train" if self.model.training else "eval")
+        if self.model.training:
+            self._rollout_global_step = self.state.global_step
         with self._hybrid_generate(), self._replay_hook():
             batch = super()._generate_and_score_completions(inputs)
         prompt_completion = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
@@ -171,11 +223,6 @@ class HRPOTrainer(GRPOTrainer):
         except ReplayMiss as err:
             raise RuntimeError(f"HRPO replay: {err}. A scoring forward must only see this batch's rollouts; "
                                f"scoring it on discrete tokens would train plain GRPO while logging HRPO") from None
-        if bool(recorded["pad_dropped"].any()) and not self._warned_pad_dropped:
-            self._warned_pad_dropped = True
-            warnings.warn("a rollout sampled the pad token inside its completion, and the trainer's loss layout "
-                          "(unsloth's left packing) dropped it: that rollout is scored on a shorter sequence than "
-                          "was sampled. Use a pad token the model does not generate.", stacklevel=2)
         for key in THINKING_KEYS:
             kwargs[key] = recorded[key]
         if kwargs.get("position_ids") is None and attention_mask is not None:
@@ -205,11 +252,21 @@ class HRPOTrainer(GRPOTrainer):
         self._check_on_policy(result[0])
         return result
 
+    def _policy_unchanged_since_rollout(self) -> bool:
+        """No optimizer step since the buffered rollouts were sampled. With num_iterations > 1
+        TRL scores the same generation batch again after updates (off-policy iterations);
+        with its default steps_per_generation (= gradient_accumulation_steps) this is exactly
+        the first iteration of each generation batch."""
+        return self._rollout_global_step == self.state.global_step
+
     def _check_on_policy(self, logps) -> None:
-        """The loss pass's log-probs against the sampling-time ones (on-policy, first
-        iteration: they must agree). unsloth's fused loss returns none here."""
+        """The loss pass's log-probs against the sampling-time ones (on-policy: they must
+        agree), recorded only while the policy is the one that sampled the rollouts.
+        unsloth's fused loss returns none here."""
         inputs = self._loss_inputs
         if logps is None or inputs is None or not self.model.training or "sampled_token_logprobs" not in inputs:
+            return
+        if not self._policy_unchanged_since_rollout():
             return
         mask = inputs["completion_mask"].bool()
         if logps.shape != mask.shape:
@@ -224,7 +281,7 @@ class HRPOTrainer(GRPOTrainer):
     @torch.no_grad()
     def _log_thinking_metrics(self, out, prompt_len: int, mode: str) -> None:
         metrics = self._metrics[mode]
-        completion = completion_mask(out.sequences[:, prompt_len:], self.replay_index.eos_token_id).bool()
+        completion = completion_mask(out.sequences[:, prompt_len:], self.replay_index.eos_token_ids).bool()
         mask = out.thinking_mask[:, prompt_len:] & completion
         count = mask.sum()
         metrics["thinking/positions_frac"].append((count / completion.sum().clamp(min=1)).item())

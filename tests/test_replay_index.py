@@ -103,15 +103,37 @@ def test_unsloth_left_packing_chunks_and_reordered_rows(recorded):
 def test_sequence_packing(recorded):
     index, out, prompt_mask = recorded
     pieces, placement, start = [], [], 0
-    for r in (2, 0, 1):
+    for r in (1, 0):
         cols = real_columns(out, prompt_mask, r, drop_pad=True)
         pieces.append(out.sequences[r, cols])
         placement.append((0, torch.arange(start, start + len(cols)), r, cols))
         start += len(cols)
     ids = torch.cat(pieces)[None]
-    got = check_layout(index, out, ids, None, placement, packed=torch.tensor([len(p) for p in pieces]))
-    # row 2 sampled the pad token, which left packing drops: found, and said so
-    assert got["pad_dropped"][0, :len(pieces[0])].all() and not got["pad_dropped"][0, len(pieces[0]):].any()
+    check_layout(index, out, ids, None, placement, packed=torch.tensor([len(p) for p in pieces]))
+
+
+def test_a_rollout_packed_without_its_sampled_pad_is_refused(recorded):
+    """Row 2 sampled the pad token, which left packing drops: scored, it would not be what was sampled."""
+    index, out, prompt_mask = recorded
+    ids = out.sequences[2, real_columns(out, prompt_mask, 2, drop_pad=True)][None]
+    with pytest.raises(ReplayMiss, match="row 0 .* without its pad-id \\(0\\) tokens"):
+        index.lookup(ids, None, torch.tensor([ids.shape[1]]))
+
+
+def test_a_prompt_with_a_dropped_pad_is_refused():
+    """pad = EOS and a chat template with EOS between turns: left packing drops prompt tokens."""
+    pad = eos = 1
+    prompt = torch.tensor([[5, 1, 6, 7]])  # "turn 1 <eos> turn 2", all attended
+    sequences = torch.cat([prompt, torch.tensor([[8, 9, eos, pad]])], dim=1)
+    out = SimpleNamespace(sequences=sequences, thinking_mask=torch.zeros(1, 8, dtype=torch.bool),
+                          thinking_latents=None, thinking_hidden=None, sampled_token_logprobs=torch.zeros(1, 8))
+    index = ReplayIndex(pad, [eos])
+    index.add(out, torch.ones_like(prompt))
+    attended = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]])
+    assert not index.lookup(sequences, attended)["thinking_mask"].any()  # TRL's layout: found
+    packed = sequences[:, [0, 2, 3, 4, 5]]  # every pad-id token dropped as padding
+    with pytest.raises(ReplayMiss, match="without its pad-id \\(1\\) tokens"):
+        index.lookup(packed, torch.ones_like(packed))
 
 
 def test_an_unrecorded_sequence_is_an_error_not_a_plain_forward(recorded):

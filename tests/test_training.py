@@ -58,7 +58,7 @@ def module_of(name):
 
 # ---------------------------------------------------------------- the optimizer
 
-def test_five_parameter_groups_with_their_rates(workspace):
+def test_six_parameter_groups_with_their_rates_and_undecayed_projection_norm(workspace):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(tiny_model("llama", hidden_size=32, thinking_projection_layernorm=True,
@@ -72,9 +72,9 @@ def test_five_parameter_groups_with_their_rates(workspace):
     optimizer = patch_trainer_optimizer(trainer, 1e-4, 1e-3, 2e-4)
     assert isinstance(optimizer, torch.optim.AdamW)
     groups = {g["name"]: g for g in optimizer.param_groups}
-    assert list(groups) == ["main_decay", "main_no_decay", "gate", "lambda", "projection"]
+    assert list(groups) == ["main_decay", "main_no_decay", "gate", "lambda", "projection", "projection_no_decay"]
     expected = {"main_decay": (5e-6, 0.1), "main_no_decay": (5e-6, 0.0), "gate": (1e-4, 0.1),
-                "lambda": (1e-3, 0.0), "projection": (2e-4, 0.1)}
+                "lambda": (1e-3, 0.0), "projection": (2e-4, 0.1), "projection_no_decay": (2e-4, 0.0)}
     assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == expected
     by_id = {id(p): n for n, p in trainable(model).items()}
     seen = [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
@@ -83,7 +83,10 @@ def test_five_parameter_groups_with_their_rates(workspace):
     assert all("lora_" in n for n in names["main_decay"])
     assert names["gate"] and all("thinking_residual_gate" in n for n in names["gate"])
     assert names["lambda"] and all("thinking_residual_Lambda" in n for n in names["lambda"])
-    assert {n.rsplit(".", 1)[-1] for n in names["projection"]} == {"weight", "bias"}  # Linear + LayerNorm
+    # the projection's matrix decays, its LayerNorm's weight and bias do not
+    assert {n.split("thinking_projection.")[-1] for n in names["projection"]} == {"modules_to_save.default.weight"}
+    assert {n.split("thinking_projection.")[-1] for n in names["projection_no_decay"]} == {
+        "modules_to_save.default.norm.weight", "modules_to_save.default.norm.bias"}
     assert parameter_groups(model, 1, 0, 1, 1, 1)[1]["params"] == []  # LoRA has nothing undecayed
 
 
@@ -341,3 +344,186 @@ print("base:", type(trainer).__mro__[1].__module__)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unsloth imported: False" in proc.stdout
     assert "base: trl.trainer.grpo_trainer" in proc.stdout
+
+
+def thinking_parameters(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if any(m in n for m in THINKING_MODULES)}
+
+
+@pytest.fixture(scope="module")
+def model_without_thinking_weights(workspace):
+    """The tiny model as a hub model is stored: no thinking tensors, so they are drawn at load."""
+    from safetensors.torch import load_file, save_file
+
+    folder = workspace / "plain-model"
+    if not folder.exists():
+        import shutil
+
+        shutil.copytree(workspace / "model", folder)
+        weights = load_file(folder / "model.safetensors")
+        save_file({k: v for k, v in weights.items() if "thinking" not in k}, folder / "model.safetensors",
+                  metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("backend", ["auto", "transformers"])
+def test_same_seed_gives_the_same_thinking_modules(workspace, model_without_thinking_weights, tmp_path, backend):
+    """The thinking modules are initialised when the model is built: after the seed."""
+    if backend == "auto":
+        hrpo_gsm8k.import_unsloth(cuda=False)
+    loads = {}
+    for run, seed in (("a", 42), ("b", 42), ("c", 7)):
+        torch.randn(17)  # the global RNG stream moves on between loads, as it does in a process
+        args = cli_args(workspace, tmp_path / run, "--seed", str(seed), "--backend", backend,
+                        "--thinking_latent_source", "projection", "--model_name", str(model_without_thinking_weights))
+        model, _ = hrpo_gsm8k.load_model(args, cuda=False)
+        loads[run] = thinking_parameters(model)
+    assert loads["a"] and loads["a"].keys() == loads["b"].keys() == loads["c"].keys()
+    assert all(torch.equal(loads["a"][n], loads["b"][n]) for n in loads["a"])
+    assert any(not torch.equal(loads["a"][n], loads["c"][n]) for n in loads["a"])
+
+
+# ---------------------------------------------------------------- several stop ids
+
+SECOND_STOP = "."
+
+
+@pytest.fixture(scope="module")
+def two_stop_model(workspace):
+    """The tiny model whose generation config stops on two ids (as Qwen2.5 and Llama 3 do)."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT
+    folder = workspace / "two-stop-model"
+    model = tiny_model("qwen2", tokenizer, hidden_size=64)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(SECOND_STOP)]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_every_stop_id_ends_a_completion_in_the_replay_and_the_metrics(workspace, two_stop_model, tmp_path):
+    import warnings
+
+    args = cli_args(workspace, tmp_path / "out", "--model_name", str(two_stop_model),
+                    "--thinking_latent_source", "projection")
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    second = trainer.processing_class.convert_tokens_to_ids(SECOND_STOP)
+    assert second in trainer.eos_token_ids
+    trainer.generation_config.sequence_bias = {(second,): 2.0}  # stop early on the second id, often
+    recorded = []
+    add = trainer.replay_index.add
+    trainer.replay_index.add = lambda out, mask, **kw: (recorded.append((out, mask)), add(out, mask, **kw))[1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "pad" in str(w.message)], [str(w.message) for w in caught]
+    (out, prompt_mask), = recorded
+    completion = out.sequences[:, prompt_mask.shape[1]:]
+    stops = torch.isin(completion, torch.tensor(trainer.eos_token_ids))
+    first_stop = torch.where(stops.any(1), stops.int().argmax(1), completion.shape[1])
+    assert (completion[torch.arange(len(completion)), first_stop.clamp(max=completion.shape[1] - 1)]
+            == second).any(), "no rollout stopped on the second id: the test shows nothing"
+    upto = torch.arange(completion.shape[1])[None] <= first_stop[:, None]
+    thinking = out.thinking_mask[:, prompt_mask.shape[1]:] & upto
+    expected = (thinking.sum() / upto.sum()).item()
+    assert trainer.state.log_history[0]["thinking/positions_frac"] == pytest.approx(expected, abs=1e-6)
+
+
+# ---------------------------------------------------------------- the hidden-state hand-over
+
+def drop_last_hidden_state(monkeypatch):
+    """A forward that ignores return_last_hidden_state (as one without the fork's hand-over)."""
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    monkeypatch.setattr(qwen2, "last_position_hidden", lambda hidden_states, wanted: None)
+
+
+def test_start_up_check_refuses_a_forward_without_the_hidden_state(workspace, tmp_path, monkeypatch):
+    drop_last_hidden_state(monkeypatch)
+    args = cli_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
+    with pytest.raises(RuntimeError, match="returned no last_hidden_state"):
+        hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    embedding = cli_args(workspace, tmp_path / "out2", "--thinking_latent_source", "embedding")
+    hrpo_gsm8k.build_trainer(embedding, reward_funcs=[length_reward])  # needs no hidden state
+
+
+def test_a_rollout_that_fell_back_to_the_embedding_method_stops_training(workspace, tmp_path, monkeypatch):
+    args = cli_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    drop_last_hidden_state(monkeypatch)  # after the start-up check: generation falls back
+    with pytest.raises(RuntimeError, match="sampled with thinking_latent_source='embedding'.*'projection'"):
+        trainer.train()
+
+
+# ---------------------------------------------------------------- occasional metrics
+
+COSINE = "thinking_projection/cosine_to_embedding_latent"
+
+
+@pytest.mark.parametrize("flag, logged", [(None, [True, False]), ("0", [False, False]), ("1", [True, True])])
+def test_thinking_monitor_runs_occasionally_by_default(workspace, tmp_path, flag, logged):
+    extra = ["--thinking_monitor_every", flag] if flag is not None else []
+    args = cli_args(workspace, tmp_path / "out", "--max_steps", "2", "--thinking_latent_source", "projection", *extra)
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "reward" in row]
+    assert [COSINE in row for row in rows] == logged
+
+
+def test_help_says_how_often_the_thinking_monitor_runs():
+    text = " ".join(hrpo_gsm8k.build_parser().format_help().split())
+    assert "--thinking_monitor_every" in text and "every 10 x --logging_steps; 0: never" in text
+
+
+def test_replay_check_is_recorded_on_the_first_iteration_only(workspace, tmp_path):
+    """With num_iterations 2 the second pass over a generation batch is off-policy."""
+    args = cli_args(workspace, tmp_path / "out", "--max_steps", "2", "--thinking_latent_source", "projection")
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer.args.num_iterations = trainer.num_iterations = 2
+    trainer.train()
+    assert len(trainer.replay_logprob_diffs) == 2 and max(trainer.replay_logprob_diffs) <= 1e-4  # 2 micro-batches
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert ["thinking/replay_logprob_max_abs_diff" in row for row in rows] == [True, False]
+
+
+# ---------------------------------------------------------------- resume takes the checkpoint's settings
+
+def fake_checkpoint(workspace, out, *flags):
+    """A checkpoint folder as SaveThinkingConfig writes it, for a run started with ``flags``."""
+    args = cli_args(workspace, out, *flags)
+    model = tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args))
+    hrpo_gsm8k.SaveThinkingConfig(model, vars(args) | {"output_dir": str(out)}).write(out / "checkpoint-1")
+
+
+def resumed_args(monkeypatch, argv):
+    seen = {}
+    monkeypatch.setattr(hrpo_gsm8k, "train", lambda args: seen.setdefault("args", args))
+    code = hrpo_gsm8k.main(argv)
+    return code, seen.get("args")
+
+
+def test_resume_takes_the_thinking_options_from_the_checkpoint(workspace, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    fake_checkpoint(workspace, out, "--thinking_latent_source", "embedding", "--lora_rank", "8",
+                    "--residual_r_min", "0.95")
+    argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
+            "--output_dir", str(out), "--resume", "--max_steps", "5"]
+    code, args = resumed_args(monkeypatch, argv)
+    assert code == 0
+    assert (args.thinking_latent_source, args.lora_rank, args.residual_r_min) == ("embedding", 8, 0.95)
+    assert args.max_steps == 5  # not a setting of the model: the command line's
+    code, args = resumed_args(monkeypatch, argv + ["--thinking_latent_source", "embedding"])  # the same: fine
+    assert code == 0 and args.thinking_latent_source == "embedding"
+
+
+@pytest.mark.parametrize("flag, value, saved", [("--thinking_latent_source", "projection", "'embedding'"),
+                                                ("--lora_rank", "32", "8")])
+def test_resume_with_a_conflicting_flag_is_an_error(workspace, tmp_path, monkeypatch, capsys, flag, value, saved):
+    out = tmp_path / "out"
+    fake_checkpoint(workspace, out, "--thinking_latent_source", "embedding", "--lora_rank", "8")
+    argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
+            "--output_dir", str(out), "--resume", flag, value]
+    code, args = resumed_args(monkeypatch, argv)
+    err = capsys.readouterr().err
+    assert code == 2 and args is None
+    assert flag in err and value in err and saved in err and "checkpoint-1" in err

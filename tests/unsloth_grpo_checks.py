@@ -132,15 +132,13 @@ def replay_against_sampling(trainer, kwargs, output, temperature: float) -> dict
     # the token at position q is scored by the output at q - 1, within its own sequence
     scored = torch.zeros_like(sampled)
     scored[:, 1:] = logprobs[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    # unsloth's left packing drops pad-id tokens the tiny model sampled inside a completion:
-    # such rollouts are scored on another sequence than was sampled, by unsloth's design
-    completion = (sampled != 0) & ~recorded["pad_dropped"]
+    # a rollout that lost pad-id tokens to unsloth's left packing is refused by the lookup
+    completion = sampled != 0
     if lengths is not None:  # a sequence's first token is not scored by the previous sequence
         starts = torch.cumsum(torch.as_tensor(lengths), 0)[:-1]
         completion[0, starts] = False
     diff = (scored - sampled).abs()[completion]
-    return {"compared": int(completion.sum()), "max_diff": diff.max().item() if diff.numel() else None,
-            "pad_dropped": bool(recorded["pad_dropped"].any())}
+    return {"compared": int(completion.sum()), "max_diff": diff.max().item() if diff.numel() else None}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""Smoke tests of the bench scripts: each runs end to end on a tiny model, a few tokens/steps."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_bench(script: str, *args: str, timeout: int = 900, cwd=None) -> str:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def test_train_step_bench_runs_every_variant(tmp_path):
+    out = run_bench("train_step.py", "--model", "tiny", "--steps", "2", "--new-tokens", "4",
+                    "--json", str(tmp_path / "r.json"))
+    for variant in ("plain_grpo", "hrpo_embedding", "hrpo_projection"):
+        assert variant in out
+
+
+def test_train_step_bench_reports_a_failing_child(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--model", str(tmp_path / "no-model"),
+                           "--steps", "2", "--new-tokens", "4", "--variants", "hrpo_projection"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "hrpo_projection child failed" in proc.stderr and "no-model" in proc.stderr
+
+
+def test_decoding_bench(tmp_path):
+    out = run_bench("decoding.py", "--model", "tiny-qwen2", "--batch", "2", "--new-tokens", "4", "--repeats", "1",
+                    "--device", "cpu", "--json", str(tmp_path / "r.json"))
+    assert (tmp_path / "r.json").exists() and out.strip()
+
+
+def test_latent_stats_bench(tmp_path):
+    out = run_bench("latent_stats.py", "--model", "tiny-qwen2", "--new-tokens", "4", "--device", "cpu",
+                    "--json", str(tmp_path / "r.json"))
+    assert (tmp_path / "r.json").exists() and out.strip()
+
+
+def test_marker_bench(tmp_path):
+    out = run_bench("marker.py", "--length", "16", "--batch", "2", "--json", str(tmp_path / "r.json"))
+    assert (tmp_path / "r.json").exists() and out.strip()
+
+
+def test_plot_run_command(tmp_path):
+    import json
+
+    history = [{"step": s, "reward": s / 10, "kl": 0.01 * s} for s in range(1, 4)]
+    (tmp_path / "log_history.json").write_text(json.dumps(history))
+    run_bench("plot_run.py", str(tmp_path), "--out", str(tmp_path / "plots"))
+    assert [p.suffix for p in (tmp_path / "plots").iterdir()] == [".png"]
+
+
+@pytest.mark.slow
+def test_unsloth_gpu_bench_dry_run_on_cpu(tmp_path):
+    run_bench("unsloth_gpu.py", "--device", "cpu", "--new-tokens", "4", "--json", str(tmp_path / "r.json"))
