@@ -13,13 +13,13 @@ import time
 
 import torch
 
+from .replay import stop_token_ids
 from .tasks import Task
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
+def trainer_stop_ids(model, tokenizer) -> list[int]:
     """TRL's rule: the tokenizer's eos first, then every eos id the model's generation config declares."""
-    declared = model.generation_config.eos_token_id
-    ids = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    ids = stop_token_ids(model.generation_config.eos_token_id)
     return ids if tokenizer.eos_token_id in ids else [tokenizer.eos_token_id, *ids]
 
 
@@ -30,7 +30,7 @@ def decoding_config(model, tokenizer, *, temperature: float, greedy: bool, max_n
     return GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=0.0,
         repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_token_ids(model, tokenizer),
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=trainer_stop_ids(model, tokenizer),
         disable_compile=True)
 
 

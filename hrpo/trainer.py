@@ -152,8 +152,11 @@ class HRPOTrainer(GRPOTrainer):
         def generate(*args, **kwargs):
             self._generating = True
             try:
-                out = original(*args, processing_class=tokenizer, return_thinking_embeds=True,
-                               thinking_monitor=monitor, **kwargs)
+                # the replay scores under the trainer's autocast (bf16/fp16 on CUDA): sample under
+                # the same one, so that the float32 thinking modules run at the same precision
+                with self.accelerator.autocast():
+                    out = original(*args, processing_class=tokenizer, return_thinking_embeds=True,
+                                   thinking_monitor=monitor, **kwargs)
             finally:
                 self._generating = False
             check_rollout_source(out, self.thinking_base)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
-from hrpo.evaluation import decoding_config, evaluate_rows, stop_token_ids
+from hrpo.evaluation import decoding_config, evaluate_rows, trainer_stop_ids
 from hrpo.tasks import get_task
 
 
@@ -30,9 +30,9 @@ def test_stop_ids_are_the_trainers():
     tokenizer = tiny_tokenizer()
     model = tiny_model("qwen2", tokenizer)
     model.generation_config.eos_token_id = [5, tokenizer.eos_token_id]
-    assert stop_token_ids(model, tokenizer) == [5, tokenizer.eos_token_id]
+    assert trainer_stop_ids(model, tokenizer) == [5, tokenizer.eos_token_id]
     model.generation_config.eos_token_id = 5
-    assert stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id, 5]
+    assert trainer_stop_ids(model, tokenizer) == [tokenizer.eos_token_id, 5]
 
 
 def test_greedy_forms_the_embedding_latent_at_the_training_temperature(monkeypatch):

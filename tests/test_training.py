@@ -527,3 +527,37 @@ def test_resume_with_a_conflicting_flag_is_an_error(workspace, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert code == 2 and args is None
     assert flag in err and value in err and saved in err and "checkpoint-1" in err
+
+
+def test_rollouts_are_sampled_under_the_trainers_autocast(workspace, tmp_path):
+    """The replay scores under accelerator.autocast() (bf16/fp16 on CUDA); sampling must run
+    under the same context so that the on-policy check compares like with like."""
+    import contextlib
+
+    trainer = hrpo_gsm8k.build_trainer(cli_args(workspace, tmp_path / "out"), reward_funcs=[length_reward])
+    inside = []
+    original_autocast = trainer.accelerator.autocast
+
+    @contextlib.contextmanager
+    def recording_autocast(*args, **kwargs):
+        inside.append(True)
+        try:
+            with original_autocast(*args, **kwargs):
+                yield
+        finally:
+            inside.pop()
+
+    trainer.accelerator.autocast = recording_autocast
+    base = trainer.thinking_base
+    sampled_inside = []
+    original_latent = type(base).thinking_latent
+    def spy(self, *args, **kwargs):
+        if trainer._generating:
+            sampled_inside.append(bool(inside))
+        return original_latent(self, *args, **kwargs)
+    type(base).thinking_latent = spy
+    try:
+        trainer.train()
+    finally:
+        type(base).thinking_latent = original_latent
+    assert sampled_inside and all(sampled_inside)
