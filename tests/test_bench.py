@@ -52,8 +52,20 @@ def test_plot_run_command(tmp_path):
 
     history = [{"step": s, "reward": s / 10, "kl": 0.01 * s} for s in range(1, 4)]
     (tmp_path / "log_history.json").write_text(json.dumps(history))
-    run_bench("plot_run.py", str(tmp_path), "--out", str(tmp_path / "plots"))
+    script = BENCH.parent / "scripts" / "plot_run.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "--out", str(tmp_path / "plots")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.suffix for p in (tmp_path / "plots").iterdir()] == [".png"]
+    assert "reward per step (3 steps): 0.10 0.20 0.30" in proc.stdout
+
+
+def test_replay_precision_bench(tmp_path):
+    out = run_bench("replay_precision.py", "--model", "tiny", "--new-tokens", "6", "--json", str(tmp_path / "r.json"))
+    import json
+
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert results["fp32"]["max"] < 1e-4 and "bfloat16, same autocast" in out
 
 
 @pytest.mark.slow
