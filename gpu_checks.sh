@@ -19,7 +19,7 @@ mkdir -p "$out"
   done
   echo "== hrpo_gsm8k.py: 3 GRPO steps through unsloth (Qwen2, hidden 1024), peak memory"
   "$py" bench/unsloth_gpu.py --arch qwen2 --build-only "$work/model"
-  "$py" scripts/make_sample_gsm8k.py --out "$work/data" --train 32 --test 8
+  "$py" scripts/make_arith_data.py --out "$work/data" --difficulty 3
   "$py" - "$work" "$out" <<'PY' 2>&1 | tail -25
 import json, sys, time
 from pathlib import Path

@@ -112,7 +112,3 @@ def completion_text(completion) -> str:
         return "".join(m.get("content", "") if isinstance(m, dict) else str(m) for m in completion)
     return str(completion)
 
-
-def gsm8k_reward(completions, answer, **_) -> list[float]:
-    """TRL reward function: the dataset's ``answer`` column is passed by name."""
-    return [correctness_reward(completion_text(c), a) for c, a in zip(completions, answer)]

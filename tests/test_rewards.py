@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hrpo.rewards import correctness_reward, extract_answer, gsm8k_reward, parse_number, reference_answer
+from hrpo.rewards import correctness_reward, extract_answer, parse_number, reference_answer
+from hrpo.tasks import get_task
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -98,7 +99,7 @@ def test_repeated_and_conflicting_answers_in_the_reward():
 
 def test_trl_reward_function_takes_chat_completions():
     completions = [[{"role": "assistant", "content": "2+2=4 #### 4"}], "#### 5"]
-    assert gsm8k_reward(completions, answer=["#### 4", "#### 4"]) == [1.0, 0.0]
+    assert get_task("gsm8k").reward_function()(completions, answer=["#### 4", "#### 4"]) == [1.0, 0.0]
 
 
 def test_reference_answer_of_gsm8k_rows():
