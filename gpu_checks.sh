@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All GPU checks in one run, for a lent CUDA machine with no network: writes a summary and
+# All GPU checks in one run, for a CUDA machine (also an air-gapped one): writes a summary and
 # JSON under ${OUT:-gpu-results}. Models are built from configs (no hub).
 # Either ./setup.sh was done on that machine, or .gpu-carry/ came along
 # (scripts/prepare_gpu_carry.sh: the patched fork sources and the missing wheels), which is

@@ -1,7 +1,7 @@
 # Sourced by gpu_checks.sh: sets $py to a Python with the forks and every package in place.
 # Either ./setup.sh made .venv, or .gpu-carry/ (scripts/prepare_gpu_carry.sh) came along and
 # is installed into /tmp here, on top of the machine's own torch / transformers / peft /
-# triton (a lent GPU machine has no network).
+# triton (an air-gapped CUDA machine).
 py=${PYTHON:-.venv/bin/python}
 if [ ! -x "$py" ] && [ -d .gpu-carry ]; then
   site=/tmp/hrpo-site

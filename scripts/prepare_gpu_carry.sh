@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare what a lent GPU machine (no network, Python 3.12, torch/transformers/peft/triton
+# Prepare, on a connected machine, what an air-gapped CUDA machine (Python 3.12, torch/transformers/peft/triton
 # already there) needs to run ./gpu_checks.sh, in .gpu-carry/ (git-ignored; carry it):
 #   forks.tar.gz  the materialized, patched fork sources (transformers/, unsloth/), so that
 #                 neither git nor the upstream archives are needed there
@@ -13,7 +13,7 @@ rm -rf "$out"
 mkdir -p "$out/wheels"
 "$py" tools/forks.py materialize >/dev/null
 tar czf "$out/forks.tar.gz" -C transformers/tree/src transformers -C ../../../unsloth/tree unsloth unsloth_cli unsloth.egg-info
-# Missing there (KINDS.md's package list against what hrpo_gsm8k.py and unsloth import).
+# What such a machine lacks: what hrpo_gsm8k.py and unsloth import, less torch, transformers, peft and triton.
 wanted="trl==1.15.0 datasets==4.8.5 dill multiprocess unsloth_zoo==2026.10.9 msgspec tyro docstring-parser
         typeguard shtab"
 platforms=""
