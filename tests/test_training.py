@@ -561,3 +561,24 @@ def test_rollouts_are_sampled_under_the_trainers_autocast(workspace, tmp_path):
     finally:
         type(base).thinking_latent = original_latent
     assert sampled_inside and all(sampled_inside)
+
+
+def test_plain_grpo_arm_trains_lora_only_and_evaluates_without_thinking(workspace, tmp_path):
+    """--hybrid_thinking off: TRL's own GRPOTrainer, the thinking modules untouched, and the
+    checkpoint evaluates as trained (plain decoding) without being told."""
+    import eval_gsm8k
+    from trl import GRPOTrainer
+
+    from hrpo.trainer import HRPOTrainer
+
+    args = cli_args(workspace, tmp_path / "out", "--hybrid_thinking", "off")
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    assert isinstance(trainer, GRPOTrainer) and not isinstance(trainer, HRPOTrainer)
+    assert {module_of(n) for n in trainable(trainer.model)} == {"lora"}
+    trainer.train()
+    trainer.thinking_saver.write(tmp_path / "out" / "checkpoint-1")
+    write_jsonl(make_problems(3, seed=3, difficulty=3), tmp_path / "test.jsonl")
+    assert eval_gsm8k.main(["--checkpoint_path", str(tmp_path / "out" / "checkpoint-1"), "--dataset_path",
+                            str(tmp_path / "test.jsonl"), "--greedy", "--max_new_tokens", "4"]) == 0
+    metrics = json.loads((tmp_path / "out" / "checkpoint-1" / "eval_results.json").read_text())["metrics"]
+    assert metrics["thinking"] is False and metrics["task"] == "gsm8k"
