@@ -23,7 +23,8 @@ give answers equivalent to the reference. An answer equals the reference when:
 3. math-verify finds them equivalent, parsing both as LaTeX only (``LatexExtractionConfig``;
    its ``ExprExtractionConfig`` path runs sympy's ``parse_expr``, i.e. ``eval``, on model text).
 
-Model text is never executed. Time per answer is bounded: answers longer than
+Model text is never executed (latex2sympy's number reading, which goes through sympy's
+``eval``-based ``sympify``, is replaced by a direct conversion). Time per answer is bounded: answers longer than
 ``MAX_ANSWER_CHARS``, with digit runs longer than ``MAX_DIGITS``, powers whose exponents
 multiply past ``MAX_EXPONENT``, a power tower with digits in its exponent, or a factorial or
 binomial of a large number are refused before parsing (score 0, counted as ``refused``):
@@ -207,7 +208,8 @@ def _exponent_span(text: str, caret: int) -> tuple[int, int]:
     if i < len(text) and text[i] == "\\":
         match = re.match(r"\\[A-Za-z]+", text[i:])
         return i, i + (match.end() if match else 1)
-    return i, min(i + 1, len(text))
+    digits = re.match(r"\d+", text[i:])  # "2^10": LaTeX reads 2^1 0, a model may mean 2^10; count 10
+    return i, i + (digits.end() if digits else min(1, len(text) - i))
 
 
 def _literal_product(text: str) -> int:
@@ -234,10 +236,15 @@ def refusal(answer: str) -> str | None:
         exponent = text[start:end]
         if "^" in exponent and not _VARIABLE.search(_COMMAND.sub("", exponent)):
             return "a power tower"  # a numeric exponent that is itself a power: 9^{9^{9}}
+        after = end + 1 if end < len(text) and text[end] == "}" else end
+        if text[after:].lstrip().startswith("^"):
+            return "a power tower"  # chained superscripts: 9^9^9
         load = _literal_product(exponent)
         base_end = caret - 1
         while base_end >= 0 and text[base_end] == " ":
             base_end -= 1
+        if base_end >= 0 and text[base_end] == "!" and load > 100:
+            return "a large power of a factorial"
         if base_end >= 0 and text[base_end] in _OPENERS:
             base_start = _group_start(text, base_end)
             inner = max((v for k, v in loads.items() if base_start <= k < base_end), default=1)
@@ -306,6 +313,33 @@ def _as_latex(text: str) -> str:
     return "\\boxed{" + text + "}"
 
 
+_NUMBER_TOKEN = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _install_eval_free_numbers() -> None:
+    """latex2sympy reads a number token with ``sympy.Number(text)``, i.e. ``sympify`` ->
+    ``parse_expr`` -> ``eval``. The token is digits by the lexer's rules, but nothing of
+    the model's text is to reach ``eval``: read it as sympy's auto_number would (Integer for
+    digits, Float otherwise), directly."""
+    import sympy
+    from latex2sympy2_extended import latex2sympy2
+
+    converter = latex2sympy2._Latex2Sympy
+    if getattr(converter.parse_number, "eval_free", False):
+        return
+
+    def parse_number(self, text):
+        text = text.replace(",", "")
+        if text.isdigit():
+            return sympy.Integer(int(text))
+        if not _NUMBER_TOKEN.fullmatch(text):
+            raise ValueError(f"not a number token: {text[:20]!r}")
+        return sympy.Float(text)
+
+    parse_number.eval_free = True
+    converter.parse_number = parse_number
+
+
 def _alarms_allowed() -> bool:
     return threading.current_thread() is threading.main_thread()
 
@@ -314,6 +348,7 @@ def _mv_parse(text: str):
     """math-verify's parse, LaTeX only; raises TimeoutException on a timeout."""
     from math_verify import LatexExtractionConfig, parse
 
+    _install_eval_free_numbers()
     try:
         return parse(_as_latex(text), extraction_config=[LatexExtractionConfig()], fallback_mode="no_fallback",
                      parsing_timeout=PARSE_TIMEOUT_S if _alarms_allowed() else None, raise_on_error=True)
