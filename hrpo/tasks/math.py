@@ -340,6 +340,33 @@ def _install_eval_free_numbers() -> None:
     converter.parse_number = parse_number
 
 
+WARM_UP = (("\\frac{1}{2}", "0.5"), ("(1, 2]", "(1,2]"), ("x = 3", "3"), ("(x+1)^2", "x^2+2x+1"),
+           ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}"), ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\{1,2\\}"))
+_prepared = False
+
+
+def _prepare() -> None:
+    """Once per process: the eval-free number reader, then a few known answers parsed and
+    compared under a generous limit, so that the first model answers do not pay for
+    math-verify's and sympy's lazy set-up (parsers, modules) inside their 1 s limits."""
+    global _prepared
+    if _prepared:
+        return
+    _prepared = True
+    _install_eval_free_numbers()
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    limit = 60 if _alarms_allowed() else None
+    for answer, reference in WARM_UP:
+        try:
+            gold, target = (parse(_as_latex(t), extraction_config=[LatexExtractionConfig()],
+                                  fallback_mode="no_fallback", parsing_timeout=limit) for t in (reference, answer))
+            if gold and target:
+                verify(gold[0], target[0], timeout_seconds=limit)
+        except Exception:  # noqa: BLE001  (a warm-up only)
+            pass
+
+
 def _alarms_allowed() -> bool:
     return threading.current_thread() is threading.main_thread()
 
@@ -348,7 +375,7 @@ def _mv_parse(text: str):
     """math-verify's parse, LaTeX only; raises TimeoutException on a timeout."""
     from math_verify import LatexExtractionConfig, parse
 
-    _install_eval_free_numbers()
+    _prepare()
     try:
         return parse(_as_latex(text), extraction_config=[LatexExtractionConfig()], fallback_mode="no_fallback",
                      parsing_timeout=PARSE_TIMEOUT_S if _alarms_allowed() else None, raise_on_error=True)
