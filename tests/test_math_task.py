@@ -29,8 +29,8 @@ REFERENCES = ["2", "\\frac{1}{2}", "(1,2]", "\\frac{\\sqrt{3}}{2}", "\\{1,2\\}"]
 def generous_timeouts(monkeypatch):
     """The equivalence tables check what is equal, not speed: on a loaded 2-core machine a
     cold sympy path can pass the 1 s production limit."""
-    monkeypatch.setattr(M, "PARSE_TIMEOUT_S", 20)
-    monkeypatch.setattr(M, "VERIFY_TIMEOUT_S", 20)
+    monkeypatch.setattr(M, "ANSWER_TIMEOUT_S", 20.0)
+    monkeypatch.setattr(M, "REFERENCE_TIMEOUT_S", 20.0)
 
 
 # ------------------------------------------------------------------ references
@@ -218,7 +218,8 @@ def test_the_equivalence_table_runs_without_eval(generous_timeouts, monkeypatch)
     assert got == [equal for _, _, equal in EQUIVALENCE]
 
 
-@pytest.mark.parametrize("answer", ["9^{9^{9^{9}}}", "9^9^9", "2**10**10", "1000!^{1000}", "x" * 100_000, "(10^{9999})^{9999}", "100000!",
+@pytest.mark.parametrize("answer", ["9^{9^{9^{9}}}", "9^9^9", "2**10**10", "1000!^{1000}", "x" * 100_000,
+                                    "(10^{9999})^{9999}", "100000!",
                                     "\\binom{100000}{50000}", "10^{100000}", "1" * 100])
 def test_refusal_rules(answer):
     assert M.refusal(answer) is not None
@@ -231,15 +232,12 @@ def test_ordinary_answers_are_not_refused(answer):
 
 
 def test_a_timeout_scores_zero_and_is_counted(monkeypatch):
-    """A comparison that runs past VERIFY_TIMEOUT_S is stopped by math-verify's alarm."""
+    """A comparison that runs past ANSWER_TIMEOUT_S is stopped by the deadline."""
     import math_verify
-    from math_verify.utils import timeout
 
-    def endless_verify(gold, target, timeout_seconds=None, **kwargs):
-        def spin():
-            while True:
-                pass
-        return timeout(timeout_seconds)(spin)()
+    def endless_verify(gold, target, **kwargs):
+        while True:
+            pass
 
     monkeypatch.setattr(math_verify, "verify", endless_verify)
     before = M.REWARD_STATS["timeouts"]

@@ -23,24 +23,29 @@ give answers equivalent to the reference. An answer equals the reference when:
 3. math-verify finds them equivalent, parsing both as LaTeX only (``LatexExtractionConfig``;
    its ``ExprExtractionConfig`` path runs sympy's ``parse_expr``, i.e. ``eval``, on model text).
 
-Model text is never executed (latex2sympy's number reading, which goes through sympy's
-``eval``-based ``sympify``, is replaced by a direct conversion). Time per answer is bounded: answers longer than
-``MAX_ANSWER_CHARS``, with digit runs longer than ``MAX_DIGITS``, powers whose exponents
-multiply past ``MAX_EXPONENT``, a power tower with digits in its exponent, or a factorial or
-binomial of a large number are refused before parsing (score 0, counted as ``refused``):
+Model text is never executed: latex2sympy's number reading, which goes through sympy's
+``eval``-based ``sympify``, is replaced by a direct conversion. Time per answer is bounded:
+answers longer than ``MAX_ANSWER_CHARS``, with digit runs longer than ``MAX_DIGITS``, powers
+whose exponents multiply past ``MAX_EXPONENT``, a power tower with digits in its exponent,
+or a factorial or binomial of a large number are refused before parsing (score 0, counted as ``refused``):
 those are the inputs whose evaluation is one long big-integer operation that no signal can
-interrupt. What is left runs under math-verify's ``signal.alarm`` limits (``PARSE_TIMEOUT_S``
-and ``VERIFY_TIMEOUT_S``, whole seconds, main thread only; other threads rely on the refusal
-rules alone); a timeout scores 0 and is counted as ``timeouts``. ``REWARD_STATS`` holds the
-counts; the reward function logs each batch's counts as ``math/timeouts`` and
+interrupt. What is left runs under one wall-time budget per answer, ``ANSWER_TIMEOUT_S``
+(1 s) for parsing it and comparing, enforced by a real-time interval timer (``deadline``;
+math-verify's own limits are whole seconds per call, so parse + compare could take 2 s or
+more); a reference is parsed once, within ``REFERENCE_TIMEOUT_S``. A timeout scores 0 and
+is counted as ``timeouts``. Signals reach the main thread only (where TRL calls reward
+functions); in another thread the refusal rules are the only bound. ``REWARD_STATS`` holds
+the counts; the reward function logs each batch's counts as ``math/timeouts`` and
 ``math/refused`` through TRL's ``log_metric``.
 """
 from __future__ import annotations
 
 import json
 import re
+import signal
 import threading
 from collections import Counter
+from contextlib import contextmanager
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
@@ -60,8 +65,8 @@ MAX_DIGITS = 60            # a longer run of digits is not an answer
 MAX_EXPONENT = 10_000      # product of the exponents along a chain of powers: ((a^b)^c) -> b*c
 MAX_FACTORIAL = 1_000      # n! and binomials of larger numbers are refused
 MAX_DISTINCT_ANSWERS = 3   # more different answers after markers: no answer
-PARSE_TIMEOUT_S = 1        # math-verify's limits, whole seconds (signal.alarm)
-VERIFY_TIMEOUT_S = 1
+ANSWER_TIMEOUT_S = 1.0     # wall time to parse a model answer and compare it (deadline())
+REFERENCE_TIMEOUT_S = 5.0  # to parse a reference answer, once per distinct reference (cached)
 
 REWARD_STATS: Counter = Counter()  # "graded", "timeouts", "refused": since the process started
 
@@ -345,47 +350,75 @@ WARM_UP = (("\\frac{1}{2}", "0.5"), ("(1, 2]", "(1,2]"), ("x = 3", "3"), ("(x+1)
 _prepared = False
 
 
+@contextmanager
+def deadline(seconds: float):
+    """Raise math-verify's TimeoutException (a BaseException: no ``except Exception`` in
+    sympy or math-verify swallows it) when the block runs longer than ``seconds`` of wall
+    time: a real-time interval timer (sub-second, unlike math-verify's whole-second
+    ``signal.alarm``), one budget for everything inside, firing again every 0.1 s until
+    the block is left. Signals reach the main thread
+    only: elsewhere the block runs unbounded (the refusal rules still apply)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from math_verify.errors import TimeoutException
+
+    def expire(signum, frame):
+        raise TimeoutException(f"over {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.1)  # and again every 0.1 s, should anything swallow it
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _prepare() -> None:
-    """Once per process: the eval-free number reader, then a few known answers parsed and
-    compared under a generous limit, so that the first model answers do not pay for
-    math-verify's and sympy's lazy set-up (parsers, modules) inside their 1 s limits."""
+    """Once per process: the eval-free number reader, math-verify's own (whole-second,
+    per-call) alarms off in favour of ``deadline``, then a few known answers parsed and
+    compared, so that the first model answers do not pay for math-verify's and sympy's
+    lazy set-up (parsers, modules) inside their time budget."""
     global _prepared
     if _prepared:
         return
     _prepared = True
     _install_eval_free_numbers()
-    from math_verify import LatexExtractionConfig, parse, verify
+    import math_verify.grader
+    import math_verify.parser
 
-    limit = 60 if _alarms_allowed() else None
+    math_verify.parser.TIMEOUT_WARNING_SHOWN = math_verify.grader.TIMEOUT_WARNING_SHOWN = True  # off on purpose
+    from math_verify import verify
+
     for answer, reference in WARM_UP:
         try:
-            gold, target = (parse(_as_latex(t), extraction_config=[LatexExtractionConfig()],
-                                  fallback_mode="no_fallback", parsing_timeout=limit) for t in (reference, answer))
-            if gold and target:
-                verify(gold[0], target[0], timeout_seconds=limit)
-        except Exception:  # noqa: BLE001  (a warm-up only)
-            pass
-
-
-def _alarms_allowed() -> bool:
-    return threading.current_thread() is threading.main_thread()
+            with deadline(60):
+                gold, target = _mv_parse(reference), _mv_parse(answer)
+                if gold and target:
+                    verify(gold[0], target[0], timeout_seconds=None)
+        except BaseException as err:  # noqa: BLE001  (a warm-up only; let Ctrl-C through)
+            if isinstance(err, KeyboardInterrupt):
+                raise
 
 
 def _mv_parse(text: str):
-    """math-verify's parse, LaTeX only; raises TimeoutException on a timeout."""
+    """math-verify's parse, LaTeX only, no time limit of its own (the caller's deadline
+    applies); [] when it cannot be read."""
     from math_verify import LatexExtractionConfig, parse
 
     _prepare()
     try:
         return parse(_as_latex(text), extraction_config=[LatexExtractionConfig()], fallback_mode="no_fallback",
-                     parsing_timeout=PARSE_TIMEOUT_S if _alarms_allowed() else None, raise_on_error=True)
+                     parsing_timeout=None, raise_on_error=True)
     except Exception:  # noqa: BLE001  (anything but a timeout: not parseable)
         return []
 
 
 @lru_cache(maxsize=4096)
 def _reference_parsed(reference: str):
-    return tuple(_mv_parse(reference))
+    with deadline(REFERENCE_TIMEOUT_S):
+        return tuple(_mv_parse(reference))
 
 
 @lru_cache(maxsize=256)
@@ -398,11 +431,10 @@ def _mv_equivalent(answer: str, reference: str) -> bool:
     from math_verify.errors import TimeoutException
 
     try:
-        gold, target = _reference_parsed(reference), _answer_parsed(answer)
-        if not gold or not target:
-            return False
-        return verify(gold[0], target[0], timeout_seconds=VERIFY_TIMEOUT_S if _alarms_allowed() else None,
-                      raise_on_error=True)
+        gold = _reference_parsed(reference)
+        with deadline(ANSWER_TIMEOUT_S):
+            target = _answer_parsed(answer)
+            return bool(gold and target) and verify(gold[0], target[0], timeout_seconds=None, raise_on_error=True)
     except TimeoutException:
         REWARD_STATS["timeouts"] += 1
         return False
