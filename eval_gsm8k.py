@@ -25,7 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", required=True, help="an HRPO output folder or a checkpoint-N folder in it")
     p.add_argument("--task", default=None, choices=TASK_NAMES, help="default: the run's task")
-    p.add_argument("--dataset_path", default=None, help="held-out data (default: the run's --dataset_path)")
+    p.add_argument("--dataset_path", default=None,
+                   help="held-out data (default: the run's --dataset_path): a local file, or a hub set of the "
+                        "task: HuggingFaceH4/MATH-500 (math500) for math; TIGER-Lab/MMLU-STEM (mmlu-stem), "
+                        "allenai/ai2_arc (arc-challenge), allenai/openbookqa (openbookqa), allenai/qasc (qasc) "
+                        "for mmlu")
     p.add_argument("--split", default="test")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--greedy", action="store_true", help="HRPO's inference mode: argmax tokens")
@@ -43,12 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
 def resolved(args) -> argparse.Namespace:
     """The flags given, else the run's saved settings."""
     from hrpo.checkpoint import require_checkpoint_files, run_settings
+    from hrpo.tasks import get_task
 
     require_checkpoint_files(args.checkpoint_path)
     run = run_settings(args.checkpoint_path)
     out = argparse.Namespace(**vars(args))
     out.task = args.task or run.get("task", "gsm8k")
-    out.dataset_path = args.dataset_path or run.get("dataset_path") or "openai/gsm8k"
+    out.dataset_path = args.dataset_path or run.get("dataset_path") or get_task(out.task).default_dataset
     out.system_prompt = args.system_prompt or run.get("system_prompt", "tutor")
     out.temperature = args.temperature if args.temperature is not None else run.get("temperature", 0.5)
     out.thinking = args.thinking or run.get("hybrid_thinking", "on")

@@ -38,10 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--model_name", default="Qwen/Qwen2.5-1.5B-Instruct", help="hub name or local folder of a Qwen2/Llama model")
     a("--task", default="gsm8k", choices=TASK_NAMES,
-      help="gsm8k: GSM8K word problems; arith: generated arithmetic problems in GSM8K's format (offline)")
+      help="gsm8k: GSM8K word problems; arith: generated arithmetic problems in GSM8K's format (offline); "
+           "math: MATH (hrpo_math.py); mmlu: multiple-choice STEM questions (hrpo_mmlu.py)")
     a("--dataset_path", default=None,
       help="hub dataset name or local .jsonl/.json/.parquet in the task's format (default: the task's, "
-           "openai/gsm8k for gsm8k; for arith 'generated' or 'generated:D' with difficulty D in 1-3)")
+           "openai/gsm8k for gsm8k; for arith 'generated' or 'generated:D' with difficulty D in 1-3; "
+           "EleutherAI/hendrycks_math or a MATH folder for math; cais/mmlu for mmlu)")
     a("--system_prompt", default="hrpo",
       help=f"one of {sorted(SYSTEM_PROMPTS)} (hrpo: the paper's prompt format) or a prompt text containing the "
            f"answer marker")
@@ -453,8 +455,10 @@ def train(args) -> Path:
     return Path(args.output_dir)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, parser: argparse.ArgumentParser | None = None) -> int:
+    """parser: the task scripts' (hrpo_math.py, hrpo_mmlu.py), this one's with their defaults."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
     args.dataset_path = args.dataset_path or get_task(args.task).default_dataset
     args.output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args)
     if Path(args.model_name).expanduser().is_dir():  # checkpoints record it: make it work from anywhere
@@ -467,7 +471,7 @@ def main(argv=None) -> int:
         check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
         train(args)
     except (UsageError, DataError) as err:
-        print(f"hrpo_gsm8k.py: error: {err}", file=sys.stderr)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -2,6 +2,8 @@
 
     gsm8k  grade-school math word problems (openai/gsm8k or a local file)
     arith  generated GSM8K-format arithmetic problems of a chosen difficulty (offline, CPU-scale)
+    math   MATH competition problems (EleutherAI/hendrycks_math, MATH-500 or a local copy), graded by equivalence
+    mmlu   multiple-choice STEM questions (MMLU auxiliary train; MMLU-STEM, ARC-Challenge, OpenBookQA, QASC)
 """
 from __future__ import annotations
 
@@ -9,12 +11,12 @@ from .base import SYSTEM_PROMPTS, Task, system_prompt_text
 
 
 def _registry() -> dict:
-    from . import arith, gsm8k
+    from . import arith, gsm8k, math, mc
 
-    return {task.name: task for task in (gsm8k.TASK, arith.TASK)}
+    return {task.name: task for task in (gsm8k.TASK, arith.TASK, math.TASK, mc.TASK)}
 
 
-TASK_NAMES = ("gsm8k", "arith")
+TASK_NAMES = ("gsm8k", "arith", "math", "mmlu")
 
 
 def get_task(name: str) -> Task:

@@ -5,7 +5,7 @@ interface, so a new task (MATH, multiple choice) is a new module in this package
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 # HRPO's system prompt (the paper's prompt format, with the task's answer marker).
@@ -39,7 +39,9 @@ class Task:
     what --dataset_path means when not given. load(dataset_path, split): a checked
     `datasets.Dataset` with a ``question`` column plus the columns ``reference`` reads.
     extract(completion): the answer, or None. reference(row): the expected answer.
-    equivalent(answer, reference): graded equal."""
+    equivalent(answer, reference): graded equal. counters: a Counter the grading updates
+    (for instance timeouts); the reward function logs each batch's increase of the keys in
+    logged_counters as ``<task>/<key>`` through TRL's ``log_metric``, when TRL passes it."""
 
     name: str
     answer_marker: str
@@ -49,6 +51,8 @@ class Task:
     reference: Callable[[dict], Any]
     equivalent: Callable[[Any, Any], bool] = lambda answer, reference: answer == reference
     reference_columns: tuple[str, ...] = ("answer",)
+    counters: Any = field(default=None, compare=False)
+    logged_counters: tuple[str, ...] = ()
 
     def to_prompt(self, question: str, system_prompt: str = "hrpo") -> list[dict]:
         """TRL's conversational prompt: system + user messages."""
@@ -73,7 +77,13 @@ class Task:
         def reward(completions, **columns) -> list[float]:
             rows = [dict(zip(self.reference_columns, values))
                     for values in zip(*(columns[c] for c in self.reference_columns))]
-            return [float(self.grade(completion_text(c), row)["correct"]) for c, row in zip(completions, rows)]
+            before = {key: self.counters[key] for key in self.logged_counters} if self.counters is not None else {}
+            rewards = [float(self.grade(completion_text(c), row)["correct"]) for c, row in zip(completions, rows)]
+            log_metric = columns.get("log_metric")
+            if callable(log_metric):
+                for key, count in before.items():
+                    log_metric(f"{self.name}/{key}", float(self.counters[key] - count))
+            return rewards
 
         reward.__name__ = reward.__qualname__ = f"{self.name}_reward"
         return reward

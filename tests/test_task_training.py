@@ -1,0 +1,95 @@
+"""hrpo_math.py and hrpo_mmlu.py: their defaults, one training step each on a tiny model
+(CPU), and an offline evaluation of the checkpoint through eval_gsm8k.py."""
+import json
+
+import pytest
+from test_math_task import PROBLEMS, REFERENCES, write_math_folder
+from test_mc_task import ARC_ROWS, MMLU_ROWS, OBQA_ROWS
+from tiny import tiny_model, tiny_tokenizer
+
+import eval_gsm8k
+import hrpo_gsm8k
+import hrpo_math
+import hrpo_mmlu
+from hrpo.data import write_jsonl
+
+CHAT = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task-model")
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT
+    tiny_model("qwen2", tokenizer, hidden_size=64).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root / "model"
+
+
+def tiny_argv(model, data, out, *extra):
+    return ["--model_name", str(model), "--dataset_path", str(data), "--output_dir", str(out), "--max_steps", "1",
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--group_size", "4",
+            "--max_completion_length", "8", "--max_prompt_length", "1024", "--lora_rank", "4", "--warmup_ratio", "0",
+            "--save_steps", "1", *extra]
+
+
+def test_the_task_scripts_only_change_defaults():
+    base = vars(hrpo_gsm8k.build_parser().parse_args([]))
+    math_args = vars(hrpo_math.build_parser().parse_args([]))
+    mmlu_args = vars(hrpo_mmlu.build_parser().parse_args([]))
+    assert {k: v for k, v in math_args.items() if base[k] != v} == {"task": "math", "max_completion_length": 2048}
+    assert {k: v for k, v in mmlu_args.items() if base[k] != v} == {"task": "mmlu"}
+    assert hrpo_math.build_parser().parse_args(["--max_completion_length", "64"]).max_completion_length == 64
+    assert "MATH" in hrpo_math.build_parser().format_help()
+    assert "multiple-choice" in hrpo_mmlu.build_parser().format_help()
+
+
+def evaluate(checkpoint, data, count):
+    code = eval_gsm8k.main(["--checkpoint_path", str(checkpoint), "--dataset_path", str(data), "--split", "test",
+                            "--batch_size", "2", "--greedy", "--max_new_tokens", "6", "--num_samples", str(count)])
+    assert code == 0
+    return json.loads((checkpoint / "eval_results.json").read_text())
+
+
+def test_math_one_step_and_evaluation(model_dir, tmp_path):
+    root = write_math_folder(tmp_path / "MATH", "train", PROBLEMS[:4])
+    out = tmp_path / "out"
+    assert hrpo_math.main(tiny_argv(model_dir, root, out)) == 0
+    run = json.loads((out / "hrpo_run.json").read_text())
+    assert run["task"] == "math" and run["max_completion_length"] == 8
+    logged = json.loads((out / "log_history.json").read_text())[0]
+    assert "rewards/math_reward/mean" in logged
+    # counted per batch through TRL's log_metric (on this loaded CPU a random answer may time out)
+    assert logged["math/timeouts"] >= 0.0 and logged["math/refused"] >= 0.0
+
+    math500 = [{"problem": p["problem"], "solution": p["solution"], "answer": ref}
+               for p, ref in zip(PROBLEMS, REFERENCES)]
+    write_jsonl(math500, tmp_path / "math500.jsonl")
+    result = evaluate(out / "checkpoint-1", tmp_path / "math500.jsonl", 3)
+    assert result["metrics"]["task"] == "math" and result["metrics"]["total"] == 3
+    assert [e["reference"] for e in result["examples"]] == REFERENCES[:3]
+
+
+def test_mmlu_one_step_and_evaluation_on_each_layout(model_dir, tmp_path):
+    write_jsonl([{"train": row} for row in MMLU_ROWS], tmp_path / "auxiliary_train.jsonl")
+    out = tmp_path / "out"
+    assert hrpo_mmlu.main(tiny_argv(model_dir, tmp_path / "auxiliary_train.jsonl", out)) == 0
+    run = json.loads((out / "hrpo_run.json").read_text())
+    assert run["task"] == "mmlu"
+    assert "rewards/mmlu_reward/mean" in json.loads((out / "log_history.json").read_text())[0]
+
+    for name, rows, references in (("arc.jsonl", ARC_ROWS, ["C", "B"]), ("obqa.jsonl", OBQA_ROWS, ["B"])):
+        write_jsonl(rows, tmp_path / name)
+        result = evaluate(out / "checkpoint-1", tmp_path / name, len(rows))
+        assert result["metrics"]["task"] == "mmlu" and result["metrics"]["total"] == len(rows)
+        assert [e["reference"] for e in result["examples"]] == references
+
+
+def test_bad_data_stops_the_task_scripts_before_training(model_dir, tmp_path, capsys):
+    write_jsonl([{"problem": "q?", "solution": "no box"}], tmp_path / "bad_math.jsonl")
+    assert hrpo_math.main(tiny_argv(model_dir, tmp_path / "bad_math.jsonl", tmp_path / "out")) == 2
+    assert "bad_math.jsonl, row 0" in capsys.readouterr().err
+    write_jsonl([{**MMLU_ROWS[0], "choices": ["one"], "answer": 0}], tmp_path / "bad_mc.jsonl")
+    assert hrpo_mmlu.main(tiny_argv(model_dir, tmp_path / "bad_mc.jsonl", tmp_path / "out")) == 2
+    assert "bad_mc.jsonl, row 0: 1 choice(s)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
