@@ -336,3 +336,14 @@ def test_plain_numbers_take_the_exact_path():
     assert M.plain_number("1,000") == 1000 and M.plain_number("$-\\frac{3}{4}$") == Fraction(-3, 4)
     assert M.plain_number(".5") == Fraction(1, 2) and M.plain_number("2^{10}") is None
     assert M.plain_number("x = 3") is None and M.plain_number("1,2") is None
+
+
+def test_time_math_reward_script_smoke_run():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "time_math_reward.py"
+    proc = subprocess.run([sys.executable, str(script), "--count", "20"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "median" in proc.stdout
