@@ -15,6 +15,7 @@ def run_bench(script: str, *args: str, timeout: int = 900, cwd=None) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # three training processes: about 70 s on an idle 2-core CPU
 def test_train_step_bench_runs_every_variant(tmp_path):
     out = run_bench("train_step.py", "--model", "tiny", "--steps", "2", "--new-tokens", "4",
                     "--json", str(tmp_path / "r.json"))
