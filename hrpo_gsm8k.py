@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parser_with_defaults(description: str, **defaults) -> argparse.ArgumentParser:
+    """This script's parser with a task's defaults (hrpo_math.py, hrpo_mmlu.py)."""
+    parser = build_parser()
+    parser.description = description
+    parser.set_defaults(**defaults)
+    return parser
+
+
 def default_output_dir(args) -> Path:
     model = Path(args.model_name.rstrip("/")).name
     arm = args.thinking_latent_source if args.hybrid_thinking == "on" else "grpo"

@@ -18,10 +18,7 @@ DEFAULTS = {"task": "mmlu"}
 
 
 def build_parser():
-    parser = hrpo_gsm8k.build_parser()
-    parser.description = __doc__
-    parser.set_defaults(**DEFAULTS)
-    return parser
+    return hrpo_gsm8k.parser_with_defaults(__doc__, **DEFAULTS)
 
 
 def main(argv=None) -> int:
