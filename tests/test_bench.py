@@ -71,4 +71,12 @@ def test_replay_precision_bench(tmp_path):
 
 @pytest.mark.slow
 def test_unsloth_gpu_bench_dry_run_on_cpu(tmp_path):
-    run_bench("unsloth_gpu.py", "--device", "cpu", "--new-tokens", "4", "--json", str(tmp_path / "r.json"))
+    """On CPU unsloth has no fast paths, so that one check fails by design; every other must pass."""
+    import json
+
+    proc = subprocess.run([sys.executable, str(BENCH / "unsloth_gpu.py"), "--device", "cpu", "--new-tokens", "4",
+                           "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=900)
+    assert (tmp_path / "r.json").exists(), proc.stderr[-4000:]
+    checks = json.loads((tmp_path / "r.json").read_text())["checks"]
+    assert checks.pop("fast paths in place") is False
+    assert all(checks.values()), checks

@@ -42,6 +42,7 @@ def main(arch: str, source: str, packing: str, out_path: str) -> None:
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     model = tiny_model(arch, tokenizer, hidden_size=64, thinking_latent_source=source)
+    never_generates_pad(model, tokenizer.pad_token_id)
     unsloth_cpu.prepare_like_from_pretrained(model, tokenizer)
     model = unsloth_cpu.peft_like_get_peft_model(model, THINKING_MODULES)
     dataset = get_task("arith").with_prompts(Dataset.from_list(make_problems(8, difficulty=3)))
@@ -113,6 +114,21 @@ def module_of(name: str, thinking_modules) -> str:
         if module in name:
             return module
     return "lora" if "lora_" in name else "other"
+
+
+def never_generates_pad(model, pad_token_id: int) -> None:
+    """A real model does not sample its dedicated pad token; a tiny random one does (about 1 in
+    V), and unsloth's left packing would then drop it from the rollout, which the replay refuses.
+    A head bias of -1e4 on the pad id makes this model like a real one."""
+    import torch
+
+    head = model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype)
+    biased.weight = head.weight
+    bias = torch.zeros(head.out_features, dtype=head.weight.dtype)
+    bias[pad_token_id] = -1e4
+    biased.bias = torch.nn.Parameter(bias, requires_grad=False)
+    model.lm_head = biased
 
 
 def replay_against_sampling(trainer, kwargs, output, temperature: float) -> dict:
