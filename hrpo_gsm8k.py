@@ -334,7 +334,8 @@ def grpo_config(args, cuda: bool):
     return GRPOConfig(
         output_dir=str(args.output_dir), learning_rate=args.lr, beta=args.beta, weight_decay=args.weight_decay,
         loss_type=args.loss_type, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
-        warmup_steps=args.warmup_ratio,  # transformers 5 reads a float below 1 as a ratio of the steps lr_scheduler_type=args.lr_scheduler_type,
+        # transformers 5 has no warmup_ratio; it reads a warmup_steps float below 1 as a ratio of the steps
+        warmup_steps=args.warmup_ratio, lr_scheduler_type=args.lr_scheduler_type,
         optim=args.optimizer or ("paged_adamw_8bit" if cuda else "adamw_torch"), max_grad_norm=args.max_grad_norm,
         num_generations=args.group_size, temperature=args.temperature, top_k=0, top_p=1.0,
         gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -582,3 +582,16 @@ def test_plain_grpo_arm_trains_lora_only_and_evaluates_without_thinking(workspac
                             str(tmp_path / "test.jsonl"), "--greedy", "--max_new_tokens", "4"]) == 0
     metrics = json.loads((tmp_path / "out" / "checkpoint-1" / "eval_results.json").read_text())["metrics"]
     assert metrics["thinking"] is False and metrics["task"] == "gsm8k"
+
+
+def test_every_optimiser_and_schedule_flag_reaches_trls_config(tmp_path):
+    args = hrpo_gsm8k.build_parser().parse_args([
+        "--lr", "3e-4", "--beta", "0.02", "--weight_decay", "0.05", "--warmup_ratio", "0.2",
+        "--lr_scheduler_type", "constant_with_warmup", "--max_grad_norm", "0.5", "--adam_beta1", "0.8",
+        "--adam_beta2", "0.95", "--loss_type", "dr_grpo", "--temperature", "0.7", "--group_size", "2",
+        "--output_dir", str(tmp_path)])
+    config = hrpo_gsm8k.grpo_config(args, cuda=False)
+    assert (config.learning_rate, config.beta, config.weight_decay, config.warmup_steps) == (3e-4, 0.02, 0.05, 0.2)
+    assert config.lr_scheduler_type.value == "constant_with_warmup"
+    assert (config.max_grad_norm, config.adam_beta1, config.adam_beta2) == (0.5, 0.8, 0.95)
+    assert (config.loss_type, config.temperature, config.num_generations) == ("dr_grpo", 0.7, 2)
