@@ -89,7 +89,7 @@ def evaluate(args) -> dict:
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress)
     bar.close()
     result["metrics"].update(task=args.task, dataset_path=args.dataset_path, split=args.split,
-                             latent_source=model.get_base_model().config.thinking_latent_source)
+                             latent_source=getattr(model.get_base_model().config, "thinking_latent_source", None))
     target = Path(args.checkpoint_path) / "eval_results.json"
     target.write_text(json.dumps(result, indent=2))
     m = result["metrics"]

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from hrpo.tasks import SYSTEM_PROMPTS, TASK_NAMES, get_task
-from patch import THINKING_MODULES  # the four modules trained in full
+from patch import THINKING_MODULES, thinking_modules_for  # the thinking modules, trained in full
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RUN_CONFIG = "hrpo_run.json"
@@ -240,7 +240,11 @@ def resolve_backend(args, cuda: bool) -> str:
 
 
 def load_model(args, cuda: bool):
-    """LoRA on the seven projections, the four thinking modules trained in full."""
+    """LoRA on the seven projections, the thinking modules of the source trained in full.
+
+    Hybrid thinking is opt-in by configuration: the thinking fields go onto the config before
+    the model is built, so the fork builds the modules (only those the source uses). With
+    --hybrid_thinking off the config is left as it is: upstream's model."""
     from transformers import AutoConfig, set_seed
 
     set_seed(args.seed)  # the thinking modules (gates, Lambda, projection) are drawn while the model is built
@@ -248,8 +252,9 @@ def load_model(args, cuda: bool):
         config = AutoConfig.from_pretrained(args.model_name)
     except (OSError, ValueError) as err:
         raise UsageError(f"--model_name {args.model_name}: cannot load its config ({err})") from None
-    for key, value in thinking_config(args).items():
-        setattr(config, key, value)
+    if args.hybrid_thinking == "on":
+        for key, value in thinking_config(args).items():
+            setattr(config, key, value)
     if resolve_backend(args, cuda) == "transformers":
         return load_with_transformers(args, config, cuda)
     import torch
@@ -290,8 +295,9 @@ def load_with_transformers(args, config, cuda: bool):
 
 
 def trained_thinking_modules(args) -> list[str] | None:
-    """The thinking modules are trained in full with HRPO; plain GRPO never uses them."""
-    return list(THINKING_MODULES) if args.hybrid_thinking == "on" else None
+    """The thinking modules the source uses are trained in full with HRPO (the model has no
+    others); plain GRPO builds none."""
+    return thinking_modules_for(args.thinking_latent_source) if args.hybrid_thinking == "on" else None
 
 
 def load_dataset(args):

@@ -4,6 +4,10 @@
     thinking_residual_gate_r/_i   | thinking_residual_Lambda
     thinking_projection's matrices with weight decay | its LayerNorm without weight decay
 
+A model has only the thinking modules its latent source uses (no thinking_projection in
+``embedding`` mode, none with hybrid thinking off): a group whose modules are absent is
+empty, and the six groups are there all the same.
+
 Works with whatever optimizer class the trainer's arguments choose (paged 8-bit AdamW on
 CUDA, torch AdamW on CPU). Call it after building the trainer and before train().
 """
@@ -12,7 +16,16 @@ from __future__ import annotations
 GATE_MODULES = ("thinking_residual_gate_r", "thinking_residual_gate_i")
 LAMBDA_MODULE = "thinking_residual_Lambda"
 PROJECTION_MODULE = "thinking_projection"
-THINKING_MODULES = GATE_MODULES + (LAMBDA_MODULE, PROJECTION_MODULE)
+THINKING_MODULES = GATE_MODULES + (LAMBDA_MODULE, PROJECTION_MODULE)  # every name; a model has a subset
+
+
+def thinking_modules_for(source: str | None) -> list[str]:
+    """The thinking modules a model built for ``source`` has, and HRPO trains in full (none for
+    None: hybrid thinking off). The fork decides: the gates and Lambda always, the projection
+    for the projection sources."""
+    from transformers.hybrid_thinking.modeling import thinking_module_names
+
+    return list(thinking_module_names(source))
 
 
 def thinking_group(name: str) -> str | None:

@@ -31,20 +31,25 @@ QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have?", 
 
 
 def load(name: str, device: str):
+    """The model built with hybrid thinking in the projection source, so that it has every
+    thinking module; the runs switch config.thinking_latent_source between the sources."""
     if name.startswith("tiny-"):
         from tiny import tiny_model, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
-        return tiny_model(name.split("-", 1)[1], tokenizer, hidden_size=256), tokenizer
+        return tiny_model(name.split("-", 1)[1], tokenizer, hidden_size=256,
+                          thinking_latent_source="projection"), tokenizer
     if name == "smollm2":
         from hrpo import smollm2
 
-        return smollm2.load()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        return smollm2.load(thinking_latent_source="projection")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval(), tokenizer
+    config = AutoConfig.from_pretrained(name)
+    config.thinking_latent_source = "projection"
+    return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype).to(device).eval(), tokenizer
 
 
 def run_once(model, tokenizer, enc, mode: str, new_tokens: int) -> float:

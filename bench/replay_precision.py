@@ -47,11 +47,9 @@ def load(name: str, source: str):
 
 def half_precision(model, dtype):
     """The model in ``dtype`` with its thinking modules in float32, as training holds them."""
-    from patch import THINKING_MODULES
-
     model.to(dtype)
-    for name in THINKING_MODULES:
-        getattr(model.model, name).float()
+    for module in model.model.thinking_modules.values():
+        module.float()
     return model
 
 

@@ -32,7 +32,7 @@ def prepare_model(name: str, workdir: Path) -> Path:
         folder = workdir / "tiny"
         tokenizer = tiny_tokenizer()
         tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-        tiny_model("qwen2", tokenizer, hidden_size=256).save_pretrained(folder)
+        tiny_model("qwen2", tokenizer, hidden_size=256, hybrid=False).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         return folder
     if name == "smollm2":

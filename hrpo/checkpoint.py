@@ -9,12 +9,24 @@ from .data import left_padded
 RUN_SETTINGS = "hrpo_run.json"
 
 
-THINKING_MODULES = ("thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda",
-                    "thinking_projection")
-
-
 class CheckpointError(ValueError):
     pass
+
+
+def adapter_config_for(model, folder: Path):
+    """The adapter's config, its modules_to_save limited to modules the model has.
+
+    Checkpoints written before hybrid thinking was opt-in listed all four thinking modules,
+    also in ``embedding`` mode, where the projection was never used (nor trained); the model
+    built for that source now has no projection, and its saved copy is left out."""
+    from peft import PeftConfig
+
+    adapter_config = PeftConfig.from_pretrained(folder)
+    saved = getattr(adapter_config, "modules_to_save", None)
+    if saved:
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        adapter_config.modules_to_save = [m for m in saved if m.rsplit(".", 1)[-1] in names]
+    return adapter_config
 
 
 def run_settings(path) -> dict:
@@ -56,12 +68,15 @@ def load_checkpoint(path, dtype=None, device: str | None = None):
     if not base:
         raise CheckpointError(f"{adapter_config}: base_model_name_or_path is empty")
     config = AutoConfig.from_pretrained(folder)
+    # The saved config carries the thinking fields of an HRPO run (the fork builds the modules
+    # its latent source uses); a plain-GRPO run's has none (upstream's model).
     model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=dtype or torch.float32)
     # The thinking modules are float32 whatever the model dtype, as in training: cast them
     # before the adapter's copies are made and loaded, so that no saved value is rounded.
-    for name in THINKING_MODULES:
-        getattr(model.model, name).float()
-    model = PeftModel.from_pretrained(model, folder, adapter_name="default")
+    for module in model.model.thinking_modules.values():
+        module.float()
+    model = PeftModel.from_pretrained(model, folder, adapter_name="default",
+                                      config=adapter_config_for(model, folder))
     if device:
         model.to(device)
     tokenizer_source = folder if (folder / "tokenizer_config.json").exists() else base

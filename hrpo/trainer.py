@@ -38,6 +38,10 @@ MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "im
 def find_thinking_base(model) -> HybridThinkingMixin:
     for module in model.modules():
         if isinstance(module, HybridThinkingMixin):
+            if not module.has_thinking_modules:
+                raise ValueError(f"{type(model).__name__} was built without hybrid thinking: set the thinking fields "
+                                 f"(thinking_latent_source, ...) on the config before the model is built "
+                                 f"(hrpo_gsm8k.py does), or load an HRPO checkpoint")
             return module
     raise ValueError(f"{type(model).__name__} has no HRPO thinking modules: load the model with the "
                      f"transformers fork (Qwen2 or Llama)")

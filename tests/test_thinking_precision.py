@@ -68,7 +68,7 @@ def assert_float32_copies(model, original_dtype):
 def bf16_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("bf16")
     tokenizer = tiny_tokenizer()
-    tiny_model("qwen2", tokenizer, hidden_size=64).to(torch.bfloat16).save_pretrained(root / "model")
+    tiny_model("qwen2", tokenizer, hidden_size=64, hybrid=False).to(torch.bfloat16).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     return root / "model"
 

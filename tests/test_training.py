@@ -22,7 +22,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHAT  # short prompts: the tiny tokenizer is per character
-    tiny_model("qwen2", tokenizer, hidden_size=64).save_pretrained(root / "model")
+    tiny_model("qwen2", tokenizer, hidden_size=64, hybrid=False).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     write_jsonl(make_problems(16, difficulty=3), root / "train.jsonl")
     return root

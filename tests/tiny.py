@@ -34,7 +34,13 @@ def tiny_config(arch: str, vocab_size: int, hidden_size: int = 32, **thinking):
                tie_word_embeddings=False, **thinking)
 
 
-def tiny_model(arch: str, tokenizer=None, seed: int = 0, hidden_size: int = 32, **thinking):
+def tiny_model(arch: str, tokenizer=None, seed: int = 0, hidden_size: int = 32, hybrid: bool = True, **thinking):
+    """hybrid: built with hybrid thinking (thinking_latent_source default "embedding");
+    False: upstream's plain model, as a base model from the hub (thinking fields not allowed)."""
+    if hybrid:
+        thinking.setdefault("thinking_latent_source", "embedding")
+    elif thinking:
+        raise ValueError(f"hybrid=False with thinking fields {sorted(thinking)}")
     tokenizer = tokenizer or tiny_tokenizer()
     torch.manual_seed(seed)
     cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}[arch]
@@ -54,6 +60,6 @@ def save_tiny_chat_model(folder, arch: str = "qwen2", hidden_size: int = 64):
     """A tiny model and its tokenizer (with a system/user chat template) saved to ``folder``,
     for smoke runs of the training script and the benches."""
     tokenizer = tiny_tokenizer()
-    tiny_model(arch, tokenizer, hidden_size=hidden_size).save_pretrained(folder)
+    tiny_model(arch, tokenizer, hidden_size=hidden_size, hybrid=False).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
