@@ -351,7 +351,10 @@ def grpo_config(args, cuda: bool):
         logging_steps=args.logging_steps, report_to=args.report_to, seed=args.seed, bf16=bf16,
         fp16=cuda and not bf16, use_cpu=not cuda,
         gradient_checkpointing=use_trainer_checkpointing(args, cuda), remove_unused_columns=False,
-        log_completions=False)
+        # every trainable parameter (LoRA, the source's thinking modules) takes part in every training
+        # forward, also one without a thinking position: no unused-parameter search after each forward
+        # under DDP (HF's Trainer would turn it on for a PEFT model), and a parameter left out is an error
+        ddp_find_unused_parameters=False, log_completions=False)
 
 
 class SaveThinkingConfig:

@@ -83,9 +83,11 @@ def test_a_saved_hybrid_checkpoint_loads_with_its_modules(source, tmp_path):
 
 @pytest.mark.parametrize("source", SOURCES)
 def test_every_thinking_parameter_takes_part_without_thinking_positions(source):
-    """A differentiated forward that got thinking inputs but flags no position still runs the
-    thinking modules (zero rows): each trainable thinking parameter gets a gradient (zero),
-    as DDP with find_unused_parameters=False needs; the outputs are the plain forward's."""
+    """A forward that got thinking inputs but flags no position still runs the thinking
+    modules (zero rows): each thinking parameter gets a gradient (zero), as DDP with
+    find_unused_parameters=False needs, and every module is called, also without gradients
+    (ZeRO-3 gathers a module's parameters when it is called: every rank must call the same
+    modules); the outputs are the plain forward's."""
     model = tiny_model("llama", thinking_latent_source=source).train()
     input_ids = torch.tensor([[3, 4, 5, 6, 7]])
     none_flagged = {"thinking_mask": torch.zeros(1, 5, dtype=torch.bool)}
@@ -98,9 +100,12 @@ def test_every_thinking_parameter_takes_part_without_thinking_positions(source):
     out.logits.sum().backward()
     grads = {n: p.grad for n, p in model.model.named_parameters() if "thinking" in n}
     assert grads and all(g is not None and not g.any() for g in grads.values()), grads
-    # without gradients nothing runs: no work where no position is flagged
+    called = []
+    for name, module in model.model.thinking_modules.items():
+        module.register_forward_hook(lambda *args, name=name: called.append(name))
     with torch.no_grad():
         assert torch.equal(model(input_ids=input_ids, **none_flagged).logits, plain)
+    assert set(called) == set(thinking_module_names(source))
 
 
 HYBRID_ERROR_CASES = {

@@ -433,9 +433,9 @@ def test_every_stop_id_ends_a_completion_in_the_replay_and_the_metrics(workspace
 
 def drop_last_hidden_state(monkeypatch):
     """A forward that ignores return_last_hidden_state (as one without the fork's hand-over)."""
-    import transformers.models.qwen2.modeling_qwen2 as qwen2
+    import transformers.hybrid_thinking.modeling as modeling
 
-    monkeypatch.setattr(qwen2, "last_position_hidden", lambda hidden_states, wanted: None)
+    monkeypatch.setattr(modeling, "last_position_hidden", lambda hidden_states, wanted: None)
 
 
 def test_start_up_check_refuses_a_forward_without_the_hidden_state(workspace, tmp_path, monkeypatch):

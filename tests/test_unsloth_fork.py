@@ -37,7 +37,7 @@ def test_thinking_module_names_are_recognised():
 
 def test_prepare_copies_for_mixed_precision_training():
     helpers = load_helpers()
-    model = tiny_model("llama").half()
+    model = tiny_model("llama", thinking_latent_source="projection").half()  # all four modules
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGETS, modules_to_save=THINKING))
     for p in peft_model.parameters():  # what kbit preparation does: freeze everything
         p.requires_grad_(False)
@@ -69,7 +69,7 @@ def test_cpu_fast_language_model_trains_exactly_the_thinking_copies(arch, tmp_pa
     if torch.cuda.is_available():
         pytest.skip("this checks unsloth's CPU mode")
     tokenizer = tiny_tokenizer()
-    tiny_model(arch, tokenizer).save_pretrained(tmp_path)
+    tiny_model(arch, tokenizer, thinking_latent_source="projection").save_pretrained(tmp_path)  # all four modules
     tokenizer.save_pretrained(tmp_path)
     model, _ = FastLanguageModel.from_pretrained(str(tmp_path), max_seq_length=256, load_in_4bit=False,
                                                  dtype=torch.float32)
@@ -92,7 +92,8 @@ def test_gpu_get_peft_model_trains_thinking_copies_in_fp32(tmp_path, dtype):
     from unsloth import FastLanguageModel
 
     tokenizer = tiny_tokenizer()
-    tiny_model("llama", tokenizer, hidden_size=128).to(dtype).save_pretrained(tmp_path)
+    tiny_model("llama", tokenizer, hidden_size=128, thinking_latent_source="projection").to(dtype).save_pretrained(
+        tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model, _ = FastLanguageModel.from_pretrained(str(tmp_path), max_seq_length=256, load_in_4bit=False,
                                                  dtype=dtype)

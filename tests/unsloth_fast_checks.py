@@ -24,8 +24,6 @@ from hrpo.replay import replay_logprobs, thinking_inputs  # noqa: E402
 
 SOURCES = ("embedding", "projection", "embedding_plus_projection")
 QUESTIONS = ["a+b?", "1+2=?", "abc def", "9"]
-THINKING_MODULES = ("thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda",
-                    "thinking_projection")
 TEMPERATURE = 0.5
 
 
@@ -56,8 +54,8 @@ def thinking_grads(model, tokenizer, enc, out):
     (logprobs * mask).sum().backward()
     model.eval()
     grads = {}
-    for name in THINKING_MODULES:
-        for pname, param in getattr(model.model, name).named_parameters():
+    for name, module in model.model.thinking_modules.items():  # the source's modules only
+        for pname, param in module.named_parameters():
             grads[f"{name}.{pname}"] = None if param.grad is None else param.grad.detach().clone()
     return grads
 
