@@ -29,6 +29,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.hybrid_thinking.modeling import HybridThinkingMixin
 from trl import GRPOTrainer
 
+from .checkpoint import CompleteCheckpoints
 from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
 
 THINKING_KEYS = ("thinking_mask", "thinking_latents", "thinking_hidden")
@@ -105,8 +106,14 @@ def default_monitor_every(args) -> int:
     return 10 * max(1, int(args.logging_steps or 1))
 
 
-class HRPOTrainer(GRPOTrainer):
-    """GRPOTrainer with HRPO hybrid latent reasoning (see the module docstring)."""
+class GRPOTrainerWithCompleteCheckpoints(CompleteCheckpoints, GRPOTrainer):
+    """The plain-GRPO baseline: the trainer itself, with kill-safe checkpoints and a resume
+    that restores the trained adapter (``hrpo.checkpoint.CompleteCheckpoints``)."""
+
+
+class HRPOTrainer(CompleteCheckpoints, GRPOTrainer):
+    """GRPOTrainer with HRPO hybrid latent reasoning (see the module docstring), kill-safe
+    checkpoints and a resume that restores the trained adapter and thinking modules."""
 
     def __init__(self, *args, thinking_monitor_every: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
