@@ -77,7 +77,27 @@ def recorder(trainer, folder: Path):
             seen["prompts"], seen["generations"], seen["grads"] = [], [], None
             trainer.replay_logprob_diffs.clear()
 
+        def on_train_end(self, args, state, control, **kwargs):
+            model = trainer.accelerator.unwrap_model(trainer.model).eval()
+            with torch.no_grad():
+                probe = logit_probe(model)
+            torch.save(probe, folder / f"rank{rank()}-logits.pt")
+
     return Record()
+
+
+def logit_probe(model, seed: int = 0):
+    """Inputs with thinking positions, and the model's logits on them: a trained model's
+    output, to compare with its checkpoint loaded elsewhere."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    hidden = model.get_base_model().config.hidden_size if hasattr(model, "get_base_model") else model.config.hidden_size
+    input_ids = torch.randint(3, 30, (2, 12), generator=generator)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+              "thinking_mask": torch.arange(12).expand(2, 12) >= 6,
+              "thinking_hidden": torch.randn(2, 12, hidden, generator=generator)}
+    return {"inputs": inputs, "logits": model(**inputs).logits.detach()}
 
 
 def main() -> int:
