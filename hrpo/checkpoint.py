@@ -1,6 +1,6 @@
 """HRPO checkpoints: load a trained one (PEFT adapter + thinking modules + model config + run
 settings), and write them so that a kill at any moment leaves the previous complete one as the
-latest (completion markers, ``CompleteCheckpoints``).
+latest (completion markers, ``save_complete_checkpoint``).
 
     python -m hrpo.checkpoint --mark-complete runs/x/checkpoint-250   # a checkpoint saved before markers existed
 """
@@ -190,57 +190,52 @@ def rotate_checkpoints(output_dir, keep: int | None, protected=()) -> list[Path]
     return stale + surplus
 
 
-class CompleteCheckpoints:
-    """Trainer mixin (before the trainer class in the bases): kill-safe checkpoints, and a
-    resume that restores the trained adapter.
+def save_complete_checkpoint(trainer, save, model, trial) -> None:
+    """The trainer's ``_save_checkpoint``, kill-safe (``save``: the parent class's method).
 
-    - ``_save_checkpoint``: a rewritten checkpoint-N loses its marker before anything is
-      written; the trainer writes the folder (every process its own part); then
-      ``checkpoint_extras(folder)`` (the thinking config and run settings); after a barrier
-      the saving process marks it complete; only then are old checkpoints rotated out (the
-      trainer's own rotation, which could delete the last complete checkpoint while the new
-      one is still partial, is held back).
-    - ``_load_from_checkpoint``: with TRL's frozen "ref" adapter beside "default", the
-      trainer saves "ref" in a subfolder and, on resume, loads only the subfolders: the
-      trained "default" adapter (LoRA and thinking modules) would silently restart from its
-      initial weights. It is loaded here, in place (the optimizer keeps its parameters).
-    """
+    A rewritten checkpoint-N loses its marker before anything is written; the trainer writes
+    the folder (every process its own part); then ``trainer.checkpoint_extras(folder)`` (the
+    thinking config and run settings); after a barrier the saving process marks it complete;
+    only then are old checkpoints rotated out (the trainer's own rotation, which could delete
+    the last complete checkpoint while the new one is still partial, is held back)."""
+    args = trainer.args
+    run_dir = Path(trainer._get_output_dir(trial=trial))
+    folder = run_dir / f"{CHECKPOINT_PREFIX}{trainer.state.global_step}"
+    if args.should_save and folder.exists():
+        discard_checkpoint(folder)  # a partial leftover of a killed save at this step, or a rewrite
+    trainer.accelerator.wait_for_everyone()
+    keep = args.save_total_limit
+    args.save_total_limit = None  # the trainer's rotation waits until this one is complete
+    try:
+        save(model, trial)
+    finally:
+        args.save_total_limit = keep
+    extras = getattr(trainer, "checkpoint_extras", None)
+    if args.should_save and extras is not None:
+        extras(folder)
+    trainer.accelerator.wait_for_everyone()  # every process's files (RNG states, ZeRO/FSDP shards) are there
+    if args.should_save:
+        mark_complete(folder, trainer.state.global_step)
+        rotate_checkpoints(run_dir, keep, protected=[trainer.state.best_model_checkpoint])
+    trainer.accelerator.wait_for_everyone()
 
-    checkpoint_extras = None  # callable(folder) -> None, run by the saving process before the marker
 
-    def _save_checkpoint(self, model, trial):
-        run_dir = Path(self._get_output_dir(trial=trial))
-        folder = run_dir / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-        if self.args.should_save and folder.exists():
-            discard_checkpoint(folder)  # a partial leftover of a killed save at this step, or a rewrite
-        self.accelerator.wait_for_everyone()
-        keep = self.args.save_total_limit
-        self.args.save_total_limit = None  # the trainer's rotation waits until this one is complete
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = keep
-        if self.args.should_save and self.checkpoint_extras is not None:
-            self.checkpoint_extras(folder)
-        self.accelerator.wait_for_everyone()  # every process's files (RNG states, ZeRO/FSDP shards) are there
-        if self.args.should_save:
-            mark_complete(folder, self.state.global_step)
-            rotate_checkpoints(run_dir, keep, protected=[self.state.best_model_checkpoint])
-        self.accelerator.wait_for_everyone()
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        model = self.model if model is None else model
-        folder = Path(resume_from_checkpoint)
-        if getattr(self, "is_deepspeed_enabled", False) or not hasattr(model, "load_adapter"):
-            return  # DeepSpeed restores the whole module state, every adapter included
-        subfolders = [p for p in folder.iterdir() if p.is_dir() and (p / "adapter_config.json").exists()]
-        if not subfolders or not (folder / "adapter_config.json").exists():
-            return  # the trainer loaded the one adapter itself
-        active = model.active_adapter
-        model.load_adapter(str(folder), active, is_trainable=True)
-        model.set_adapter(active)
-
+def load_trained_adapter(trainer, resume_from_checkpoint, model=None) -> None:
+    """After the trainer's ``_load_from_checkpoint``: with TRL's frozen "ref" adapter beside
+    "default", the trainer saves "ref" in a subfolder and, on resume, loads only the
+    subfolders, so the trained "default" adapter (LoRA and thinking modules) would silently
+    restart from its initial weights. Load it here, in place (the optimizer keeps its
+    parameters). DeepSpeed restores the whole module state itself, every adapter included."""
+    model = trainer.model if model is None else model
+    folder = Path(resume_from_checkpoint)
+    if getattr(trainer, "is_deepspeed_enabled", False) or not hasattr(model, "load_adapter"):
+        return
+    subfolders = [p for p in folder.iterdir() if p.is_dir() and (p / "adapter_config.json").exists()]
+    if not subfolders or not (folder / "adapter_config.json").exists():
+        return  # the trainer loaded the one adapter itself
+    active = model.active_adapter
+    model.load_adapter(str(folder), active, is_trainable=True)
+    model.set_adapter(active)
 
 def main(argv=None) -> int:
     import argparse

@@ -29,7 +29,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.hybrid_thinking.modeling import HybridThinkingMixin
 from trl import GRPOTrainer
 
-from .checkpoint import CompleteCheckpoints
+from .checkpoint import load_trained_adapter, save_complete_checkpoint
 from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
 
 THINKING_KEYS = ("thinking_mask", "thinking_latents", "thinking_hidden")
@@ -106,14 +106,32 @@ def default_monitor_every(args) -> int:
     return 10 * max(1, int(args.logging_steps or 1))
 
 
-class GRPOTrainerWithCompleteCheckpoints(CompleteCheckpoints, GRPOTrainer):
+class GRPOTrainerWithCompleteCheckpoints(GRPOTrainer):
     """The plain-GRPO baseline: the trainer itself, with kill-safe checkpoints and a resume
-    that restores the trained adapter (``hrpo.checkpoint.CompleteCheckpoints``)."""
+    that restores the trained adapter (``hrpo.checkpoint``)."""
+
+    checkpoint_extras = None  # callable(folder), run by the saving process before the completion marker
+
+    def _save_checkpoint(self, model, trial):
+        save_complete_checkpoint(self, super()._save_checkpoint, model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_trained_adapter(self, resume_from_checkpoint, model)
 
 
-class HRPOTrainer(CompleteCheckpoints, GRPOTrainer):
+class HRPOTrainer(GRPOTrainer):
     """GRPOTrainer with HRPO hybrid latent reasoning (see the module docstring), kill-safe
     checkpoints and a resume that restores the trained adapter and thinking modules."""
+
+    checkpoint_extras = None  # callable(folder), run by the saving process before the completion marker
+
+    def _save_checkpoint(self, model, trial):
+        save_complete_checkpoint(self, super()._save_checkpoint, model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_trained_adapter(self, resume_from_checkpoint, model)
 
     def __init__(self, *args, thinking_monitor_every: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -9,6 +9,7 @@ import torch
 from tiny import encode_prompts, tiny_model, tiny_tokenizer
 
 import hrpo_gsm8k
+from hrpo.checkpoint import mark_complete
 from hrpo.data import write_jsonl
 from hrpo.rewards import completion_text
 from hrpo.tasks.arith import make_problems
@@ -206,7 +207,7 @@ def test_existing_output_dir_without_resume_is_a_clear_error(workspace, tmp_path
     assert code == 2 and "--output_dir" in err and "--resume" in err
     assert (out / "something").exists()
     code, err = run_main(capsys, cli_argv(workspace, tmp_path / "empty") + ["--resume"])
-    assert code == 2 and "no checkpoint" in err
+    assert code == 2 and "no complete checkpoint" in err
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -493,6 +494,7 @@ def fake_checkpoint(workspace, out, *flags):
     args = cli_args(workspace, out, *flags)
     model = tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args))
     hrpo_gsm8k.SaveThinkingConfig(model, vars(args) | {"output_dir": str(out)}).write(out / "checkpoint-1")
+    mark_complete(out / "checkpoint-1")
 
 
 def resumed_args(monkeypatch, argv):
