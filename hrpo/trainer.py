@@ -101,6 +101,20 @@ def check_rollout_source(out, base) -> None:
                            f"returned no last hidden state; training on them would not train the projection")
 
 
+def full_tensor(param) -> torch.Tensor:
+    """A parameter's whole value on every rank, for metrics: an FSDP2 shard is a DTensor, a
+    DeepSpeed ZeRO-3 parameter a partition (gathered here: a collective, so every rank calls
+    this for the same parameters in the same order, as the metrics do)."""
+    if hasattr(param, "full_tensor"):
+        return param.full_tensor().detach()
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().clone()
+    return param.detach()
+
+
 def default_monitor_every(args) -> int:
     """The thinking monitor's default period: every 10 logging steps."""
     return 10 * max(1, int(args.logging_steps or 1))
@@ -149,7 +163,7 @@ class HRPOTrainer(GRPOTrainer):
         self._loss_inputs: dict | None = None
         self._rollout_global_step: int | None = None  # the optimizer step at which the buffered rollouts were sampled
         self.replay_logprob_diffs: list[float] = []  # on-policy checks, for tests and logging
-        self._initial_projection = {name: p.detach().clone() for name, p in self._projection_parameters()}
+        self._initial_projection = {name: full_tensor(p).clone() for name, p in self._projection_parameters()}
         self._initial_projection_norm = torch.sqrt(
             sum((p.float() ** 2).sum() for p in self._initial_projection.values())) if self._initial_projection else None
 
@@ -318,9 +332,10 @@ class HRPOTrainer(GRPOTrainer):
             metrics["hidden_ratio"].append(out.thinking_hidden_ratio[:, prompt_len:][mask].mean().item())
         projection = self._projection_parameters()
         if projection:
-            norm = torch.sqrt(sum((p.detach().float() ** 2).sum() for _, p in projection))
-            drift = torch.sqrt(sum(((p.detach().float() - self._initial_projection[n].float()) ** 2).sum()
-                                   for n, p in projection))
+            whole = {n: full_tensor(p).float() for n, p in projection}
+            norm = torch.sqrt(sum((p ** 2).sum() for p in whole.values()))
+            drift = torch.sqrt(sum(((p - self._initial_projection[n].float().to(p.device)) ** 2).sum()
+                                   for n, p in whole.items()))
             metrics["thinking_projection/weight_norm"].append(norm.item())
             metrics["thinking_projection/drift"].append((drift / self._initial_projection_norm.clamp(min=1e-12)).item())
         latents, hidden = out.thinking_latents, out.thinking_hidden

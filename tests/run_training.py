@@ -61,25 +61,30 @@ def recorder(trainer, folder: Path):
 
     trainer._generate_and_score_completions = generate_and_score
 
+    from hrpo.trainer import full_tensor
+
     def trainable():
         return {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
 
     class Record(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            seen["grads"] = {n: p.grad.detach().clone() for n, p in trainable().items() if p.grad is not None}
+            seen["grads"] = {n: p.grad.detach().cpu().clone() for n, p in trainable().items()
+                             if p.grad is not None}  # DDP; ZeRO and FSDP keep their own
 
         def on_step_end(self, args, state, control, **kwargs):
             torch.save({"prompts": seen["prompts"], "generations": seen["generations"], "grads": seen["grads"],
-                        "params": {n: p.detach().clone() for n, p in trainable().items()},
+                        "params": {n: full_tensor(p).cpu().clone() for n, p in trainable().items()},
                         "replay_logprob_diffs": list(trainer.replay_logprob_diffs),
-                        "world_size": args.world_size},
+                        "world_size": args.world_size, "wrapper": type(trainer.model_wrapped).__name__,
+                        "distributed_type": str(trainer.accelerator.distributed_type),
+                        "param_types": sorted({type(p).__name__ for p in trainable().values()})},
                        folder / f"rank{rank()}-step{state.global_step}.pt")
             seen["prompts"], seen["generations"], seen["grads"] = [], [], None
             trainer.replay_logprob_diffs.clear()
 
         def on_train_end(self, args, state, control, **kwargs):
             model = trainer.accelerator.unwrap_model(trainer.model).eval()
-            with torch.no_grad():
+            with torch.no_grad(), trainer.accelerator.autocast():
                 probe = logit_probe(model)
             torch.save(probe, folder / f"rank{rank()}-logits.pt")
 
@@ -97,7 +102,9 @@ def logit_probe(model, seed: int = 0):
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
               "thinking_mask": torch.arange(12).expand(2, 12) >= 6,
               "thinking_hidden": torch.randn(2, 12, hidden, generator=generator)}
-    return {"inputs": inputs, "logits": model(**inputs).logits.detach()}
+    device = next(model.parameters()).device
+    logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.detach().float().cpu()
+    return {"inputs": inputs, "logits": logits}
 
 
 def main() -> int:

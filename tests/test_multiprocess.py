@@ -181,3 +181,32 @@ def test_accumulation_over_two_ranks_gives_one_processs_update_on_the_same_rollo
     # The gradients differ by float32 summation order only. Adam's first step is lr * g / (|g| + eps):
     # where |g| is near eps (1e-8) a gradient difference of 1e-13 moves the update by lr * 1e-5.
     assert worst_grad <= 1e-5 and worst_param <= 1e-3 * args.lr
+
+
+@pytest.mark.slow
+def test_synced_sampling_steps_every_rank_until_all_are_done(tmp_path):
+    """ZeRO-3 / FSDP path, on CPU: generate(synced_gpus=True) in 2 processes whose rows finish at
+    different steps. Both ranks make the same number of forwards (each forward is a collective
+    when parameters are sharded), and the finished rank's extra forwards change nothing: each
+    rank's output equals its generation alone."""
+    import json
+
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(free_port()), str(REPO / "tests" / "synced_sampling.py"), str(tmp_path)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["completion_length"] < r1["completion_length"] == 12  # rank 0 finished first
+    assert r0["forwards_alone"] < r0["forwards_synced"] == r1["forwards_synced"] == r1["forwards_alone"]
+    assert r0["synced_equals_alone"] and r1["synced_equals_alone"]
+    assert r0["full_tensor_of_a_shard"] and r1["full_tensor_of_a_shard"]
+    # which thinking modules each forward ran, per rank: the finished rank's extra forwards run none
+    # of them (no thinking inputs), so they must not be sharded per module during generation
+    # (docs/scaling.md: TRL gathers the whole model for generation under ZeRO-3; FSDP2 gathers
+    # the root unit, where the thinking modules live, once per forward)
+    extra = r0["thinking_modules_per_forward"][r0["forwards_alone"]:]
+    print(f"forwards: rank 0 {r0['forwards_alone']} alone, {r0['forwards_synced']} synced; rank 1 "
+          f"{r1['forwards_synced']}; thinking modules in rank 0's extra forwards: {extra}; in rank 1's "
+          f"last: {r1['thinking_modules_per_forward'][-1]}")
