@@ -452,6 +452,8 @@ def evaluate_held_out(trainer, args, when: str) -> dict:
                            batch_size=args.per_device_train_batch_size * 4)
     result["metrics"]["step"] = trainer.state.global_step
     folder = Path(args.output_dir)
+    if not trainer.args.should_save:  # every rank evaluates (sharded forwards are collectives), one writes
+        return result
     folder.mkdir(parents=True, exist_ok=True)
     (folder / EVAL_FILES[when]).write_text(json.dumps(result, indent=2))
     m = result["metrics"]
@@ -469,8 +471,9 @@ def train(args) -> Path:
         evaluate_held_out(trainer, args, "start")
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(str(args.output_dir))
-    trainer.thinking_saver.write(Path(args.output_dir))
-    (Path(args.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    if trainer.args.should_save:  # with several processes: the main one writes
+        trainer.thinking_saver.write(Path(args.output_dir))
+        (Path(args.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     if trainer.held_out_rows:
         evaluate_held_out(trainer, args, "end")
     return Path(args.output_dir)

@@ -41,7 +41,7 @@ def model_folder(name: str, workdir: Path) -> Path:
 def run(processes: int, model: Path, out: Path, args) -> dict:
     flags = ["--model_name", str(model), "--task", "arith", "--dataset_path", "generated", "--output_dir", str(out),
              "--max_steps", str(args.steps), "--group_size", "4", "--per_device_train_batch_size", str(args.per_device),
-             "--gradient_accumulation_steps", "1", "--max_prompt_length", "256", "--max_completion_length",
+             "--gradient_accumulation_steps", "1", "--max_prompt_length", "1024", "--max_completion_length",
              str(args.new_tokens), "--lora_rank", "16", "--lr", "2e-4", "--warmup_ratio", "0", "--save_steps", "1000",
              "--thinking_latent_source", "projection", "--thinking_monitor_every", "0", "--backend", args.backend]
     script = [str(REPO / "hrpo_gsm8k.py"), *flags]

@@ -210,3 +210,21 @@ def test_synced_sampling_steps_every_rank_until_all_are_done(tmp_path):
     print(f"forwards: rank 0 {r0['forwards_alone']} alone, {r0['forwards_synced']} synced; rank 1 "
           f"{r1['forwards_synced']}; thinking modules in rank 0's extra forwards: {extra}; in rank 1's "
           f"last: {r1['thinking_modules_per_forward'][-1]}")
+
+
+@pytest.mark.parametrize("name, kind, extra", [
+    ("ddp", "MULTI_GPU", {}), ("ddp_cpu", "MULTI_GPU", {}),
+    ("zero2", "DEEPSPEED", {"zero_stage": 2}), ("zero3", "DEEPSPEED", {"zero_stage": 3, "zero3_save_16bit_model": True}),
+    ("fsdp", "FSDP", {"fsdp_version": 2, "fsdp_state_dict_type": "FULL_STATE_DICT"})])
+def test_each_accelerate_config_reads_as_its_kind(name, kind, extra):
+    """The configs are read by accelerate's own loader; the sharded ones leave the optimizer,
+    the accumulation and the clipping to hrpo_gsm8k.py (patch.py's six groups)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "configs" / f"{name}.yaml"))
+    assert str(config.distributed_type) == f"DistributedType.{kind}"
+    settings = config.deepspeed_config or config.fsdp_config or {}
+    assert extra.items() <= settings.items()
+    if kind == "DEEPSPEED":
+        assert settings["gradient_accumulation_steps"] == settings["gradient_clipping"] == "auto"
+        assert "deepspeed_config_file" not in settings  # no optimizer section: the trainer's optimizer
