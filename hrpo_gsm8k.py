@@ -418,6 +418,10 @@ def build_trainer(args, reward_funcs=None):
     cuda = torch.cuda.is_available()
     if resolve_backend(args, cuda) == "unsloth":
         import_unsloth(cuda)  # before TRL: on CUDA it replaces trl.GRPOTrainer by its rewrite
+    else:
+        from hrpo.cpu_logprob import route_trl_fused_head
+
+        route_trl_fused_head()  # TRL's log-prob kernel is Triton; without CUDA it cannot run
     from hrpo.trainer import HRPOTrainer
     from patch import patch_trainer_optimizer
 

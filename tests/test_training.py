@@ -340,11 +340,14 @@ args = T.cli_args(Path({str(workspace)!r}), Path({str(tmp_path / "out")!r}), "--
 trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[T.length_reward])
 print("unsloth imported:", any(m == "unsloth" or m.startswith("unsloth.") for m in sys.modules))
 print("base:", type(trainer).__mro__[1].__module__)
+trainer.train()  # on CPU: TRL's Triton log-prob kernel is routed to hrpo.cpu_logprob
+print("trained steps:", trainer.state.global_step)
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unsloth imported: False" in proc.stdout
     assert "base: trl.trainer.grpo_trainer" in proc.stdout
+    assert "trained steps: 1" in proc.stdout
 
 
 def thinking_parameters(model):
