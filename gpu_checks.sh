@@ -67,6 +67,24 @@ report = {"trainer": [c.__name__ for c in type(trainer).__mro__[:2]], "seconds_3
 print(json.dumps(report, indent=1))
 print("ALL PASS" if len(updated) == 4 and all(updated.values()) else "FAILED")
 PY
+  echo "== sharded training on this GPU (one process): ZeRO-3 (when deepspeed is installed) and FSDP 2, 2 steps"
+  # The whole model is sharded even with one process (ZeRO-3 partitions every parameter and
+  # gathers it per module); checks: the thinking modules gathered for sampling and the replay
+  # (on-policy), saved whole (full shapes, float32), the checkpoint's logits in one process.
+  for cfg in zero3 fsdp; do
+    if [ "$cfg" = zero3 ] && ! "$py" -c "import deepspeed" 2>/dev/null; then
+      echo "SKIP zero3: deepspeed is not installed (pip install deepspeed, or carry its wheel)"; continue
+    fi
+    "$py" -m accelerate.commands.launch --config_file "configs/$cfg.yaml" --num_processes 1 \
+      tests/run_training.py --record "$work/rec-$cfg" -- --model_name "$work/model" \
+      --dataset_path "$work/data/train.jsonl" --output_dir "$work/run-$cfg" --backend transformers \
+      --max_steps 2 --save_steps 2 --group_size 4 --per_device_train_batch_size 8 --gradient_accumulation_steps 1 \
+      --max_completion_length 32 --thinking_latent_source projection --warmup_ratio 0 --lr 1e-3 \
+      --lr_residual_gate 1e-3 --lr_residual_Lambda 1e-3 --lr_thinking_projection 1e-3 2>&1 | tail -4
+    expect=$([ "$cfg" = zero3 ] && echo DEEPSPEED || echo FSDP)
+    "$py" scripts/check_scaled_run.py "$work/run-$cfg" "$work/rec-$cfg" --expect "$expect" --bf16 --replay-bound 1.0 --logits-bound 0.05 \
+      --json "$out/sharded_$cfg.json" 2>&1 | tail -14
+  done
   echo "== pytest -m gpu, and the suites whose numbers CUDA could change"
   "$py" -m pytest -q -m gpu tests 2>&1 | tail -5
   timeout 240 "$py" -m pytest -q -x tests/test_hybrid_thinking.py tests/test_thinking_projection.py tests/test_training.py \

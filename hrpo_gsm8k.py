@@ -122,8 +122,20 @@ def default_output_dir(args) -> Path:
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1])) if checkpoints else None
+    """The newest complete checkpoint-N (a partial one, whose save a kill cut short, is passed over)."""
+    from hrpo.checkpoint import latest_complete_checkpoint
+
+    return latest_complete_checkpoint(output_dir)[0]
+
+
+def resume_report(output_dir: Path) -> str:
+    """Which checkpoint --resume takes, and which partial ones it passes over (and why)."""
+    from hrpo.checkpoint import latest_complete_checkpoint
+
+    folder, skipped = latest_complete_checkpoint(output_dir)
+    lines = [f"[hrpo] --resume: continuing from {folder} (complete)"]
+    lines += [f"[hrpo] --resume: skipped {partial} (partial: {why})" for partial, why in skipped]
+    return "\n".join(lines)
 
 
 def check_args(args, world_size: int = 1) -> None:
@@ -156,7 +168,14 @@ def check_args(args, world_size: int = 1) -> None:
     output_dir = Path(args.output_dir)
     if args.resume:
         if last_checkpoint(output_dir) is None:
-            raise UsageError(f"--resume: no checkpoint-* folder in --output_dir {output_dir} to resume from")
+            from hrpo.checkpoint import COMPLETE_MARKER, latest_complete_checkpoint
+
+            skipped = latest_complete_checkpoint(output_dir)[1]
+            partial = "".join(f"; {folder.name} is partial ({why})" for folder, why in skipped)
+            hint = (f". A checkpoint written before completion markers existed can be declared complete with "
+                    f"`python -m hrpo.checkpoint --mark-complete FOLDER` ({COMPLETE_MARKER})") if skipped else ""
+            raise UsageError(f"--resume: no complete checkpoint-* folder in --output_dir {output_dir} to resume "
+                             f"from{partial}{hint}")
     elif output_dir.exists() and any(output_dir.iterdir()):
         raise UsageError(f"--output_dir {output_dir} exists and is not empty: pass --resume to continue from its "
                          f"last checkpoint, or choose another --output_dir")
@@ -359,7 +378,8 @@ def grpo_config(args, cuda: bool):
 
 class SaveThinkingConfig:
     """Writes the model config (with the thinking fields) and the run's arguments beside
-    every adapter checkpoint, so that eval_gsm8k.py can rebuild the model from it alone."""
+    every adapter checkpoint, so that eval_gsm8k.py can rebuild the model from it alone
+    (the trainer's ``checkpoint_extras``: part of the checkpoint, before its completion marker)."""
 
     def __init__(self, model, run_args: dict):
         self.model, self.run_args = model, run_args
@@ -369,16 +389,6 @@ class SaveThinkingConfig:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         base.config.save_pretrained(folder)
         (folder / RUN_CONFIG).write_text(json.dumps(self.run_args, indent=2))
-
-
-def make_callback(saver: SaveThinkingConfig):
-    from transformers import TrainerCallback
-
-    class Callback(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            saver.write(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-
-    return Callback()
 
 
 def import_unsloth(cuda: bool) -> None:
@@ -417,6 +427,10 @@ def build_trainer(args, reward_funcs=None):
     cuda = torch.cuda.is_available()
     if resolve_backend(args, cuda) == "unsloth":
         import_unsloth(cuda)  # before TRL: on CUDA it replaces trl.GRPOTrainer by its rewrite
+    else:
+        from hrpo.cpu_logprob import route_trl_fused_head
+
+        route_trl_fused_head()  # TRL's log-prob kernel is Triton; without CUDA it cannot run
     from hrpo.trainer import HRPOTrainer
     from patch import patch_trainer_optimizer
 
@@ -428,14 +442,14 @@ def build_trainer(args, reward_funcs=None):
     if args.hybrid_thinking == "on":
         trainer_class = partial(HRPOTrainer, thinking_monitor_every=args.thinking_monitor_every)
     else:
-        from trl import GRPOTrainer as trainer_class  # TRL's own (or, on CUDA, unsloth's rewrite of it)
+        from hrpo.trainer import GRPOTrainerWithCompleteCheckpoints as trainer_class  # TRL's own (or unsloth's)
     trainer = trainer_class(model=model, processing_class=tokenizer,
                             reward_funcs=reward_funcs or [get_task(args.task).reward_function()],
                             args=grpo_config(args, cuda), train_dataset=dataset)
     trainer.held_out_rows = eval_rows
     patch_trainer_optimizer(trainer, args.lr_residual_gate, args.lr_residual_Lambda, args.lr_thinking_projection)
     trainer.thinking_saver = SaveThinkingConfig(model, vars(args) | {"output_dir": str(args.output_dir)})
-    trainer.add_callback(make_callback(trainer.thinking_saver))
+    trainer.checkpoint_extras = trainer.thinking_saver.write  # inside each checkpoint, before its marker
     return trainer
 
 
@@ -451,6 +465,8 @@ def evaluate_held_out(trainer, args, when: str) -> dict:
                            batch_size=args.per_device_train_batch_size * 4)
     result["metrics"]["step"] = trainer.state.global_step
     folder = Path(args.output_dir)
+    if not trainer.args.should_save:  # every rank evaluates (sharded forwards are collectives), one writes
+        return result
     folder.mkdir(parents=True, exist_ok=True)
     (folder / EVAL_FILES[when]).write_text(json.dumps(result, indent=2))
     m = result["metrics"]
@@ -462,12 +478,15 @@ def evaluate_held_out(trainer, args, when: str) -> dict:
 def train(args) -> Path:
     trainer = build_trainer(args)
     resume_from = str(last_checkpoint(Path(args.output_dir))) if args.resume else None
+    if resume_from and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(resume_report(Path(args.output_dir)), flush=True)
     if trainer.held_out_rows and args.eval_on_start and not resume_from:
         evaluate_held_out(trainer, args, "start")
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(str(args.output_dir))
-    trainer.thinking_saver.write(Path(args.output_dir))
-    (Path(args.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    if trainer.args.should_save:  # with several processes: the main one writes
+        trainer.thinking_saver.write(Path(args.output_dir))
+        (Path(args.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     if trainer.held_out_rows:
         evaluate_held_out(trainer, args, "end")
     return Path(args.output_dir)

@@ -1,7 +1,14 @@
-"""Load a trained HRPO checkpoint (PEFT adapter + thinking modules + model config + run settings)."""
+"""HRPO checkpoints: load a trained one (PEFT adapter + thinking modules + model config + run
+settings), and write them so that a kill at any moment leaves the previous complete one as the
+latest (completion markers, ``save_complete_checkpoint``).
+
+    python -m hrpo.checkpoint --mark-complete runs/x/checkpoint-250   # a checkpoint saved before markers existed
+"""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from .data import left_padded
@@ -81,3 +88,184 @@ def load_checkpoint(path, dtype=None, device: str | None = None):
         model.to(device)
     tokenizer_source = folder if (folder / "tokenizer_config.json").exists() else base
     return model.eval(), left_padded(AutoTokenizer.from_pretrained(tokenizer_source))
+
+
+# ---------------------------------------------------------------- kill-safe checkpoints
+#
+# The trainer writes checkpoint-N in place (several files, from several processes under
+# DDP/ZeRO/FSDP). A checkpoint is complete once COMPLETE_MARKER is in it: written last, after
+# every process has finished writing, by write-aside-and-rename, listing every file and its
+# size. Anything without a valid marker (a save that a kill interrupted, a rotation that was
+# deleting it) is a partial checkpoint: --resume passes over it and says so.
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    name = folder.name
+    if folder.is_dir() and name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
+        return int(name[len(CHECKPOINT_PREFIX):])
+    return None
+
+
+def checkpoint_folders(output_dir) -> list[Path]:
+    """checkpoint-N folders, by step."""
+    found = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _listed_files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != COMPLETE_MARKER and not p.name.startswith(".tmp-")}
+
+
+def mark_complete(folder, step: int | None = None) -> Path:
+    """Declare ``folder`` complete: flush its files to disk, then write the marker aside and
+    rename it into place (a rename is atomic: the marker is either absent or whole)."""
+    folder = Path(folder)
+    files = _listed_files(folder)
+    for name in files:
+        _fsync(folder / name)
+    tmp = folder / f".tmp-{COMPLETE_MARKER}"
+    tmp.write_text(json.dumps({"step": step if step is not None else checkpoint_step(folder), "files": files},
+                              indent=1))
+    _fsync(tmp)
+    os.replace(tmp, folder / COMPLETE_MARKER)
+    _fsync(folder)
+    return folder / COMPLETE_MARKER
+
+
+def incomplete_reason(folder) -> str | None:
+    """None for a complete checkpoint, else why it is not one."""
+    folder = Path(folder)
+    marker = folder / COMPLETE_MARKER
+    if not marker.exists():
+        return "no completion marker: its save did not finish"
+    try:
+        listed = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        return f"unreadable {COMPLETE_MARKER} ({err})"
+    for name, size in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when it was saved"
+    return None
+
+
+def latest_complete_checkpoint(output_dir) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest complete checkpoint or None, [(newer partial checkpoint, why), ...])."""
+    skipped = []
+    for folder in reversed(checkpoint_folders(output_dir)):
+        reason = incomplete_reason(folder)
+        if reason is None:
+            return folder, skipped
+        skipped.append((folder, reason))
+    return None, skipped
+
+
+def discard_checkpoint(folder) -> None:
+    """Delete a checkpoint folder, marker first: a deletion cut short leaves a partial
+    checkpoint (ignored), never a damaged one that looks complete."""
+    folder = Path(folder)
+    marker = folder / COMPLETE_MARKER
+    if marker.exists():
+        marker.unlink()
+        _fsync(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def rotate_checkpoints(output_dir, keep: int | None, protected=()) -> list[Path]:
+    """After a checkpoint is complete: delete partial checkpoints older than the newest
+    complete one (nothing can resume from them), and the oldest complete ones beyond
+    ``keep`` (None or <= 0: keep all). The newest complete one and ``protected`` stay."""
+    folders = checkpoint_folders(output_dir)
+    complete = [f for f in folders if incomplete_reason(f) is None]
+    if not complete:
+        return []
+    newest = checkpoint_step(complete[-1])
+    stale = [f for f in folders if f not in complete and checkpoint_step(f) < newest]
+    keep_set = {complete[-1].resolve()} | {Path(p).resolve() for p in protected if p}
+    surplus = []
+    if keep and keep > 0:
+        removable = [f for f in complete if f.resolve() not in keep_set]
+        surplus = removable[:max(0, len(complete) - max(keep, len(keep_set)))]
+    for folder in stale + surplus:
+        discard_checkpoint(folder)
+    return stale + surplus
+
+
+def save_complete_checkpoint(trainer, save, model, trial) -> None:
+    """The trainer's ``_save_checkpoint``, kill-safe (``save``: the parent class's method).
+
+    A rewritten checkpoint-N loses its marker before anything is written; the trainer writes
+    the folder (every process its own part); then ``trainer.checkpoint_extras(folder)`` (the
+    thinking config and run settings); after a barrier the saving process marks it complete;
+    only then are old checkpoints rotated out (the trainer's own rotation, which could delete
+    the last complete checkpoint while the new one is still partial, is held back)."""
+    args = trainer.args
+    run_dir = Path(trainer._get_output_dir(trial=trial))
+    folder = run_dir / f"{CHECKPOINT_PREFIX}{trainer.state.global_step}"
+    if args.should_save and folder.exists():
+        discard_checkpoint(folder)  # a partial leftover of a killed save at this step, or a rewrite
+    trainer.accelerator.wait_for_everyone()
+    keep = args.save_total_limit
+    args.save_total_limit = None  # the trainer's rotation waits until this one is complete
+    try:
+        save(model, trial)
+    finally:
+        args.save_total_limit = keep
+    extras = getattr(trainer, "checkpoint_extras", None)
+    if args.should_save and extras is not None:
+        extras(folder)
+    trainer.accelerator.wait_for_everyone()  # every process's files (RNG states, ZeRO/FSDP shards) are there
+    if args.should_save:
+        mark_complete(folder, trainer.state.global_step)
+        rotate_checkpoints(run_dir, keep, protected=[trainer.state.best_model_checkpoint])
+    trainer.accelerator.wait_for_everyone()
+
+
+def load_trained_adapter(trainer, resume_from_checkpoint, model=None) -> None:
+    """After the trainer's ``_load_from_checkpoint``: with TRL's frozen "ref" adapter beside
+    "default", the trainer saves "ref" in a subfolder and, on resume, loads only the
+    subfolders, so the trained "default" adapter (LoRA and thinking modules) would silently
+    restart from its initial weights. Load it here, in place (the optimizer keeps its
+    parameters). DeepSpeed restores the whole module state itself, every adapter included."""
+    model = trainer.model if model is None else model
+    folder = Path(resume_from_checkpoint)
+    if getattr(trainer, "is_deepspeed_enabled", False) or not hasattr(model, "load_adapter"):
+        return
+    subfolders = [p for p in folder.iterdir() if p.is_dir() and (p / "adapter_config.json").exists()]
+    if not subfolders or not (folder / "adapter_config.json").exists():
+        return  # the trainer loaded the one adapter itself
+    active = model.active_adapter
+    model.load_adapter(str(folder), active, is_trainable=True)
+    model.set_adapter(active)
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hrpo.checkpoint", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mark-complete", metavar="FOLDER", required=True,
+                        help="declare a checkpoint folder written before completion markers existed complete; "
+                             "it must hold trainer_state.json (the trainer writes it last)")
+    folder = Path(parser.parse_args(argv).mark_complete)
+    if not (folder / "trainer_state.json").is_file() or not (folder / "adapter_config.json").is_file():
+        parser.error(f"{folder}: no trainer_state.json or adapter_config.json: not a finished checkpoint")
+    print(f"marked complete: {mark_complete(folder)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,6 +29,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.hybrid_thinking.modeling import HybridThinkingMixin
 from trl import GRPOTrainer
 
+from .checkpoint import load_trained_adapter, save_complete_checkpoint
 from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
 
 THINKING_KEYS = ("thinking_mask", "thinking_latents", "thinking_hidden")
@@ -104,13 +105,51 @@ def check_rollout_source(out, base) -> None:
                            f"returned no last hidden state; training on them would not train the projection")
 
 
+def full_tensor(param) -> torch.Tensor:
+    """A parameter's whole value on every rank, for metrics: an FSDP2 shard is a DTensor, a
+    DeepSpeed ZeRO-3 parameter a partition (gathered here: a collective, so every rank calls
+    this for the same parameters in the same order, as the metrics do)."""
+    if hasattr(param, "full_tensor"):
+        return param.full_tensor().detach()
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().clone()
+    return param.detach()
+
+
 def default_monitor_every(args) -> int:
     """The thinking monitor's default period: every 10 logging steps."""
     return 10 * max(1, int(args.logging_steps or 1))
 
 
+class GRPOTrainerWithCompleteCheckpoints(GRPOTrainer):
+    """The plain-GRPO baseline: the trainer itself, with kill-safe checkpoints and a resume
+    that restores the trained adapter (``hrpo.checkpoint``)."""
+
+    checkpoint_extras = None  # callable(folder), run by the saving process before the completion marker
+
+    def _save_checkpoint(self, model, trial):
+        save_complete_checkpoint(self, super()._save_checkpoint, model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_trained_adapter(self, resume_from_checkpoint, model)
+
+
 class HRPOTrainer(GRPOTrainer):
-    """GRPOTrainer with HRPO hybrid latent reasoning (see the module docstring)."""
+    """GRPOTrainer with HRPO hybrid latent reasoning (see the module docstring), kill-safe
+    checkpoints and a resume that restores the trained adapter and thinking modules."""
+
+    checkpoint_extras = None  # callable(folder), run by the saving process before the completion marker
+
+    def _save_checkpoint(self, model, trial):
+        save_complete_checkpoint(self, super()._save_checkpoint, model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_trained_adapter(self, resume_from_checkpoint, model)
 
     def __init__(self, *args, thinking_monitor_every: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -128,7 +167,7 @@ class HRPOTrainer(GRPOTrainer):
         self._loss_inputs: dict | None = None
         self._rollout_global_step: int | None = None  # the optimizer step at which the buffered rollouts were sampled
         self.replay_logprob_diffs: list[float] = []  # on-policy checks, for tests and logging
-        self._initial_projection = {name: p.detach().clone() for name, p in self._projection_parameters()}
+        self._initial_projection = {name: full_tensor(p).clone() for name, p in self._projection_parameters()}
         self._initial_projection_norm = torch.sqrt(
             sum((p.float() ** 2).sum() for p in self._initial_projection.values())) if self._initial_projection else None
 
@@ -297,9 +336,10 @@ class HRPOTrainer(GRPOTrainer):
             metrics["hidden_ratio"].append(out.thinking_hidden_ratio[:, prompt_len:][mask].mean().item())
         projection = self._projection_parameters()
         if projection:
-            norm = torch.sqrt(sum((p.detach().float() ** 2).sum() for _, p in projection))
-            drift = torch.sqrt(sum(((p.detach().float() - self._initial_projection[n].float()) ** 2).sum()
-                                   for n, p in projection))
+            whole = {n: full_tensor(p).float() for n, p in projection}
+            norm = torch.sqrt(sum((p ** 2).sum() for p in whole.values()))
+            drift = torch.sqrt(sum(((p - self._initial_projection[n].float().to(p.device)) ** 2).sum()
+                                   for n, p in whole.items()))
             metrics["thinking_projection/weight_norm"].append(norm.item())
             metrics["thinking_projection/drift"].append((drift / self._initial_projection_norm.clamp(min=1e-12)).item())
         latents, hidden = out.thinking_latents, out.thinking_hidden

@@ -9,6 +9,7 @@ import torch
 from tiny import encode_prompts, tiny_model, tiny_tokenizer
 
 import hrpo_gsm8k
+from hrpo.checkpoint import mark_complete
 from hrpo.data import write_jsonl
 from hrpo.rewards import completion_text
 from hrpo.tasks.arith import make_problems
@@ -206,7 +207,7 @@ def test_existing_output_dir_without_resume_is_a_clear_error(workspace, tmp_path
     assert code == 2 and "--output_dir" in err and "--resume" in err
     assert (out / "something").exists()
     code, err = run_main(capsys, cli_argv(workspace, tmp_path / "empty") + ["--resume"])
-    assert code == 2 and "no checkpoint" in err
+    assert code == 2 and "no complete checkpoint" in err
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -339,11 +340,14 @@ args = T.cli_args(Path({str(workspace)!r}), Path({str(tmp_path / "out")!r}), "--
 trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[T.length_reward])
 print("unsloth imported:", any(m == "unsloth" or m.startswith("unsloth.") for m in sys.modules))
 print("base:", type(trainer).__mro__[1].__module__)
+trainer.train()  # on CPU: TRL's Triton log-prob kernel is routed to hrpo.cpu_logprob
+print("trained steps:", trainer.state.global_step)
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unsloth imported: False" in proc.stdout
     assert "base: trl.trainer.grpo_trainer" in proc.stdout
+    assert "trained steps: 1" in proc.stdout
 
 
 def thinking_parameters(model):
@@ -493,6 +497,7 @@ def fake_checkpoint(workspace, out, *flags):
     args = cli_args(workspace, out, *flags)
     model = tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args))
     hrpo_gsm8k.SaveThinkingConfig(model, vars(args) | {"output_dir": str(out)}).write(out / "checkpoint-1")
+    mark_complete(out / "checkpoint-1")
 
 
 def resumed_args(monkeypatch, argv):

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Check a run made by `accelerate launch ... tests/run_training.py --record REC -- ... --output_dir OUT`
+(any config: DDP, ZeRO-2/3, FSDP; gpu_checks.sh runs it after the sharded runs):
+
+    python scripts/check_scaled_run.py OUT REC [--json result.json]
+
+- the last checkpoint is complete and holds the adapter whole: LoRA and the four thinking
+  modules, each with its full shape, the thinking modules in float32; every thinking module
+  moved between the first and the last recorded step;
+- every rank recorded the same trainable parameters (gathered whole) after each step, and
+  each rank's replay reproduced its sampling (on-policy);
+- the checkpoint, loaded in this one process, reproduces the trained model's logits on
+  inputs with thinking positions (rank 0's probe, taken at the end of training).
+Prints PASS or FAIL lines and exits 1 on any failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO)]
+
+THINKING = ("thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda", "thinking_projection")
+
+
+def main(argv=None) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    from hrpo.checkpoint import incomplete_reason, latest_complete_checkpoint, load_checkpoint
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("record", type=Path)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--replay-bound", type=float, default=1e-4,
+                        help="on-policy bound (fp32: 1e-4; in bf16 the replay is bounded by bf16 rounding, "
+                             "about 0.5 on SmolLM2 on CPU, bench/README.md)")
+    parser.add_argument("--logits-bound", type=float, default=1e-4)
+    parser.add_argument("--expect", default=None, help="the distributed type the run must have used (FSDP, DEEPSPEED, "
+                        "MULTI_GPU, MULTI_CPU): accelerate falls back to DDP silently, on CPU for instance")
+    parser.add_argument("--bf16", action="store_true",
+                        help="load the base model in bf16 and score under bf16 autocast, as a CUDA run trained")
+    args = parser.parse_args(argv)
+    checks: dict[str, bool | str] = {}
+
+    checkpoint = latest_complete_checkpoint(args.out)[0]
+    checks["complete checkpoint"] = checkpoint is not None and incomplete_reason(checkpoint) is None
+    if not checks["complete checkpoint"]:
+        return report(checks, args.json)
+    config = json.loads((checkpoint / "config.json").read_text())
+    d = config["hidden_size"]
+    adapter = load_file(str(checkpoint / "adapter_model.safetensors"))
+    shapes = {m: {k.split(m + ".", 1)[-1]: (tuple(v.shape), str(v.dtype)) for k, v in adapter.items() if m in k}
+              for m in THINKING}
+    want = {"thinking_residual_gate_r": {"weight": ((d, d), "torch.float32"), "bias": ((d,), "torch.float32")},
+            "thinking_residual_gate_i": {"weight": ((d, d), "torch.float32"), "bias": ((d,), "torch.float32")},
+            "thinking_residual_Lambda": {"Lambda": ((d,), "torch.float32")}}
+    for module, fields in want.items():
+        checks[f"{module} saved whole in float32"] = shapes[module] == fields or str(shapes[module])
+    projection = shapes["thinking_projection"]
+    checks["thinking_projection saved whole in float32"] = bool(projection) and all(
+        shape[-1] == d and 0 not in shape and dtype == "torch.float32" for shape, dtype in projection.values()) \
+        or str(projection)
+    checks["LoRA saved whole"] = any("lora_A" in k for k in adapter) and all(
+        v.numel() > 0 for k, v in adapter.items() if "lora_" in k)
+
+    records = sorted(args.record.glob("rank*-step*.pt"))
+    by_step: dict[int, list] = {}
+    for path in records:
+        rank, step = (int(x) for x in path.stem.replace("rank", "").split("-step"))
+        by_step.setdefault(step, []).append(torch.load(path, weights_only=False))
+    checks["records"] = bool(by_step) or f"none in {args.record}"
+    if by_step:
+        r = by_step[min(by_step)][0]
+        print(f"ran as {r.get('distributed_type')}, {r.get('world_size')} processes, model wrapped in "
+              f"{r.get('wrapper')}, trainable parameters are {r.get('param_types')}")
+        if args.expect:
+            checks[f"ran as {args.expect}"] = r.get("distributed_type") == f"DistributedType.{args.expect}" \
+                or f"ran as {r.get('distributed_type')}"
+    for step, recs in sorted(by_step.items()):
+        first = recs[0]["params"]
+        checks[f"step {step}: {len(recs)} ranks hold identical parameters"] = all(
+            r["params"].keys() == first.keys() and all(torch.equal(r["params"][n], first[n]) for n in first)
+            for r in recs)
+        diffs = [d for r in recs for d in r["replay_logprob_diffs"]]
+        worst = max(diffs, default=float("nan"))
+        checks[f"step {step}: on-policy replay on every rank (max {worst:.1e})"] = \
+            bool(diffs) and worst <= args.replay_bound
+
+    steps = sorted(by_step)
+    if len(steps) > 1:
+        first, last = by_step[steps[0]][0]["params"], by_step[steps[-1]][0]["params"]
+        moved = {m for m in THINKING for n in first if m in n and not torch.equal(first[n], last[n])}
+        checks[f"every thinking module moved between step {steps[0]} and {steps[-1]}"] = \
+            moved == set(THINKING) or f"moved: {sorted(moved)}"
+    probe = torch.load(args.record / "rank0-logits.pt", weights_only=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = load_checkpoint(checkpoint, dtype=torch.bfloat16 if args.bf16 else None, device=device)
+    inputs = {k: v.to(device) for k, v in probe["inputs"].items()}
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
+        logits = model(**inputs).logits.float().cpu()
+    diff = (logits - probe["logits"].float().cpu()).abs().max().item()
+    checks[f"checkpoint reproduces the trained logits in one process (max abs diff {diff:.1e})"] = diff <= args.logits_bound
+    return report(checks, args.json)
+
+
+def report(checks: dict, json_path: Path | None) -> int:
+    ok = all(value is True for value in checks.values())
+    for name, value in checks.items():
+        print(f"{'PASS' if value is True else 'FAIL'}  {name}" + ("" if value in (True, False) else f": {value}"))
+    print("ALL PASS" if ok else "FAILED")
+    if json_path:
+        json_path.write_text(json.dumps({k: v for k, v in checks.items()}, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
