@@ -119,7 +119,7 @@ def test_resume_loads_the_trained_adapter_and_thinking_modules_into_the_optimize
     workspace = tmp_path / "ws"
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHAT
-    tiny_model("qwen2", tokenizer, hidden_size=64).save_pretrained(workspace / "model")
+    tiny_model("qwen2", tokenizer, hidden_size=64, hybrid=False).save_pretrained(workspace / "model")
     tokenizer.save_pretrained(workspace / "model")
     write_jsonl(make_problems(16, difficulty=3), workspace / "train.jsonl")
     trained = hrpo_gsm8k.build_trainer(T.cli_args(workspace, tmp_path / "out"), reward_funcs=[T.length_reward])
@@ -143,7 +143,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHAT
-    tiny_model("qwen2", tokenizer, hidden_size=64).save_pretrained(root / "model")
+    tiny_model("qwen2", tokenizer, hidden_size=64, hybrid=False).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     write_jsonl(make_problems(32, difficulty=3), root / "train.jsonl")
     return root

@@ -1,8 +1,8 @@
 """hrpo_gsm8k.py in two processes (`accelerate launch`, DDP over gloo on CPU), on the tiny model.
 
-The `projection` latent source: every thinking module takes part in every replay forward, as
-DDP with find_unused_parameters=False needs (the `embedding` source leaves the projection
-unused, see docs/scaling.md)."""
+The `projection` latent source (all four thinking modules). Every thinking module takes part
+in every replay forward, as DDP with find_unused_parameters=False needs; the other sources
+under DDP: tests/test_opt_in.py."""
 import os
 import socket
 import subprocess
@@ -44,7 +44,7 @@ def ddp(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHAT
-    tiny_model("qwen2", tokenizer, hidden_size=64).save_pretrained(root / "model")
+    tiny_model("qwen2", tokenizer, hidden_size=64, hybrid=False).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     write_jsonl(make_problems(32, difficulty=3), root / "train.jsonl")
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
