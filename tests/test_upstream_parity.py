@@ -10,8 +10,8 @@ configs, every head class.
 The sdist ships the root test mixins only; ``test_modeling_common`` imports two sibling
 packages it does not ship (``exporters`` and ``generation``), which are stubbed here with
 empty mixins: generation is checked by our own tests (``test_hybrid_thinking.py``), export
-needs torch.export on real hardware. The full upstream files (generation mixin included) run
-with ``../shared/upstream-tests/run.sh``.
+needs torch.export on real hardware. The full upstream model test files (generation mixin included)
+run from a checkout of transformers at v5.17.0 (``docs/forks.md``).
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ class LlamaUpstreamFSDP2Test(FSDPTesterMixin, unittest.TestCase):
     """Upstream's FSDP2-vs-DDP training check (two processes, gloo on CPU), which trains, saves
     and reloads the distributed optimizer: a parameter that never gets a gradient has no
     optimizer state, and the reload fails. Its other checks are left out for time (about
-    40 s each on 2 cores); ../shared/upstream-tests/run.sh runs them all."""
+    40 s each on 2 cores); upstream's full model tests run them all (docs/forks.md)."""
 
     test_fsdp_plan_declared = None  # not callable: unittest does not collect them
     test_fsdp2_sharding_structure_0_untied = test_fsdp2_sharding_structure_1_tied = None
