@@ -5,7 +5,8 @@ latent sources, on the calibrated offline task, several seeds each.
 Every run is `hrpo_gsm8k.py` in its own process with the settings of the CPU demo
 (`scripts/cpu_demo.args`), the arm's flags and the seed; it evaluates the held-out
 problems greedily before the first step and after the last. Runs that finished are kept
-(resumable: a comparison cut off midway continues with the runs it lacks).
+(resumable: a comparison cut off midway continues with the runs it lacks; a finished run
+whose settings differ from the ones asked for now runs again).
 
     python bench/learning.py                                  # 4 arms x seeds 1 2, SmolLM2, CPU
     python bench/learning.py --seeds 1 2 3                    # adds seed 3 to a finished comparison
@@ -61,13 +62,47 @@ def run_is_complete(folder: Path) -> bool:
                                                      "bench_run.json"))
 
 
+def command_for(arm: str, seed: int, model: str, settings: list[str], folder: Path) -> list[str]:
+    return [sys.executable, str(REPO / "hrpo_gsm8k.py"), *settings, "--model_name", model,
+            "--output_dir", str(folder), "--seed", str(seed), *ARMS[arm]]
+
+
+def changed_settings(recorded: str, wanted: list[str]) -> dict:
+    """The training settings in which a finished run's recorded command differs from the one
+    wanted now, as {flag: (recorded, wanted)}: both parsed by hrpo_gsm8k.py's own parser, so
+    the order of flags and repeated flags (the last one wins) do not matter. Where the run
+    is written is not a setting."""
+    import hrpo_gsm8k
+
+    def parsed(command: list[str]) -> dict:
+        script = next(i for i, token in enumerate(command) if token.endswith("hrpo_gsm8k.py"))
+        values = vars(hrpo_gsm8k.build_parser().parse_args(command[script + 1:]))
+        values.pop("output_dir", None)
+        return values
+
+    before, now = parsed(shlex.split(recorded)), parsed(wanted)
+    return {key: (before.get(key), now.get(key)) for key in sorted(set(before) | set(now))
+            if before.get(key) != now.get(key)}
+
+
+def kept_run(arm: str, seed: int, model: str, settings: list[str], folder: Path) -> bool:
+    """Whether a finished run can be kept: complete, and run with the settings wanted now."""
+    if not run_is_complete(folder):
+        return False
+    recorded = json.loads((folder / "bench_run.json").read_text())["command"]
+    changed = changed_settings(recorded, command_for(arm, seed, model, settings, folder))
+    if changed:
+        described = ", ".join(f"--{key} {old} -> {new}" for key, (old, new) in changed.items())
+        print(f"[learning] {arm} seed {seed}: finished with other settings ({described}), running again", flush=True)
+    return not changed
+
+
 def run_arm(arm: str, seed: int, model: str, settings: list[str], folder: Path) -> None:
     """One arm and seed in its own process; its output goes to <folder>.log, shown on failure."""
     if folder.exists():
         subprocess.run(["rm", "-rf", str(folder)], check=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(REPO / "hrpo_gsm8k.py"), *settings, "--model_name", model,
-               "--output_dir", str(folder), "--seed", str(seed), *ARMS[arm]]
+    command = command_for(arm, seed, model, settings, folder)
     log = folder.with_name(folder.name + ".log")
     start = time.time()
     with log.open("w") as handle:
@@ -171,7 +206,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:  # seed-major: a cut-off comparison still has every arm at the first seeds
         for arm in args.arms:
             folder = args.out / "runs" / f"{arm}-seed{seed}"
-            if run_is_complete(folder):
+            if kept_run(arm, seed, model, settings, folder):
                 print(f"[learning] {arm} seed {seed}: done before, kept", flush=True)
                 continue
             print(f"[learning] {arm} seed {seed}: running", flush=True)

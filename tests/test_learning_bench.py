@@ -1,5 +1,6 @@
 """Smoke run of bench/learning.py (tiny model, 2 steps, 1 seed, 2 arms) and the plain-GRPO arm."""
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,26 @@ def test_a_failing_run_shows_its_error(tmp_path):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "--group_size 3 does not divide" in proc.stderr
+
+
+def _learning_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("learning_bench", REPO / "bench" / "learning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_finished_run_is_kept_only_with_the_settings_asked_for_now(tmp_path):
+    bench = _learning_bench()
+    settings = ["--task", "arith", "--max_steps", "24", "--lr", "5e-4"]
+    wanted = bench.command_for("projection", 1, "model", settings, tmp_path / "b")
+    # the same effective settings, given in another order and with a repeated flag (the last one wins)
+    same = bench.command_for("projection", 1, "model", ["--lr", "5e-4", "--max_steps", "30", "--task", "arith",
+                                                         "--max_steps", "24"], tmp_path / "a")
+    assert bench.changed_settings(shlex.join(same), wanted) == {}
+    other = bench.command_for("projection", 1, "model", settings + ["--beta", "0"], tmp_path / "a")
+    assert bench.changed_settings(shlex.join(other), wanted) == {"beta": (0.0, 0.005)}
+    other_arm = bench.command_for("grpo", 1, "model", settings, tmp_path / "b")
+    assert "hybrid_thinking" in bench.changed_settings(shlex.join(other_arm), wanted)
