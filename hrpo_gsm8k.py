@@ -20,10 +20,9 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
+from hrpo import LORA_TARGETS
 from hrpo.tasks import SYSTEM_PROMPTS, TASK_NAMES, get_task
-from patch import THINKING_MODULES, thinking_modules_for  # the thinking modules, trained in full
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RUN_CONFIG = "hrpo_run.json"
 EVAL_FILES = {"start": "eval_step0.json", "end": "eval_final.json"}
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -297,6 +296,7 @@ def load_with_transformers(args, config, cuda: bool):
     from peft import LoraConfig, get_peft_model
     from peft.utils.other import ModulesToSaveWrapper
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
     from hrpo.data import left_padded
 
@@ -316,7 +316,9 @@ def load_with_transformers(args, config, cuda: bool):
 def trained_thinking_modules(args) -> list[str] | None:
     """The thinking modules the source uses are trained in full with HRPO (the model has no
     others); plain GRPO builds none."""
-    return thinking_modules_for(args.thinking_latent_source) if args.hybrid_thinking == "on" else None
+    from transformers.hybrid_thinking.modeling import thinking_module_names
+
+    return list(thinking_module_names(args.thinking_latent_source)) if args.hybrid_thinking == "on" else None
 
 
 def load_dataset(args):

@@ -134,6 +134,7 @@ def fast(folder: Path, reference_file: Path, new_tokens: int, device: str) -> di
 
     import torch
     from transformers import BatchEncoding
+    from transformers.hybrid_thinking.modeling import THINKING_INPUTS
 
     ref = torch.load(reference_file)
     model, tokenizer = FastLanguageModel.from_pretrained(str(folder), max_seq_length=1024, dtype=dtype_for(device),
@@ -152,8 +153,7 @@ def fast(folder: Path, reference_file: Path, new_tokens: int, device: str) -> di
     # the reference rollout replayed through the fast training forward
     FastLanguageModel.for_training(model)
     reference_out = type("Rollout", (), {k: (ref[k].to(device) if ref[k] is not None else None)
-                                         for k in ("sequences", "thinking_mask", "thinking_latents",
-                                                   "thinking_hidden")})()
+                                         for k in ("sequences", *THINKING_INPUTS)})()
     logprobs, mask = replay(model, tokenizer, enc, reference_out)
     mask = mask.bool().cpu()
     report["replay_of_reference_rollout_vs_reference_replay"] = (logprobs.cpu() - ref["replay"]).abs()[mask].max().item()

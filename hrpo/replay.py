@@ -7,6 +7,9 @@ projection, gates and Lambda applied inside autograd) and scores the completion 
 from __future__ import annotations
 
 import torch
+from transformers.hybrid_thinking.modeling import THINKING_INPUTS
+
+MASK_INPUT, *LATENT_INPUTS = THINKING_INPUTS  # the thinking mask, then the latent sources of its positions
 
 
 def stop_token_ids(eos_token_id) -> list[int]:
@@ -39,11 +42,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def thinking_inputs(generation_output) -> dict:
     """The replay kwargs for the model forward, from a hybrid generation output."""
-    return {
-        "thinking_mask": generation_output.thinking_mask,
-        "thinking_latents": generation_output.thinking_latents,
-        "thinking_hidden": generation_output.thinking_hidden,
-    }
+    return {key: getattr(generation_output, key) for key in THINKING_INPUTS}
 
 
 def replay_logprobs(model, sequences, prompt_attention_mask, thinking: dict | None,
@@ -120,18 +119,16 @@ class ReplayIndex:
         prompt_len = prompt_attention_mask.shape[1]
         completion = completion_mask(sequences[:, prompt_len:], self.eos_token_ids)
         attended = torch.cat([prompt_attention_mask.to(completion.dtype), completion], dim=1).bool()
-        latents, hidden = generation_output.thinking_latents, generation_output.thinking_hidden
         for row in range(sequences.shape[0]):
             positions = attended[row].nonzero().squeeze(1)
             tokens = sequences[row, positions]
             mask = generation_output.thinking_mask[row, positions]
             flagged = positions[mask]
-            record = {
-                "thinking_mask": mask,
-                "thinking_latents": latents[row, flagged] if latents is not None else None,
-                "thinking_hidden": hidden[row, flagged] if hidden is not None else None,
-                "sampled_token_logprobs": generation_output.sampled_token_logprobs[row, positions],
-            }
+            record = {MASK_INPUT: mask,
+                      "sampled_token_logprobs": generation_output.sampled_token_logprobs[row, positions]}
+            for key in LATENT_INPUTS:
+                source = getattr(generation_output, key)
+                record[key] = source[row, flagged] if source is not None else None
             records[tuple(tokens.tolist())] = record
             if self.pad_token_id is not None and bool((tokens == self.pad_token_id).any()):
                 pad_dropped.add(tuple(tokens[tokens != self.pad_token_id].tolist()))
@@ -187,18 +184,18 @@ class ReplayIndex:
             if record is None:
                 raise self._miss(input_ids, row, positions)
             found.append((row, positions, record))
-        out = {"thinking_mask": torch.zeros(batch, length, dtype=torch.bool, device=device),
+        out = {MASK_INPUT: torch.zeros(batch, length, dtype=torch.bool, device=device),
                "sampled_token_logprobs": torch.zeros(batch, length, dtype=torch.float32, device=device)}
-        for key in ("thinking_latents", "thinking_hidden"):
+        for key in LATENT_INPUTS:
             sample = next((rec[key] for _, _, rec in found if rec[key] is not None), None)
             out[key] = (None if sample is None else
                         torch.zeros(batch, length, sample.shape[-1], dtype=sample.dtype, device=device))
         for row, positions, record in found:
             positions = positions.to(device)
-            flags = record["thinking_mask"].to(device)
-            out["thinking_mask"][row, positions] = flags
+            flags = record[MASK_INPUT].to(device)
+            out[MASK_INPUT][row, positions] = flags
             out["sampled_token_logprobs"][row, positions] = record["sampled_token_logprobs"].to(device)
-            for key in ("thinking_latents", "thinking_hidden"):
+            for key in LATENT_INPUTS:
                 if out[key] is not None and record[key] is not None:
                     out[key][row, positions[flags]] = record[key].to(device)
         return out

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
+from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
 import hrpo_gsm8k
 from hrpo.data import write_jsonl
 from hrpo.tasks.arith import make_problems
-from patch import THINKING_MODULES
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"

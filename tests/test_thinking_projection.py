@@ -8,12 +8,11 @@ from safetensors.torch import load_file, save_file
 from test_hybrid_thinking import QUESTIONS, generate_hybrid, replay_difference
 from tiny import encode_prompts, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
+from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
 from hrpo.replay import replay_logprobs, thinking_inputs
 
 ARCHS = ["llama", "qwen2"]
-THINKING_PARAMS = ("thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda",
-                   "thinking_projection")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -90,7 +89,7 @@ def test_gradient_reaches_the_projection_and_its_options(arch, options):
         surrogate_backward(model, tokenizer, enc, out)
     named = dict(base.named_parameters())
     for name, param in named.items():
-        if name.startswith(THINKING_PARAMS):
+        if name.startswith(THINKING_MODULES):
             assert param.grad is not None and param.grad.abs().sum() > 0, name
     expected = {"thinking_projection.weight"}
     if options.get("thinking_projection_layers") == 2:

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from tiny import encode_prompts, tiny_model, tiny_tokenizer
+from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
 import hrpo_gsm8k
 from hrpo.checkpoint import mark_complete
 from hrpo.data import write_jsonl
 from hrpo.rewards import completion_text
 from hrpo.tasks.arith import make_problems
-from patch import THINKING_MODULES, parameter_groups, patch_trainer_optimizer
+from patch import parameter_groups, patch_trainer_optimizer
 
 CHAT = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
 

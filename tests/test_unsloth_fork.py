@@ -8,11 +8,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from test_hybrid_thinking import QUESTIONS, generate_hybrid, replay_difference
 from tiny import tiny_model, tiny_tokenizer
+from transformers.hybrid_thinking.modeling import THINKING_MODULES
+
+from hrpo import LORA_TARGETS
 
 REPO = Path(__file__).resolve().parent.parent
 UNSLOTH_MODELS = REPO / "unsloth" / "tree" / "unsloth" / "models"
-THINKING = ["thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda", "thinking_projection"]
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+THINKING = list(THINKING_MODULES)
 
 
 def load_helpers():

@@ -116,8 +116,9 @@ def peft_like_get_peft_model(model, modules_to_save, r: int = 4):
     import unsloth.models.llama as fast
     from unsloth.models.hybrid_thinking import prepare_thinking_modules_for_training
 
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets,
+    from hrpo import LORA_TARGETS
+
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                              modules_to_save=list(modules_to_save)))
     prepare_thinking_modules_for_training(model)
     model.for_training = functools.partial(fast.FastLlamaModel.for_training, model)

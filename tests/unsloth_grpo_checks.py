@@ -37,7 +37,7 @@ def main(arch: str, source: str, packing: str, out_path: str) -> None:
     from hrpo.tasks.arith import make_problems
     from hrpo.rewards import completion_text
     from hrpo.trainer import HRPOTrainer
-    from patch import THINKING_MODULES
+    from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"

@@ -21,9 +21,10 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import torch  # noqa: E402
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from transformers.hybrid_thinking.modeling import THINKING_MODULES  # noqa: E402
 
-THINKING = ["thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda", "thinking_projection"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from hrpo import LORA_TARGETS  # noqa: E402
+
 
 
 def main(arch: str, out: str) -> None:
@@ -40,11 +41,11 @@ def main(arch: str, out: str) -> None:
     tokenizer = tiny_tokenizer()
     model = tiny_model(arch, tokenizer, thinking_latent_source="projection").to(torch.bfloat16)
     unsloth_cpu.prepare_like_from_pretrained(model, tokenizer)
-    model = fast.FastLlamaModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=TARGETS,
-                                               modules_to_save=THINKING, use_gradient_checkpointing=False)
+    model = fast.FastLlamaModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=LORA_TARGETS,
+                                               modules_to_save=list(THINKING_MODULES), use_gradient_checkpointing=False)
     copies, originals = {}, {}
     for name, module in model.named_modules():
-        if hasattr(module, "modules_to_save") and name.rsplit(".", 1)[-1] in THINKING:
+        if hasattr(module, "modules_to_save") and name.rsplit(".", 1)[-1] in THINKING_MODULES:
             leaf = name.rsplit(".", 1)[-1]
             copies[leaf] = sorted({str(p.dtype) for p in module.modules_to_save["default"].parameters()})
             originals[leaf] = sorted({str(p.dtype) for p in module.original_module.parameters()})
