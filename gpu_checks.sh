@@ -14,11 +14,11 @@ mkdir -p "$out"
   echo "== nvidia-smi"; nvidia-smi -L
   for arch in llama qwen2; do
     echo "== unsloth fast paths vs the transformers fork, $arch, hidden 1024, bf16 (real Triton kernels)"
-    "$py" bench/unsloth_gpu.py --arch "$arch" --source projection --json "$out/unsloth_fast_path_$arch.json" \
+    "$py" -m bench.unsloth_gpu --arch "$arch" --source projection --json "$out/unsloth_fast_path_$arch.json" \
       2>&1 | tail -25
   done
   echo "== hrpo_gsm8k.py: 3 GRPO steps through unsloth (Qwen2, hidden 1024), peak memory"
-  "$py" bench/unsloth_gpu.py --arch qwen2 --build-only "$work/model"
+  "$py" -m bench.unsloth_gpu --arch qwen2 --build-only "$work/model"
   "$py" scripts/make_arith_data.py --out "$work/data" --difficulty 3
   "$py" - "$work" "$out" <<'PY' 2>&1 | tail -25
 import json, sys, time
@@ -76,7 +76,7 @@ PY
       echo "SKIP zero3: deepspeed is not installed (pip install deepspeed, or carry its wheel)"; continue
     fi
     "$py" -m accelerate.commands.launch --config_file "configs/$cfg.yaml" --num_processes 1 \
-      tests/run_training.py --record "$work/rec-$cfg" -- --model_name "$work/model" \
+      -m testing.run_training --record "$work/rec-$cfg" -- --model_name "$work/model" \
       --dataset_path "$work/data/train.jsonl" --output_dir "$work/run-$cfg" --backend transformers \
       --max_steps 2 --save_steps 2 --group_size 4 --per_device_train_batch_size 8 --gradient_accumulation_steps 1 \
       --max_completion_length 32 --thinking_latent_source projection --warmup_ratio 0 --lr 1e-3 \
@@ -90,7 +90,7 @@ PY
   timeout 240 "$py" -m pytest -q -x tests/test_hybrid_thinking.py tests/test_thinking_projection.py tests/test_training.py \
     tests/test_unsloth_fast_path.py tests/test_unsloth_grpo.py 2>&1 | tail -3
   echo "== decoding and training-step benches (transformers backend, tiny Qwen2)"
-  "$py" bench/decoding.py --model tiny-qwen2 --device cuda --new-tokens 128 512 --json "$out/decoding_tiny_cuda.json"
-  "$py" bench/train_step.py --model tiny --steps 4 --json "$out/train_step_tiny_cuda.json"
+  "$py" -m bench.decoding --model tiny-qwen2 --device cuda --new-tokens 128 512 --json "$out/decoding_tiny_cuda.json"
+  "$py" -m bench.train_step --model tiny --steps 4 --json "$out/train_step_tiny_cuda.json"
 } 2>&1 | tee "$out/summary.txt"
 rm -rf "$work"

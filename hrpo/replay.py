@@ -1,8 +1,9 @@
-"""The teacher-forced replay of sampled completions (what the GRPO loss scores).
+"""The replay data of sampled completions, found again when the GRPO loss scores them.
 
 Generation hands back, per position of prompt + completion, the thinking mask and the
 latent sources; the replay forward mixes the same positions with the same latents (the
 projection, gates and Lambda applied inside autograd) and scores the completion tokens.
+``ReplayIndex`` keeps them per rollout for the trainer's scoring forwards.
 """
 from __future__ import annotations
 
@@ -38,35 +39,6 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id) -> torch.Tensor:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions as generate() numbers them: counting only attended tokens (left padding)."""
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-
-
-def thinking_inputs(generation_output) -> dict:
-    """The replay kwargs for the model forward, from a hybrid generation output."""
-    return {key: getattr(generation_output, key) for key in THINKING_INPUTS}
-
-
-def replay_logprobs(model, sequences, prompt_attention_mask, thinking: dict | None,
-                    eos_token_id, temperature: float = 1.0):
-    """Per-token log-probs of the completion under ``model`` (with grad if enabled).
-
-    Returns (logprobs (batch, completion_len) float32, completion mask, model outputs).
-    """
-    prompt_len = prompt_attention_mask.shape[1]
-    completion = sequences[:, prompt_len:]
-    mask = completion_mask(completion, eos_token_id)
-    attention_mask = torch.cat([prompt_attention_mask.to(mask.dtype), mask], dim=1)
-    outputs = model(input_ids=sequences, attention_mask=attention_mask,
-                    position_ids=position_ids_from_mask(attention_mask), **(thinking or {}))
-    logits = outputs.logits[:, prompt_len - 1:-1].float() / temperature
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, completion[..., None]).squeeze(-1)
-    return logprobs, mask, outputs
-
-
-def sampling_logprobs(generation_output, prompt_len: int) -> torch.Tensor:
-    """Log-probs of the sampled tokens under the processed sampling distribution."""
-    completion = generation_output.sequences[:, prompt_len:]
-    scores = torch.stack(generation_output.scores, dim=1).float()
-    return torch.log_softmax(scores, dim=-1).gather(-1, completion[..., None]).squeeze(-1)
 
 
 class ReplayMiss(LookupError):

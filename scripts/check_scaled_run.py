@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Check a run made by `accelerate launch ... tests/run_training.py --record REC -- ... --output_dir OUT`
+"""Check a run made by `accelerate launch ... -m testing.run_training --record REC -- ... --output_dir OUT`
 (any config: DDP, ZeRO-2/3, FSDP; gpu_checks.sh runs it after the sharded runs):
 
     python scripts/check_scaled_run.py OUT REC [--json result.json]

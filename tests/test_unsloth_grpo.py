@@ -2,19 +2,19 @@
 
 On CUDA, `import unsloth` replaces trl.GRPOTrainer by a generated UnslothGRPOTrainer whose
 loss makes its own forwards over left-packed, sequence-packed or padded chunks of the
-rollouts. tests/unsloth_grpo_checks.py runs one real HRPO step through it (in a subprocess:
+rollouts. testing/unsloth_grpo_checks.py runs one real HRPO step through it (in a subprocess:
 the patch is process-wide) with unsloth's fast forward paths and PyTorch stand-ins for
 the Triton kernels, and records every forward of the base model.
 """
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
-HERE = Path(__file__).resolve().parent
+from testing import module_env
+
 # float32 throughout (the checks switch off the loss's autocast): replay and sampling agree to
 # ~5e-7; the negative control (the same forwards on discrete tokens) is off by more than 1e-2.
 REPLAY_TOL = 1e-5
@@ -26,8 +26,8 @@ DISCRETE_MIN = 1e-2
 def run(request, tmp_path_factory):
     arch, source, packing = request.param
     out = tmp_path_factory.mktemp(f"ugrpo-{arch}") / "run.json"
-    proc = subprocess.run([sys.executable, str(HERE / "unsloth_grpo_checks.py"), arch, source, packing, str(out)],
-                          cwd=out.parent, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "testing.unsloth_grpo_checks", arch, source, packing, str(out)],
+                          cwd=out.parent, env=module_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return request.param, json.loads(out.read_text())
 

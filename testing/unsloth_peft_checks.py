@@ -1,6 +1,6 @@
 """Subprocess entry: the fork's FastLlamaModel.get_peft_model on a bfloat16 model, on a CPU.
 
-    python tests/unsloth_peft_checks.py <arch> <out.json>
+    python -m testing.unsloth_peft_checks <arch> <out.json>
 
 unsloth's GPU get_peft_model (the seed's change 6 and the thinking copies' precision) runs
 here with two CPU stand-ins: the check that unsloth's GPU trainer patch is in place (its CPU
@@ -16,19 +16,16 @@ import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+import torch
+from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
-import torch  # noqa: E402
-from tiny import tiny_model, tiny_tokenizer  # noqa: E402
-from transformers.hybrid_thinking.modeling import THINKING_MODULES  # noqa: E402
-
-from hrpo import LORA_TARGETS  # noqa: E402
+from hrpo import LORA_TARGETS
+from testing.tiny import tiny_model, tiny_tokenizer
 
 
 
 def main(arch: str, out: str) -> None:
-    import unsloth_cpu
+    from testing import unsloth_cpu
 
     fast = unsloth_cpu.install()
     import unsloth.device_type as device_type
