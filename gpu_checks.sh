@@ -20,53 +20,7 @@ mkdir -p "$out"
   echo "== hrpo_gsm8k.py: 3 GRPO steps through unsloth (Qwen2, hidden 1024), peak memory"
   "$py" -m bench.unsloth_gpu --arch qwen2 --build-only "$work/model"
   "$py" scripts/make_arith_data.py --out "$work/data" --difficulty 3
-  "$py" - "$work" "$out" <<'PY' 2>&1 | tail -25
-import json, sys, time
-from pathlib import Path
-import torch
-from safetensors.torch import load_file
-import hrpo_gsm8k
-work, out = Path(sys.argv[1]), Path(sys.argv[2])
-run = work / "run"
-args = hrpo_gsm8k.build_parser().parse_args([
-    "--model_name", str(work / "model"), "--dataset_path", str(work / "data" / "train.jsonl"),
-    "--output_dir", str(run), "--max_steps", "3", "--group_size", "4", "--per_device_train_batch_size", "8",
-    "--gradient_accumulation_steps", "1", "--max_completion_length", "64", "--thinking_latent_source", "projection",
-    "--backend", "unsloth", "--logging_steps", "1", "--save_steps", "3", "--warmup_ratio", "0",
-    "--lr", "1e-3", "--lr_residual_gate", "1e-3", "--lr_residual_Lambda", "1e-3", "--lr_thinking_projection", "1e-3"])
-args.output_dir = run
-
-
-def length_reward(completions, **_):  # varies within a group on a random model; GSM8K's is all zero
-    from hrpo.rewards import completion_text
-    return [len(completion_text(c)) / 64 for c in completions]
-
-
-start = time.perf_counter()
-code = 0
-trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
-trainer.train()
-trainer.save_model(str(run))
-(run / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-seconds = time.perf_counter() - start
-base = load_file(str(work / "model" / "model.safetensors"))
-adapter = load_file(str(run / "adapter_model.safetensors"))
-updated = {}
-for name, value in adapter.items():
-    for module in ("thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda",
-                   "thinking_projection"):
-        if module in name:
-            key = name.split("base_model.model.", 1)[-1].replace(".modules_to_save.default", "")
-            original = base.get(key)
-            updated[module] = updated.get(module, False) or (original is None or
-                                                             not torch.equal(original.float(), value.float()))
-history = json.loads((run / "log_history.json").read_text())
-report = {"trainer": [c.__name__ for c in type(trainer).__mro__[:2]], "seconds_3_steps": seconds, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-          "thinking_modules_updated": updated, "last_log": history[-2] if len(history) > 1 else history}
-(out / "grpo_3_steps.json").write_text(json.dumps(report, indent=1))
-print(json.dumps(report, indent=1))
-print("ALL PASS" if len(updated) == 4 and all(updated.values()) else "FAILED")
-PY
+  "$py" -m scripts.gpu_grpo_steps "$work" "$out" 2>&1 | tail -25
   echo "== sharded training on this GPU (one process): ZeRO-3 (when deepspeed is installed) and FSDP 2, 2 steps"
   # The whole model is sharded even with one process (ZeRO-3 partitions every parameter and
   # gathers it per module); checks: the thinking modules gathered for sampling and the replay
