@@ -460,10 +460,10 @@ def test_replay_check_is_recorded_on_the_first_iteration_only(workspace, tmp_pat
 # ---------------------------------------------------------------- resume takes the checkpoint's settings
 
 def fake_checkpoint(workspace, out, *flags):
-    """A checkpoint folder as SaveThinkingConfig writes it, for a run started with ``flags``."""
+    """A checkpoint folder as save_run_config writes it, for a run started with ``flags``."""
     args = tiny_training_args(workspace, out, *flags)
     model = tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args))
-    hrpo_gsm8k.SaveThinkingConfig(model, vars(args) | {"output_dir": str(out)}).write(out / "checkpoint-1")
+    hrpo_gsm8k.save_run_config(model, vars(args) | {"output_dir": str(out)}, out / "checkpoint-1")
     mark_complete(out / "checkpoint-1")
 
 
@@ -548,7 +548,7 @@ def test_plain_grpo_arm_trains_lora_only_and_evaluates_without_thinking(workspac
     assert isinstance(trainer, GRPOTrainer) and not isinstance(trainer, HRPOTrainer)
     assert {module_of(n) for n in trainable(trainer.model)} == {"lora"}
     trainer.train()
-    trainer.thinking_saver.write(tmp_path / "out" / "checkpoint-1")
+    trainer.checkpoint_extras(tmp_path / "out" / "checkpoint-1")
     write_jsonl(make_problems(3, seed=3, difficulty=3), tmp_path / "test.jsonl")
     assert eval_gsm8k.main(["--checkpoint_path", str(tmp_path / "out" / "checkpoint-1"), "--dataset_path",
                             str(tmp_path / "test.jsonl"), "--greedy", "--max_new_tokens", "4"]) == 0
