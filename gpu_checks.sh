@@ -19,7 +19,7 @@ mkdir -p "$out"
   done
   echo "== hrpo_gsm8k.py: 3 GRPO steps through unsloth (Qwen2, hidden 1024), peak memory"
   "$py" -m bench.unsloth_gpu --arch qwen2 --build-only "$work/model"
-  "$py" scripts/make_arith_data.py --out "$work/data" --difficulty 3
+  "$py" -m scripts.make_arith_data --out "$work/data" --difficulty 3
   "$py" -m scripts.gpu_grpo_steps "$work" "$out" 2>&1 | tail -25
   echo "== sharded training on this GPU (one process): ZeRO-3 (when deepspeed is installed) and FSDP 2, 2 steps"
   # The whole model is sharded even with one process (ZeRO-3 partitions every parameter and
@@ -36,7 +36,7 @@ mkdir -p "$out"
       --max_completion_length 32 --thinking_latent_source projection --warmup_ratio 0 --lr 1e-3 \
       --lr_residual_gate 1e-3 --lr_residual_Lambda 1e-3 --lr_thinking_projection 1e-3 2>&1 | tail -4
     expect=$([ "$cfg" = zero3 ] && echo DEEPSPEED || echo FSDP)
-    "$py" scripts/check_scaled_run.py "$work/run-$cfg" "$work/rec-$cfg" --expect "$expect" --bf16 --replay-bound 1.0 --logits-bound 0.05 \
+    "$py" -m scripts.check_scaled_run "$work/run-$cfg" "$work/rec-$cfg" --expect "$expect" --bf16 --replay-bound 1.0 --logits-bound 0.05 \
       --json "$out/sharded_$cfg.json" 2>&1 | tail -14
   done
   echo "== pytest -m gpu, and the suites whose numbers CUDA could change"

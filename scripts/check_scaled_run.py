@@ -2,7 +2,7 @@
 """Check a run made by `accelerate launch ... -m testing.run_training --record REC -- ... --output_dir OUT`
 (any config: DDP, ZeRO-2/3, FSDP; gpu_checks.sh runs it after the sharded runs):
 
-    python scripts/check_scaled_run.py OUT REC [--json result.json]
+    python -m scripts.check_scaled_run OUT REC [--json result.json]
 
 - the last checkpoint is complete and holds the adapter whole: LoRA and the four thinking
   modules, each with its full shape, the thinking modules in float32; every thinking module
@@ -20,8 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO)]
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,7 @@ wall time, peak memory, and whether every thinking module was updated.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -74,4 +75,8 @@ def main(work: Path, out: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2])))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("work", type=Path, help="holds model/ and data/train.jsonl; the run goes to run/")
+    parser.add_argument("out", type=Path, help="grpo_3_steps.json is written here")
+    cli = parser.parse_args()
+    sys.exit(main(cli.work, cli.out))

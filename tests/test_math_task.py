@@ -323,7 +323,8 @@ def test_time_math_reward_script_smoke_run():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "time_math_reward.py"
-    proc = subprocess.run([sys.executable, str(script), "--count", "20"], capture_output=True, text=True, timeout=600)
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "scripts.time_math_reward", "--count", "20"], capture_output=True,
+                          text=True, timeout=600, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "median" in proc.stdout
