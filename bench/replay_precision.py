@@ -53,7 +53,7 @@ def half_precision(model, dtype):
 
 
 def gap(model, tokenizer, dtype, sample_autocast: bool, new_tokens: int, temperature: float = 0.5) -> dict:
-    from hrpo.replay import replay_logprobs, thinking_inputs
+    from testing.rollouts import replay_logprobs, thinking_inputs
 
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                            add_generation_prompt=True) for q in QUESTIONS]
