@@ -10,7 +10,7 @@ cd "$(dirname "$0")"
 py=${PYTHON:-.venv/bin/python}
 seed=${1:-1}
 out=runs/demo
-model=$("$py" scripts/export_smollm2.py --out .cache/SmolLM2-135M-Instruct | tail -1)
+model=$("$py" -m scripts.export_smollm2 --out .cache/SmolLM2-135M-Instruct | tail -1)
 mapfile -t settings < <(grep -v '^#' scripts/cpu_demo.args | xargs -n1)
 rm -rf "$out"
 "$py" hrpo_gsm8k.py --model_name "$model" --output_dir "$out" --seed "$seed" \

@@ -14,59 +14,13 @@ mkdir -p "$out"
   echo "== nvidia-smi"; nvidia-smi -L
   for arch in llama qwen2; do
     echo "== unsloth fast paths vs the transformers fork, $arch, hidden 1024, bf16 (real Triton kernels)"
-    "$py" bench/unsloth_gpu.py --arch "$arch" --source projection --json "$out/unsloth_fast_path_$arch.json" \
+    "$py" -m bench.unsloth_gpu --arch "$arch" --source projection --json "$out/unsloth_fast_path_$arch.json" \
       2>&1 | tail -25
   done
   echo "== hrpo_gsm8k.py: 3 GRPO steps through unsloth (Qwen2, hidden 1024), peak memory"
-  "$py" bench/unsloth_gpu.py --arch qwen2 --build-only "$work/model"
-  "$py" scripts/make_arith_data.py --out "$work/data" --difficulty 3
-  "$py" - "$work" "$out" <<'PY' 2>&1 | tail -25
-import json, sys, time
-from pathlib import Path
-import torch
-from safetensors.torch import load_file
-import hrpo_gsm8k
-work, out = Path(sys.argv[1]), Path(sys.argv[2])
-run = work / "run"
-args = hrpo_gsm8k.build_parser().parse_args([
-    "--model_name", str(work / "model"), "--dataset_path", str(work / "data" / "train.jsonl"),
-    "--output_dir", str(run), "--max_steps", "3", "--group_size", "4", "--per_device_train_batch_size", "8",
-    "--gradient_accumulation_steps", "1", "--max_completion_length", "64", "--thinking_latent_source", "projection",
-    "--backend", "unsloth", "--logging_steps", "1", "--save_steps", "3", "--warmup_ratio", "0",
-    "--lr", "1e-3", "--lr_residual_gate", "1e-3", "--lr_residual_Lambda", "1e-3", "--lr_thinking_projection", "1e-3"])
-args.output_dir = run
-
-
-def length_reward(completions, **_):  # varies within a group on a random model; GSM8K's is all zero
-    from hrpo.rewards import completion_text
-    return [len(completion_text(c)) / 64 for c in completions]
-
-
-start = time.perf_counter()
-code = 0
-trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
-trainer.train()
-trainer.save_model(str(run))
-(run / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-seconds = time.perf_counter() - start
-base = load_file(str(work / "model" / "model.safetensors"))
-adapter = load_file(str(run / "adapter_model.safetensors"))
-updated = {}
-for name, value in adapter.items():
-    for module in ("thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda",
-                   "thinking_projection"):
-        if module in name:
-            key = name.split("base_model.model.", 1)[-1].replace(".modules_to_save.default", "")
-            original = base.get(key)
-            updated[module] = updated.get(module, False) or (original is None or
-                                                             not torch.equal(original.float(), value.float()))
-history = json.loads((run / "log_history.json").read_text())
-report = {"trainer": [c.__name__ for c in type(trainer).__mro__[:2]], "seconds_3_steps": seconds, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-          "thinking_modules_updated": updated, "last_log": history[-2] if len(history) > 1 else history}
-(out / "grpo_3_steps.json").write_text(json.dumps(report, indent=1))
-print(json.dumps(report, indent=1))
-print("ALL PASS" if len(updated) == 4 and all(updated.values()) else "FAILED")
-PY
+  "$py" -m bench.unsloth_gpu --arch qwen2 --build-only "$work/model"
+  "$py" -m scripts.make_arith_data --out "$work/data" --difficulty 3
+  "$py" -m scripts.gpu_grpo_steps "$work" "$out" 2>&1 | tail -25
   echo "== sharded training on this GPU (one process): ZeRO-3 (when deepspeed is installed) and FSDP 2, 2 steps"
   # The whole model is sharded even with one process (ZeRO-3 partitions every parameter and
   # gathers it per module); checks: the thinking modules gathered for sampling and the replay
@@ -76,13 +30,13 @@ PY
       echo "SKIP zero3: deepspeed is not installed (pip install deepspeed, or carry its wheel)"; continue
     fi
     "$py" -m accelerate.commands.launch --config_file "configs/$cfg.yaml" --num_processes 1 \
-      tests/run_training.py --record "$work/rec-$cfg" -- --model_name "$work/model" \
+      -m testing.run_training --record "$work/rec-$cfg" -- --model_name "$work/model" \
       --dataset_path "$work/data/train.jsonl" --output_dir "$work/run-$cfg" --backend transformers \
       --max_steps 2 --save_steps 2 --group_size 4 --per_device_train_batch_size 8 --gradient_accumulation_steps 1 \
       --max_completion_length 32 --thinking_latent_source projection --warmup_ratio 0 --lr 1e-3 \
       --lr_residual_gate 1e-3 --lr_residual_Lambda 1e-3 --lr_thinking_projection 1e-3 2>&1 | tail -4
     expect=$([ "$cfg" = zero3 ] && echo DEEPSPEED || echo FSDP)
-    "$py" scripts/check_scaled_run.py "$work/run-$cfg" "$work/rec-$cfg" --expect "$expect" --bf16 --replay-bound 1.0 --logits-bound 0.05 \
+    "$py" -m scripts.check_scaled_run "$work/run-$cfg" "$work/rec-$cfg" --expect "$expect" --bf16 --replay-bound 1.0 --logits-bound 0.05 \
       --json "$out/sharded_$cfg.json" 2>&1 | tail -14
   done
   echo "== pytest -m gpu, and the suites whose numbers CUDA could change"
@@ -90,7 +44,7 @@ PY
   timeout 240 "$py" -m pytest -q -x tests/test_hybrid_thinking.py tests/test_thinking_projection.py tests/test_training.py \
     tests/test_unsloth_fast_path.py tests/test_unsloth_grpo.py 2>&1 | tail -3
   echo "== decoding and training-step benches (transformers backend, tiny Qwen2)"
-  "$py" bench/decoding.py --model tiny-qwen2 --device cuda --new-tokens 128 512 --json "$out/decoding_tiny_cuda.json"
-  "$py" bench/train_step.py --model tiny --steps 4 --json "$out/train_step_tiny_cuda.json"
+  "$py" -m bench.decoding --model tiny-qwen2 --device cuda --new-tokens 128 512 --json "$out/decoding_tiny_cuda.json"
+  "$py" -m bench.train_step --model tiny --steps 4 --json "$out/train_step_tiny_cuda.json"
 } 2>&1 | tee "$out/summary.txt"
 rm -rf "$work"

@@ -20,10 +20,9 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
+from hrpo import LORA_TARGETS
 from hrpo.tasks import SYSTEM_PROMPTS, TASK_NAMES, get_task
-from patch import THINKING_MODULES, thinking_modules_for  # the thinking modules, trained in full
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RUN_CONFIG = "hrpo_run.json"
 EVAL_FILES = {"start": "eval_step0.json", "end": "eval_final.json"}
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -103,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--backend", default="auto", choices=["auto", "unsloth", "transformers"],
       help="how the model is loaded and trained: unsloth (FastLanguageModel; on CUDA its fast forward paths and "
            "GRPO rewrite, forked for HRPO), or transformers + PEFT with TRL's own GRPOTrainer (the reference "
-           "path; unsloth is then not imported). auto: unsloth")
+           "path; unsloth is then not imported). auto: unsloth, on CPU too (its CPU mode runs the fork's own "
+           "forward under TRL's own trainer; the path the test suite covers)")
     return p
 
 
@@ -252,9 +252,10 @@ def thinking_config(args) -> dict:
     }
 
 
-def resolve_backend(args, cuda: bool) -> str:
-    """auto: unsloth. On CPU that is unsloth's CPU mode (the fork's own forward, TRL's own
-    trainer); on CUDA its fast paths and GRPO rewrite, which the forks carry HRPO through."""
+def resolve_backend(args) -> str:
+    """auto: unsloth, a dependency of the project, so it is always there. On CPU that is
+    unsloth's CPU mode (the fork's own forward, TRL's own trainer); on CUDA its fast paths and
+    GRPO rewrite, which the forks carry HRPO through."""
     return "unsloth" if args.backend == "auto" else args.backend
 
 
@@ -274,7 +275,7 @@ def load_model(args, cuda: bool):
     if args.hybrid_thinking == "on":
         for key, value in thinking_config(args).items():
             setattr(config, key, value)
-    if resolve_backend(args, cuda) == "transformers":
+    if resolve_backend(args) == "transformers":
         return load_with_transformers(args, config, cuda)
     import torch
     from unsloth import FastLanguageModel
@@ -297,6 +298,7 @@ def load_with_transformers(args, config, cuda: bool):
     from peft import LoraConfig, get_peft_model
     from peft.utils.other import ModulesToSaveWrapper
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
     from hrpo.data import left_padded
 
@@ -316,7 +318,9 @@ def load_with_transformers(args, config, cuda: bool):
 def trained_thinking_modules(args) -> list[str] | None:
     """The thinking modules the source uses are trained in full with HRPO (the model has no
     others); plain GRPO builds none."""
-    return thinking_modules_for(args.thinking_latent_source) if args.hybrid_thinking == "on" else None
+    from transformers.hybrid_thinking.modeling import thinking_module_names
+
+    return list(thinking_module_names(args.thinking_latent_source)) if args.hybrid_thinking == "on" else None
 
 
 def load_dataset(args):
@@ -347,7 +351,7 @@ def filter_long_prompts(args, dataset, tokenizer):
 def use_trainer_checkpointing(args, cuda: bool) -> bool:
     """The trainer's gradient checkpointing; unsloth's backend does its own ("unsloth")."""
     wanted = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and cuda)
-    return wanted and not (cuda and resolve_backend(args, cuda) == "unsloth")
+    return wanted and not (cuda and resolve_backend(args) == "unsloth")
 
 
 def grpo_config(args, cuda: bool):
@@ -376,19 +380,14 @@ def grpo_config(args, cuda: bool):
         ddp_find_unused_parameters=False, log_completions=False)
 
 
-class SaveThinkingConfig:
-    """Writes the model config (with the thinking fields) and the run's arguments beside
-    every adapter checkpoint, so that eval_gsm8k.py can rebuild the model from it alone
-    (the trainer's ``checkpoint_extras``: part of the checkpoint, before its completion marker)."""
-
-    def __init__(self, model, run_args: dict):
-        self.model, self.run_args = model, run_args
-
-    def write(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        base.config.save_pretrained(folder)
-        (folder / RUN_CONFIG).write_text(json.dumps(self.run_args, indent=2))
+def save_run_config(model, run_args: dict, folder: Path) -> None:
+    """The model config (with the thinking fields) and the run's arguments, written beside an
+    adapter, so that eval_gsm8k.py can rebuild the model from the folder alone. Bound to the
+    run, it is the trainer's ``checkpoint_extras``: part of each checkpoint, before its marker."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.save_pretrained(folder)
+    (folder / RUN_CONFIG).write_text(json.dumps(run_args, indent=2))
 
 
 def import_unsloth(cuda: bool) -> None:
@@ -425,7 +424,7 @@ def build_trainer(args, reward_funcs=None):
     args.dataset_path = args.dataset_path or get_task(args.task).default_dataset
 
     cuda = torch.cuda.is_available()
-    if resolve_backend(args, cuda) == "unsloth":
+    if resolve_backend(args) == "unsloth":
         import_unsloth(cuda)  # before TRL: on CUDA it replaces trl.GRPOTrainer by its rewrite
     else:
         from hrpo.cpu_logprob import route_trl_fused_head
@@ -448,8 +447,7 @@ def build_trainer(args, reward_funcs=None):
                             args=grpo_config(args, cuda), train_dataset=dataset)
     trainer.held_out_rows = eval_rows
     patch_trainer_optimizer(trainer, args.lr_residual_gate, args.lr_residual_Lambda, args.lr_thinking_projection)
-    trainer.thinking_saver = SaveThinkingConfig(model, vars(args) | {"output_dir": str(args.output_dir)})
-    trainer.checkpoint_extras = trainer.thinking_saver.write  # inside each checkpoint, before its marker
+    trainer.checkpoint_extras = partial(save_run_config, model, vars(args) | {"output_dir": str(args.output_dir)})
     return trainer
 
 
@@ -485,7 +483,7 @@ def train(args) -> Path:
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(str(args.output_dir))
     if trainer.args.should_save:  # with several processes: the main one writes
-        trainer.thinking_saver.write(Path(args.output_dir))
+        trainer.checkpoint_extras(Path(args.output_dir))
         (Path(args.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     if trainer.held_out_rows:
         evaluate_held_out(trainer, args, "end")

@@ -13,19 +13,7 @@ CUDA, torch AdamW on CPU). Call it after building the trainer and before train()
 """
 from __future__ import annotations
 
-GATE_MODULES = ("thinking_residual_gate_r", "thinking_residual_gate_i")
-LAMBDA_MODULE = "thinking_residual_Lambda"
-PROJECTION_MODULE = "thinking_projection"
-THINKING_MODULES = GATE_MODULES + (LAMBDA_MODULE, PROJECTION_MODULE)  # every name; a model has a subset
-
-
-def thinking_modules_for(source: str | None) -> list[str]:
-    """The thinking modules a model built for ``source`` has, and HRPO trains in full (none for
-    None: hybrid thinking off). The fork decides: the gates and Lambda always, the projection
-    for the projection sources."""
-    from transformers.hybrid_thinking.modeling import thinking_module_names
-
-    return list(thinking_module_names(source))
+from transformers.hybrid_thinking.modeling import GATE_MODULES, LAMBDA_MODULE, PROJECTION_MODULE
 
 
 def thinking_group(name: str) -> str | None:

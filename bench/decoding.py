@@ -5,23 +5,21 @@ Same model, batch, prompts and a forced number of new tokens (EOS disabled); eac
 variant runs --repeats times interleaved, the table shows medians and ratios to plain
 sampling (and projection modes to embedding). Writes JSON with every timing.
 
-    python bench/decoding.py --model tiny-qwen2 --new-tokens 128 512
-    python bench/decoding.py --model smollm2 --batch 8 --new-tokens 256
-    python bench/decoding.py --model Qwen/Qwen2.5-1.5B-Instruct --device cuda   (any HF model)
+    python -m bench.decoding --model tiny-qwen2 --new-tokens 128 512
+    python -m bench.decoding --model smollm2 --batch 8 --new-tokens 256
+    python -m bench.decoding --model Qwen/Qwen2.5-1.5B-Instruct --device cuda   (any HF model)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 MODES = ["plain", "embedding", "projection", "embedding_plus_projection"]
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have?", "What is 12 times 3?",
@@ -34,7 +32,7 @@ def load(name: str, device: str):
     """The model built with hybrid thinking in the projection source, so that it has every
     thinking module; the runs switch config.thinking_latent_source between the sources."""
     if name.startswith("tiny-"):
-        from tiny import tiny_model, tiny_tokenizer
+        from testing.tiny import tiny_model, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         return tiny_model(name.split("-", 1)[1], tokenizer, hidden_size=256,

@@ -6,22 +6,20 @@
 - cosine similarity between embedding-method and projection-method latents at the same
   steps (the seed's monitoring suggestion).
 
-    python bench/latent_stats.py --model smollm2
-    python bench/latent_stats.py --model tiny-qwen2
+    python -m bench.latent_stats --model smollm2
+    python -m bench.latent_stats --model tiny-qwen2
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
+from bench.decoding import QUESTIONS, load
 
-from decoding import QUESTIONS, load  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:

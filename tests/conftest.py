@@ -1,14 +1,10 @@
-import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,10 +33,3 @@ def upstream_transformers(tmp_path_factory) -> Path:
         tar.extractall(dest, filter="data")
     return dest
 
-
-def run_upstream(upstream_root: Path, script: str, cwd: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": str(upstream_root / "src")}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, text=True,
-                          capture_output=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from tiny import tiny_model, tiny_tokenizer
 
 from hrpo.evaluation import decoding_config, evaluate_rows, trainer_stop_ids
 from hrpo.tasks import get_task
+from testing.tiny import tiny_model, tiny_tokenizer
 
 
 def rows(count=3):

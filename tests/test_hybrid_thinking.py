@@ -1,20 +1,18 @@
 """HRPO hybrid latent reasoning in the transformers fork (Qwen2 and Llama)."""
-import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_upstream
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny import encode_prompts, tiny_model, tiny_tokenizer
 from transformers.hybrid_thinking.generation import AnswerMarkerDetector
 from transformers.hybrid_thinking.modeling import ThinkingResidualLambda
 
-from hrpo.replay import replay_logprobs, sampling_logprobs, thinking_inputs
+from testing.rollouts import generate_hybrid, replay_difference, replay_logprobs, sampling_logprobs
+from testing.tiny import QUESTIONS, encode_prompts, tiny_model, tiny_tokenizer
+from testing.upstream import run_upstream
 
 ARCHS = ["llama", "qwen2"]
-QUESTIONS = ["a+b?", "1+2=?", "abc def", "9", "c,d.e+f=?", "j"]
 
 
 # ---------------------------------------------------------------- parity with upstream
@@ -171,28 +169,6 @@ def test_unflagged_positions_keep_their_embedding_bit_for_bit():
 
 # ---------------------------------------------------------------- replay consistency
 
-def generate_hybrid(model, tokenizer, questions, seed=1, max_new_tokens=40, marker="##", **kw):
-    enc = encode_prompts(tokenizer, questions)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(**enc, processing_class=tokenizer, return_thinking_embeds=True, answer_marker=marker,
-                             do_sample=True, temperature=0.5, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                             output_scores=True, return_dict_in_generate=True, **kw)
-    return enc, out
-
-
-def replay_difference(model, tokenizer, enc, out):
-    prompt_len = enc.input_ids.shape[1]
-    with torch.no_grad():
-        replayed, mask, _ = replay_logprobs(model, out.sequences, enc.attention_mask, thinking_inputs(out),
-                                            tokenizer.eos_token_id, temperature=0.5)
-    sampled = sampling_logprobs(out, prompt_len)
-    recorded = out.sampled_token_logprobs[:, prompt_len:]
-    assert torch.equal(recorded * mask, sampled * mask)
-    diff = (replayed - sampled).abs() * mask
-    return diff.max().item(), (diff.sum() / mask.sum()).item(), mask
-
-
 def answer_entry_steps(out, prompt_len, mask):
     """Per row: the completion index of the first fed-but-not-mixed token, or None."""
     steps = []
@@ -207,7 +183,7 @@ def answer_entry_steps(out, prompt_len, mask):
 def test_replay_matches_sampling_logprobs(arch):
     tokenizer = tiny_tokenizer()
     model = tiny_model(arch, tokenizer)
-    enc, out = generate_hybrid(model, tokenizer, QUESTIONS)
+    enc, out = generate_hybrid(model, tokenizer, QUESTIONS[:6])
     max_diff, mean_diff, mask = replay_difference(model, tokenizer, enc, out)
     print(f"[{arch}] replay vs sampling log-probs: max {max_diff:.2e}, mean {mean_diff:.2e} over {int(mask.sum())} tokens")
 
@@ -389,7 +365,7 @@ def test_generate_without_cache_matches_generate_with_cache(arch, source):
     if source != "embedding":  # the embedding source has no projection
         with torch.no_grad():
             model.model.thinking_projection.weight.normal_(0, 0.3)
-    enc = encode_prompts(tokenizer, QUESTIONS)
+    enc = encode_prompts(tokenizer, QUESTIONS[:6])
     runs = {}
     for use_cache in (True, False):
         with torch.no_grad():

@@ -11,16 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_model, tiny_tokenizer
 
 import hrpo_gsm8k
 from hrpo.checkpoint import (COMPLETE_MARKER, discard_checkpoint, incomplete_reason, latest_complete_checkpoint,
                              mark_complete, rotate_checkpoints)
-from hrpo.data import write_jsonl
-from hrpo.tasks.arith import make_problems
+from testing.training import length_reward, module_of, save_training_workspace, tiny_training_args, trainable
 
-TESTS = Path(__file__).resolve().parent
-CHAT = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+REPO = Path(__file__).resolve().parent.parent
 TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
 
 
@@ -114,22 +111,15 @@ def test_resume_loads_the_trained_adapter_and_thinking_modules_into_the_optimize
     """TRL keeps a frozen "ref" adapter beside "default"; the trainer saves it in a subfolder and,
     on resume, loaded only the subfolders: LoRA and the thinking modules restarted from their
     initial weights while the optimizer state and step counter came back."""
-    import test_training as T
-
-    workspace = tmp_path / "ws"
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = CHAT
-    tiny_model("qwen2", tokenizer, hidden_size=64, hybrid=False).save_pretrained(workspace / "model")
-    tokenizer.save_pretrained(workspace / "model")
-    write_jsonl(make_problems(16, difficulty=3), workspace / "train.jsonl")
-    trained = hrpo_gsm8k.build_trainer(T.cli_args(workspace, tmp_path / "out"), reward_funcs=[T.length_reward])
+    workspace = save_training_workspace(tmp_path / "ws")
+    trained = hrpo_gsm8k.build_trainer(tiny_training_args(workspace, tmp_path / "out"), reward_funcs=[length_reward])
     trained.train()
     checkpoint = tmp_path / "out" / "checkpoint-1"
     assert (checkpoint / "ref" / "adapter_config.json").exists() and incomplete_reason(checkpoint) is None
-    resumed = hrpo_gsm8k.build_trainer(T.cli_args(workspace, tmp_path / "out2"), reward_funcs=[T.length_reward])
+    resumed = hrpo_gsm8k.build_trainer(tiny_training_args(workspace, tmp_path / "out2"), reward_funcs=[length_reward])
     resumed._load_from_checkpoint(str(checkpoint))
-    want, got = T.trainable(trained.model), T.trainable(resumed.model)
-    assert want.keys() == got.keys() and {T.module_of(n) for n in got} >= {"lora", "thinking_projection"}
+    want, got = trainable(trained.model), trainable(resumed.model)
+    assert want.keys() == got.keys() and {module_of(n) for n in got} >= {"lora", "thinking_projection"}
     stale = [n for n in want if not torch.equal(want[n], got[n])]
     assert not stale, stale[:5]
     in_optimizer = {id(p) for group in resumed.optimizer.param_groups for p in group["params"]}
@@ -140,13 +130,7 @@ def test_resume_loads_the_trained_adapter_and_thinking_modules_into_the_optimize
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kill")
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = CHAT
-    tiny_model("qwen2", tokenizer, hidden_size=64, hybrid=False).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    write_jsonl(make_problems(32, difficulty=3), root / "train.jsonl")
-    return root
+    return save_training_workspace(tmp_path_factory.mktemp("kill"), problems=32)
 
 
 def flags(workspace, out):
@@ -159,7 +143,7 @@ def flags(workspace, out):
 
 
 def child(workspace, out, *ours, resume=False):
-    argv = [sys.executable, str(TESTS / "run_training.py"), *ours, "--", *flags(workspace, out)]
+    argv = [sys.executable, "-m", "testing.run_training", *ours, "--", *flags(workspace, out)]
     return argv + (["--resume"] if resume else [])
 
 
@@ -168,7 +152,7 @@ def env():
 
 
 def run(argv, expect=0):
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env())
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env(), cwd=REPO)
     assert proc.returncode == expect, f"exit {proc.returncode}, expected {expect}:\n{proc.stdout[-3000:]}\n" \
                                       f"{proc.stderr[-5000:]}"
     return proc
@@ -226,7 +210,7 @@ def test_sigkill_at_a_random_moment_then_resume_ends_bit_identical(workspace, un
     delay = random.Random(seed).uniform(0.0, 1.2)
     out = workspace / "killed-at-random"
     proc = subprocess.Popen(child(workspace, out, "--step-delay", "0.5"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env())
+                            stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO)
     deadline = time.monotonic() + 300
     while incomplete_reason(out / "checkpoint-1") is not None:  # training has started: kill inside steps 2-4
         assert proc.poll() is None, f"the run ended before its first checkpoint:\n{proc.communicate()[1][-5000:]}"

@@ -1,7 +1,6 @@
 """The MATH task: reference answers, the equivalence reward, bounded time, data layouts, bad data."""
 import builtins
 import contextlib
-import json
 import time
 from fractions import Fraction
 
@@ -10,19 +9,7 @@ import pytest
 from hrpo.data import DataError, write_jsonl
 from hrpo.tasks import get_task
 from hrpo.tasks import math as M
-
-PROBLEMS = [
-    {"problem": "What is $1+1$?", "solution": "We add: $1+1=\\boxed{2}$.", "level": "Level 1", "type": "Algebra"},
-    {"problem": "Simplify $\\frac{2}{4}$.", "solution": "Divide by 2: $\\boxed{\\frac{1}{2}}$.",
-     "level": "Level 1", "type": "Prealgebra"},
-    {"problem": "Where is $f$ defined?", "solution": "First $\\boxed{0}$ is wrong; it is $\\boxed{(1,2]}$.",
-     "level": "Level 3", "type": "Algebra"},
-    {"problem": "What is $\\sin 60^\\circ$?", "solution": "So $x = \\boxed{\\frac{\\sqrt{3}}{2}}$",
-     "level": "Level 2", "type": "Precalculus"},
-    {"problem": "Which set?", "solution": "The set is $\\boxed{\\{1,2\\}}$.", "level": "Level 2",
-     "type": "Counting & Probability"},
-]
-REFERENCES = ["2", "\\frac{1}{2}", "(1,2]", "\\frac{\\sqrt{3}}{2}", "\\{1,2\\}"]
+from testing.task_rows import PROBLEMS, REFERENCES, write_math_folder
 
 
 @pytest.fixture
@@ -259,13 +246,6 @@ def test_outside_the_main_thread_no_alarm_is_set(generous_timeouts):
 
 # ------------------------------------------------------------------ data
 
-def write_math_folder(root, split="train", problems=PROBLEMS):
-    for n, problem in enumerate(problems):
-        folder = root / split / problem["type"].lower().replace(" & ", "_and_").replace(" ", "_")
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{n}.json").write_text(json.dumps(problem))
-    return root
-
 
 def test_math_folder_jsonl_parquet_and_math500_layouts(tmp_path):
     import datasets
@@ -343,7 +323,8 @@ def test_time_math_reward_script_smoke_run():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "time_math_reward.py"
-    proc = subprocess.run([sys.executable, str(script), "--count", "20"], capture_output=True, text=True, timeout=600)
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "scripts.time_math_reward", "--count", "20"], capture_output=True,
+                          text=True, timeout=600, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "median" in proc.stdout

@@ -4,24 +4,8 @@ import pytest
 from hrpo.data import DataError, write_jsonl
 from hrpo.tasks import get_task
 from hrpo.tasks import mc
+from testing.task_rows import ARC_ROWS, MMLU_ROWS, OBQA_ROWS
 
-MMLU_ROWS = [
-    {"question": "What is 2 + 2?", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "22"], "answer": 1},
-    {"question": "Which is a noble gas?", "subject": "chemistry", "choices": ["Oxygen", "Neon", "Iron", "Carbon"],
-     "answer": 1},
-    {"question": "Unit of force?", "subject": "physics", "choices": ["Joule", "Watt", "Newton", "Pascal"],
-     "answer": 2},
-]
-ARC_ROWS = [
-    {"id": "arc1", "question": "Which part of a plant makes food?",
-     "choices": {"text": ["root", "stem", "leaf", "flower"], "label": ["A", "B", "C", "D"]}, "answerKey": "C"},
-    {"id": "arc2", "question": "What do magnets attract?",
-     "choices": {"text": ["wood", "iron", "glass"], "label": ["1", "2", "3"]}, "answerKey": "2"},  # numeric labels
-]
-OBQA_ROWS = [
-    {"id": "o1", "question_stem": "The sun is a", "choices": {"text": ["planet", "star", "moon", "comet"],
-                                                             "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
-]
 QASC_ROWS = [
     {"id": "q1", "question": "What do plants need to grow?", "fact1": "Plants need light.", "fact2": "Sun gives light.",
      "combinedfact": "Plants need the sun.", "formatted_question": "...",

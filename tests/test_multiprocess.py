@@ -11,15 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_model, tiny_tokenizer
+from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
 import hrpo_gsm8k
-from hrpo.data import write_jsonl
-from hrpo.tasks.arith import make_problems
-from patch import THINKING_MODULES
+from testing import module_env
+from testing.training import length_reward, module_of, save_training_workspace
 
 REPO = Path(__file__).resolve().parent.parent
-CHAT = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
 STEPS = 2
 
 
@@ -41,27 +39,18 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
     """Two processes, 2 optimizer steps, each rank recording what the tests compare."""
-    root = tmp_path_factory.mktemp("ddp")
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = CHAT
-    tiny_model("qwen2", tokenizer, hidden_size=64, hybrid=False).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    write_jsonl(make_problems(32, difficulty=3), root / "train.jsonl")
+    root = save_training_workspace(tmp_path_factory.mktemp("ddp"), problems=32)
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   str(REPO / "configs" / "ddp_cpu.yaml"), "--main_process_port", str(free_port())]
-    argv = [*accelerate, str(REPO / "tests" / "run_training.py"), "--record", str(root / "record"), "--",
+    argv = [*accelerate, "-m", "testing.run_training", "--record", str(root / "record"), "--",
             *flags(root, root / "out")]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=root,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                          env=module_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
     assert proc.returncode == 0, f"accelerate launch exited {proc.returncode}:\n{proc.stdout[-3000:]}\n" \
                                  f"{proc.stderr[-6000:]}"
     records = {(rank, step): torch.load(root / "record" / f"rank{rank}-step{step}.pt", weights_only=False)
                for rank in (0, 1) for step in range(1, STEPS + 1)}
     return root, records
-
-
-def module_of(name: str) -> str:
-    return next((m for m in THINKING_MODULES if m in name), "lora" if "lora_" in name else "other")
 
 
 @pytest.mark.slow
@@ -138,12 +127,10 @@ def test_accumulation_over_two_ranks_gives_one_processs_update_on_the_same_rollo
     from transformers import TrainerCallback
     from transformers.hybrid_thinking.generation import HybridGenerateOutput
 
-    import run_training
-
     root, records = ddp
     args = hrpo_gsm8k.build_parser().parse_args(flags(root, tmp_path / "one", accumulation=4))
     args.output_dir, args.max_steps = Path(args.output_dir), 1
-    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[run_training.length_reward])
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
     pad_id = trainer.processing_class.pad_token_id
     rollouts = merged_rollouts([records[0, 1]["generations"][0], records[1, 1]["generations"][0]], pad_id)
     prompt_mask = rollouts.pop("prompt_mask")
@@ -192,8 +179,8 @@ def test_synced_sampling_steps_every_rank_until_all_are_done(tmp_path):
     import json
 
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(free_port()), str(REPO / "tests" / "synced_sampling.py"), str(tmp_path)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+            str(free_port()), "-m", "testing.synced_sampling", str(tmp_path)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

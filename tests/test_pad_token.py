@@ -1,8 +1,8 @@
 """The dedicated pad token: no chat template emits it and no completion stops on it."""
 import pytest
-from tiny import tiny_tokenizer
 
 from hrpo.data import PadTokenError, left_padded, tokens_the_chat_template_emits
+from testing.tiny import tiny_tokenizer
 
 
 def test_a_tokenizer_with_a_free_pad_keeps_it():

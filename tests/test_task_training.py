@@ -3,27 +3,19 @@
 import json
 
 import pytest
-from test_math_task import PROBLEMS, REFERENCES, write_math_folder
-from test_mc_task import ARC_ROWS, MMLU_ROWS, OBQA_ROWS
-from tiny import tiny_model, tiny_tokenizer
 
 import eval_gsm8k
 import hrpo_gsm8k
 import hrpo_math
 import hrpo_mmlu
 from hrpo.data import write_jsonl
-
-CHAT = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+from testing.task_rows import ARC_ROWS, MMLU_ROWS, OBQA_ROWS, PROBLEMS, REFERENCES, write_math_folder
+from testing.tiny import PLAIN_CHAT_TEMPLATE, save_tiny_chat_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task-model")
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = CHAT
-    tiny_model("qwen2", tokenizer, hidden_size=64, hybrid=False).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return root / "model"
+    return save_tiny_chat_model(tmp_path_factory.mktemp("task-model") / "model", chat_template=PLAIN_CHAT_TEMPLATE)
 
 
 def tiny_argv(model, data, out, *extra):

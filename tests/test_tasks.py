@@ -70,9 +70,9 @@ def test_make_arith_data_script_writes_the_generated_splits(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "make_arith_data.py"
-    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--difficulty", "1"],
-                          capture_output=True, text=True, timeout=120)
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "scripts.make_arith_data", "--out", str(tmp_path), "--difficulty", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-2000:]
     written = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
     assert written == generated_split("test", 1)

@@ -8,17 +8,18 @@ is checked on a bfloat16 model: their dtype, and Lambda's change after 5 AdamW s
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from test_unsloth_fork import LORA_TARGETS, THINKING, load_helpers
-from tiny import encode_prompts, tiny_model, tiny_tokenizer
+from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
 import hrpo_gsm8k
+from hrpo import LORA_TARGETS
+from testing import module_env
+from testing.tiny import encode_prompts, tiny_model, tiny_tokenizer
+from testing.unsloth_cpu import load_hybrid_thinking_helpers
 
-HERE = Path(__file__).resolve().parent
 STEPS, LR = 5, 1e-3
 
 
@@ -26,9 +27,9 @@ def thinking_copies(model):
     """leaf name -> (trainable copy, original) of each thinking module under PEFT."""
     found = {}
     for name, module in model.named_modules():
-        if hasattr(module, "modules_to_save") and name.rsplit(".", 1)[-1] in THINKING:
+        if hasattr(module, "modules_to_save") and name.rsplit(".", 1)[-1] in THINKING_MODULES:
             found[name.rsplit(".", 1)[-1]] = (module.modules_to_save["default"], module.original_module)
-    assert sorted(found) == sorted(THINKING)
+    assert sorted(found) == sorted(THINKING_MODULES)
     return found
 
 
@@ -74,10 +75,10 @@ def bf16_checkpoint(tmp_path_factory):
 
 
 def test_unsloth_helper_trains_bf16_model_copies_in_float32():
-    helpers = load_helpers()
+    helpers = load_hybrid_thinking_helpers()
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", tokenizer, thinking_latent_source="projection").to(torch.bfloat16)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGETS, modules_to_save=THINKING))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGETS, modules_to_save=list(THINKING_MODULES)))
     for p in peft_model.parameters():  # what kbit preparation does: freeze everything
         p.requires_grad_(False)
     helpers.prepare_thinking_modules_for_training(peft_model)
@@ -90,8 +91,8 @@ def test_unsloth_helper_trains_bf16_model_copies_in_float32():
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_unsloth_fast_get_peft_model_gives_float32_copies_for_bf16(arch, tmp_path):
     out = tmp_path / "checks.json"
-    proc = subprocess.run([sys.executable, str(HERE / "unsloth_peft_checks.py"), arch, str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "testing.unsloth_peft_checks", arch, str(out)],
+                          cwd=tmp_path, env=module_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     r = json.loads(out.read_text())
     print(f"[FastLlamaModel.get_peft_model, {arch} bf16] Lambda {r['lambda_dtype']}, "
@@ -130,7 +131,7 @@ def test_bf16_evaluation_loads_the_thinking_modules_in_float32(bf16_checkpoint, 
 
     tokenizer = tiny_tokenizer()
     model = tiny_model("qwen2", tokenizer, hidden_size=64, thinking_latent_source="projection")
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGETS, modules_to_save=THINKING))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGETS, modules_to_save=list(THINKING_MODULES)))
     peft_model.peft_config["default"].base_model_name_or_path = str(bf16_checkpoint)
     for copy, _ in thinking_copies(peft_model).values():
         copy.float()

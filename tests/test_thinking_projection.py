@@ -5,15 +5,13 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_hybrid_thinking import QUESTIONS, generate_hybrid, replay_difference
-from tiny import encode_prompts, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
+from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
-from hrpo.replay import replay_logprobs, thinking_inputs
+from testing.rollouts import generate_hybrid, replay_difference, replay_logprobs, thinking_inputs
+from testing.tiny import QUESTIONS, tiny_model, tiny_tokenizer
 
 ARCHS = ["llama", "qwen2"]
-THINKING_PARAMS = ("thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda",
-                   "thinking_projection")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -90,7 +88,7 @@ def test_gradient_reaches_the_projection_and_its_options(arch, options):
         surrogate_backward(model, tokenizer, enc, out)
     named = dict(base.named_parameters())
     for name, param in named.items():
-        if name.startswith(THINKING_PARAMS):
+        if name.startswith(THINKING_MODULES):
             assert param.grad is not None and param.grad.abs().sum() > 0, name
     expected = {"thinking_projection.weight"}
     if options.get("thinking_projection_layers") == 2:
@@ -131,7 +129,7 @@ def test_replay_consistency_in_every_mode(arch, options):
         with torch.no_grad():  # move off the zero init so that the projection term matters
             for p in model.model.thinking_projection.parameters():
                 p.normal_(0, 0.05)
-    enc, out = generate_hybrid(model, tokenizer, QUESTIONS)
+    enc, out = generate_hybrid(model, tokenizer, QUESTIONS[:6])
     max_diff, mean_diff, _ = replay_difference(model, tokenizer, enc, out)
     assert out.thinking_mask.any()
     assert max_diff <= 1e-4, (max_diff, mean_diff)
@@ -142,9 +140,9 @@ def test_embedding_plus_projection_is_identical_to_embedding_at_init(arch):
     tokenizer = tiny_tokenizer()
     model = tiny_model(arch, tokenizer, thinking_latent_source="embedding_plus_projection",
                        thinking_projection_layers=2)
-    enc, mixed = generate_hybrid(model, tokenizer, QUESTIONS, seed=5)
+    enc, mixed = generate_hybrid(model, tokenizer, QUESTIONS[:6], seed=5)
     model.config.thinking_latent_source = "embedding"
-    _, plain = generate_hybrid(model, tokenizer, QUESTIONS, seed=5)
+    _, plain = generate_hybrid(model, tokenizer, QUESTIONS[:6], seed=5)
     assert torch.equal(mixed.sequences, plain.sequences)
     assert torch.equal(mixed.thinking_latents, plain.thinking_latents)
     assert all(torch.equal(a, b) for a, b in zip(mixed.scores, plain.scores))

@@ -6,55 +6,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import encode_prompts, tiny_model, tiny_tokenizer
+from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
 import hrpo_gsm8k
 from hrpo.checkpoint import mark_complete
 from hrpo.data import write_jsonl
-from hrpo.rewards import completion_text
 from hrpo.tasks.arith import make_problems
-from patch import THINKING_MODULES, parameter_groups, patch_trainer_optimizer
+from patch import parameter_groups, patch_trainer_optimizer
+from testing.tiny import PLAIN_CHAT_TEMPLATE, encode_prompts, tiny_model, tiny_tokenizer
+from testing.training import length_reward, module_of, save_training_workspace, tiny_training_args, trainable
 
-CHAT = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = CHAT  # short prompts: the tiny tokenizer is per character
-    tiny_model("qwen2", tokenizer, hidden_size=64, hybrid=False).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    write_jsonl(make_problems(16, difficulty=3), root / "train.jsonl")
-    return root
-
-
-def cli_args(workspace, out, *extra):
-    argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
-            "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "4",
-            "--gradient_accumulation_steps", "2", "--group_size", "4", "--max_completion_length", "10",
-            "--max_prompt_length", "512", "--lora_rank", "4", "--lr", "1e-2", "--lr_residual_gate", "1e-2",
-            "--lr_residual_Lambda", "1e-2", "--lr_thinking_projection", "1e-2", "--warmup_ratio", "0",
-            "--save_steps", "1", *extra]
-    args = hrpo_gsm8k.build_parser().parse_args(argv)
-    args.output_dir = Path(args.output_dir)
-    return args
-
-
-def length_reward(completions, **_):
-    """Varies inside every group, so advantages (and gradients) are not zero."""
-    return [float(len(completion_text(c))) / 10.0 for c in completions]
-
-
-def trainable(model):
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def module_of(name):
-    for module in THINKING_MODULES:
-        if module in name:
-            return module
-    return "lora" if "lora_" in name else "other"
+    return save_training_workspace(tmp_path_factory.mktemp("train"))
 
 
 # ---------------------------------------------------------------- the optimizer
@@ -117,7 +84,7 @@ class GradientRecorder:
     ("projection", "transformers", "off"), ("projection", "transformers", "on")])
 def test_one_training_step_trains_every_thinking_module_and_lora(workspace, tmp_path, source, backend,
                                                                  checkpointing):
-    args = cli_args(workspace, tmp_path / "out", "--thinking_latent_source", source, "--backend", backend,
+    args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", source, "--backend", backend,
                     "--gradient_checkpointing", checkpointing)
     trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
     recorder = GradientRecorder()
@@ -142,7 +109,7 @@ def test_one_training_step_trains_every_thinking_module_and_lora(workspace, tmp_
 def test_checkpoint_reloads_and_reproduces_logits(workspace, tmp_path):
     from hrpo.checkpoint import load_checkpoint
 
-    args = cli_args(workspace, tmp_path / "out")
+    args = tiny_training_args(workspace, tmp_path / "out")
     trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
     trainer.train()
     checkpoint = tmp_path / "out" / "checkpoint-1"
@@ -166,7 +133,7 @@ def test_resume_continues_step_counter_and_optimizer_state(workspace, tmp_path):
     assert hrpo_gsm8k.main([*map(str, cli_argv(workspace, out))]) == 0
     saved = torch.load(out / "checkpoint-1" / "optimizer.pt", weights_only=False)
 
-    args = cli_args(workspace, out, "--resume")
+    args = tiny_training_args(workspace, out, "--resume")
     args.max_steps = 2
     trainer = hrpo_gsm8k.build_trainer(args)
     seen = {}
@@ -187,7 +154,7 @@ def test_resume_continues_step_counter_and_optimizer_state(workspace, tmp_path):
 
 
 def cli_argv(workspace, out, *extra):
-    args = cli_args(workspace, out, *extra)
+    args = tiny_training_args(workspace, out, *extra)
     return [x for k, v in vars(args).items() if k not in ("resume",) and v is not None and not isinstance(v, bool)
             for x in (f"--{k}", str(v))]
 
@@ -247,7 +214,7 @@ def test_group_size_and_model_path_errors(workspace, tmp_path, capsys):
 def test_eval_writes_results_next_to_checkpoint(workspace, tmp_path, capsys):
     import eval_gsm8k
 
-    args = cli_args(workspace, tmp_path / "out")
+    args = tiny_training_args(workspace, tmp_path / "out")
     hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward]).train()
     checkpoint = tmp_path / "out" / "checkpoint-1"
     write_jsonl(make_problems(5, seed=3, difficulty=3), tmp_path / "test.jsonl")
@@ -284,7 +251,7 @@ def test_trainer_refuses_a_forward_that_ignores_the_thinking_inputs(workspace, t
     monkeypatch.setattr(HybridThinkingMixin, "mix_thinking_inputs",
                         lambda self, embeds, *a, **k: (embeds, None))
     with pytest.raises(RuntimeError, match="does not apply the HRPO thinking inputs"):
-        hrpo_gsm8k.build_trainer(cli_args(workspace, tmp_path / "out"))
+        hrpo_gsm8k.build_trainer(tiny_training_args(workspace, tmp_path / "out"))
 
 
 def test_long_prompts_are_left_out_and_all_too_long_is_an_error(workspace, tmp_path, capsys):
@@ -292,13 +259,13 @@ def test_long_prompts_are_left_out_and_all_too_long_is_an_error(workspace, tmp_p
     from hrpo.tasks import get_task
 
     tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = CHAT
+    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     task = get_task("gsm8k")
     dataset = task.with_prompts(task.load(str(workspace / "train.jsonl"), "train"))
     lengths = [len(tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
                              add_special_tokens=False).input_ids) for p in dataset["prompt"]]
     cut = sorted(lengths)[len(lengths) // 2]
-    args = cli_args(workspace, tmp_path / "out", "--max_prompt_length", str(cut))
+    args = tiny_training_args(workspace, tmp_path / "out", "--max_prompt_length", str(cut))
     kept = hrpo_gsm8k.filter_long_prompts(args, dataset, tokenizer)
     assert len(kept) == sum(n <= cut for n in lengths) < len(dataset)
     assert "left out" in capsys.readouterr().out
@@ -318,7 +285,7 @@ def test_unreachable_hub_dataset_is_a_clear_error(monkeypatch):
 
 
 def test_a_loader_that_drops_the_thinking_config_is_named(workspace, tmp_path):
-    args = cli_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
+    args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
     model = tiny_model("qwen2", hidden_size=32)  # built with the default source, "embedding"
     with pytest.raises(hrpo_gsm8k.UsageError, match="thinking_latent_source='embedding'.*'projection'"):
         hrpo_gsm8k.check_thinking_config(model, args)
@@ -333,17 +300,17 @@ def test_transformers_backend_trains_with_trls_own_trainer_and_no_unsloth(worksp
 
     script = f"""
 import sys
-sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parent.parent)!r}]
-import test_training as T, hrpo_gsm8k
+import hrpo_gsm8k
 from pathlib import Path
-args = T.cli_args(Path({str(workspace)!r}), Path({str(tmp_path / "out")!r}), "--backend", "transformers")
-trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[T.length_reward])
+from testing.training import length_reward, tiny_training_args
+args = tiny_training_args(Path({str(workspace)!r}), Path({str(tmp_path / "out")!r}), "--backend", "transformers")
+trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
 print("unsloth imported:", any(m == "unsloth" or m.startswith("unsloth.") for m in sys.modules))
 print("base:", type(trainer).__mro__[1].__module__)
 trainer.train()  # on CPU: TRL's Triton log-prob kernel is routed to hrpo.cpu_logprob
 print("trained steps:", trainer.state.global_step)
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unsloth imported: False" in proc.stdout
     assert "base: trl.trainer.grpo_trainer" in proc.stdout
@@ -378,7 +345,7 @@ def test_same_seed_gives_the_same_thinking_modules(workspace, model_without_thin
     loads = {}
     for run, seed in (("a", 42), ("b", 42), ("c", 7)):
         torch.randn(17)  # the global RNG stream moves on between loads, as it does in a process
-        args = cli_args(workspace, tmp_path / run, "--seed", str(seed), "--backend", backend,
+        args = tiny_training_args(workspace, tmp_path / run, "--seed", str(seed), "--backend", backend,
                         "--thinking_latent_source", "projection", "--model_name", str(model_without_thinking_weights))
         model, _ = hrpo_gsm8k.load_model(args, cuda=False)
         loads[run] = thinking_parameters(model)
@@ -396,7 +363,7 @@ SECOND_STOP = "."
 def two_stop_model(workspace):
     """The tiny model whose generation config stops on two ids (as Qwen2.5 and Llama 3 do)."""
     tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = CHAT
+    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     folder = workspace / "two-stop-model"
     model = tiny_model("qwen2", tokenizer, hidden_size=64)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(SECOND_STOP)]
@@ -408,7 +375,7 @@ def two_stop_model(workspace):
 def test_every_stop_id_ends_a_completion_in_the_replay_and_the_metrics(workspace, two_stop_model, tmp_path):
     import warnings
 
-    args = cli_args(workspace, tmp_path / "out", "--model_name", str(two_stop_model),
+    args = tiny_training_args(workspace, tmp_path / "out", "--model_name", str(two_stop_model),
                     "--thinking_latent_source", "projection")
     trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
     second = trainer.processing_class.convert_tokens_to_ids(SECOND_STOP)
@@ -444,15 +411,15 @@ def drop_last_hidden_state(monkeypatch):
 
 def test_start_up_check_refuses_a_forward_without_the_hidden_state(workspace, tmp_path, monkeypatch):
     drop_last_hidden_state(monkeypatch)
-    args = cli_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
+    args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
     with pytest.raises(RuntimeError, match="returned no last_hidden_state"):
         hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
-    embedding = cli_args(workspace, tmp_path / "out2", "--thinking_latent_source", "embedding")
+    embedding = tiny_training_args(workspace, tmp_path / "out2", "--thinking_latent_source", "embedding")
     hrpo_gsm8k.build_trainer(embedding, reward_funcs=[length_reward])  # needs no hidden state
 
 
 def test_a_rollout_that_fell_back_to_the_embedding_method_stops_training(workspace, tmp_path, monkeypatch):
-    args = cli_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
+    args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
     trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
     drop_last_hidden_state(monkeypatch)  # after the start-up check: generation falls back
     with pytest.raises(RuntimeError, match="sampled with thinking_latent_source='embedding'.*'projection'"):
@@ -467,7 +434,7 @@ COSINE = "thinking_projection/cosine_to_embedding_latent"
 @pytest.mark.parametrize("flag, logged", [(None, [True, False]), ("0", [False, False]), ("1", [True, True])])
 def test_thinking_monitor_runs_occasionally_by_default(workspace, tmp_path, flag, logged):
     extra = ["--thinking_monitor_every", flag] if flag is not None else []
-    args = cli_args(workspace, tmp_path / "out", "--max_steps", "2", "--thinking_latent_source", "projection", *extra)
+    args = tiny_training_args(workspace, tmp_path / "out", "--max_steps", "2", "--thinking_latent_source", "projection", *extra)
     trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
     trainer.train()
     rows = [row for row in trainer.state.log_history if "reward" in row]
@@ -481,7 +448,7 @@ def test_help_says_how_often_the_thinking_monitor_runs():
 
 def test_replay_check_is_recorded_on_the_first_iteration_only(workspace, tmp_path):
     """With num_iterations 2 the second pass over a generation batch is off-policy."""
-    args = cli_args(workspace, tmp_path / "out", "--max_steps", "2", "--thinking_latent_source", "projection")
+    args = tiny_training_args(workspace, tmp_path / "out", "--max_steps", "2", "--thinking_latent_source", "projection")
     trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
     trainer.args.num_iterations = trainer.num_iterations = 2
     trainer.train()
@@ -493,10 +460,10 @@ def test_replay_check_is_recorded_on_the_first_iteration_only(workspace, tmp_pat
 # ---------------------------------------------------------------- resume takes the checkpoint's settings
 
 def fake_checkpoint(workspace, out, *flags):
-    """A checkpoint folder as SaveThinkingConfig writes it, for a run started with ``flags``."""
-    args = cli_args(workspace, out, *flags)
+    """A checkpoint folder as save_run_config writes it, for a run started with ``flags``."""
+    args = tiny_training_args(workspace, out, *flags)
     model = tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args))
-    hrpo_gsm8k.SaveThinkingConfig(model, vars(args) | {"output_dir": str(out)}).write(out / "checkpoint-1")
+    hrpo_gsm8k.save_run_config(model, vars(args) | {"output_dir": str(out)}, out / "checkpoint-1")
     mark_complete(out / "checkpoint-1")
 
 
@@ -539,7 +506,7 @@ def test_rollouts_are_sampled_under_the_trainers_autocast(workspace, tmp_path):
     under the same context so that the on-policy check compares like with like."""
     import contextlib
 
-    trainer = hrpo_gsm8k.build_trainer(cli_args(workspace, tmp_path / "out"), reward_funcs=[length_reward])
+    trainer = hrpo_gsm8k.build_trainer(tiny_training_args(workspace, tmp_path / "out"), reward_funcs=[length_reward])
     inside = []
     original_autocast = trainer.accelerator.autocast
 
@@ -576,12 +543,12 @@ def test_plain_grpo_arm_trains_lora_only_and_evaluates_without_thinking(workspac
 
     from hrpo.trainer import HRPOTrainer
 
-    args = cli_args(workspace, tmp_path / "out", "--hybrid_thinking", "off")
+    args = tiny_training_args(workspace, tmp_path / "out", "--hybrid_thinking", "off")
     trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
     assert isinstance(trainer, GRPOTrainer) and not isinstance(trainer, HRPOTrainer)
     assert {module_of(n) for n in trainable(trainer.model)} == {"lora"}
     trainer.train()
-    trainer.thinking_saver.write(tmp_path / "out" / "checkpoint-1")
+    trainer.checkpoint_extras(tmp_path / "out" / "checkpoint-1")
     write_jsonl(make_problems(3, seed=3, difficulty=3), tmp_path / "test.jsonl")
     assert eval_gsm8k.main(["--checkpoint_path", str(tmp_path / "out" / "checkpoint-1"), "--dataset_path",
                             str(tmp_path / "test.jsonl"), "--greedy", "--max_new_tokens", "4"]) == 0

@@ -2,19 +2,20 @@
 
 unsloth swaps LlamaModel / LlamaForCausalLM (and Qwen2's) forwards for its own fast
 paths. Our series makes those paths take the thinking inputs. Here they run on the CPU
-with PyTorch stand-ins for unsloth's Triton RMSNorm and RoPE kernels (tests/unsloth_cpu.py),
+with PyTorch stand-ins for unsloth's Triton RMSNorm and RoPE kernels (testing/unsloth_cpu.py),
 and every number is compared with the transformers fork's own forward on the same weights
-(tests/unsloth_fast_checks.py, in a subprocess because unsloth patches classes
+(testing/unsloth_fast_checks.py, in a subprocess because unsloth patches classes
 process-wide). The Triton kernels themselves are checked on a GPU by gpu_checks.sh.
 """
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+from testing import module_env
+
+
 ARCHS = ["llama", "qwen2"]
 SOURCES = ["embedding", "projection", "embedding_plus_projection"]
 FLOAT32_TOL = 1e-5
@@ -23,8 +24,8 @@ FLOAT32_TOL = 1e-5
 @pytest.fixture(scope="module", params=ARCHS)
 def checks(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"fast-{request.param}") / "checks.json"
-    proc = subprocess.run([sys.executable, str(HERE / "unsloth_fast_checks.py"), request.param, str(out)],
-                          cwd=out.parent, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "testing.unsloth_fast_checks", request.param, str(out)],
+                          cwd=out.parent, env=module_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return request.param, json.loads(out.read_text())
 

@@ -1,27 +1,19 @@
 """The unsloth fork: PEFT with the four thinking modules (seed change 6)."""
 import ast
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from test_hybrid_thinking import QUESTIONS, generate_hybrid, replay_difference
-from tiny import tiny_model, tiny_tokenizer
+from transformers.hybrid_thinking.modeling import THINKING_MODULES
+
+from hrpo import LORA_TARGETS
+from testing.rollouts import generate_hybrid, replay_difference
+from testing.tiny import QUESTIONS, tiny_model, tiny_tokenizer
+from testing.unsloth_cpu import load_hybrid_thinking_helpers
 
 REPO = Path(__file__).resolve().parent.parent
 UNSLOTH_MODELS = REPO / "unsloth" / "tree" / "unsloth" / "models"
-THINKING = ["thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda", "thinking_projection"]
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def load_helpers():
-    """unsloth.models cannot be imported without Triton (CPU machines): load the new
-    file of the series on its own."""
-    spec = importlib.util.spec_from_file_location("hybrid_thinking_helpers", UNSLOTH_MODELS / "hybrid_thinking.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def trainable_names(model):
@@ -29,20 +21,20 @@ def trainable_names(model):
 
 
 def test_thinking_module_names_are_recognised():
-    helpers = load_helpers()
-    assert all(helpers.is_thinking_module(n) for n in THINKING)
+    helpers = load_hybrid_thinking_helpers()
+    assert all(helpers.is_thinking_module(n) for n in list(THINKING_MODULES))
     assert helpers.is_thinking_module("model.model.thinking_projection")
     assert not helpers.is_thinking_module("q_proj") and not helpers.is_thinking_module(None)
 
 
 def test_prepare_copies_for_mixed_precision_training():
-    helpers = load_helpers()
+    helpers = load_hybrid_thinking_helpers()
     model = tiny_model("llama", thinking_latent_source="projection").half()  # all four modules
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGETS, modules_to_save=THINKING))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGETS, modules_to_save=list(THINKING_MODULES)))
     for p in peft_model.parameters():  # what kbit preparation does: freeze everything
         p.requires_grad_(False)
     prepared = helpers.prepare_thinking_modules_for_training(peft_model)
-    assert sorted(n.rsplit(".", 1)[-1] for n in prepared) == sorted(THINKING)
+    assert sorted(n.rsplit(".", 1)[-1] for n in prepared) == sorted(list(THINKING_MODULES))
     for name in prepared:
         wrapper = peft_model.get_submodule(name)
         copy = wrapper.modules_to_save["default"]
@@ -74,10 +66,10 @@ def test_cpu_fast_language_model_trains_exactly_the_thinking_copies(arch, tmp_pa
     model, _ = FastLanguageModel.from_pretrained(str(tmp_path), max_seq_length=256, load_in_4bit=False,
                                                  dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=LORA_TARGETS,
-                                             modules_to_save=THINKING)
+                                             modules_to_save=list(THINKING_MODULES))
     trainable = trainable_names(model)
     non_lora = {n.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for n in trainable if "lora_" not in n}
-    assert non_lora == set(THINKING)
+    assert non_lora == set(list(THINKING_MODULES))
     assert all(".modules_to_save.default." in n for n in trainable if "lora_" not in n)
     # the CPU fallback runs the transformers fork's forward: hybrid sampling and replay work
     model.eval()
@@ -97,8 +89,8 @@ def test_gpu_get_peft_model_trains_thinking_copies_in_fp32(tmp_path, dtype):
     tokenizer.save_pretrained(tmp_path)
     model, _ = FastLanguageModel.from_pretrained(str(tmp_path), max_seq_length=256, load_in_4bit=False,
                                                  dtype=dtype)
-    model = FastLanguageModel.get_peft_model(model, r=4, target_modules=LORA_TARGETS, modules_to_save=THINKING)
-    for name in THINKING:
+    model = FastLanguageModel.get_peft_model(model, r=4, target_modules=LORA_TARGETS, modules_to_save=list(THINKING_MODULES))
+    for name in list(THINKING_MODULES):
         wrapper = next(m for n, m in model.named_modules() if n.endswith(name) and hasattr(m, "modules_to_save"))
         copy = wrapper.modules_to_save["default"]
         assert all(p.dtype == torch.float32 and p.requires_grad and p.is_cuda for p in copy.parameters())

@@ -2,20 +2,19 @@
 
 On CUDA, `import unsloth` replaces trl.GRPOTrainer by a generated UnslothGRPOTrainer whose
 loss makes its own forwards over left-packed, sequence-packed or padded chunks of the
-rollouts. tests/unsloth_grpo_checks.py runs one real HRPO step through it (in a subprocess:
+rollouts. testing/unsloth_grpo_checks.py runs one real HRPO step through it (in a subprocess:
 the patch is process-wide) with unsloth's fast forward paths and PyTorch stand-ins for
 the Triton kernels, and records every forward of the base model.
 """
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
-HERE = Path(__file__).resolve().parent
-THINKING_MODULES = {"thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda",
-                    "thinking_projection"}
+from testing import module_env
+
 # float32 throughout (the checks switch off the loss's autocast): replay and sampling agree to
 # ~5e-7; the negative control (the same forwards on discrete tokens) is off by more than 1e-2.
 REPLAY_TOL = 1e-5
@@ -27,8 +26,8 @@ DISCRETE_MIN = 1e-2
 def run(request, tmp_path_factory):
     arch, source, packing = request.param
     out = tmp_path_factory.mktemp(f"ugrpo-{arch}") / "run.json"
-    proc = subprocess.run([sys.executable, str(HERE / "unsloth_grpo_checks.py"), arch, source, packing, str(out)],
-                          cwd=out.parent, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "testing.unsloth_grpo_checks", arch, source, packing, str(out)],
+                          cwd=out.parent, env=module_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return request.param, json.loads(out.read_text())
 
@@ -67,7 +66,7 @@ def test_replay_in_unsloths_layouts_reproduces_sampling(run):
 
 def test_step_trains_every_thinking_module_and_logs_hrpo_metrics(run):
     _, result = run
-    assert set(result["changed"]) >= THINKING_MODULES | {"lora"}, result["changed"]
+    assert set(result["changed"]) >= set(THINKING_MODULES) | {"lora"}, result["changed"]
     assert all(result["grad_norms"].get(m, 0) > 0 for m in THINKING_MODULES), result["grad_norms"]
     logged = result["logged"]
     for key in ("embeds_ratio", "hidden_ratio", "thinking/positions_frac", "thinking_projection/weight_norm",

@@ -58,12 +58,11 @@ class Fork:
     kind: str  # "sdist" or "wheel"
     archive: str
     sha256: str
-    tree_name: str = "tree"
     packages: tuple[str, ...] = ()
 
     @property
     def tree(self) -> Path:
-        return self.folder / self.tree_name
+        return self.folder / "tree"
 
     @property
     def series(self) -> list[str]:
@@ -87,13 +86,11 @@ class Fork:
             raise ForkError(f"{spec_path}: kind must be 'sdist' or 'wheel', got {spec['kind']!r}")
         return cls(folder=folder, name=spec["name"], version=spec["version"], kind=spec["kind"],
                    archive=spec["archive"], sha256=spec["sha256"].lower(),
-                   tree_name=spec.get("tree", "tree"), packages=tuple(spec.get("packages", ())))
+                   packages=tuple(spec.get("packages", ())))
 
 
 def discover(root: Path = REPO_ROOT) -> list[Fork]:
-    folders = sorted(p.parent for p in list(root.glob("*/upstream.toml")) + list(root.glob("*/*/upstream.toml"))
-                     if "tree" not in p.parts[len(root.parts):-1])
-    return [Fork.load(f) for f in folders]
+    return [Fork.load(p.parent) for p in sorted(root.glob("*/upstream.toml"))]
 
 
 def select(names: list[str], root: Path) -> list[Fork]:

@@ -1,7 +1,7 @@
 """arith: generated, seeded arithmetic word problems in GSM8K's format, for CPU-scale runs.
 
 ``--dataset_path`` is ``generated`` (the calibrated difficulty), ``generated:D`` (difficulty
-D), or a local GSM8K-format file (for instance one written by ``scripts/make_arith_data.py``).
+D), or a local GSM8K-format file (for instance one written by ``python -m scripts.make_arith_data``).
 Generated splits are disjoint: a test question never appears in the training split.
 
 Difficulty (each level mixes the kinds of the levels below it):

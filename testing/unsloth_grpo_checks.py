@@ -1,8 +1,8 @@
 """Subprocess entry: one HRPO step through unsloth's GRPO rewrite (PatchFastRL) on the CPU.
 
-    python tests/unsloth_grpo_checks.py <arch> <latent source> <packing 0|1> <out.json>
+    python -m testing.unsloth_grpo_checks <arch> <latent source> <packing 0|1> <out.json>
 
-Importing unsloth's GPU model code (tests/unsloth_cpu.py) runs PatchFastRL, which replaces
+Importing unsloth's GPU model code (testing/unsloth_cpu.py) runs PatchFastRL, which replaces
 trl.GRPOTrainer by the generated UnslothGRPOTrainer; HRPOTrainer, imported after it,
 subclasses that. Its loss (grpo_accumulated_loss) makes its own forwards over left-packed,
 sequence-packed (or padded) chunks of the rollouts. A forward hook on the base model
@@ -17,39 +17,33 @@ import os
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-
 
 def main(arch: str, source: str, packing: str, out_path: str) -> None:
     os.environ["UNSLOTH_GRPO_SEQ_PACKING"] = packing
     os.environ["UNSLOTH_GRPO_PREFIX_GROUPER"] = "0"  # as hrpo_gsm8k.py sets it
     import torch
-    import unsloth_cpu
+    from testing import unsloth_cpu
 
     unsloth_cpu.install()
     import trl
     from datasets import Dataset
-    from tiny import tiny_model, tiny_tokenizer
     from transformers import TrainerCallback
+    from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
     from hrpo.tasks import get_task
     from hrpo.tasks.arith import make_problems
-    from hrpo.rewards import completion_text
     from hrpo.trainer import HRPOTrainer
-    from patch import THINKING_MODULES
+    from testing.tiny import PLAIN_CHAT_TEMPLATE, tiny_model, tiny_tokenizer
+    from testing.training import length_reward, module_of
 
     tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     model = tiny_model(arch, tokenizer, hidden_size=64, thinking_latent_source=source)
     never_generates_pad(model, tokenizer.pad_token_id)
     unsloth_cpu.prepare_like_from_pretrained(model, tokenizer)
     model = unsloth_cpu.peft_like_get_peft_model(model, THINKING_MODULES)
     dataset = get_task("arith").with_prompts(Dataset.from_list(make_problems(8, difficulty=3)))
     temperature = 0.7
-
-    def length_reward(completions, **_):
-        return [float(len(completion_text(c))) / 10.0 for c in completions]
 
     config = trl.GRPOConfig(
         output_dir=str(Path(out_path).parent / "run"), learning_rate=1e-2, beta=0.04, num_generations=4,
@@ -90,7 +84,7 @@ def main(arch: str, source: str, packing: str, out_path: str) -> None:
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             for name, p in trainer.model.named_parameters():
                 if p.requires_grad and p.grad is not None:
-                    key = module_of(name, THINKING_MODULES)
+                    key = module_of(name)
                     grads[key] = grads.get(key, 0.0) + p.grad.float().norm().item()
 
     trainer.add_callback(GradientNorms())
@@ -98,7 +92,7 @@ def main(arch: str, source: str, packing: str, out_path: str) -> None:
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     after = dict(trainer.model.named_parameters())
-    changed = sorted({module_of(n, THINKING_MODULES) for n in before if not torch.equal(before[n], after[n])})
+    changed = sorted({module_of(n) for n in before if not torch.equal(before[n], after[n])})
     result = {
         "mro": [c.__name__ for c in type(trainer).__mro__[:3]],
         "forwards": forwards,
@@ -107,13 +101,6 @@ def main(arch: str, source: str, packing: str, out_path: str) -> None:
         "logged": trainer.state.log_history[0],
     }
     Path(out_path).write_text(json.dumps(result, indent=1))
-
-
-def module_of(name: str, thinking_modules) -> str:
-    for module in thinking_modules:
-        if module in name:
-            return module
-    return "lora" if "lora_" in name else "other"
 
 
 def never_generates_pad(model, pad_token_id: int) -> None:

@@ -1,6 +1,6 @@
 """Two-process DDP (gloo, CPU) checks of the fork's models, run by tests/test_opt_in.py.
 
-    python tests/ddp_checks.py OUT.json
+    python -m testing.ddp_checks OUT.json
 
 Each rank trains, with DistributedDataParallel at its defaults (find_unused_parameters=False):
 

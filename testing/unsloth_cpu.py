@@ -6,12 +6,28 @@ so that everything else in the fast paths (our HRPO wiring included) runs unchan
 The kernels themselves are unsloth's to test, on a GPU (`gpu_checks.sh`).
 
 Importing `unsloth.models.llama` patches transformers' and TRL's classes for the whole process,
-so use this only in a subprocess (see `run_isolated` in the tests).
+so call `install` only in a process of its own: the tests run `testing.unsloth_fast_checks`,
+`testing.unsloth_grpo_checks` and `testing.unsloth_peft_checks` as subprocesses.
+`load_hybrid_thinking_helpers` patches nothing and can be called anywhere.
 """
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 from torch import nn
+
+UNSLOTH_MODELS = Path(__file__).resolve().parent.parent / "unsloth" / "tree" / "unsloth" / "models"
+
+
+def load_hybrid_thinking_helpers():
+    """The unsloth fork's helpers (``unsloth/models/hybrid_thinking.py``) loaded on their own:
+    ``unsloth.models`` cannot be imported without Triton (CPU machines)."""
+    spec = importlib.util.spec_from_file_location("hybrid_thinking_helpers", UNSLOTH_MODELS / "hybrid_thinking.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rms_norm(layernorm, X, gemma=False, save_output=False, reuse_grad=False):
@@ -116,8 +132,9 @@ def peft_like_get_peft_model(model, modules_to_save, r: int = 4):
     import unsloth.models.llama as fast
     from unsloth.models.hybrid_thinking import prepare_thinking_modules_for_training
 
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets,
+    from hrpo import LORA_TARGETS
+
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                              modules_to_save=list(modules_to_save)))
     prepare_thinking_modules_for_training(model)
     model.for_training = functools.partial(fast.FastLlamaModel.for_training, model)

@@ -1,6 +1,6 @@
 """Subprocess entry: the unsloth fast paths against the transformers fork, on one set of weights.
 
-    python tests/unsloth_fast_checks.py <arch> <out.json>
+    python -m testing.unsloth_fast_checks <arch> <out.json>
 
 For each latent source it first computes the reference with the transformers fork's own
 forward and generate (before anything of unsloth's is imported), then puts unsloth's fast
@@ -14,43 +14,24 @@ import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+import torch
 
-import torch  # noqa: E402
-from tiny import encode_prompts, tiny_model, tiny_tokenizer  # noqa: E402
-
-from hrpo.replay import replay_logprobs, thinking_inputs  # noqa: E402
+from testing.rollouts import hybrid_rollout, replay_logprobs, replay_rollout
+from testing.tiny import QUESTIONS, encode_prompts, tiny_model, tiny_tokenizer
 
 SOURCES = ("embedding", "projection", "embedding_plus_projection")
-QUESTIONS = ["a+b?", "1+2=?", "abc def", "9"]
 TEMPERATURE = 0.5
 
 
-def rollout(model, tokenizer, enc, seed=3):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        return model.generate(**enc, processing_class=tokenizer, return_thinking_embeds=True, answer_marker="##",
-                              do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=24,
-                              output_scores=True, return_dict_in_generate=True)
-
-
-def detached(thinking: dict) -> dict:
-    # unsloth generates under inference_mode; its tensors cannot be saved for backward as they are.
-    return {k: (v.clone() if v is not None else None) for k, v in thinking.items()}
-
-
-def replay(model, tokenizer, enc, out, grad=False):
-    with torch.set_grad_enabled(grad):
-        return replay_logprobs(model, out.sequences.clone(), enc.attention_mask, detached(thinking_inputs(out)),
-                               tokenizer.eos_token_id, temperature=TEMPERATURE)
+def rollout(model, tokenizer, enc):
+    return hybrid_rollout(model, tokenizer, enc, seed=3, temperature=TEMPERATURE, max_new_tokens=24, output_scores=True)
 
 
 def thinking_grads(model, tokenizer, enc, out):
     """Gradients of the replayed completion log-likelihood w.r.t. every thinking parameter."""
     model.zero_grad(set_to_none=True)
     model.train()
-    logprobs, mask, _ = replay(model, tokenizer, enc, out, grad=True)
+    logprobs, mask, _ = replay_rollout(model, tokenizer, enc, out, TEMPERATURE, grad=True)
     (logprobs * mask).sum().backward()
     model.eval()
     grads = {}
@@ -64,7 +45,7 @@ def measure(model, tokenizer, enc, out):
     prompt_len = enc.input_ids.shape[1]
     with torch.no_grad():
         plain_logits = model(**enc).logits
-    logprobs, mask, outputs = replay(model, tokenizer, enc, out)
+    logprobs, mask, outputs = replay_rollout(model, tokenizer, enc, out, TEMPERATURE)
     with torch.no_grad():
         discrete, _, _ = replay_logprobs(model, out.sequences.clone(), enc.attention_mask, None,
                                          tokenizer.eos_token_id, temperature=TEMPERATURE)
@@ -133,13 +114,13 @@ def compare(ref, fast, enc):
 
 def main(arch: str, out_path: str) -> None:
     tokenizer = tiny_tokenizer()
-    enc = encode_prompts(tokenizer, QUESTIONS)
+    enc = encode_prompts(tokenizer, QUESTIONS[:4])
     models, refs = {}, {}
     for source in SOURCES:
         models[source] = tiny_model(arch, tokenizer, hidden_size=64, thinking_latent_source=source)
         refs[source] = measure(models[source], tokenizer, enc, rollout(models[source], tokenizer, enc))
 
-    import unsloth_cpu
+    from testing import unsloth_cpu
     unsloth_cpu.install()
     results = {}
     for source, model in models.items():

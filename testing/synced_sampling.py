@@ -1,6 +1,6 @@
 """One rank of the synced-stepping check (tests/test_multiprocess.py), run by torch.distributed.run:
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/synced_sampling.py OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 -m testing.synced_sampling OUT_DIR
 
 Under ZeRO-3 and FSDP the parameters are sharded, so a forward is a collective: transformers'
 generate() then runs with synced_gpus, and a rank whose rows are all finished keeps making
@@ -16,18 +16,14 @@ import os
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-
 MAX_NEW_TOKENS = 12
-THINKING = ("thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda",
-            "thinking_projection")
 
 
 def main(out: Path) -> None:
     import torch
     import torch.distributed as dist
-    from tiny import encode_prompts, tiny_model, tiny_tokenizer
+    from testing.tiny import encode_prompts, tiny_model, tiny_tokenizer
+    from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -47,7 +43,7 @@ def main(out: Path) -> None:
         called.append(set())
 
     hooks = [base.register_forward_pre_hook(count, with_kwargs=True)]
-    for name in THINKING:
+    for name in THINKING_MODULES:
         hooks.append(getattr(base, name).register_forward_pre_hook(
             lambda module, args, name=name: called[-1].add(name) if called else None))
 

@@ -1,7 +1,7 @@
 """hrpo_gsm8k.py's command line, for tests that run training in child processes (kill,
 resume, several processes):
 
-    python tests/run_training.py [--kill-in-save STEP] [--step-delay S] [--record DIR] -- <hrpo_gsm8k.py flags>
+    python -m testing.run_training [--kill-in-save STEP] [--step-delay S] [--record DIR] -- <hrpo_gsm8k.py flags>
 
 - The reward is the completion length (it varies inside every group, so every step has a
   gradient; the tiny model never writes a right answer).
@@ -23,14 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-
-
-def length_reward(completions, **_):
-    from hrpo.rewards import completion_text
-
-    return [float(len(completion_text(c))) / 10.0 for c in completions]
+from testing.training import length_reward
 
 
 def rank() -> int:

@@ -1,6 +1,6 @@
 """Subprocess entry: the fork's FastLlamaModel.get_peft_model on a bfloat16 model, on a CPU.
 
-    python tests/unsloth_peft_checks.py <arch> <out.json>
+    python -m testing.unsloth_peft_checks <arch> <out.json>
 
 unsloth's GPU get_peft_model (the seed's change 6 and the thinking copies' precision) runs
 here with two CPU stand-ins: the check that unsloth's GPU trainer patch is in place (its CPU
@@ -16,18 +16,16 @@ import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+import torch
+from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
-import torch  # noqa: E402
-from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from hrpo import LORA_TARGETS
+from testing.tiny import tiny_model, tiny_tokenizer
 
-THINKING = ["thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda", "thinking_projection"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def main(arch: str, out: str) -> None:
-    import unsloth_cpu
+    from testing import unsloth_cpu
 
     fast = unsloth_cpu.install()
     import unsloth.device_type as device_type
@@ -40,11 +38,11 @@ def main(arch: str, out: str) -> None:
     tokenizer = tiny_tokenizer()
     model = tiny_model(arch, tokenizer, thinking_latent_source="projection").to(torch.bfloat16)
     unsloth_cpu.prepare_like_from_pretrained(model, tokenizer)
-    model = fast.FastLlamaModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=TARGETS,
-                                               modules_to_save=THINKING, use_gradient_checkpointing=False)
+    model = fast.FastLlamaModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=LORA_TARGETS,
+                                               modules_to_save=list(THINKING_MODULES), use_gradient_checkpointing=False)
     copies, originals = {}, {}
     for name, module in model.named_modules():
-        if hasattr(module, "modules_to_save") and name.rsplit(".", 1)[-1] in THINKING:
+        if hasattr(module, "modules_to_save") and name.rsplit(".", 1)[-1] in THINKING_MODULES:
             leaf = name.rsplit(".", 1)[-1]
             copies[leaf] = sorted({str(p.dtype) for p in module.modules_to_save["default"].parameters()})
             originals[leaf] = sorted({str(p.dtype) for p in module.original_module.parameters()})

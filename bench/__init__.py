@@ -1,0 +1,1 @@
+"""The benchmarks. Run each from the repository root: ``python -m bench.<name> --help``."""
