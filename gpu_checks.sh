@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # All GPU checks in one run, for a CUDA machine (also an air-gapped one): writes a summary and
 # JSON under ${OUT:-gpu-results}. Models are built from configs (no hub).
-# Either ./setup.sh was done on that machine, or .gpu-carry/ came along
-# (scripts/prepare_gpu_carry.sh: the patched fork sources and the missing wheels), which is
+# Either ./setup.sh was done on that machine, or .offline-bundle/ came along
+# (scripts/prepare_offline_bundle.sh: the patched fork sources and the missing wheels), which is
 # installed into /tmp here, on top of the machine's own torch / transformers / peft / triton.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -27,7 +27,7 @@ mkdir -p "$out"
   # (on-policy), saved whole (full shapes, float32), the checkpoint's logits in one process.
   for cfg in zero3 fsdp; do
     if [ "$cfg" = zero3 ] && ! "$py" -c "import deepspeed" 2>/dev/null; then
-      echo "SKIP zero3: deepspeed is not installed (pip install deepspeed, or carry its wheel)"; continue
+      echo "SKIP zero3: deepspeed is not installed (pip install deepspeed, or add its wheel to the bundle)"; continue
     fi
     "$py" -m accelerate.commands.launch --config_file "configs/$cfg.yaml" --num_processes 1 \
       -m testing.run_training --record "$work/rec-$cfg" -- --model_name "$work/model" \

@@ -8,9 +8,9 @@ problems greedily before the first step and after the last. Runs that finished a
 (resumable: a comparison cut off midway continues with the runs it lacks; a finished run
 whose settings differ from the ones asked for now runs again).
 
-    python bench/learning.py                                  # 4 arms x seeds 1 2, SmolLM2, CPU
-    python bench/learning.py --seeds 1 2 3                    # adds seed 3 to a finished comparison
-    python bench/learning.py --model tiny --seeds 1 --arms grpo projection -- --max_steps 2   # smoke run
+    python -m bench.learning                                  # 4 arms x seeds 1 2, SmolLM2, CPU
+    python -m bench.learning --seeds 1 2 3                    # adds seed 3 to a finished comparison
+    python -m bench.learning --model tiny --seeds 1 --arms grpo projection -- --max_steps 2   # smoke run
 
 Flags after "--" go to every hrpo_gsm8k.py run, after the demo's (the last one wins).
 
@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
 SETTINGS = REPO / "scripts" / "cpu_demo.args"
 ARMS = {
     "grpo": ["--hybrid_thinking", "off"],
@@ -51,7 +50,7 @@ def prepare_model(name: str, workdir: Path) -> str:
 
         return str(smollm2.export_to_folder(REPO / ".cache" / "SmolLM2-135M-Instruct"))
     if name == "tiny":
-        from tiny import save_tiny_chat_model
+        from testing.tiny import save_tiny_chat_model
 
         return str(save_tiny_chat_model(workdir / "tiny-model"))
     return name

@@ -1,4 +1,4 @@
-"""Smoke run of bench/learning.py (tiny model, 2 steps, 1 seed, 2 arms) and the plain-GRPO arm."""
+"""Smoke run of bench.learning (tiny model, 2 steps, 1 seed, 2 arms) and the plain-GRPO arm."""
 import json
 import shlex
 import subprocess
@@ -11,9 +11,9 @@ SMOKE_FLAGS = ["--max_steps", "2", "--eval_samples", "2", "--max_completion_leng
 
 
 def test_learning_bench_smoke_run_and_resume(tmp_path):
-    command = [sys.executable, str(REPO / "bench" / "learning.py"), "--model", "tiny", "--seeds", "1", "--arms",
+    command = [sys.executable, "-m", "bench.learning", "--model", "tiny", "--seeds", "1", "--arms",
                "grpo", "projection", "--out", str(tmp_path), "--", *SMOKE_FLAGS]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads((tmp_path / "learning.json").read_text())
     assert set(result["arms"]) == {"grpo", "projection"}
@@ -31,15 +31,15 @@ def test_learning_bench_smoke_run_and_resume(tmp_path):
     assert settings["hybrid_thinking"] == "off" and settings["task"] == "arith"
     assert settings["loss_type"] == "grpo" and settings["adam_beta2"] == 0.99 and settings["system_prompt"] == "hrpo"
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)  # resumable: nothing reruns
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)  # resumable: nothing reruns
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done before, kept") == 2
 
 
 def test_a_failing_run_shows_its_error(tmp_path):
-    command = [sys.executable, str(REPO / "bench" / "learning.py"), "--model", "tiny", "--seeds", "1", "--arms",
+    command = [sys.executable, "-m", "bench.learning", "--model", "tiny", "--seeds", "1", "--arms",
                "grpo", "--out", str(tmp_path), "--", *SMOKE_FLAGS, "--group_size", "3"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 1
     assert "--group_size 3 does not divide" in proc.stderr
 

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Prepare, on a connected machine, what an air-gapped CUDA machine (Python 3.12, torch/transformers/peft/triton
-# already there) needs to run ./gpu_checks.sh, in .gpu-carry/ (git-ignored; carry it):
+# already there) needs to run ./gpu_checks.sh, in .offline-bundle/ (git-ignored; copy it to that machine):
 #   forks.tar.gz  the materialized, patched fork sources (transformers/, unsloth/), so that
 #                 neither git nor the upstream archives are needed there
 #   wheels/       the packages that machine lacks, for CPython 3.12 manylinux x86_64
-# Then, there:  ./gpu_checks.sh   (it installs from .gpu-carry/ into /tmp when it finds it)
+# Then, there:  ./gpu_checks.sh   (it installs from .offline-bundle/ into /tmp when it finds it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
-out=.gpu-carry
+out=.offline-bundle
 rm -rf "$out"
 mkdir -p "$out/wheels"
 "$py" tools/forks.py materialize >/dev/null
