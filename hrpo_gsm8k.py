@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--thinking_projection_layers", type=int, default=1, choices=[1, 2], help="1: Linear (the seed); 2: MLP")
     a("--thinking_projection_layernorm", action="store_true", help="LayerNorm after the projection")
     a("--thinking_projection_dropout", type=float, default=0.0, help="dropout after the projection (training only)")
+    a("--thinking_latent_topk", type=int, default=None,
+      help="form the embedding-method latent from the k most probable tokens (SofT-GRPO uses 5, Soft Thinking up "
+           "to 30); default: the whole vocabulary (HRPO). Not with --thinking_latent_source projection")
+    a("--thinking_latent_noise", default="none", choices=["none", "gaussian", "gumbel"],
+      help="exploration noise while sampling, recorded for the replay: gaussian on the latent (every source), "
+           "gumbel on the weights of the embedding-method latent (SofT-GRPO); never in greedy evaluation")
+    a("--thinking_latent_noise_scale", type=float, default=0.0,
+      help="gaussian: noise norm relative to the latent's typical norm; gumbel: the Gumbel-softmax temperature "
+           "(SofT-GRPO: 0.1). Required (> 0) with --thinking_latent_noise")
     a("--loss_type", default="grpo", choices=LOSS_TYPES,
       help="TRL's loss aggregation; grpo (HRPO's): per-sequence mean, then mean over the batch")
     a("--adam_beta1", type=float, default=0.9)
@@ -188,7 +197,8 @@ RESUMED_SETTINGS = ("model_name", "task", "dataset_path", "system_prompt", "hybr
                     "max_completion_length", "temperature", "beta", "lr", "lr_residual_gate", "lr_residual_Lambda",
                     "lr_thinking_projection", "weight_decay", "thinking_latent_source", "thinking_latent_scale",
                     "thinking_projection_layers", "thinking_projection_layernorm", "thinking_projection_dropout",
-                    "residual_r_min", "residual_r_max")
+                    "residual_r_min", "residual_r_max", "thinking_latent_topk", "thinking_latent_noise",
+                    "thinking_latent_noise_scale")
 # config.json field -> flag, for the thinking options
 THINKING_FLAGS = {"thinking_residual_r_min": "residual_r_min", "thinking_residual_r_max": "residual_r_max"}
 
@@ -249,6 +259,9 @@ def thinking_config(args) -> dict:
         "thinking_projection_dropout": args.thinking_projection_dropout,
         "thinking_residual_r_min": args.residual_r_min,
         "thinking_residual_r_max": args.residual_r_max,
+        "thinking_latent_topk": args.thinking_latent_topk,
+        "thinking_latent_noise": args.thinking_latent_noise,
+        "thinking_latent_noise_scale": args.thinking_latent_noise_scale,
     }
 
 
@@ -275,8 +288,12 @@ def load_model(args, cuda: bool):
     if args.hybrid_thinking == "on":
         for key, value in thinking_config(args).items():
             setattr(config, key, value)
-    if resolve_backend(args) == "transformers":
-        return load_with_transformers(args, config, cuda)
+    loader = load_with_transformers if resolve_backend(args) == "transformers" else load_with_unsloth
+    return loader(args, config, cuda)
+
+
+def load_with_unsloth(args, config, cuda: bool):
+    """unsloth's loader and LoRA (its fast paths on CUDA; the fork's forward on CPU)."""
     import torch
     from unsloth import FastLanguageModel
 
@@ -294,6 +311,7 @@ def load_model(args, cuda: bool):
 
 
 def load_with_transformers(args, config, cuda: bool):
+    """transformers' loader and PEFT's LoRA; the thinking copies trained in float32 as unsloth trains them."""
     import torch
     from peft import LoraConfig, get_peft_model
     from peft.utils.other import ModulesToSaveWrapper

@@ -137,18 +137,10 @@ class GRPOTrainerWithCompleteCheckpoints(GRPOTrainer):
         load_trained_adapter(self, resume_from_checkpoint, model)
 
 
-class HRPOTrainer(GRPOTrainer):
-    """GRPOTrainer with HRPO hybrid latent reasoning (see the module docstring), kill-safe
-    checkpoints and a resume that restores the trained adapter and thinking modules."""
-
-    checkpoint_extras = None  # callable(folder), run by the saving process before the completion marker
-
-    def _save_checkpoint(self, model, trial):
-        save_complete_checkpoint(self, super()._save_checkpoint, model, trial)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_trained_adapter(self, resume_from_checkpoint, model)
+class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
+    """GRPOTrainer with HRPO hybrid latent reasoning (see the module docstring), with the
+    baseline's kill-safe checkpoints and a resume that restores the trained adapter and
+    thinking modules."""
 
     def __init__(self, *args, thinking_monitor_every: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -341,6 +333,9 @@ class HRPOTrainer(GRPOTrainer):
                                    for n, p in whole.items()))
             metrics["thinking_projection/weight_norm"].append(norm.item())
             metrics["thinking_projection/drift"].append((drift / self._initial_projection_norm.clamp(min=1e-12)).item())
+        left_out = out.thinking_latent_left_out_mass
+        if count > 0 and left_out is not None and self.thinking_base.config.thinking_latent_topk is not None:
+            metrics["thinking/latent_left_out_mass"].append(left_out[:, prompt_len:][mask].mean().item())
         latents, hidden = out.thinking_latents, out.thinking_hidden
         if count > 0 and latents is not None and hidden is not None:
             projected = self.thinking_base.projection_latent(hidden[:, prompt_len:][mask])

@@ -43,7 +43,7 @@ def test_greedy_forms_the_embedding_latent_at_the_training_temperature(monkeypat
     seen = []
     original = type(base).embedding_method_latent
     monkeypatch.setattr(type(base), "embedding_method_latent",
-                        lambda self, probs: seen.append(probs.detach().clone()) or original(self, probs))
+                        lambda self, probs, *rest: seen.append(probs.detach().clone()) or original(self, probs, *rest))
     task = get_task("arith")
     row = rows(1)
     evaluate_rows(model, tokenizer, task, row, system_prompt="Answer after ####.", thinking=True, greedy=True,

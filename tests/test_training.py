@@ -306,7 +306,8 @@ from testing.training import length_reward, tiny_training_args
 args = tiny_training_args(Path({str(workspace)!r}), Path({str(tmp_path / "out")!r}), "--backend", "transformers")
 trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
 print("unsloth imported:", any(m == "unsloth" or m.startswith("unsloth.") for m in sys.modules))
-print("base:", type(trainer).__mro__[1].__module__)
+grpo_bases = [c for c in type(trainer).__mro__ if c.__name__.endswith("GRPOTrainer") and not c.__module__.startswith("hrpo")]
+print("base:", grpo_bases[0].__module__)
 trainer.train()  # on CPU: TRL's Triton log-prob kernel is routed to hrpo.cpu_logprob
 print("trained steps:", trainer.state.global_step)
 """

@@ -1,0 +1,377 @@
+"""Top-k latents and exploration noise (thinking_latent_topk, thinking_latent_noise): the
+formulas against hand computations, exact replay in every source x top-k x noise, the
+gradient path, the draws, the config checks."""
+import itertools
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.hybrid_thinking.exploration import (
+    advance_keys,
+    gaussian_draws,
+    gumbel_draws,
+    initial_keys,
+    mix64,
+)
+
+from testing.rollouts import generate_hybrid, replay_difference, replay_logprobs, sampling_logprobs, thinking_inputs
+from testing.tiny import QUESTIONS, encode_prompts, tiny_model, tiny_tokenizer
+
+ARCHS = ["llama", "qwen2"]
+NOISE_SCALES = {"none": 0.0, "gaussian": 0.5, "gumbel": 0.1}
+
+
+def option_combinations():
+    """Every source x top-k x noise the config allows."""
+    for source, topk, noise in itertools.product(["embedding", "projection", "embedding_plus_projection"],
+                                                 [None, 5], list(NOISE_SCALES)):
+        if source == "projection" and (topk is not None or noise == "gumbel"):
+            continue
+        yield source, topk, noise
+
+
+def options_model(arch, tokenizer, source, topk=None, noise="none", scale=None, **kw):
+    return tiny_model(arch, tokenizer, thinking_latent_source=source, thinking_latent_topk=topk,
+                      thinking_latent_noise=noise,
+                      thinking_latent_noise_scale=NOISE_SCALES[noise] if scale is None else scale, **kw)
+
+
+# ---------------------------------------------------------------- formulas
+
+def test_topk_latent_against_hand_computation():
+    tokenizer = tiny_tokenizer()
+    model = options_model("qwen2", tokenizer, "embedding", topk=3)
+    base = model.model
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(2, len(tokenizer)) * 3, dim=-1)
+    latent, left_out = base.embedding_method_latent(probs)
+    embeddings = base.get_input_embeddings().weight
+    for row in range(2):
+        order = sorted(range(probs.shape[1]), key=lambda v: -probs[row, v].item())[:3]
+        kept = probs[row, order]
+        expected = sum(kept[i] * embeddings[v] for i, v in enumerate(order)) / kept.norm()
+        assert torch.allclose(latent[row], expected, atol=1e-6)
+        assert left_out[row].item() == pytest.approx(1.0 - kept.sum().item(), abs=1e-6)
+
+
+def test_full_vocabulary_latent_is_hrpos_and_leaves_nothing_out():
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(1)
+    probs = torch.softmax(torch.randn(3, len(tokenizer)), dim=-1)
+    for topk in (None, len(tokenizer), len(tokenizer) + 7):
+        base = options_model("llama", tokenizer, "embedding", topk=topk).model
+        latent, left_out = base.embedding_method_latent(probs)
+        weight = base.get_input_embeddings().weight
+        assert torch.equal(latent, (probs @ weight) / probs.norm(dim=-1, keepdim=True))
+        assert torch.equal(left_out, torch.zeros(3))
+
+
+def test_gumbel_weights_against_hand_computation():
+    tokenizer = tiny_tokenizer()
+    base = options_model("llama", tokenizer, "embedding", topk=4, noise="gumbel", scale=0.1).model
+    torch.manual_seed(2)
+    probs = torch.softmax(torch.randn(2, len(tokenizer)) * 2, dim=-1)
+    keys = torch.tensor([11, -5], dtype=torch.int64)
+    latent, _ = base.embedding_method_latent(probs, keys)
+    embeddings = base.get_input_embeddings().weight
+    kept, ids = torch.topk(probs, 4, dim=-1)
+    gumbel = gumbel_draws(keys, ids)
+    for row in range(2):
+        weights = torch.softmax((torch.log(kept[row]) + gumbel[row]) / 0.1, dim=-1)
+        expected = (weights[:, None] * embeddings[ids[row]]).sum(0) / weights.norm()
+        assert torch.allclose(latent[row], expected, atol=1e-5)
+    # without keys (greedy decoding) the weights are the plain top-k
+    plain, _ = base.embedding_method_latent(probs)
+    assert not torch.allclose(plain, latent, atol=1e-3)
+
+
+def test_gaussian_noise_std_against_hand_computation():
+    tokenizer = tiny_tokenizer()
+    for source, scale_mode in (("embedding", "unit"), ("projection", "unit"), ("projection", "embedding")):
+        base = options_model("llama", tokenizer, source, noise="gaussian", scale=0.3,
+                             thinking_latent_scale=scale_mode).model
+        d = base.config.hidden_size
+        typical = 1.0 if (source, scale_mode) == ("projection", "unit") else \
+            base.get_input_embeddings().weight.norm(dim=-1).mean().item()
+        assert base.latent_noise_std() == pytest.approx(0.3 * typical / math.sqrt(d), rel=1e-6)
+
+
+# ---------------------------------------------------------------- the draws
+
+def test_mix64_is_splitmix64_finaliser():
+    mask = (1 << 64) - 1
+
+    def reference(x):
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) & mask
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    values = [0, 1, 12345, (1 << 63) - 1, 1 << 63, mask]
+    signed = [v - (1 << 64) if v >= 1 << 63 else v for v in values]
+    out = mix64(torch.tensor(signed, dtype=torch.int64)).tolist()
+    assert [o & mask for o in out] == [reference(v) for v in values]
+
+
+def test_draws_have_their_distributions():
+    keys = torch.arange(4000, dtype=torch.int64)
+    normal = gaussian_draws(keys, 64)
+    assert abs(normal.mean().item()) < 0.01 and abs(normal.std().item() - 1.0) < 0.01
+    gumbel = gumbel_draws(keys, torch.arange(64)[None, :])
+    assert abs(gumbel.mean().item() - 0.5772) < 0.01  # Euler-Mascheroni
+    assert abs(gumbel.var().item() - math.pi ** 2 / 6) < 0.03
+    # rows and coordinates are decorrelated
+    assert abs(torch.corrcoef(normal[:, :2].T)[0, 1].item()) < 0.05
+
+
+def test_keys_follow_the_tokens_not_the_padding():
+    ids = torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 8, 9], [0, 5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    keys = initial_keys(3, ids, mask)
+    assert keys[0] != keys[1]
+    # the first row's prompt, padded once more, is the third row's prefix
+    assert initial_keys(3, ids[:1, 1:], mask[:1, 1:]) == keys[0]
+    assert advance_keys(keys[:1], torch.tensor([8]))[0] == keys[2]
+    assert initial_keys(4, ids, mask)[0] != keys[0]
+
+
+# ---------------------------------------------------------------- sampling and replay
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source, topk, noise", list(option_combinations()))
+def test_replay_reproduces_sampling_in_every_combination(arch, source, topk, noise):
+    tokenizer = tiny_tokenizer()
+    model = options_model(arch, tokenizer, source, topk, noise)
+    enc, out = generate_hybrid(model, tokenizer, QUESTIONS[:6], max_new_tokens=24)
+    max_diff, _, mask = replay_difference(model, tokenizer, enc, out)
+    assert out.thinking_mask.any()
+    assert max_diff <= 1e-4, (source, topk, noise, max_diff)
+    assert (out.thinking_noise is not None) == (noise == "gaussian")
+    left_out = out.thinking_latent_left_out_mass
+    if source == "projection":
+        assert left_out is None
+    else:
+        flagged = left_out[out.thinking_mask]
+        assert (flagged > 0.01).all() if topk else (flagged == 0).all()
+    if noise == "none":
+        return
+    # the negative control: the replay without the noise that was fed does not reproduce sampling
+    prompt_len = enc.input_ids.shape[1]
+    with torch.no_grad():
+        noise_free = options_model(arch, tokenizer, source, topk, "none")
+        noise_free.load_state_dict(model.state_dict())
+        thinking = thinking_inputs(out)
+        if noise == "gaussian":
+            thinking["thinking_noise"] = None
+        else:  # the Gumbel-perturbed weights formed the latents: recompute them without noise
+            thinking["thinking_latents"] = recompute_latents(noise_free, out, prompt_len)
+        replayed, _, _ = replay_logprobs(noise_free, out.sequences, enc.attention_mask, thinking,
+                                         tokenizer.eos_token_id, 0.5)
+    assert ((replayed - sampling_logprobs(out, prompt_len)).abs() * mask).max() > 1e-3
+
+
+def recompute_latents(model, out, prompt_len):
+    """The embedding-method latents of a rollout from its recorded scores, without noise."""
+    latents = torch.zeros_like(out.thinking_latents)
+    for step, scores in enumerate(out.scores):  # the token sampled at a step is fed at prompt_len + step
+        latent, _ = model.model.embedding_method_latent(torch.softmax(scores.float(), dim=-1))
+        latents[:, prompt_len + step] = latent
+    return latents
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_default_options_are_hrpos_latent_without_noise(arch):
+    """No top-k and no noise: the latent fed is sum_v p_v E_v / ||p||_2 over the whole
+    vocabulary of the sampling distribution (hand computation from the recorded scores), and
+    no extra random draw happens (the global RNG ends where a plain config leaves it)."""
+    tokenizer = tiny_tokenizer()
+    model = options_model(arch, tokenizer, "embedding")
+    enc, out = generate_hybrid(model, tokenizer, QUESTIONS[:4])
+    after_options = torch.get_rng_state()
+    prompt_len = enc.input_ids.shape[1]
+    weight = model.model.get_input_embeddings().weight
+    for step, scores in enumerate(out.scores):  # the token sampled at a step is fed at prompt_len + step
+        probs = torch.softmax(scores.float(), dim=-1)
+        position = prompt_len + step
+        flagged = out.thinking_mask[:, position]
+        expected = (probs @ weight) / probs.norm(dim=-1, keepdim=True)
+        assert torch.allclose(out.thinking_latents[flagged, position], expected[flagged], atol=1e-6)
+    assert out.thinking_noise is None
+    plain = tiny_model(arch, tokenizer, thinking_latent_source="embedding")
+    generate_hybrid(plain, tokenizer, QUESTIONS[:4])
+    assert torch.equal(torch.get_rng_state(), after_options)
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "gumbel"])
+def test_greedy_decoding_has_no_noise(noise):
+    tokenizer = tiny_tokenizer()
+    noisy = options_model("qwen2", tokenizer, "embedding", 5, noise)
+    quiet = options_model("qwen2", tokenizer, "embedding", 5, "none")
+    enc = encode_prompts(tokenizer, QUESTIONS[:4])
+    outs = [m.generate(**enc, processing_class=tokenizer, do_sample=False, max_new_tokens=12,
+                       return_thinking_embeds=True, answer_marker="##") for m in (noisy, quiet)]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert torch.equal(outs[0].thinking_latents, outs[1].thinking_latents)
+    assert outs[0].thinking_noise is None
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "gumbel"])
+def test_rollouts_with_the_same_tokens_were_fed_the_same_noise(noise):
+    """What lets the replay find a rollout's inputs by its tokens: the noise is a function of
+    the row's tokens so far (and one seed per call), so rows with the same prefix were fed the
+    same inputs, and rows whose prefixes differ draw independently."""
+    tokenizer = tiny_tokenizer()
+    model = options_model("llama", tokenizer, "embedding_plus_projection", 5, noise)
+    enc = encode_prompts(tokenizer, ["a+b?"] * 4 + ["hello"] * 2)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a low temperature: rows of a prompt share prefixes for a while
+        out = model.generate(**enc, processing_class=tokenizer, return_thinking_embeds=True, answer_marker="##",
+                             do_sample=True, temperature=0.05, top_k=0, max_new_tokens=12,
+                             return_dict_in_generate=True)
+    recorded = out.thinking_noise if noise == "gaussian" else out.thinking_latents
+    prompt_len = enc.input_ids.shape[1]
+    shared = differing = 0
+    for i, j in itertools.combinations(range(6), 2):
+        for p in range(prompt_len + 1, out.sequences.shape[1]):
+            if not (out.thinking_mask[i, p] and out.thinking_mask[j, p]):
+                continue
+            same_prefix = torch.equal(out.sequences[i, :p + 1], out.sequences[j, :p + 1])
+            same_input = torch.equal(recorded[i, p], recorded[j, p])
+            assert same_input == same_prefix, (i, j, p)
+            shared += same_prefix
+            differing += not same_prefix
+    assert shared and differing
+    # another call draws another seed
+    torch.manual_seed(1)
+    with torch.no_grad():
+        again = model.generate(**enc, processing_class=tokenizer, return_thinking_embeds=True, answer_marker="##",
+                               do_sample=True, temperature=0.05, top_k=0, max_new_tokens=12,
+                               return_dict_in_generate=True)
+    other = again.thinking_noise if noise == "gaussian" else again.thinking_latents
+    assert not torch.allclose(other[0, prompt_len + 1:], recorded[0, prompt_len + 1:])
+
+
+def test_generate_without_cache_feeds_the_same_noise():
+    tokenizer = tiny_tokenizer()
+    model = options_model("qwen2", tokenizer, "projection", None, "gaussian")
+    _, cached = generate_hybrid(model, tokenizer, QUESTIONS[:4], max_new_tokens=16)
+    _, uncached = generate_hybrid(model, tokenizer, QUESTIONS[:4], max_new_tokens=16, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert torch.allclose(cached.thinking_noise, uncached.thinking_noise)
+
+
+# ---------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("source", ["projection", "embedding_plus_projection"])
+def test_projection_gradient_flows_through_the_noisy_latent(source):
+    tokenizer = tiny_tokenizer()
+    model = options_model("llama", tokenizer, source, None, "gaussian", scale=1.0,
+                          thinking_projection_init_std=0.05)
+    model.train()
+    enc, out = generate_hybrid(model, tokenizer, QUESTIONS[:4], max_new_tokens=16)
+    grads = {}
+    for with_noise in (True, False):
+        model.zero_grad()
+        thinking = thinking_inputs(out)
+        noise = thinking["thinking_noise"].clone().requires_grad_(True)
+        thinking["thinking_noise"] = noise if with_noise else None
+        logprobs, mask, _ = replay_logprobs(model, out.sequences, enc.attention_mask, thinking,
+                                            tokenizer.eos_token_id, 0.5)
+        (logprobs * mask).sum().backward()
+        weight = model.model.thinking_projection.weight
+        assert weight.grad is not None and weight.grad.abs().sum() > 0
+        grads[with_noise] = weight.grad.clone()
+        if with_noise:
+            assert noise.grad is not None  # a leaf we asked about; the trainer's noise never asks
+    assert not torch.allclose(grads[True], grads[False])
+
+
+def test_recorded_noise_is_a_constant_input():
+    tokenizer = tiny_tokenizer()
+    model = options_model("llama", tokenizer, "embedding", None, "gaussian")
+    _, out = generate_hybrid(model, tokenizer, QUESTIONS[:2], max_new_tokens=8)
+    assert not out.thinking_noise.requires_grad
+    assert not out.thinking_latents.requires_grad
+
+
+# ---------------------------------------------------------------- config
+
+@pytest.mark.parametrize("fields, message", [
+    ({"thinking_latent_source": "projection", "thinking_latent_topk": 5}, "does not use"),
+    ({"thinking_latent_source": "projection", "thinking_latent_noise": "gumbel",
+      "thinking_latent_noise_scale": 0.1}, "does not use"),
+    ({"thinking_latent_topk": 0}, "integer >= 1"),
+    ({"thinking_latent_topk": 2.5}, "integer >= 1"),
+    ({"thinking_latent_noise": "uniform"}, "one of"),
+    ({"thinking_latent_noise": "gaussian"}, "thinking_latent_noise_scale > 0"),
+    ({"thinking_latent_noise": "gumbel", "thinking_latent_noise_scale": -1.0}, "thinking_latent_noise_scale > 0"),
+])
+def test_bad_options_are_errors_naming_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model("llama", tiny_tokenizer(), **fields)
+
+
+def test_options_are_saved_with_the_model(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = options_model("qwen2", tokenizer, "embedding_plus_projection", 7, "gumbel", scale=0.2)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.thinking_latent_topk == 7
+    assert loaded.config.thinking_latent_noise == "gumbel"
+    assert loaded.config.thinking_latent_noise_scale == 0.2
+    # a config saved before the options existed loads with the defaults (HRPO's latent, no noise)
+    plain = tiny_model("qwen2", tokenizer, thinking_latent_source="embedding").config
+    for key in ("thinking_latent_topk", "thinking_latent_noise", "thinking_latent_noise_scale"):
+        delattr(plain, key)
+    rebuilt = type(loaded)(plain)
+    assert rebuilt.config.thinking_latent_topk is None and rebuilt.config.thinking_latent_noise == "none"
+
+
+# ---------------------------------------------------------------- the training script
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from testing.training import save_training_workspace
+
+    return save_training_workspace(tmp_path_factory.mktemp("options"))
+
+
+@pytest.mark.parametrize("source, flags", [
+    ("embedding", ["--thinking_latent_topk", "3", "--thinking_latent_noise", "gumbel",
+                   "--thinking_latent_noise_scale", "0.1"]),
+    ("projection", ["--thinking_latent_noise", "gaussian", "--thinking_latent_noise_scale", "0.33"]),
+])
+def test_training_step_with_the_options_replays_exactly_and_saves_them(workspace, tmp_path, source, flags):
+    import json
+
+    import hrpo_gsm8k
+    from testing.training import length_reward, tiny_training_args
+
+    args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", source, *flags)
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer.train()
+    assert len(trainer.replay_logprob_diffs) == 2 and max(trainer.replay_logprob_diffs) <= 1e-4
+    logged = trainer.state.log_history[0]
+    assert ("thinking/latent_left_out_mass" in logged) == ("--thinking_latent_topk" in flags)
+    saved = json.loads((tmp_path / "out" / "checkpoint-1" / "config.json").read_text())
+    given = dict(zip(flags[::2], flags[1::2]))
+    assert saved["thinking_latent_noise"] == given["--thinking_latent_noise"]
+    assert saved["thinking_latent_noise_scale"] == float(given["--thinking_latent_noise_scale"])
+    assert saved["thinking_latent_topk"] == (int(given["--thinking_latent_topk"]) if "--thinking_latent_topk" in given
+                                             else None)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--thinking_latent_noise", "gaussian"], "thinking_latent_noise_scale"),
+    (["--thinking_latent_source", "projection", "--thinking_latent_topk", "5"], "thinking_latent_topk"),
+])
+def test_bad_option_flags_are_named_before_training(workspace, tmp_path, capsys, flags, named):
+    import hrpo_gsm8k
+
+    argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
+            "--output_dir", str(tmp_path / "out"), *flags]
+    assert hrpo_gsm8k.main(argv) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
