@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Does training learn, and does the latent source matter? Plain GRPO vs the three HRPO
-latent sources, on the calibrated offline task, several seeds each.
+latent sources, on the calibrated offline task, several seeds each; and, as more arms, the
+latents of HRPO's peers on HRPO's embedding source (top-k 5 and 30, SofT-GRPO's Gumbel noise on
+the top-5 weights, Gaussian noise on the latent as in "Soft Tokens, Hard Truths").
 
 Every run is `hrpo_gsm8k.py` in its own process with the settings of the CPU demo
 (`scripts/cpu_demo.args`), the arm's flags and the seed; it evaluates the held-out
@@ -10,6 +12,7 @@ whose settings differ from the ones asked for now runs again).
 
     python -m bench.learning                                  # 4 arms x seeds 1 2, SmolLM2, CPU
     python -m bench.learning --seeds 1 2 3                    # adds seed 3 to a finished comparison
+    python -m bench.learning --arms all --seeds 1 2           # the 4 arms and the 4 peer arms
     python -m bench.learning --model tiny --seeds 1 --arms grpo projection -- --max_steps 2   # smoke run
 
 Flags after "--" go to every hrpo_gsm8k.py run, after the demo's (the last one wins).
@@ -35,7 +38,23 @@ ARMS = {
     "embedding": ["--thinking_latent_source", "embedding"],
     "projection": ["--thinking_latent_source", "projection"],
     "embedding_plus_projection": ["--thinking_latent_source", "embedding_plus_projection"],
+    "embedding_topk5": ["--thinking_latent_source", "embedding", "--thinking_latent_topk", "5"],
+    "embedding_topk30": ["--thinking_latent_source", "embedding", "--thinking_latent_topk", "30"],
+    "embedding_topk5_gumbel": ["--thinking_latent_source", "embedding", "--thinking_latent_topk", "5",
+                               "--thinking_latent_noise", "gumbel", "--thinking_latent_noise_scale", "0.1"],
+    "embedding_gaussian": ["--thinking_latent_source", "embedding", "--thinking_latent_noise", "gaussian",
+                           "--thinking_latent_noise_scale", "0.33"],
 }
+ARM_GROUPS = {
+    "sources": ["grpo", "embedding", "projection", "embedding_plus_projection"],
+    "peers": ["embedding_topk5", "embedding_topk30", "embedding_topk5_gumbel", "embedding_gaussian"],
+}
+ARM_GROUPS["all"] = ARM_GROUPS["sources"] + ARM_GROUPS["peers"]
+
+
+def expand_arms(names: list[str]) -> list[str]:
+    """Arm names and group names (sources, peers, all), in order, each arm once."""
+    return list(dict.fromkeys(arm for name in names for arm in ARM_GROUPS.get(name, [name])))
 
 
 def demo_settings(path: Path = SETTINGS) -> list[str]:
@@ -191,12 +210,15 @@ def print_table(arms: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=["sources"], choices=list(ARMS) + list(ARM_GROUPS),
+                        help="arms or groups: sources (plain GRPO and the 3 latent sources, the default), "
+                             "peers (top-k 5 / 30, Gumbel, Gaussian on the embedding source), all")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--model", default="smollm2", help="smollm2 (offline), tiny (smoke runs) or a model folder")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "learning")
     parser.add_argument("training_flags", nargs="*", help="after --: more hrpo_gsm8k.py flags for every run")
     args = parser.parse_args(argv)
+    args.arms = expand_arms(args.arms)
 
     settings = demo_settings() + args.training_flags
     args.out.mkdir(parents=True, exist_ok=True)

@@ -12,11 +12,11 @@ SMOKE_FLAGS = ["--max_steps", "2", "--eval_samples", "2", "--max_completion_leng
 
 def test_learning_bench_smoke_run_and_resume(tmp_path):
     command = [sys.executable, "-m", "bench.learning", "--model", "tiny", "--seeds", "1", "--arms",
-               "grpo", "projection", "--out", str(tmp_path), "--", *SMOKE_FLAGS]
+               "grpo", "embedding_topk5_gumbel", "--out", str(tmp_path), "--", *SMOKE_FLAGS]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads((tmp_path / "learning.json").read_text())
-    assert set(result["arms"]) == {"grpo", "projection"}
+    assert set(result["arms"]) == {"grpo", "embedding_topk5_gumbel"}
     for run in result["runs"]:
         assert len(run["reward"]) == 2 and 0.0 <= run["accuracy_start"] <= 1.0 and 0.0 <= run["accuracy_end"] <= 1.0
     assert (tmp_path / "learning.png").stat().st_size > 0
@@ -24,9 +24,10 @@ def test_learning_bench_smoke_run_and_resume(tmp_path):
     assert "[hrpo] held-out accuracy at step 0" in grpo_log and "at step 2" in grpo_log
     # the plain arm trains no thinking module; the HRPO arm's rollouts are hybrid
     grpo_history = json.loads((tmp_path / "runs" / "grpo-seed1" / "log_history.json").read_text())
-    hrpo_history = json.loads((tmp_path / "runs" / "projection-seed1" / "log_history.json").read_text())
+    hrpo_history = json.loads((tmp_path / "runs" / "embedding_topk5_gumbel-seed1" / "log_history.json").read_text())
     assert not any("embeds_ratio" in row for row in grpo_history)
     assert any("embeds_ratio" in row for row in hrpo_history)
+    assert any("thinking/latent_left_out_mass" in row for row in hrpo_history)  # a peer arm: top-k
     settings = json.loads((tmp_path / "runs" / "grpo-seed1" / "hrpo_run.json").read_text())
     assert settings["hybrid_thinking"] == "off" and settings["task"] == "arith"
     assert settings["loss_type"] == "grpo" and settings["adam_beta2"] == 0.99 and settings["system_prompt"] == "hrpo"
