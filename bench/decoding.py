@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
-"""Decoding time: plain upstream sampling vs hybrid sampling in each latent mode.
+"""Decoding time: plain upstream sampling vs hybrid sampling in each latent mode, with the
+full-vocabulary latent and with top-k, with and without exploration noise.
 
 Same model, batch, prompts and a forced number of new tokens (EOS disabled); each
 variant runs --repeats times interleaved, the table shows medians and ratios to plain
-sampling (and projection modes to embedding). Writes JSON with every timing.
+sampling (and to the full-vocabulary embedding mode). Writes JSON with every timing.
+
+A mode is "plain" or a latent source with options: "embedding+top64" (top-k latent),
+"+gaussian" / "+gumbel" (noise at scale 0.33 / temperature 0.1), e.g. "embedding+top5+gumbel".
 
     python -m bench.decoding --model tiny-qwen2 --new-tokens 128 512
     python -m bench.decoding --model smollm2 --batch 8 --new-tokens 256
+    python -m bench.decoding --model smollm2 --modes plain embedding embedding+top64 embedding+top64+gumbel
     python -m bench.decoding --model Qwen/Qwen2.5-1.5B-Instruct --device cuda   (any HF model)
 """
 from __future__ import annotations
@@ -21,7 +26,33 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
-MODES = ["plain", "embedding", "projection", "embedding_plus_projection"]
+SOURCES = ["embedding", "projection", "embedding_plus_projection"]
+MODES = ["plain", "embedding", "embedding+top64", "embedding+top5", "embedding+top64+gumbel", "embedding+gaussian",
+         "projection", "projection+gaussian", "embedding_plus_projection", "embedding_plus_projection+top64"]
+NOISE_SCALES = {"gaussian": 0.33, "gumbel": 0.1}
+
+
+def mode_config(mode: str) -> dict:
+    """The thinking config fields of a mode name: source[+topK][+gaussian|+gumbel]."""
+    source, *options = mode.split("+")
+    if source not in SOURCES:
+        raise argparse.ArgumentTypeError(f"mode {mode!r}: expected 'plain' or one of {SOURCES} with options")
+    fields = {"thinking_latent_source": source, "thinking_latent_topk": None, "thinking_latent_noise": "none",
+              "thinking_latent_noise_scale": 0.0}
+    for option in options:
+        if option.startswith("top") and option[3:].isdigit():
+            fields["thinking_latent_topk"] = int(option[3:])
+        elif option in NOISE_SCALES:
+            fields["thinking_latent_noise"], fields["thinking_latent_noise_scale"] = option, NOISE_SCALES[option]
+        else:
+            raise argparse.ArgumentTypeError(f"mode {mode!r}: unknown option {option!r} (topK, gaussian, gumbel)")
+    return fields
+
+
+def mode_name(mode: str) -> str:
+    if mode != "plain":
+        mode_config(mode)
+    return mode
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have?", "What is 12 times 3?",
              "A box holds 5 pens. How many pens are in 4 boxes?", "Sara reads 9 pages a day for 6 days.",
              "What is 250 minus 75?", "A bus has 30 seats and 12 are taken. How many are free?",
@@ -53,7 +84,8 @@ def load(name: str, device: str):
 def run_once(model, tokenizer, enc, mode: str, new_tokens: int) -> float:
     kwargs = {}
     if mode != "plain":
-        model.config.thinking_latent_source = mode
+        for key, value in mode_config(mode).items():
+            setattr(model.config, key, value)
         kwargs = {"processing_class": tokenizer, "return_thinking_embeds": True}
     torch.manual_seed(0)
     if enc.input_ids.is_cuda:
@@ -76,7 +108,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=MODES, type=mode_name,
+                        help="plain, or a latent source with options: +topK, +gaussian, +gumbel")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None, help="where to write the results")
     args = parser.parse_args()

@@ -2,7 +2,8 @@
 
     python -m testing.unsloth_fast_checks <arch> <out.json>
 
-For each latent source it first computes the reference with the transformers fork's own
+For each latent source (and two with the peers' options: top-k with Gumbel or Gaussian
+noise) it first computes the reference with the transformers fork's own
 forward and generate (before anything of unsloth's is imported), then puts unsloth's fast
 paths in place (`unsloth_cpu.install`) on the same model objects and measures the same
 things again. It writes the differences as JSON; test_unsloth_fast_path.py judges them.
@@ -20,6 +21,18 @@ from testing.rollouts import hybrid_rollout, replay_logprobs, replay_rollout
 from testing.tiny import QUESTIONS, encode_prompts, tiny_model, tiny_tokenizer
 
 SOURCES = ("embedding", "projection", "embedding_plus_projection")
+# variant name -> thinking config: each source, and the options of HRPO's peers
+VARIANTS = {source: {"thinking_latent_source": source} for source in SOURCES} | {
+    "embedding+top5+gumbel": {"thinking_latent_source": "embedding", "thinking_latent_topk": 5,
+                              "thinking_latent_noise": "gumbel", "thinking_latent_noise_scale": 0.1},
+    "embedding_plus_projection+top5+gaussian": {
+        "thinking_latent_source": "embedding_plus_projection", "thinking_latent_topk": 5,
+        "thinking_latent_noise": "gaussian", "thinking_latent_noise_scale": 0.5},
+}
+
+
+def variant_source(variant: str) -> str:
+    return VARIANTS[variant]["thinking_latent_source"]
 TEMPERATURE = 0.5
 
 
@@ -95,7 +108,7 @@ def compare(ref, fast, enc):
                                              fast["gate_ratio"][:, prompt_len:], mask),
         "grads": {},
     }
-    for field in ("thinking_latents", "thinking_hidden"):
+    for field in ("thinking_latents", "thinking_hidden", "thinking_noise"):
         a, b = getattr(ref_out, field), getattr(fast_out, field)
         if a is None or b is None:
             result[field] = None if a is None and b is None else "missing on one side"
@@ -116,8 +129,8 @@ def main(arch: str, out_path: str) -> None:
     tokenizer = tiny_tokenizer()
     enc = encode_prompts(tokenizer, QUESTIONS[:4])
     models, refs = {}, {}
-    for source in SOURCES:
-        models[source] = tiny_model(arch, tokenizer, hidden_size=64, thinking_latent_source=source)
+    for source, config in VARIANTS.items():
+        models[source] = tiny_model(arch, tokenizer, hidden_size=64, **config)
         refs[source] = measure(models[source], tokenizer, enc, rollout(models[source], tokenizer, enc))
 
     from testing import unsloth_cpu

@@ -38,6 +38,12 @@ def test_decoding_bench(tmp_path):
     out = run_bench("decoding", "--model", "tiny-qwen2", "--batch", "2", "--new-tokens", "4", "--repeats", "1",
                     "--device", "cpu", "--json", str(tmp_path / "r.json"))
     assert (tmp_path / "r.json").exists() and out.strip()
+    import json
+
+    from bench.decoding import MODES
+
+    assert set(json.loads((tmp_path / "r.json").read_text())["runs"]["4"]["median"]) == set(MODES)
+    assert "embedding+top64+gumbel" in MODES and "projection+gaussian" in MODES
 
 
 def test_latent_stats_bench(tmp_path):

@@ -14,10 +14,10 @@ import sys
 import pytest
 
 from testing import module_env
-
+from testing.unsloth_fast_checks import VARIANTS, variant_source
 
 ARCHS = ["llama", "qwen2"]
-SOURCES = ["embedding", "projection", "embedding_plus_projection"]
+SOURCES = list(VARIANTS)  # the three sources, and two with top-k and noise
 FLOAT32_TOL = 1e-5
 
 
@@ -59,10 +59,12 @@ def test_hybrid_sampling_through_unsloth_generate_matches_the_fork(checks):
         assert r["sampling_logprobs"] <= FLOAT32_TOL, source
         assert r["fast_gate_ratio_recorded"] <= FLOAT32_TOL, source
         # the latent sources recorded while sampling: what each source needs, nothing missing
-        if source != "projection":
+        if variant_source(source) != "projection":
             assert r["thinking_latents"] is not None and r["thinking_latents"] <= FLOAT32_TOL, source
-        if source != "embedding":
+        if variant_source(source) != "embedding":
             assert r["thinking_hidden"] is not None and r["thinking_hidden"] <= FLOAT32_TOL, source
+        if "gaussian" in source:
+            assert r["thinking_noise"] is not None and r["thinking_noise"] <= FLOAT32_TOL, source
 
 
 def test_fast_replay_reproduces_fast_sampling(checks):
@@ -78,7 +80,7 @@ def test_gradients_through_the_fast_training_forward_match_the_fork(checks):
     _, results = checks
     for source in SOURCES:
         names = {name.split(".")[0] for name in results[source]["grads"]}
-        assert ("thinking_projection" in names) == (source != "embedding"), (source, names)  # built for the source
+        assert ("thinking_projection" in names) == (variant_source(source) != "embedding"), (source, names)  # built for the source
         for name, g in results[source]["grads"].items():
             assert "norm" in g, (source, name, g)
             assert g["norm"] > 0, (source, name)
