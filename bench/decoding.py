@@ -6,8 +6,8 @@ Same model, batch, prompts and a forced number of new tokens (EOS disabled); eac
 variant runs --repeats times interleaved, the table shows medians and ratios to plain
 sampling (and to the full-vocabulary embedding mode). Writes JSON with every timing.
 
-A mode is "plain" or a latent source with options: "embedding+top64" (top-k latent),
-"+gaussian" / "+gumbel" (noise at scale 0.33 / temperature 0.1), e.g. "embedding+top5+gumbel".
+A mode is "plain" or a latent variant (testing/variants.py): a source with "+topK" (top-k
+latent), "+gaussian" / "+gumbel" (noise at scale 0.33 / temperature 0.1), e.g. "embedding+top5+gumbel".
 
     python -m bench.decoding --model tiny-qwen2 --new-tokens 128 512
     python -m bench.decoding --model smollm2 --batch 8 --new-tokens 256
@@ -24,34 +24,20 @@ from pathlib import Path
 
 import torch
 
+from testing.variants import latent_variant
+
 REPO = Path(__file__).resolve().parent.parent
 
-SOURCES = ["embedding", "projection", "embedding_plus_projection"]
 MODES = ["plain", "embedding", "embedding+top64", "embedding+top5", "embedding+top64+gumbel", "embedding+gaussian",
          "projection", "projection+gaussian", "embedding_plus_projection", "embedding_plus_projection+top64"]
-NOISE_SCALES = {"gaussian": 0.33, "gumbel": 0.1}
-
-
-def mode_config(mode: str) -> dict:
-    """The thinking config fields of a mode name: source[+topK][+gaussian|+gumbel]."""
-    source, *options = mode.split("+")
-    if source not in SOURCES:
-        raise argparse.ArgumentTypeError(f"mode {mode!r}: expected 'plain' or one of {SOURCES} with options")
-    fields = {"thinking_latent_source": source, "thinking_latent_topk": None, "thinking_latent_noise": "none",
-              "thinking_latent_noise_scale": 0.0}
-    for option in options:
-        if option.startswith("top") and option[3:].isdigit():
-            fields["thinking_latent_topk"] = int(option[3:])
-        elif option in NOISE_SCALES:
-            fields["thinking_latent_noise"], fields["thinking_latent_noise_scale"] = option, NOISE_SCALES[option]
-        else:
-            raise argparse.ArgumentTypeError(f"mode {mode!r}: unknown option {option!r} (topK, gaussian, gumbel)")
-    return fields
 
 
 def mode_name(mode: str) -> str:
     if mode != "plain":
-        mode_config(mode)
+        try:
+            latent_variant(mode)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
     return mode
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have?", "What is 12 times 3?",
              "A box holds 5 pens. How many pens are in 4 boxes?", "Sara reads 9 pages a day for 6 days.",
@@ -84,7 +70,7 @@ def load(name: str, device: str):
 def run_once(model, tokenizer, enc, mode: str, new_tokens: int) -> float:
     kwargs = {}
     if mode != "plain":
-        for key, value in mode_config(mode).items():
+        for key, value in latent_variant(mode).items():
             setattr(model.config, key, value)
         kwargs = {"processing_class": tokenizer, "return_thinking_embeds": True}
     torch.manual_seed(0)

@@ -81,6 +81,7 @@ def reference(folder: Path, result: Path, device: str) -> None:
     import torch
     from testing.tiny import QUESTIONS, encode_prompts
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.hybrid_thinking.modeling import THINKING_INPUTS
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype_for(device)).to(device).eval()
@@ -89,10 +90,9 @@ def reference(folder: Path, result: Path, device: str) -> None:
         logits = model(**enc).logits.float()
     out = rollout(model, tokenizer, enc)
     logprobs, mask = replay(model, tokenizer, enc, out)
+    thinking = {key: None if getattr(out, key) is None else getattr(out, key).cpu() for key in THINKING_INPUTS}
     torch.save({"input_ids": enc.input_ids.cpu(), "attention_mask": enc.attention_mask.cpu(),
-                "logits": logits.cpu(), "sequences": out.sequences.cpu(), "thinking_mask": out.thinking_mask.cpu(),
-                "thinking_latents": None if out.thinking_latents is None else out.thinking_latents.cpu(),
-                "thinking_hidden": None if out.thinking_hidden is None else out.thinking_hidden.cpu(),
+                "logits": logits.cpu(), "sequences": out.sequences.cpu(), **thinking,
                 "sampled": out.sampled_token_logprobs.cpu(), "replay": logprobs.cpu(), "mask": mask.cpu()}, result)
 
 

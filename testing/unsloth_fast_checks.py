@@ -19,16 +19,12 @@ import torch
 
 from testing.rollouts import hybrid_rollout, replay_logprobs, replay_rollout
 from testing.tiny import QUESTIONS, encode_prompts, tiny_model, tiny_tokenizer
+from testing.variants import latent_variant
 
 SOURCES = ("embedding", "projection", "embedding_plus_projection")
-# variant name -> thinking config: each source, and the options of HRPO's peers
-VARIANTS = {source: {"thinking_latent_source": source} for source in SOURCES} | {
-    "embedding+top5+gumbel": {"thinking_latent_source": "embedding", "thinking_latent_topk": 5,
-                              "thinking_latent_noise": "gumbel", "thinking_latent_noise_scale": 0.1},
-    "embedding_plus_projection+top5+gaussian": {
-        "thinking_latent_source": "embedding_plus_projection", "thinking_latent_topk": 5,
-        "thinking_latent_noise": "gaussian", "thinking_latent_noise_scale": 0.5},
-}
+# each source, and two with the options of HRPO's peers (testing/variants.py)
+VARIANTS = {name: latent_variant(name) for name in (*SOURCES, "embedding+top5+gumbel",
+                                                      "embedding_plus_projection+top5+gaussian")}
 
 
 def variant_source(variant: str) -> str:

@@ -1,6 +1,8 @@
 """Subprocess entry: one HRPO step through unsloth's GRPO rewrite (PatchFastRL) on the CPU.
 
-    python -m testing.unsloth_grpo_checks <arch> <latent source> <packing 0|1> <out.json>
+    python -m testing.unsloth_grpo_checks <arch> <latent variant> <packing 0|1> <out.json>
+
+(a latent variant: a source, optionally with top-k and noise, testing/variants.py)
 
 Importing unsloth's GPU model code (testing/unsloth_cpu.py) runs PatchFastRL, which replaces
 trl.GRPOTrainer by the generated UnslothGRPOTrainer; HRPOTrainer, imported after it,
@@ -35,10 +37,11 @@ def main(arch: str, source: str, packing: str, out_path: str) -> None:
     from hrpo.trainer import HRPOTrainer
     from testing.tiny import PLAIN_CHAT_TEMPLATE, tiny_model, tiny_tokenizer
     from testing.training import length_reward, module_of
+    from testing.variants import latent_variant
 
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
-    model = tiny_model(arch, tokenizer, hidden_size=64, thinking_latent_source=source)
+    model = tiny_model(arch, tokenizer, hidden_size=64, **latent_variant(source))
     never_generates_pad(model, tokenizer.pad_token_id)
     unsloth_cpu.prepare_like_from_pretrained(model, tokenizer)
     model = unsloth_cpu.peft_like_get_peft_model(model, THINKING_MODULES)

@@ -21,8 +21,10 @@ REPLAY_TOL = 1e-5
 DISCRETE_MIN = 1e-2
 
 
-@pytest.fixture(scope="module", params=[("llama", "projection", "1"), ("qwen2", "embedding_plus_projection", "0")],
-                ids=["llama-projection-packed", "qwen2-embedding_plus_projection-padded"])
+@pytest.fixture(scope="module", params=[("llama", "projection", "1"), ("qwen2", "embedding_plus_projection", "0"),
+                                        ("llama", "projection+gaussian", "1")],
+                ids=["llama-projection-packed", "qwen2-embedding_plus_projection-padded",
+                     "llama-projection-gaussian-packed"])
 def run(request, tmp_path_factory):
     arch, source, packing = request.param
     out = tmp_path_factory.mktemp(f"ugrpo-{arch}") / "run.json"
@@ -34,7 +36,7 @@ def run(request, tmp_path_factory):
 
 def test_hrpo_trainer_subclasses_the_unsloth_rewrite(run):
     _, result = run
-    assert result["mro"][:2] == ["HRPOTrainer", "UnslothGRPOTrainer"]
+    assert result["mro"][:3] == ["HRPOTrainer", "GRPOTrainerWithCompleteCheckpoints", "UnslothGRPOTrainer"]
 
 
 def test_every_policy_scoring_forward_gets_the_thinking_inputs(run):
