@@ -52,6 +52,16 @@ def test_latent_stats_bench(tmp_path):
     assert (tmp_path / "r.json").exists() and out.strip()
 
 
+def test_latent_cost_bench(tmp_path):
+    out = run_bench("latent_cost", "--model", "tiny-qwen2", "--steps", "4", "--batch", "2", "--repeats", "2",
+                    "--json", str(tmp_path / "r.json"))
+    import json
+
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert {"lm_head", "full_latent", "top5_latent"} <= set(result["ms_per_step"]) and out.strip()
+    assert result["topk"]["5"]["left_out_mass_median"] > 0
+
+
 def test_marker_bench(tmp_path):
     out = run_bench("marker", "--length", "16", "--batch", "2", "--json", str(tmp_path / "r.json"))
     assert (tmp_path / "r.json").exists() and out.strip()
