@@ -54,8 +54,9 @@ class ReplayIndex:
     the row's attended tokens. So each rollout's replay data is kept as one entry per
     attended token, under the tuple of those tokens, and a forward over any of the
     rollouts, in any of those layouts, gets its thinking inputs by lookup. Two rollouts
-    with the same tokens have the same thinking inputs (same model, same prefix), so
-    sharing a key loses nothing.
+    with the same tokens have the same thinking inputs (same model, same prefix; exploration
+    noise is drawn as a function of the tokens so far, for this reason), so sharing a key
+    loses nothing.
 
     A pad-id token inside a rollout (in the prompt when pad = EOS and the chat template
     puts EOS between turns, or sampled in a completion) is attended for TRL but dropped by

@@ -264,28 +264,43 @@ def test_generate_without_cache_feeds_the_same_noise():
 
 # ---------------------------------------------------------------- gradients
 
-@pytest.mark.parametrize("source", ["projection", "embedding_plus_projection"])
-def test_projection_gradient_flows_through_the_noisy_latent(source):
+@pytest.mark.parametrize("source, topk, noise", list(option_combinations()))
+def test_gradients_reach_every_thinking_module_through_the_noisy_latent(source, topk, noise):
+    """The replay's gradient reaches the gates, Lambda and (projection sources) the projection,
+    and with noise it is the gradient at the noisy latent: it differs from the gradient of the
+    same replay fed without the noise."""
     tokenizer = tiny_tokenizer()
-    model = options_model("llama", tokenizer, source, None, "gaussian", scale=1.0,
+    model = options_model("llama", tokenizer, source, topk, noise, scale={"none": 0.0, "gaussian": 1.0,
+                                                                        "gumbel": 0.1}[noise],
                           thinking_projection_init_std=0.05)
     model.train()
     enc, out = generate_hybrid(model, tokenizer, QUESTIONS[:4], max_new_tokens=16)
-    grads = {}
-    for with_noise in (True, False):
+    prompt_len = enc.input_ids.shape[1]
+
+    def gradients(thinking):
         model.zero_grad()
-        thinking = thinking_inputs(out)
-        noise = thinking["thinking_noise"].clone().requires_grad_(True)
-        thinking["thinking_noise"] = noise if with_noise else None
         logprobs, mask, _ = replay_logprobs(model, out.sequences, enc.attention_mask, thinking,
                                             tokenizer.eos_token_id, 0.5)
         (logprobs * mask).sum().backward()
-        weight = model.model.thinking_projection.weight
-        assert weight.grad is not None and weight.grad.abs().sum() > 0
-        grads[with_noise] = weight.grad.clone()
-        if with_noise:
-            assert noise.grad is not None  # a leaf we asked about; the trainer's noise never asks
-    assert not torch.allclose(grads[True], grads[False])
+        return {name: p.grad.clone() for name, p in model.model.named_parameters()
+                if name.split(".")[0] in model.model.thinking_modules}
+
+    fed = thinking_inputs(out)
+    grads = gradients(fed)
+    assert set(grads) and all(g.abs().sum() > 0 for g in grads.values()), grads.keys()
+    assert ("thinking_projection.weight" in grads) == (source != "embedding")
+    assert not any(t is not None and t.requires_grad for t in fed.values())  # no gradient into what was fed
+    if noise == "none":
+        return
+    without = dict(fed)
+    if noise == "gaussian":
+        without["thinking_noise"] = None
+    else:
+        quiet = options_model("llama", tokenizer, source, topk, "none")
+        quiet.load_state_dict(model.state_dict())
+        without["thinking_latents"] = recompute_latents(quiet, out, prompt_len)
+    other = gradients(without)
+    assert any(not torch.allclose(grads[name], other[name]) for name in grads)
 
 
 def test_recorded_noise_is_a_constant_input():
