@@ -226,6 +226,10 @@ def checkpoint_settings(folder: Path) -> dict:
         settings.update({k: v for k, v in json.loads(run_file.read_text()).items() if k in RESUMED_SETTINGS})
     if config_file.exists():
         config = json.loads(config_file.read_text())
+        if config.get("thinking_latent_source") is not None:  # an HRPO model: fields it predates take their defaults
+            from transformers.hybrid_thinking.modeling import THINKING_CONFIG_DEFAULTS
+
+            config = {**THINKING_CONFIG_DEFAULTS, **config}
         settings.update({THINKING_FLAGS.get(k, k): v for k, v in config.items()
                          if k.startswith("thinking_") and THINKING_FLAGS.get(k, k) in RESUMED_SETTINGS})
     if not settings:

@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.hybrid_thinking import generation as hybrid_generation
 from transformers.hybrid_thinking.exploration import (
     advance_keys,
     gaussian_draws,
     gumbel_draws,
     initial_keys,
     mix64,
+    uniform_from_bits,
 )
 
 from testing.rollouts import generate_hybrid, replay_difference, replay_logprobs, sampling_logprobs, thinking_inputs
@@ -126,6 +128,12 @@ def test_draws_have_their_distributions():
     assert abs(torch.corrcoef(normal[:, :2].T)[0, 1].item()) < 0.05
 
 
+def test_uniform_draws_are_strictly_inside_zero_one():
+    extremes = uniform_from_bits(torch.tensor([0, -1, (1 << 63) - 1, -(1 << 63)], dtype=torch.int64))
+    assert (extremes > 0).all() and (extremes < 1).all()
+    assert torch.isfinite(-torch.log(-torch.log(extremes))).all()  # a Gumbel draw at either end
+
+
 def test_keys_follow_the_tokens_not_the_padding():
     ids = torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 8, 9], [0, 5, 6, 7, 8]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
@@ -182,14 +190,17 @@ def recompute_latents(model, out, prompt_len):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_default_options_are_hrpos_latent_without_noise(arch):
+def test_default_options_are_hrpos_latent_without_noise(arch, monkeypatch):
     """No top-k and no noise: the latent fed is sum_v p_v E_v / ||p||_2 over the whole
     vocabulary of the sampling distribution (hand computation from the recorded scores), and
-    no extra random draw happens (the global RNG ends where a plain config leaves it)."""
+    generation draws no noise seed, so runs without the options repeat as before."""
+    def no_draw(*args, **kwargs):
+        raise AssertionError("a noise seed was drawn with the noise off")
+
+    monkeypatch.setattr(hybrid_generation.torch, "randint", no_draw)
     tokenizer = tiny_tokenizer()
     model = options_model(arch, tokenizer, "embedding")
     enc, out = generate_hybrid(model, tokenizer, QUESTIONS[:4])
-    after_options = torch.get_rng_state()
     prompt_len = enc.input_ids.shape[1]
     weight = model.model.get_input_embeddings().weight
     for step, scores in enumerate(out.scores):  # the token sampled at a step is fed at prompt_len + step
@@ -199,9 +210,8 @@ def test_default_options_are_hrpos_latent_without_noise(arch):
         expected = (probs @ weight) / probs.norm(dim=-1, keepdim=True)
         assert torch.allclose(out.thinking_latents[flagged, position], expected[flagged], atol=1e-6)
     assert out.thinking_noise is None
-    plain = tiny_model(arch, tokenizer, thinking_latent_source="embedding")
-    generate_hybrid(plain, tokenizer, QUESTIONS[:4])
-    assert torch.equal(torch.get_rng_state(), after_options)
+    with pytest.raises(AssertionError, match="seed was drawn"):  # the patch is in the path noise takes
+        generate_hybrid(options_model(arch, tokenizer, "embedding", noise="gaussian"), tokenizer, QUESTIONS[:2])
 
 
 @pytest.mark.parametrize("noise", ["gaussian", "gumbel"])
@@ -253,13 +263,17 @@ def test_rollouts_with_the_same_tokens_were_fed_the_same_noise(noise):
     assert not torch.allclose(other[0, prompt_len + 1:], recorded[0, prompt_len + 1:])
 
 
-def test_generate_without_cache_feeds_the_same_noise():
+@pytest.mark.parametrize("source, topk, noise", list(option_combinations()))
+def test_generate_without_cache_feeds_the_same_inputs_and_replays(source, topk, noise):
     tokenizer = tiny_tokenizer()
-    model = options_model("qwen2", tokenizer, "projection", None, "gaussian")
-    _, cached = generate_hybrid(model, tokenizer, QUESTIONS[:4], max_new_tokens=16)
+    model = options_model("qwen2", tokenizer, source, topk, noise)
+    enc, cached = generate_hybrid(model, tokenizer, QUESTIONS[:4], max_new_tokens=16)
     _, uncached = generate_hybrid(model, tokenizer, QUESTIONS[:4], max_new_tokens=16, use_cache=False)
     assert torch.equal(cached.sequences, uncached.sequences)
-    assert torch.allclose(cached.thinking_noise, uncached.thinking_noise)
+    for key in ("thinking_mask", "thinking_noise", "thinking_latent_left_out_mass"):
+        a, b = getattr(cached, key), getattr(uncached, key)
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6), key
+    assert replay_difference(model, tokenizer, enc, uncached)[0] <= 1e-4
 
 
 # ---------------------------------------------------------------- gradients
@@ -322,6 +336,8 @@ def test_recorded_noise_is_a_constant_input():
     ({"thinking_latent_noise": "uniform"}, "one of"),
     ({"thinking_latent_noise": "gaussian"}, "thinking_latent_noise_scale > 0"),
     ({"thinking_latent_noise": "gumbel", "thinking_latent_noise_scale": -1.0}, "thinking_latent_noise_scale > 0"),
+    ({"thinking_latent_noise_scale": 0.5}, "thinking_latent_noise is 'none'"),
+    ({"thinking_latent_noise": "gaussian", "thinking_latent_noise_scale": True}, "must be a number"),
 ])
 def test_bad_options_are_errors_naming_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -390,3 +406,45 @@ def test_bad_option_flags_are_named_before_training(workspace, tmp_path, capsys,
     assert hrpo_gsm8k.main(argv) == 2
     assert named in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_trainer_refuses_a_forward_that_drops_the_noise(monkeypatch):
+    from hrpo.trainer import verify_hybrid_forward
+
+    tokenizer = tiny_tokenizer()
+    model = options_model("llama", tokenizer, "projection", None, "gaussian")
+    verify_hybrid_forward(model, model.model)  # the fork's forward applies it
+    original = type(model.model).mix_thinking_inputs
+    monkeypatch.setattr(type(model.model), "mix_thinking_inputs",
+                        lambda self, embeds, mask=None, latents=None, hidden=None, noise=None:
+                        original(self, embeds, mask, latents, hidden))
+    with pytest.raises(RuntimeError, match="ignores thinking_noise"):
+        verify_hybrid_forward(model, model.model)
+
+
+def test_resuming_a_checkpoint_from_before_the_options_keeps_their_defaults(workspace, tmp_path, monkeypatch, capsys):
+    """Its config.json lacks the fields: they count as the defaults it was trained with, so a
+    flag that sets them conflicts with the checkpoint instead of changing the run midway."""
+    import json
+
+    import hrpo_gsm8k
+    from hrpo.checkpoint import mark_complete
+    from testing.training import tiny_training_args
+
+    out = tmp_path / "out"
+    args = tiny_training_args(workspace, out, "--thinking_latent_source", "embedding")
+    model = tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args))
+    hrpo_gsm8k.save_run_config(model, vars(args) | {"output_dir": str(out)}, out / "checkpoint-1")
+    for name in ("config.json", hrpo_gsm8k.RUN_CONFIG):  # as written before the options existed
+        path = out / "checkpoint-1" / name
+        saved = json.loads(path.read_text())
+        for key in ("thinking_latent_topk", "thinking_latent_noise", "thinking_latent_noise_scale"):
+            saved.pop(key, None)
+        path.write_text(json.dumps(saved))
+    mark_complete(out / "checkpoint-1")
+    monkeypatch.setattr(hrpo_gsm8k, "train", lambda args: None)
+    argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
+            "--output_dir", str(out), "--resume"]
+    assert hrpo_gsm8k.main(argv) == 0
+    assert hrpo_gsm8k.main(argv + ["--thinking_latent_topk", "5"]) == 2
+    assert "--thinking_latent_topk" in capsys.readouterr().err
