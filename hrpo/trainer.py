@@ -63,23 +63,18 @@ def verify_hybrid_forward(model, base) -> None:
         plain = model(input_ids=input_ids).logits
         mixed = model(input_ids=input_ids, thinking_mask=mask, thinking_latents=latents,
                       thinking_hidden=latents).logits
+        noisy = model(input_ids=input_ids, thinking_mask=mask, thinking_latents=latents, thinking_hidden=latents,
+                      thinking_noise=latents).logits if base.config.thinking_latent_noise == "gaussian" else None
     finally:
         model.train(was_training)
     if torch.equal(plain[:, 2:], mixed[:, 2:]):
         raise RuntimeError(f"{type(model).__name__}'s forward does not apply the HRPO thinking inputs: a forward "
                            f"that does not know them is active (unsloth without the HRPO fork's series? run "
                            f"./setup.sh), or use hrpo_gsm8k.py --backend transformers")
-    if base.config.thinking_latent_noise == "gaussian":
-        model.eval()
-        try:
-            noisy = model(input_ids=input_ids, thinking_mask=mask, thinking_latents=latents, thinking_hidden=latents,
-                          thinking_noise=latents).logits
-        finally:
-            model.train(was_training)
-        if torch.equal(noisy[:, 2:], mixed[:, 2:]):
-            raise RuntimeError(f"{type(model).__name__}'s forward ignores thinking_noise (Gaussian latent noise is "
-                               f"configured): the replay would not feed the noise that sampling fed. Run ./setup.sh "
-                               f"(both forks of one version), or use hrpo_gsm8k.py --backend transformers")
+    if noisy is not None and torch.equal(noisy[:, 2:], mixed[:, 2:]):
+        raise RuntimeError(f"{type(model).__name__}'s forward ignores thinking_noise (Gaussian latent noise is "
+                           f"configured): the replay would not feed the noise that sampling fed. Run ./setup.sh "
+                           f"(both forks of one version), or use hrpo_gsm8k.py --backend transformers")
     verify_hidden_state_handover(model, base, input_ids)
 
 
