@@ -174,7 +174,7 @@ def plot(arms: dict, target: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (curve, bars) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (curve, bars) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     for arm, summary in arms.items():
         per_step = summary["reward_per_step"]
         steps = range(1, len(per_step) + 1)
@@ -191,7 +191,7 @@ def plot(arms: dict, target: Path) -> None:
         means = [arms[a][key]["mean"] for a in names]
         errors = [arms[a][key]["std"] for a in names]
         bars.bar([i + offset for i in range(len(names))], means, width=0.4, yerr=errors, capsize=3, label=label)
-    bars.set_xticks(range(len(names)), [n.replace("_plus_", "+\n") for n in names], fontsize=8)
+    bars.set_xticks(range(len(names)), names, fontsize=7, rotation=35, ha="right")
     bars.set_ylabel("held-out greedy accuracy")
     bars.set_title("held-out accuracy: mean over seeds, bar = std", fontsize=9)
     bars.legend(fontsize=8)
