@@ -22,7 +22,7 @@ def rollouts():
     thinking[:, 4:] = True
     out = SimpleNamespace(sequences=sequences, thinking_mask=thinking,
                           thinking_latents=code[..., None].repeat(1, 1, D), thinking_hidden=-code[..., None].repeat(1, 1, D),
-                          sampled_token_logprobs=-code / 1000)
+                          thinking_noise=(code / 7)[..., None].repeat(1, 1, D), sampled_token_logprobs=-code / 1000)
     return out, prompt_mask
 
 
@@ -55,6 +55,7 @@ def check_layout(index, out, ids, mask, placement, packed=None):
     assert torch.equal(got["sampled_token_logprobs"], expected_logprobs)
     assert torch.equal(got["thinking_latents"], expected_latents)
     assert torch.equal(got["thinking_hidden"], -expected_latents)
+    assert torch.allclose(got["thinking_noise"], expected_latents / 7)
     return got
 
 
@@ -126,7 +127,8 @@ def test_a_prompt_with_a_dropped_pad_is_refused():
     prompt = torch.tensor([[5, 1, 6, 7]])  # "turn 1 <eos> turn 2", all attended
     sequences = torch.cat([prompt, torch.tensor([[8, 9, eos, pad]])], dim=1)
     out = SimpleNamespace(sequences=sequences, thinking_mask=torch.zeros(1, 8, dtype=torch.bool),
-                          thinking_latents=None, thinking_hidden=None, sampled_token_logprobs=torch.zeros(1, 8))
+                          thinking_latents=None, thinking_hidden=None, thinking_noise=None,
+                          sampled_token_logprobs=torch.zeros(1, 8))
     index = ReplayIndex(pad, [eos])
     index.add(out, torch.ones_like(prompt))
     attended = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]])
