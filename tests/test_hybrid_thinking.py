@@ -110,6 +110,45 @@ def test_parity_with_unpatched_upstream(arch, upstream_transformers, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(hybrid.scores, plain.scores))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hybrid_sampling_returns_the_logits_hidden_states_and_attentions_asked_for(arch):
+    """output_logits / output_hidden_states / output_attentions as plain generate() returns
+    them: step for step like upstream's when nothing is mixed, and, while thinking, the
+    final hidden state of each step is the one the projection was fed."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(arch, tokenizer, thinking_latent_source="projection")
+    model.config._attn_implementation = "eager"  # the attention weights are returned by eager attention
+    asked = dict(do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=1, output_scores=True,
+                 output_logits=True, output_hidden_states=True, output_attentions=True, return_dict_in_generate=True)
+    same = encode_prompts(tokenizer, [QUESTIONS[0]] * 2)
+    with torch.no_grad():
+        plain = model.generate(**same, **asked)
+        first = tokenizer.decode(plain.sequences[0, same.input_ids.shape[1]:][:1])
+        unmixed = model.generate(**same, **asked, processing_class=tokenizer, answer_marker=first)
+        enc = encode_prompts(tokenizer, QUESTIONS[:4])
+        mixed = model.generate(**enc, **asked, processing_class=tokenizer, answer_marker="##",
+                               return_thinking_embeds=True)
+    steps = plain.sequences.shape[1] - same.input_ids.shape[1]
+    for field in ("logits", "hidden_states", "attentions"):
+        got, want = getattr(unmixed, field), getattr(plain, field)
+        assert got is not None and len(got) == len(want) == steps, field
+        flat_got, flat_want = torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)
+        assert len(flat_got) == len(flat_want), field
+        for a, b in zip(flat_got, flat_want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    prompt_len = enc.input_ids.shape[1]
+    assert mixed.thinking_mask.any()
+    compared = 0
+    for step, (logits, scores) in enumerate(zip(mixed.logits, mixed.scores)):
+        torch.testing.assert_close(logits, scores, rtol=0, atol=1e-6)  # greedy: no processor changes them
+        position = prompt_len + step  # the token sampled at this step is fed there, mixed with this hidden state
+        flagged = mixed.thinking_mask[:, position]
+        final = mixed.hidden_states[step][-1][:, -1]
+        torch.testing.assert_close(final[flagged], mixed.thinking_hidden[flagged, position], rtol=0, atol=1e-6)
+        compared += int(flagged.sum())
+    assert compared
+
+
 # ---------------------------------------------------------------- the gating formula
 
 def test_gating_formula_against_hand_computation():

@@ -17,7 +17,7 @@ from transformers.hybrid_thinking.exploration import (
     uniform_from_bits,
 )
 
-from testing.rollouts import generate_hybrid, replay_difference, replay_logprobs, sampling_logprobs, thinking_inputs
+from testing.rollouts import generate_hybrid, hybrid_rollout, replay_difference, replay_logprobs, sampling_logprobs, thinking_inputs
 from testing.tiny import QUESTIONS, encode_prompts, tiny_model, tiny_tokenizer
 
 ARCHS = ["llama", "qwen2"]
@@ -65,7 +65,7 @@ def test_full_vocabulary_latent_is_hrpos_and_leaves_nothing_out():
         base = options_model("llama", tokenizer, "embedding", topk=topk).model
         latent, left_out = base.embedding_method_latent(probs)
         weight = base.get_input_embeddings().weight
-        assert torch.equal(latent, (probs @ weight) / probs.norm(dim=-1, keepdim=True))
+        torch.testing.assert_close(latent, (probs @ weight) / probs.norm(dim=-1, keepdim=True), rtol=0, atol=1e-6)
         assert torch.equal(left_out, torch.zeros(3))
 
 
@@ -83,9 +83,13 @@ def test_gumbel_weights_against_hand_computation():
         weights = torch.softmax((torch.log(kept[row]) + gumbel[row]) / 0.1, dim=-1)
         expected = (weights[:, None] * embeddings[ids[row]]).sum(0) / weights.norm()
         assert torch.allclose(latent[row], expected, atol=1e-5)
-    # without keys (greedy decoding) the weights are the plain top-k
-    plain, _ = base.embedding_method_latent(probs)
-    assert not torch.allclose(plain, latent, atol=1e-3)
+    # without keys (greedy decoding) the noise is dropped and its temperature kept: softmax(log p / 0.1)
+    greedy, _ = base.embedding_method_latent(probs)
+    for row in range(2):
+        weights = torch.softmax(torch.log(kept[row]) / 0.1, dim=-1)
+        expected = (weights[:, None] * embeddings[ids[row]]).sum(0) / weights.norm()
+        assert torch.allclose(greedy[row], expected, atol=1e-5)
+    assert not torch.allclose(greedy, latent, atol=1e-3)
 
 
 def test_gaussian_noise_std_against_hand_computation():
@@ -222,45 +226,102 @@ def test_greedy_decoding_has_no_noise(noise):
     enc = encode_prompts(tokenizer, QUESTIONS[:4])
     outs = [m.generate(**enc, processing_class=tokenizer, do_sample=False, max_new_tokens=12,
                        return_thinking_embeds=True, answer_marker="##") for m in (noisy, quiet)]
-    assert torch.equal(outs[0].sequences, outs[1].sequences)
-    assert torch.equal(outs[0].thinking_latents, outs[1].thinking_latents)
     assert outs[0].thinking_noise is None
+    if noise == "gaussian":  # Gumbel keeps its temperature in greedy decoding (the next test)
+        assert torch.equal(outs[0].sequences, outs[1].sequences)
+        torch.testing.assert_close(outs[0].thinking_latents, outs[1].thinking_latents, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("noise", ["gaussian", "gumbel"])
-def test_rollouts_with_the_same_tokens_were_fed_the_same_noise(noise):
-    """What lets the replay find a rollout's inputs by its tokens: the noise is a function of
-    the row's tokens so far (and one seed per call), so rows with the same prefix were fed the
-    same inputs, and rows whose prefixes differ draw independently."""
+def gumbel_weights_latents(model, out, prompt_len, temperature):
+    """The latents a top-5 Gumbel run feeds without the noise: softmax(log p / T) over the top 5
+    of each step's sampling distribution (hand computation from the recorded scores)."""
+    embeddings = model.model.get_input_embeddings().weight
+    latents = torch.zeros_like(out.thinking_latents)
+    for step, scores in enumerate(out.scores):
+        kept, ids = torch.topk(torch.softmax(scores.float(), dim=-1), 5, dim=-1)
+        weights = torch.softmax(torch.log(kept) / temperature, dim=-1)
+        latents[:, prompt_len + step] = (weights[..., None] * embeddings[ids]).sum(1) / weights.norm(dim=-1,
+                                                                                                    keepdim=True)
+    return latents
+
+
+def test_greedy_gumbel_run_feeds_what_sampling_fed_minus_the_noise(monkeypatch):
+    """Training mixes w = softmax((log p + g) / T); greedy evaluation (hrpo.evaluation's
+    is_inference) drops g and keeps T, as sampling does when every draw is 0."""
+    from transformers.hybrid_thinking import exploration
+
     tokenizer = tiny_tokenizer()
-    model = options_model("llama", tokenizer, "embedding_plus_projection", 5, noise)
-    enc = encode_prompts(tokenizer, ["a+b?"] * 4 + ["hello"] * 2)
-    torch.manual_seed(0)
+    model = options_model("qwen2", tokenizer, "embedding", 5, "gumbel", scale=0.1)
+    enc = encode_prompts(tokenizer, QUESTIONS[:4])
+    prompt_len = enc.input_ids.shape[1]
+    greedy = hybrid_rollout(model, tokenizer, enc, 0, 0.5, 12, is_inference=True, output_scores=True)
+    monkeypatch.setattr(exploration, "gumbel_draws", lambda keys, ids: torch.zeros(keys.shape[0], ids.shape[-1]))
+    sampled = hybrid_rollout(model, tokenizer, enc, 0, 0.5, 12, output_scores=True)
+    for out in (greedy, sampled):
+        flagged = out.thinking_mask
+        assert flagged.any()
+        expected = gumbel_weights_latents(model, out, prompt_len, 0.1)
+        torch.testing.assert_close(out.thinking_latents[flagged], expected[flagged], rtol=0, atol=1e-5)
+
+
+def sample_recording_keys(model, tokenizer, enc, seed, monkeypatch):
+    """A noisy hybrid rollout and, per decoding step, the rows' noise keys (int64) that drew
+    the noise fed with the token sampled at that step."""
+    keys = []
+
+    def recording_advance(previous, tokens):
+        keys.append(advance_keys(previous, tokens))
+        return keys[-1]
+
+    monkeypatch.setattr(hybrid_generation, "advance_keys", recording_advance)
+    torch.manual_seed(seed)
     with torch.no_grad():  # a low temperature: rows of a prompt share prefixes for a while
         out = model.generate(**enc, processing_class=tokenizer, return_thinking_embeds=True, answer_marker="##",
                              do_sample=True, temperature=0.05, top_k=0, max_new_tokens=12,
                              return_dict_in_generate=True)
+    return out, keys
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "gumbel"])
+def test_rollouts_with_the_same_tokens_were_fed_the_same_noise(noise, monkeypatch):
+    """What lets the replay find a rollout's inputs by its tokens: the noise is a function of
+    the row's tokens so far (and one seed per call), so rows with the same prefix were fed the
+    same inputs, and rows whose prefixes differ draw independently. The keys are integers and
+    compared exactly; the floats fed are compared with a tolerance far below the noise's size
+    (they cross batch rows, which no BLAS promises to treat bit for bit alike)."""
+    tokenizer = tiny_tokenizer()
+    model = options_model("llama", tokenizer, "embedding_plus_projection", 5, noise)
+    enc = encode_prompts(tokenizer, ["a+b?"] * 4 + ["hello"] * 2)
+    out, keys = sample_recording_keys(model, tokenizer, enc, 0, monkeypatch)
     recorded = out.thinking_noise if noise == "gaussian" else out.thinking_latents
     prompt_len = enc.input_ids.shape[1]
+    attended = torch.cat([enc.attention_mask.bool(), torch.ones_like(out.sequences[:, prompt_len:]).bool()], dim=1)
+
+    def prefix(row, position):
+        return out.sequences[row, :position + 1][attended[row, :position + 1]].tolist()
+
+    def draws(key):
+        key = key[None]
+        return gaussian_draws(key, 64) if noise == "gaussian" else gumbel_draws(key, torch.arange(64)[None, :])
+
     shared = differing = 0
-    for i, j in itertools.combinations(range(6), 2):
-        for p in range(prompt_len + 1, out.sequences.shape[1]):
+    for step, step_keys in enumerate(keys):  # the token sampled at a step is fed, with its noise, at prompt_len + step
+        p = prompt_len + step
+        for i, j in itertools.combinations(range(6), 2):
             if not (out.thinking_mask[i, p] and out.thinking_mask[j, p]):
                 continue
-            same_prefix = torch.equal(out.sequences[i, :p + 1], out.sequences[j, :p + 1])
-            same_input = torch.equal(recorded[i, p], recorded[j, p])
-            assert same_input == same_prefix, (i, j, p)
-            shared += same_prefix
-            differing += not same_prefix
+            same_prefix = prefix(i, p) == prefix(j, p)
+            assert bool(step_keys[i] == step_keys[j]) == same_prefix, (i, j, p)
+            if same_prefix:
+                torch.testing.assert_close(recorded[i, p], recorded[j, p], rtol=0, atol=1e-6)
+                shared += 1
+            else:  # independent draws: 64 standard normals (or Gumbels) apart, not a rounding apart
+                assert (draws(step_keys[i]) - draws(step_keys[j])).abs().max() > 0.5, (i, j, p)
+                differing += 1
     assert shared and differing
-    # another call draws another seed
-    torch.manual_seed(1)
-    with torch.no_grad():
-        again = model.generate(**enc, processing_class=tokenizer, return_thinking_embeds=True, answer_marker="##",
-                               do_sample=True, temperature=0.05, top_k=0, max_new_tokens=12,
-                               return_dict_in_generate=True)
-    other = again.thinking_noise if noise == "gaussian" else again.thinking_latents
-    assert not torch.allclose(other[0, prompt_len + 1:], recorded[0, prompt_len + 1:])
+    # another call draws another seed: every row's first key changes
+    again, again_keys = sample_recording_keys(model, tokenizer, enc, 1, monkeypatch)
+    assert not (again_keys[0] == keys[0]).any()
 
 
 @pytest.mark.parametrize("source, topk, noise", list(option_combinations()))
