@@ -234,6 +234,48 @@ def test_a_timeout_scores_zero_and_is_counted(monkeypatch):
     assert M.REWARD_STATS["timeouts"] == before + 1
 
 
+def test_the_first_reference_parse_is_bounded_though_it_prepares_math_verify(monkeypatch):
+    """The one-time preparation runs before the reference's deadline opens, so it neither
+    uses up that budget nor, with its own deadline, switches it off: a slow first reference
+    parse gets its full REFERENCE_TIMEOUT_S, and no more."""
+    import math_verify
+
+    real_parse, ran = math_verify.parse, []
+
+    def slow_parse(text, **kwargs):
+        # the warm-up's two parses take longer than the reference's budget, the reference 8 s
+        reference, start = "slowref" in text, time.perf_counter()
+        try:
+            while time.perf_counter() - start < (8.0 if reference else 0.4):
+                time.sleep(0.02)
+        finally:
+            if reference:
+                ran.append(time.perf_counter() - start)
+        return [] if reference else real_parse(text, **kwargs)
+
+    monkeypatch.setattr(math_verify, "parse", slow_parse)
+    monkeypatch.setattr(M, "_prepared", False)
+    monkeypatch.setattr(M, "WARM_UP", (("\\frac{1}{2}", "0.5"),))
+    monkeypatch.setattr(M, "REFERENCE_TIMEOUT_S", 0.5)
+    before = M.REWARD_STATS["timeouts"]
+    assert M.math_equivalent("\\sqrt{7}+y", "\\sqrt{7}+\\text{slowref}") is False
+    assert M._prepared and len(ran) == 1 and 0.3 < ran[0] < 4.0
+    assert M.REWARD_STATS["timeouts"] == before + 1
+
+
+def test_a_nested_deadline_leaves_the_outer_one_running():
+    from math_verify.errors import TimeoutException
+
+    start = time.perf_counter()
+    with pytest.raises(TimeoutException):
+        with M.deadline(0.5):
+            with M.deadline(60):
+                pass
+            while time.perf_counter() - start < 8.0:
+                time.sleep(0.02)
+    assert time.perf_counter() - start < 4.0
+
+
 def test_outside_the_main_thread_no_alarm_is_set(generous_timeouts):
     import threading
 

@@ -44,6 +44,7 @@ import json
 import re
 import signal
 import threading
+import time
 from collections import Counter
 from contextlib import contextmanager
 from fractions import Fraction
@@ -356,7 +357,8 @@ def deadline(seconds: float):
     sympy or math-verify swallows it) when the block runs longer than ``seconds`` of wall
     time: a real-time interval timer (sub-second, unlike math-verify's whole-second
     ``signal.alarm``), one budget for everything inside, firing again every 0.1 s until
-    the block is left. Signals reach the main thread
+    the block is left. Nested in another deadline, the block gets at most the outer one's
+    time left, and the outer timer runs on afterwards. Signals reach the main thread
     only: elsewhere the block runs unbounded (the refusal rules still apply)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -366,13 +368,18 @@ def deadline(seconds: float):
     def expire(signum, frame):
         raise TimeoutException(f"over {seconds} s")
 
+    outer, outer_interval = signal.getitimer(signal.ITIMER_REAL)  # (0, 0) when no timer is set
+    start = time.monotonic()
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds, 0.1)  # and again every 0.1 s, should anything swallow it
+    # and again every 0.1 s, should anything swallow it
+    signal.setitimer(signal.ITIMER_REAL, min(seconds, outer) if outer else seconds, 0.1)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 0.001), outer_interval)
 
 
 def _prepare() -> None:
@@ -417,6 +424,7 @@ def _mv_parse(text: str):
 
 @lru_cache(maxsize=4096)
 def _reference_parsed(reference: str):
+    _prepare()  # before the deadline: the warm-up has its own, and must not use up this one
     with deadline(REFERENCE_TIMEOUT_S):
         return tuple(_mv_parse(reference))
 
