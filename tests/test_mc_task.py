@@ -36,9 +36,24 @@ LETTERS = [
     ("(b)", "B"),
     ("  \n\n D\nthen more text A", "D"),
     ("B or B", "B"),
+    # "A" and "I" as English words: then the sentence's one standalone letter counts
+    ("A good choice would be C", "C"),
+    ("A good choice would be (C)", "C"),
+    ("a good choice would be C", "C"),
+    ("I think B", "B"),
+    ("I think the answer is B.", "B"),
+    ("I was thinking B", "B"),
+    ("Newton, so B", "B"),
+    ("A", "A"),
+    ("A\nA good choice would be C", "A"),
+    ("A is correct", "A"),          # "A is": the letter, not the article
+    ("A is correct, not C", "A"),
+    ("A cat", "A"),                 # a word-like "A" with no other letter reads as the letter
+    ("A good choice would be B or C", None),
     # nothing ambiguous
     ("B or C", None),
     ("A/B", None),
+    ("A and C", None),
     ("B, C", None),
     ("(B) and (C)", None),
     ("B (C)", None),
@@ -52,6 +67,18 @@ LETTERS = [
 @pytest.mark.parametrize("text, letter", LETTERS)
 def test_letter_table(text, letter):
     assert mc.extract_letter("Reasoning. #### " + text) == letter
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("F = ma, so B", "B"),          # only the question's choices count: F is none of four
+    ("B, I guess", "B"),
+    ("B or E", "B"),
+    ("I think A", "A"),
+    ("E", None),
+    ("D", "D"),
+])
+def test_letters_among_four_choices(text, letter):
+    assert mc.extract_letter("Reasoning. #### " + text, num_choices=4) == letter
 
 
 @pytest.mark.parametrize("completion, reference, reward", [
@@ -70,8 +97,11 @@ def test_mc_rewards(completion, reference, reward):
 def test_task_reward_function():
     reward = get_task("mmlu").reward_function()
     assert reward.__name__ == "mmlu_reward"
-    completions = [[{"role": "assistant", "content": "#### B"}], "#### B or C", "#### (A)"]
-    assert reward(completions, answer=["B", "B", "B"], num_choices=[4, 4, 4]) == [1.0, 0.0, 0.0]
+    completions = [[{"role": "assistant", "content": "#### B"}], "#### B or C", "#### (A)", "#### F = ma, so B",
+                   "#### A good choice would be C"]
+    rewards = reward(completions, answer=["B", "B", "B", "B", "C"], num_choices=[4, 4, 4, 4, 4])
+    assert rewards == [1.0, 0.0, 0.0, 1.0, 1.0]
+    assert get_task("mmlu").grade("#### F = ma, so B", {"answer": "B", "num_choices": 4})["predicted"] == "B"
 
 
 # ------------------------------------------------------------------ layouts

@@ -24,9 +24,15 @@ the choices) are a DataError naming the dataset and row, before training.
 Grading: the answer after a marker is read from its first non-empty line: the letter
 alone, "(B)", "B.", "B)", "B:", "B) text", "B text", also inside ``**``, ``$``,
 ``\\boxed{}`` or ``\\text{}``; a lower-case letter only when it stands alone ("b", "(b)",
-"b."). Nothing ambiguous is accepted: two different letters in one answer ("B or C",
-"A/B", "(B) and (C)") or different letters after several markers give no answer (0). A
-letter outside the question's choices can never equal the reference (0).
+"b."). Only the question's choices count (its ``num_choices``; any letter where that is
+not known). A line that starts otherwise is read as a sentence, and so is one that starts
+with an English word: "A" or "I" before a lower-case word ("A good choice", "I think"; but
+"A is", "A was", "A or", "A and" are the letter). A sentence's answer is its one standalone
+capital choice letter ("A good choice would be C": C; "I think B": B), or else, when no
+other letter stands there, the leading "A" or "I" itself ("A cat": A). Nothing ambiguous is
+accepted: two different letters in one answer ("B or C", "A/B", "(B) and (C)", a sentence
+naming two) or different letters after several markers give no answer (0). A letter
+outside the question's choices is no answer (0).
 """
 from __future__ import annotations
 
@@ -166,33 +172,45 @@ _WRAPPERS = re.compile(r"\*\*|__|`|\$|\\boxed\{|\\text(?:bf)?\{|\\mathrm\{|[{}]"
 _PREFIX = re.compile(r"^(?:the\s+)?(?:(?:final|correct)\s+)*(?:answer|choice|option)\s*(?:is\s*)?:?\s*", re.I)
 _LEAD = re.compile(r"[(\[]([A-Za-z])[)\]]|([A-Za-z])(?=[.):,]|\s|$)")
 _OTHER = re.compile(r"[(\[]([A-Z])[)\]]|(?:\bor|\band|/|,|&)\s*([A-Z])(?![A-Za-z])")
+_WORD = re.compile(r"(?:A\s+(?!(?:is|was)\b)|I\s+)(?!(?:or|and)\b)[a-z]")  # "A good choice", "I think": words
+_STANDALONE = re.compile(r"(?<![A-Za-z0-9'’])[A-Z](?![A-Za-z0-9'’])")
 
 
-def _letter_of(segment: str) -> str | None:
-    """The letter of one answer (its first non-empty line), or None (see the module's rules)."""
+def _sentence_letter(text: str, valid: str) -> str | None:
+    """A sentence's one standalone choice letter, else its leading word-like "A" or "I" (see the module's rules)."""
+    letters = {m.group() for m in _STANDALONE.finditer(text) if m.group() in valid and not _WORD.match(text, m.start())}
+    if not letters and _WORD.match(text):
+        letters = {text[0]} & set(valid)
+    return letters.pop() if len(letters) == 1 else None
+
+
+def _letter_of(segment: str, valid: str = LETTERS) -> str | None:
+    """The letter of one answer (its first non-empty line) among the ``valid`` letters, or None
+    (see the module's rules)."""
     lines = [line.strip() for line in segment.splitlines() if line.strip()]
     if not lines:
         return None
     text = _PREFIX.sub("", _WRAPPERS.sub("", lines[0]).strip())
     lead = _LEAD.match(text)
-    if lead is None:
-        return None
-    letter, rest = lead.group(1) or lead.group(2), text[lead.end():]
-    if letter.islower():
-        if rest.strip(" .):"):
-            return None  # a lower-case letter counts only alone: "b", "(b)", "b."
-        letter = letter.upper()
+    letter = lead and (lead.group(1) or lead.group(2))
+    rest = text[lead.end():] if lead else ""
+    if (letter is None or _WORD.match(text) or letter.upper() not in valid
+            or (letter.islower() and rest.strip(" .):"))):  # a lower-case letter counts only alone: "b", "(b)"
+        return _sentence_letter(text, valid)
+    letter = letter.upper()
     for match in _OTHER.finditer(rest):  # another choice named: "B or C", "(B) and (C)", "B, C"
-        if (match.group(1) or match.group(2)) != letter:
+        if (match.group(1) or match.group(2)) in set(valid) - {letter}:
             return None
     return letter
 
 
-def extract_letter(completion: str, marker: str = ANSWER_MARKER) -> str | None:
-    """The choice letter after the marker(s); None when there is none, or answers disagree."""
+def extract_letter(completion: str, marker: str = ANSWER_MARKER, num_choices: int | None = None) -> str | None:
+    """The choice letter after the marker(s), among the first ``num_choices`` letters (all
+    when None); None when there is none, or answers disagree."""
     if not isinstance(completion, str) or marker not in completion:
         return None
-    letters = {_letter_of(segment) for segment in completion.split(marker)[1:]} - {None}
+    valid = LETTERS[:num_choices] if num_choices else LETTERS
+    letters = {_letter_of(segment, valid) for segment in completion.split(marker)[1:]} - {None}
     return letters.pop() if len(letters) == 1 else None
 
 
@@ -201,11 +219,22 @@ def mc_reward(completion: str, reference: str) -> float:
     return 1.0 if letter is not None and letter == str(reference).strip().upper() else 0.0
 
 
-TASK = Task(
+class ChoiceTask(Task):
+    """A Task whose grading reads the answer among the row's choices (``extract`` alone
+    cannot know how many there are)."""
+
+    def grade(self, completion: str, row: dict) -> dict:
+        letter = extract_letter(completion, self.answer_marker, row.get("num_choices"))
+        expected = self.reference(row)
+        return {"predicted": letter, "reference": expected, "correct": letter is not None and letter == expected}
+
+
+TASK = ChoiceTask(
     name="mmlu",
     answer_marker=ANSWER_MARKER,
     default_dataset="cais/mmlu",
     load=load_mc,
     extract=extract_letter,
     reference=lambda row: row["answer"],
+    reference_columns=("answer", "num_choices"),
 )
