@@ -66,7 +66,9 @@ class ReplayIndex:
 
     Rollouts are kept per ``group`` (the trainer's "train" and "eval"), each cleared on its
     own: an evaluation in the middle of a buffered training batch leaves that batch's
-    rollouts in place. A lookup searches every group.
+    rollouts in place. A lookup searches its own group only: an evaluation rollout with the
+    same tokens as a training one was sampled by another policy (and other noise), so it
+    must never stand in for it.
     """
 
     def __init__(self, pad_token_id: int | None, eos_token_ids):
@@ -120,42 +122,38 @@ class ReplayIndex:
             start += length
         return segments
 
-    def _get(self, key: tuple) -> dict | None:
-        for records in self.groups.values():
-            if key in records:
-                return records[key]
-        return None
-
-    def _find(self, input_ids, row, positions):
-        record = self._get(tuple(input_ids[row, positions].tolist()))
+    def _find(self, records: dict, input_ids, row, positions):
+        record = records.get(tuple(input_ids[row, positions].tolist()))
         if record is None and self.pad_token_id is not None:  # unmasked trailing padding
             positions = positions[input_ids[row, positions] != self.pad_token_id]
-            record = self._get(tuple(input_ids[row, positions].tolist()))
+            record = records.get(tuple(input_ids[row, positions].tolist()))
         return record, positions
 
-    def _miss(self, input_ids, row, positions) -> ReplayMiss:
+    def _miss(self, input_ids, row, positions, group: str) -> ReplayMiss:
         key = tuple(input_ids[row, positions].tolist())
-        if any(key in keys for keys in self.pad_dropped_keys.values()):
+        if key in self.pad_dropped_keys.get(group, ()):
             return ReplayMiss(f"row {row} of this forward is a recorded rollout without its pad-id "
                               f"({self.pad_token_id}) tokens: the scoring layout (unsloth's left packing) dropped "
                               f"them as padding, so it would score other tokens than were sampled. The pad token "
                               f"must be one that no chat template emits and the model does not generate "
                               f"(hrpo.data.left_padded chooses one)")
-        return ReplayMiss(f"no recorded rollout has the {positions.numel()} tokens of row {row} of this "
-                          f"forward ({len(self)} rollouts recorded)")
+        return ReplayMiss(f"no recorded {group!r} rollout has the {positions.numel()} tokens of row {row} of "
+                          f"this forward ({len(self.groups.get(group, {}))} {group!r} rollouts recorded)")
 
     def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               packed_seq_lengths=None) -> dict:
-        """Thinking inputs (and sampling log-probs) laid out like ``input_ids``.
+               packed_seq_lengths=None, group: str = "train") -> dict:
+        """Thinking inputs (and sampling log-probs) laid out like ``input_ids``, from the
+        rollouts of ``group``.
 
-        Raises ReplayMiss when a sequence was not recorded."""
+        Raises ReplayMiss when a sequence was not recorded in that group."""
         batch, length = input_ids.shape
         device = input_ids.device
+        records = self.groups.get(group, {})
         found = []
         for row, positions in self._segments(input_ids, attention_mask, packed_seq_lengths):
-            record, positions = self._find(input_ids, row, positions)
+            record, positions = self._find(records, input_ids, row, positions)
             if record is None:
-                raise self._miss(input_ids, row, positions)
+                raise self._miss(input_ids, row, positions, group)
             found.append((row, positions, record))
         out = {MASK_INPUT: torch.zeros(batch, length, dtype=torch.bool, device=device),
                "sampled_token_logprobs": torch.zeros(batch, length, dtype=torch.float32, device=device)}

@@ -17,8 +17,9 @@ from it (``PatchFastRL``), whose loss (``grpo_accumulated_loss``) makes its own 
   on the discrete tokens, as in HRPO. A scoring forward over tokens that no rollout has
   is an error, never a silent plain-GRPO step.
 - Metrics: the trainer's, plus ``embeds_ratio``, ``hidden_ratio``, ``thinking/*`` and
-  ``thinking_projection/*`` (weight norm, drift from the initial weights, cosine between
-  the embedding-method and projection-method latents on the same rollouts).
+  ``thinking_projection/*`` (weight norm; drift from the initial weights, absolute and, unless
+  the projection starts at zero, relative; cosine between the embedding-method latent and the
+  latent the source fed, on the same rollouts).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import contextlib
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers.hybrid_thinking.generation import deterministic_projection
 from transformers.hybrid_thinking.modeling import PROJECTION_MODULE, THINKING_INPUTS, HybridThinkingMixin
 from trl import GRPOTrainer
 
@@ -161,6 +163,7 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         self.replay_index = ReplayIndex(tokenizer.pad_token_id, self._stop_token_ids(tokenizer))
         self._generating = False
+        self._replay_group = "train"  # the ReplayIndex group that scoring forwards look up: the batch's mode
         self._loss_inputs: dict | None = None
         self._rollout_global_step: int | None = None  # the optimizer step at which the buffered rollouts were sampled
         self.replay_logprob_diffs: list[float] = []  # on-policy checks, for tests and logging
@@ -187,7 +190,7 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
         monitor = self._thinking_monitor_due()
         tokenizer = getattr(self, "_tokenizer", None) or self.processing_class
         # unsloth's generate switches the model to inference mode: decide the bucket now
-        mode = "train" if self.model.training else "eval"
+        mode = self._mode()
 
         def generate(*args, **kwargs):
             self._generating = True
@@ -223,16 +226,20 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
         ``thinking_monitor_every`` optimizer steps (0: never)."""
         return self.thinking_monitor_every > 0 and self.state.global_step % self.thinking_monitor_every == 0
 
+    def _mode(self) -> str:
+        return "train" if self.model.training else "eval"
+
     def _generate_and_score_completions(self, inputs):
         # A new generation batch of this mode: its rollouts replace the previous ones.
-        self.replay_index.clear("train" if self.model.training else "eval")
-        if self.model.training:
+        mode = self._mode()
+        self.replay_index.clear(mode)
+        if mode == "train":
             self._rollout_global_step = self.state.global_step
-        with self._hybrid_generate(), self._replay_hook():
+        with self._hybrid_generate(), self._replay_hook(mode):
             batch = super()._generate_and_score_completions(inputs)
         prompt_completion = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
         attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-        recorded = self.replay_index.lookup(prompt_completion, attention)
+        recorded = self.replay_index.lookup(prompt_completion, attention, group=mode)
         batch["sampled_token_logprobs"] = recorded["sampled_token_logprobs"][:, batch["prompt_ids"].shape[1]:]
         return batch
 
@@ -262,7 +269,8 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
             attention_mask = None
         try:
-            recorded = self.replay_index.lookup(input_ids, attention_mask, kwargs.get("packed_seq_lengths"))
+            recorded = self.replay_index.lookup(input_ids, attention_mask, kwargs.get("packed_seq_lengths"),
+                                                group=self._replay_group)
         except ReplayMiss as err:
             raise RuntimeError(f"HRPO replay: {err}. A scoring forward must only see this batch's rollouts; "
                                f"scoring it on discrete tokens would train plain GRPO while logging HRPO") from None
@@ -273,17 +281,21 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
         return args, kwargs
 
     @contextlib.contextmanager
-    def _replay_hook(self):
+    def _replay_hook(self, group: str):
+        """Scoring forwards get the thinking inputs of ``group``'s rollouts (the batch's mode,
+        decided before generation, which may switch the model's mode)."""
         handle = self.thinking_base.register_forward_pre_hook(self._feed_thinking_inputs, with_kwargs=True)
+        previous, self._replay_group = self._replay_group, group
         try:
             yield
         finally:
+            self._replay_group = previous
             handle.remove()
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         self._loss_inputs = inputs
         try:
-            with self._replay_hook():
+            with self._replay_hook(self._mode()):
                 return super().compute_loss(model, inputs, *args, **kwargs)
         finally:
             self._loss_inputs = None
@@ -338,13 +350,17 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
             drift = torch.sqrt(sum(((p - self._initial_projection[n].float().to(p.device)) ** 2).sum()
                                    for n, p in whole.items()))
             metrics["thinking_projection/weight_norm"].append(norm.item())
-            metrics["thinking_projection/drift"].append((drift / self._initial_projection_norm.clamp(min=1e-12)).item())
+            metrics["thinking_projection/drift_abs"].append(drift.item())
+            if self._initial_projection_norm > 0:  # not for a zero-initialised projection (embedding_plus_projection)
+                metrics["thinking_projection/drift"].append((drift / self._initial_projection_norm).item())
         left_out = out.thinking_latent_left_out_mass
         if count > 0 and left_out is not None and self.thinking_base.config.thinking_latent_topk is not None:
             metrics["thinking/latent_left_out_mass"].append(left_out[:, prompt_len:][mask].mean().item())
         latents, hidden = out.thinking_latents, out.thinking_hidden
         if count > 0 and latents is not None and hidden is not None:
-            projected = self.thinking_base.projection_latent(hidden[:, prompt_len:][mask])
-            cosine = torch.nn.functional.cosine_similarity(latents[:, prompt_len:][mask].float(), projected.float(),
-                                                           dim=-1)
+            embedding_latent = latents[:, prompt_len:][mask]
+            noise = None if out.thinking_noise is None else out.thinking_noise[:, prompt_len:][mask]
+            with deterministic_projection(self.thinking_base):  # as sampling applied it
+                fed = self.thinking_base.thinking_latent(embedding_latent, hidden[:, prompt_len:][mask], noise)
+            cosine = torch.nn.functional.cosine_similarity(embedding_latent.float(), fed.float(), dim=-1)
             metrics["thinking_projection/cosine_to_embedding_latent"].append(cosine.mean().item())

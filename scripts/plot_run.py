@@ -22,6 +22,7 @@ CURVES = [
     ("completions/mean_length", "completion length (tokens)"),
     ("kl", "KL to the reference"),
     ("thinking_projection/drift", "projection drift ||W - W0|| / ||W0||"),
+    ("thinking_projection/drift_abs", "projection drift ||W - W0||"),
 ]
 
 

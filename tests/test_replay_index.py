@@ -145,7 +145,7 @@ def test_an_unrecorded_sequence_is_an_error_not_a_plain_forward(recorded):
     with pytest.raises(ReplayMiss, match="row 1"):
         index.lookup(ids, attended(out, prompt_mask).long())
     index.clear()
-    with pytest.raises(ReplayMiss, match="0 rollouts recorded"):
+    with pytest.raises(ReplayMiss, match="0 'train' rollouts recorded"):
         index.lookup(out.sequences, attended(out, prompt_mask).long())
 
 
@@ -158,7 +158,27 @@ def test_an_evaluation_batch_leaves_the_buffered_training_rollouts_in_place(reco
     index.add(eval_out, eval_mask, group="eval")
     mask = attended(out, prompt_mask).long()
     assert torch.equal(index.lookup(out.sequences, mask)["thinking_mask"], out.thinking_mask & mask.bool())
-    assert index.lookup(eval_out.sequences, mask)["thinking_mask"].any()
+    assert index.lookup(eval_out.sequences, mask, group="eval")["thinking_mask"].any()
+    with pytest.raises(ReplayMiss, match="'train'"):  # each group is searched on its own
+        index.lookup(eval_out.sequences, mask)
     index.clear("train")
     with pytest.raises(ReplayMiss):
         index.lookup(out.sequences, mask)
+
+
+def test_a_training_lookup_never_returns_an_evaluation_rollout_with_the_same_tokens():
+    """After a mid-training evaluation the "eval" group is the older key of the index: a
+    training rollout whose tokens an evaluation rollout also has must get its own inputs."""
+    train_out, prompt_mask = rollouts()
+    eval_out, _ = rollouts()
+    for key in ("thinking_latents", "thinking_hidden", "thinking_noise", "sampled_token_logprobs"):
+        setattr(eval_out, key, getattr(eval_out, key) + 1000)  # the same tokens, other inputs
+    index = ReplayIndex(PAD, EOS)
+    index.add(eval_out, prompt_mask, group="eval")
+    index.add(train_out, prompt_mask, group="train")
+    mask = attended(train_out, prompt_mask).long()
+    for group, source in (("train", train_out), ("eval", eval_out)):
+        got = index.lookup(train_out.sequences, mask, group=group)
+        flags = got["thinking_mask"]
+        assert torch.equal(got["thinking_latents"][flags], source.thinking_latents[flags])
+        assert torch.equal(got["sampled_token_logprobs"][mask.bool()], source.sampled_token_logprobs[mask.bool()])

@@ -17,6 +17,7 @@ from testing.tiny import PLAIN_CHAT_TEMPLATE, encode_prompts, tiny_model, tiny_t
 from testing.training import length_reward, module_of, save_training_workspace, tiny_training_args, trainable
 
 REPO = Path(__file__).resolve().parent.parent
+COSINE = "thinking_projection/cosine_to_embedding_latent"
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +102,15 @@ def test_one_training_step_trains_every_thinking_module_and_lora(workspace, tmp_
     assert max(trainer.replay_logprob_diffs) <= 1e-4
     logged = trainer.state.log_history[0]
     for key in ("reward", "kl", "embeds_ratio", "hidden_ratio", "thinking_projection/weight_norm",
-                "thinking_projection/drift", "completions/mean_length"):
+                "thinking_projection/drift_abs", "completions/mean_length"):
         assert key in logged, key
     assert logged["kl"] > 0  # policy (hybrid) vs reference (discrete tokens only)
+    # relative drift only where the projection does not start at zero; sampled before any update,
+    # the step's rollouts saw no drift at all
+    assert ("thinking_projection/drift" in logged) == (source == "projection")
+    assert logged["thinking_projection/drift_abs"] == 0.0
+    if source == "embedding_plus_projection":  # the zero projection adds nothing: the fed latent is HRPO's
+        assert logged[COSINE] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_checkpoint_reloads_and_reproduces_logits(workspace, tmp_path):
@@ -429,8 +436,6 @@ def test_a_rollout_that_fell_back_to_the_embedding_method_stops_training(workspa
 
 # ---------------------------------------------------------------- occasional metrics
 
-COSINE = "thinking_projection/cosine_to_embedding_latent"
-
 
 @pytest.mark.parametrize("flag, logged", [(None, [True, False]), ("0", [False, False]), ("1", [True, True])])
 def test_thinking_monitor_runs_occasionally_by_default(workspace, tmp_path, flag, logged):
@@ -440,6 +445,38 @@ def test_thinking_monitor_runs_occasionally_by_default(workspace, tmp_path, flag
     trainer.train()
     rows = [row for row in trainer.state.log_history if "reward" in row]
     assert [COSINE in row for row in rows] == logged
+
+
+@pytest.mark.parametrize("noise", ["none", "gaussian"])
+def test_cosine_metric_compares_the_embedding_latent_with_the_latent_fed(workspace, tmp_path, noise):
+    """embedding_plus_projection feeds E-latent + P(h) (plus the Gaussian noise when configured):
+    the metric is the cosine to that, by hand from a rollout, with a projection that has moved."""
+    extra = ["--thinking_latent_noise", noise, "--thinking_latent_noise_scale", "0.5"] if noise != "none" else []
+    args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "embedding_plus_projection",
+                              "--backend", "transformers", *extra)
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer.train()
+    base = trainer.thinking_base
+    tokenizer = trainer.processing_class
+    enc = tokenizer(["1+2=?\n", "3+4=?\n"], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = trainer.model.generate(**enc, processing_class=tokenizer, return_thinking_embeds=True, do_sample=True,
+                                     max_new_tokens=10, answer_marker="####")
+    prompt_len = enc.input_ids.shape[1]
+    mask = out.thinking_mask[:, prompt_len:]
+    assert mask.any()
+    latents, hidden = out.thinking_latents[:, prompt_len:][mask].float(), out.thinking_hidden[:, prompt_len:][mask]
+    projection = dict(base.thinking_projection.named_parameters())
+    assert any(p.abs().max() > 0 for n, p in projection.items() if "weight" in n)  # trained away from zero
+    with torch.no_grad():
+        fed = latents + base.thinking_projection.eval()(hidden).float()
+    if noise == "gaussian":
+        fed = fed + out.thinking_noise[:, prompt_len:][mask]
+    expected = torch.nn.functional.cosine_similarity(latents, fed, dim=-1).mean().item()
+    trainer._metrics["eval"].clear()
+    trainer._log_thinking_metrics(out, prompt_len, "eval")
+    assert trainer._metrics["eval"][COSINE] == [pytest.approx(expected, abs=1e-5)]
+    assert expected < 0.9999  # the projection's part is not nothing
 
 
 def test_help_says_how_often_the_thinking_monitor_runs():
