@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from hrpo import LORA_TARGETS
+from hrpo.sampling import NEUTRAL_SAMPLING
 from hrpo.tasks import SYSTEM_PROMPTS, TASK_NAMES, get_task
 
 RUN_CONFIG = "hrpo_run.json"
@@ -388,7 +389,8 @@ def grpo_config(args, cuda: bool):
         # transformers 5 has no warmup_ratio; it reads a warmup_steps float below 1 as a ratio of the steps
         warmup_steps=args.warmup_ratio, lr_scheduler_type=args.lr_scheduler_type,
         optim=args.optimizer or ("paged_adamw_8bit" if cuda else "adamw_torch"), max_grad_norm=args.max_grad_norm,
-        num_generations=args.group_size, temperature=args.temperature, top_k=0, top_p=1.0,
+        num_generations=args.group_size, temperature=args.temperature,
+        generation_kwargs=dict(NEUTRAL_SAMPLING),  # nothing from the model's generation_config reshapes sampling
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         per_device_train_batch_size=args.per_device_train_batch_size,
         max_completion_length=args.max_completion_length, max_steps=args.max_steps,

@@ -2,7 +2,7 @@
 
 Decoding is the training distribution, built explicitly so that nothing comes from a
 checkpoint's generation_config (Qwen2.5 ships repetition_penalty 1.1, top_k 20, top_p
-0.8): temperature T, top_k 0, top_p 1, min_p 0, no repetition penalty, and the same stop
+0.8): temperature T, every other logits processor off (``hrpo.sampling``), and the same stop
 ids as TRL's trainer (the tokenizer's eos plus every eos id of the model). Greedy means
 HRPO's inference mode: argmax tokens, while the embedding-method latent is still formed
 from the temperature-T distribution that training used.
@@ -14,6 +14,7 @@ import time
 import torch
 
 from .replay import stop_token_ids
+from .sampling import NEUTRAL_SAMPLING
 from .tasks import Task
 
 
@@ -28,8 +29,8 @@ def decoding_config(model, tokenizer, *, temperature: float, greedy: bool, max_n
     from transformers import GenerationConfig
 
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=0.0,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, **NEUTRAL_SAMPLING,
+        num_beams=1, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=trainer_stop_ids(model, tokenizer),
         disable_compile=True)
 

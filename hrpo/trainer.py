@@ -24,6 +24,7 @@ from it (``PatchFastRL``), whose loss (``grpo_accumulated_loss``) makes its own 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -33,8 +34,14 @@ from trl import GRPOTrainer
 
 from .checkpoint import load_trained_adapter, save_complete_checkpoint
 from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
+from .sampling import check_sampling_distribution, distribution_changes
 
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
+# The largest replay-vs-sampling log-prob gap of an on-policy step that is rounding, not a
+# different distribution: about 1e-5 is measured in float32; in bf16 the whole model's
+# rounding reaches about 0.5 (bench/README.md, "Replay precision in half precision").
+REPLAY_GAP_BOUND_FLOAT32 = 1e-3
+REPLAY_GAP_BOUND_HALF = 1.0
 
 
 def find_thinking_base(model) -> HybridThinkingMixin:
@@ -133,9 +140,18 @@ def default_monitor_every(args) -> int:
 
 class GRPOTrainerWithCompleteCheckpoints(GRPOTrainer):
     """The plain-GRPO baseline: the trainer itself, with kill-safe checkpoints and a resume
-    that restores the trained adapter (``hrpo.checkpoint``)."""
+    that restores the trained adapter (``hrpo.checkpoint``), refusing a sampling distribution
+    that the loss does not score (``hrpo.sampling``)."""
 
     checkpoint_extras = None  # callable(folder), run by the saving process before the completion marker
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        generation_config = getattr(self, "generation_config", None)  # TRL's, without vLLM
+        if generation_config is not None:
+            model = self.accelerator.unwrap_model(self.model)
+            check_sampling_distribution(generation_config, getattr(model, "generation_config", None),
+                                        type(self).__name__)
 
     def _save_checkpoint(self, model, trial):
         save_complete_checkpoint(self, super()._save_checkpoint, model, trial)
@@ -167,6 +183,8 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
         self._loss_inputs: dict | None = None
         self._rollout_global_step: int | None = None  # the optimizer step at which the buffered rollouts were sampled
         self.replay_logprob_diffs: list[float] = []  # on-policy checks, for tests and logging
+        self._first_checked_step: int | None = None  # the optimizer step of the first on-policy check
+        self._warned_replay_gap = False
         self._initial_projection = {name: full_tensor(p).clone() for name, p in self._projection_parameters()}
         self._initial_projection_norm = torch.sqrt(
             sum((p.float() ** 2).sum() for p in self._initial_projection.values())) if self._initial_projection else None
@@ -330,6 +348,34 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
         if diff.numel():
             self.replay_logprob_diffs.append(diff.max().item())
             self._metrics["train"]["thinking/replay_logprob_max_abs_diff"].append(diff.max().item())
+            self._judge_replay_gap(diff.max().item())
+
+    def _judge_replay_gap(self, gap: float) -> None:
+        """Off-policy sampling is loud: in float32 a gap above REPLAY_GAP_BOUND_FLOAT32 in the
+        first checked step is an error (before the first update), later a warning; in half
+        precision, whose rounding is larger, a warning above REPLAY_GAP_BOUND_HALF."""
+        if self._first_checked_step is None:
+            self._first_checked_step = self.state.global_step
+        half = bool(self.args.bf16 or self.args.fp16) or \
+            self.thinking_base.get_input_embeddings().weight.dtype in (torch.bfloat16, torch.float16)
+        bound = REPLAY_GAP_BOUND_HALF if half else REPLAY_GAP_BOUND_FLOAT32
+        if gap <= bound:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        changes = distribution_changes(getattr(self, "generation_config", None),
+                                       getattr(model, "generation_config", None))
+        cause = (f"settings that reshape sampling: {changes}" if changes else
+                 "no generation setting does: a custom logits processor, or a forward that differs between "
+                 "sampling and the replay")
+        message = (f"HRPO on-policy check: the replay's log-probs differ from the sampling-time ones by up to "
+                   f"{gap:.3g} at step {self.state.global_step} (bound {bound:g} in "
+                   f"{'half precision' if half else 'float32'}): the rollouts were not sampled from the "
+                   f"distribution the loss scores ({cause})")
+        if not half and self.state.global_step == self._first_checked_step:
+            raise RuntimeError(message)
+        if not self._warned_replay_gap:
+            warnings.warn(message, stacklevel=2)
+            self._warned_replay_gap = True
 
     # ------------------------------------------------------------ metrics
 

@@ -495,6 +495,65 @@ def test_replay_check_is_recorded_on_the_first_iteration_only(workspace, tmp_pat
     assert ["thinking/replay_logprob_max_abs_diff" in row for row in rows] == [True, False]
 
 
+# ---------------------------------------------------------------- the sampling distribution is the one scored
+
+def workspace_with_generation_config(workspace, root, **settings):
+    """The tiny workspace, its model's generation_config.json carrying ``settings``."""
+    import shutil
+
+    shutil.copytree(workspace, root)
+    path = root / "model" / "generation_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | settings))
+    return root
+
+
+@pytest.mark.parametrize("hybrid", ["on", "off"])
+def test_a_models_own_sampling_settings_do_not_reach_the_rollouts(workspace, tmp_path, hybrid):
+    """min_p and no_repeat_ngram_size in a model's generation_config.json: sampling still uses
+    the plain temperature softmax the loss scores, in HRPO (the replay reproduces the
+    sampling log-probs) and in plain GRPO (the same generation config)."""
+    leaky = workspace_with_generation_config(workspace, tmp_path / "ws", min_p=0.2, no_repeat_ngram_size=2,
+                                             repetition_penalty=1.3, top_k=3)
+    args = tiny_training_args(leaky, tmp_path / "out", "--hybrid_thinking", hybrid)
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    merged, _ = model._prepare_generation_config(trainer.generation_config)  # what generate() will use
+    assert (merged.min_p, merged.no_repeat_ngram_size, merged.repetition_penalty, merged.top_k) == (0.0, 0, 1.0, 0)
+    if hybrid == "on":
+        trainer.train()
+        assert len(trainer.replay_logprob_diffs) == 2 and max(trainer.replay_logprob_diffs) <= 1e-4
+
+
+@pytest.mark.parametrize("hybrid", ["on", "off"])
+def test_a_sampling_setting_without_a_neutral_value_stops_the_run_before_training(workspace, tmp_path, hybrid):
+    leaky = workspace_with_generation_config(workspace, tmp_path / "ws", suppress_tokens=[5, 6])
+    args = tiny_training_args(leaky, tmp_path / "out", "--hybrid_thinking", hybrid)
+    with pytest.raises(ValueError, match=r"suppress_tokens=\[5, 6\].*generation_config.json.*off-policy"):
+        hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+
+
+def test_off_policy_sampling_in_float32_fails_the_first_step(workspace, tmp_path):
+    """A leak that gets past the start-up check (here a top-k set on the trainer's own
+    generation config) shows up as a replay gap, an error before the first update."""
+    args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    before = {n: p.detach().clone() for n, p in trainable(trainer.model).items()}
+    trainer.generation_config.top_k = 3
+    with pytest.raises(RuntimeError, match=r"on-policy check.*step 0.*float32.*top_k': 3"):
+        trainer.train()
+    assert all(torch.equal(before[n], p) for n, p in trainable(trainer.model).items())  # nothing was updated
+
+
+def test_off_policy_sampling_in_half_precision_warns_above_its_bound(workspace, tmp_path):
+    args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
+    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer.args.bf16 = True  # judged as half precision; the gap itself is made by hand
+    trainer._first_checked_step = None
+    with pytest.warns(UserWarning, match="half precision"):
+        trainer._judge_replay_gap(3.0)
+    trainer._judge_replay_gap(0.5)  # within bf16's rounding: silent (and only one warning a run)
+
+
 # ---------------------------------------------------------------- resume takes the checkpoint's settings
 
 def fake_checkpoint(workspace, out, *flags):
