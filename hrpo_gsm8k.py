@@ -514,6 +514,16 @@ def train(args) -> Path:
     return Path(args.output_dir)
 
 
+def close_process_group() -> None:
+    """After a multi-process run: every rank past a barrier, then the process group torn down,
+    so that no rank exits while a peer still talks to it (an abort at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv=None, parser: argparse.ArgumentParser | None = None) -> int:
     """parser: the task scripts' (hrpo_math.py, hrpo_mmlu.py), this one's with their defaults."""
     parser = parser or build_parser()
@@ -529,6 +539,7 @@ def main(argv=None, parser: argparse.ArgumentParser | None = None) -> int:
             take_checkpoint_settings(args, explicit_flags(argv))
         check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
         train(args)
+        close_process_group()
     except (UsageError, DataError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2

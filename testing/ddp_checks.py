@@ -11,13 +11,16 @@ Each rank trains, with DistributedDataParallel at its defaults (find_unused_para
 
 After the steps both ranks must hold the same parameters. Each case writes "ok" or the
 error into OUT.json (rank 0's view; a rank's failure is reported by that rank's entry).
+
+The ranks meet through a file store (no port to race for, no store server thread in rank
+0), and pass a barrier before they tear the process group down, so that neither closes its
+connections while the other still uses them.
 """
 from __future__ import annotations
 
 import datetime
 import json
 import os
-import socket
 import sys
 import traceback
 
@@ -68,11 +71,11 @@ def train(model, rank: int, hybrid: bool) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def worker(rank: int, world: int, store_path: str, out: str) -> None:
     torch.set_num_threads(1)
     # a rank left waiting in a collective that its peer never joins fails after the timeout
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     results = {}
     cases = [("plain", {}, False)] + [(f"hybrid-{s}", {"thinking_latent_source": s}, True) for s in SOURCES]
     for name, thinking, hybrid in cases:
@@ -87,14 +90,17 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
             break  # a failed collective leaves the process group unusable
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump(results, f)
+    dist.barrier()
     dist.destroy_process_group()
 
 
 def main(out: str) -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(2, port, out), nprocs=2, join=True)
+    store = f"{out}.store"
+    if os.path.exists(store):
+        os.unlink(store)
+    mp.spawn(worker, args=(2, store, out), nprocs=2, join=True)
+    if os.path.exists(store):
+        os.unlink(store)
     merged = {}
     for rank in (0, 1):
         with open(f"{out}.rank{rank}") as f:

@@ -15,6 +15,7 @@ import torch
 import hrpo_gsm8k
 from hrpo.checkpoint import (COMPLETE_MARKER, discard_checkpoint, incomplete_reason, latest_complete_checkpoint,
                              mark_complete, rotate_checkpoints)
+from testing.processes import run_child
 from testing.training import length_reward, module_of, save_training_workspace, tiny_training_args, trainable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,7 +153,7 @@ def env():
 
 
 def run(argv, expect=0):
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env(), cwd=REPO)
+    proc = run_child(argv, timeout=600, what="a training run", check=False, env=env(), cwd=REPO)
     assert proc.returncode == expect, f"exit {proc.returncode}, expected {expect}:\n{proc.stdout[-3000:]}\n" \
                                       f"{proc.stderr[-5000:]}"
     return proc

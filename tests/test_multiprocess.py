@@ -5,7 +5,6 @@ in every replay forward, as DDP with find_unused_parameters=False needs; the oth
 under DDP: tests/test_opt_in.py."""
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
 import hrpo_gsm8k
 from testing import module_env
+from testing.processes import run_child
 from testing.training import length_reward, module_of, save_training_workspace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,10 +44,8 @@ def ddp(tmp_path_factory):
                   str(REPO / "configs" / "ddp_cpu.yaml"), "--main_process_port", str(free_port())]
     argv = [*accelerate, "-m", "testing.run_training", "--record", str(root / "record"), "--",
             *flags(root, root / "out")]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=root,
-                          env=module_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-    assert proc.returncode == 0, f"accelerate launch exited {proc.returncode}:\n{proc.stdout[-3000:]}\n" \
-                                 f"{proc.stderr[-6000:]}"
+    run_child(argv, timeout=600, what="accelerate launch of 2 training processes", cwd=root,
+              env=module_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
     records = {(rank, step): torch.load(root / "record" / f"rank{rank}-step{step}.pt", weights_only=False)
                for rank in (0, 1) for step in range(1, STEPS + 1)}
     return root, records
@@ -180,9 +178,8 @@ def test_synced_sampling_steps_every_rank_until_all_are_done(tmp_path):
 
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
             str(free_port()), "-m", "testing.synced_sampling", str(tmp_path)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_child(argv, timeout=300, what="torchrun of 2 synced-sampling processes", cwd=REPO,
+              env={**os.environ, "OMP_NUM_THREADS": "1"})
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert r0["completion_length"] < r1["completion_length"] == 12  # rank 0 finished first

@@ -7,7 +7,6 @@ differentiated forward that got thinking inputs; generation modes that cannot do
 sampling refuse hybrid options.
 """
 import json
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ from transformers.hybrid_thinking.modeling import THINKING_CONFIG_DEFAULTS, thin
 
 from patch import parameter_groups
 from testing import module_env
+from testing.processes import run_child
 from testing.tiny import QUESTIONS, encode_prompts, tiny_model, tiny_tokenizer
 
 ARCHS = ["llama", "qwen2"]
@@ -153,8 +153,7 @@ def test_ddp_with_default_settings(tmp_path):
     """Plain Llama and hybrid Llama in every latent source (gradient checkpointing on, a rank
     with no thinking position in one step) train under 2-process DDP at its defaults."""
     out = tmp_path / "ddp.json"
-    proc = subprocess.run([sys.executable, "-m", "testing.ddp_checks", str(out)], capture_output=True, text=True,
-                          timeout=900, env=module_env(OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
+    run_child([sys.executable, "-m", "testing.ddp_checks", str(out)], timeout=900, what="2-process DDP checks",
+              env=module_env(OMP_NUM_THREADS="1"))
     results = json.loads(out.read_text())
     assert results == {name: "ok" for name in ["plain"] + [f"hybrid-{s}" for s in SOURCES]}, results
