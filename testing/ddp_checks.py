@@ -46,7 +46,8 @@ def same_on_every_rank(model) -> bool:
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
-    return all(torch.equal(gathered[0], g) for g in gathered[1:])
+    # each rank steps its own copy from the all-reduced gradients: equal up to rounding
+    return all(torch.allclose(gathered[0], g, rtol=0, atol=1e-6) for g in gathered[1:])
 
 
 def train(model, rank: int, hybrid: bool) -> None:
