@@ -18,12 +18,18 @@ whose settings differ from the ones asked for now runs again).
 Flags after "--" go to every hrpo_gsm8k.py run, after the demo's (the last one wins).
 
 Writes OUT/learning.json (per run: reward per step, held-out accuracy at step 0 and at the
-end, seconds per step; per arm: mean and spread over seeds) and OUT/learning.png.
+end, seconds per step; per arm: mean and spread over seeds) and OUT/learning.png. Each
+finished run also leaves OUT/records/<arm>-seed<seed>.json (small, kept in the repository):
+its summary, per-problem correctness and whether an answer was given, at step 0 and at the
+end, and the thread count and machine it ran on (runs are bit-reproducible only for a fixed
+thread count). A run with a record is done, also where its run folder is gone.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shlex
 import statistics
 import subprocess
@@ -103,11 +109,11 @@ def changed_settings(recorded: str, wanted: list[str]) -> dict:
             if before.get(key) != now.get(key)}
 
 
-def kept_run(arm: str, seed: int, model: str, settings: list[str], folder: Path) -> bool:
-    """Whether a finished run can be kept: complete, and run with the settings wanted now."""
-    if not run_is_complete(folder):
+def kept_run(arm: str, seed: int, model: str, settings: list[str], folder: Path, record: Path) -> bool:
+    """Whether a finished run can be kept: recorded, and run with the settings wanted now."""
+    if not record.exists():
         return False
-    recorded = json.loads((folder / "bench_run.json").read_text())["command"]
+    recorded = json.loads(record.read_text())["command"]
     changed = changed_settings(recorded, command_for(arm, seed, model, settings, folder))
     if changed:
         described = ", ".join(f"--{key} {old} -> {new}" for key, (old, new) in changed.items())
@@ -115,21 +121,49 @@ def kept_run(arm: str, seed: int, model: str, settings: list[str], folder: Path)
     return not changed
 
 
-def run_arm(arm: str, seed: int, model: str, settings: list[str], folder: Path) -> None:
+def machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def run_arm(arm: str, seed: int, model: str, settings: list[str], folder: Path, threads: int | None) -> None:
     """One arm and seed in its own process; its output goes to <folder>.log, shown on failure."""
     if folder.exists():
         subprocess.run(["rm", "-rf", str(folder)], check=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     command = command_for(arm, seed, model, settings, folder)
     log = folder.with_name(folder.name + ".log")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     start = time.time()
     with log.open("w") as handle:
-        proc = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+        proc = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-6000:]
         raise RuntimeError(f"{arm} seed {seed} failed (exit {proc.returncode}): {shlex.join(command)}\n{tail}")
-    (folder / "bench_run.json").write_text(json.dumps({"arm": arm, "seed": seed, "command": shlex.join(command),
-                                                       "wall_seconds": round(time.time() - start, 1)}))
+    (folder / "bench_run.json").write_text(json.dumps({
+        "arm": arm, "seed": seed, "command": shlex.join(command), "wall_seconds": round(time.time() - start, 1),
+        "threads": threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(), "machine": machine()}))
+
+
+def per_problem(evaluation: dict) -> dict:
+    """1/0 per held-out problem, in order: correct, and answered (an answer could be read)."""
+    examples = evaluation["examples"]
+    return {"correct": [int(e["correct"]) for e in examples],
+            "answered": [int(e["predicted"] is not None) for e in examples]}
+
+
+def write_record(folder: Path, record: Path) -> dict:
+    """The run's summary and per-problem results, kept where the run folder is not."""
+    run = summarise_run(folder)
+    run["problems_start"] = per_problem(json.loads((folder / "eval_step0.json").read_text()))
+    run["problems_end"] = per_problem(json.loads((folder / "eval_final.json").read_text()))
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(run))
+    return run
 
 
 def summarise_run(folder: Path) -> dict:
@@ -216,6 +250,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--model", default="smollm2", help="smollm2 (offline), tiny (smoke runs) or a model folder")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "learning")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS of every run (default: the environment's; runs are bit-reproducible "
+                             "only for a fixed thread count)")
     parser.add_argument("training_flags", nargs="*", help="after --: more hrpo_gsm8k.py flags for every run")
     args = parser.parse_args(argv)
     args.arms = expand_arms(args.arms)
@@ -227,19 +264,24 @@ def main(argv=None) -> int:
     for seed in args.seeds:  # seed-major: a cut-off comparison still has every arm at the first seeds
         for arm in args.arms:
             folder = args.out / "runs" / f"{arm}-seed{seed}"
-            if kept_run(arm, seed, model, settings, folder):
+            record = args.out / "records" / f"{arm}-seed{seed}.json"
+            if not record.exists() and run_is_complete(folder):  # finished before records were kept
+                write_record(folder, record)
+            if kept_run(arm, seed, model, settings, folder, record):
                 print(f"[learning] {arm} seed {seed}: done before, kept", flush=True)
                 continue
             print(f"[learning] {arm} seed {seed}: running", flush=True)
             try:
-                run_arm(arm, seed, model, settings, folder)
+                run_arm(arm, seed, model, settings, folder, args.threads)
             except RuntimeError as err:
                 print(f"[learning] error: {err}", file=sys.stderr)
                 return 1
-            run = summarise_run(folder)
+            run = write_record(folder, record)
             print(f"[learning] {arm} seed {seed}: accuracy {run['accuracy_start']:.3f} -> {run['accuracy_end']:.3f}, "
                   f"{run['wall_seconds']:.0f} s", flush=True)
-    runs = [summarise_run(args.out / "runs" / f"{arm}-seed{seed}") for seed in args.seeds for arm in args.arms]
+    runs = [json.loads((args.out / "records" / f"{arm}-seed{seed}.json").read_text())
+            for seed in args.seeds for arm in args.arms]
+    runs = [{k: v for k, v in run.items() if not k.startswith("problems_")} for run in runs]
     arms = summarise(runs)
     result = {"command": shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
               "model": args.model, "settings": settings, "arms": arms, "runs": runs,

@@ -1,9 +1,10 @@
 """Smoke run of bench.learning (tiny model, 2 steps, 1 seed, 2 arms) and the plain-GRPO arm."""
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
+
+from testing.processes import run_child
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_FLAGS = ["--max_steps", "2", "--eval_samples", "2", "--max_completion_length", "6", "--max_prompt_length",
@@ -13,8 +14,7 @@ SMOKE_FLAGS = ["--max_steps", "2", "--eval_samples", "2", "--max_completion_leng
 def test_learning_bench_smoke_run_and_resume(tmp_path):
     command = [sys.executable, "-m", "bench.learning", "--model", "tiny", "--seeds", "1", "--arms",
                "grpo", "embedding_topk5_gumbel", "--out", str(tmp_path), "--", *SMOKE_FLAGS]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_child(command, timeout=900, what="bench.learning smoke run", cwd=REPO)
     result = json.loads((tmp_path / "learning.json").read_text())
     assert set(result["arms"]) == {"grpo", "embedding_topk5_gumbel"}
     for run in result["runs"]:
@@ -32,15 +32,23 @@ def test_learning_bench_smoke_run_and_resume(tmp_path):
     assert settings["hybrid_thinking"] == "off" and settings["task"] == "arith"
     assert settings["loss_type"] == "grpo" and settings["adam_beta2"] == 0.99 and settings["system_prompt"] == "hrpo"
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)  # resumable: nothing reruns
-    assert again.returncode == 0, again.stderr[-3000:]
+    record = json.loads((tmp_path / "records" / "grpo-seed1.json").read_text())
+    for when in ("problems_start", "problems_end"):
+        assert len(record[when]["correct"]) == len(record[when]["answered"]) == 2
+        assert set(record[when]["correct"]) <= {0, 1} and set(record[when]["answered"]) <= {0, 1}
+    assert record["threads"] >= 1 and "cores" in record["machine"]
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")  # the records alone make the runs done: nothing reruns
+    again = run_child(command, timeout=300, what="bench.learning, resumed", cwd=REPO)
     assert again.stdout.count("done before, kept") == 2
 
 
 def test_a_failing_run_shows_its_error(tmp_path):
     command = [sys.executable, "-m", "bench.learning", "--model", "tiny", "--seeds", "1", "--arms",
                "grpo", "--out", str(tmp_path), "--", *SMOKE_FLAGS, "--group_size", "3"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = run_child(command, timeout=300, what="bench.learning with a bad flag", check=False, cwd=REPO)
     assert proc.returncode == 1
     assert "--group_size 3 does not divide" in proc.stderr
 
