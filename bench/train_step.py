@@ -79,7 +79,9 @@ def run_variant(variant: str, model: str, data: Path, steps: int, new_tokens: in
         return [float(i % 2) for i in range(len(completions))]
 
     trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[fixed_length_reward])
-    trainer.generation_config.min_new_tokens = new_tokens  # forced length: every step does the same work
+    # forced length, every step doing the same work: no stop at EOS (min_new_tokens would reshape the
+    # sampling distribution, which the trainer's on-policy check refuses)
+    trainer.generation_config.eos_token_id = None
     if variant == "plain_grpo":
         use_plain_grpo_step(trainer)
     if torch.cuda.is_available():
