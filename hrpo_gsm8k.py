@@ -34,7 +34,11 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The flags; the thinking fields (--thinking_*) come from the fork's ThinkingConfig, their one home."""
+    from transformers import HfArgumentParser
+    from transformers.hybrid_thinking.config import ThinkingConfig
+
+    p = HfArgumentParser(ThinkingConfig, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model_name", default="Qwen/Qwen2.5-1.5B-Instruct", help="hub name or local folder of a Qwen2/Llama model")
     a("--task", default="gsm8k", choices=TASK_NAMES,
@@ -55,27 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora_rank", type=int, default=32, help="LoRA rank (alpha = 2 x rank) on the 7 projection modules")
     a("--lr", type=float, default=5e-6, help="learning rate of the LoRA weights")
     a("--beta", type=float, default=0.005, help="KL coefficient against the reference (adapter disabled)")
-    a("--residual_r_min", type=float, default=0.99, help="Lambda initialisation: lower end of exp(-c softplus(-Lambda))")
-    a("--residual_r_max", type=float, default=0.999, help="Lambda initialisation: upper end")
     a("--lr_residual_gate", type=float, default=1e-4, help="learning rate of thinking_residual_gate_r/_i")
     a("--lr_residual_Lambda", type=float, default=1e-3, help="learning rate of thinking_residual_Lambda")
     a("--lr_thinking_projection", type=float, default=1e-4, help="learning rate of thinking_projection (the seed)")
-    a("--thinking_latent_source", default="projection", choices=["embedding", "projection", "embedding_plus_projection"],
-      help="embedding: HRPO; projection: the seed; embedding_plus_projection: HRPO at step 0, learnable after")
-    a("--thinking_latent_scale", default="unit", choices=["unit", "embedding"],
-      help="norm of the projection latent: 1 (the seed) or the mean token-embedding norm")
-    a("--thinking_projection_layers", type=int, default=1, choices=[1, 2], help="1: Linear (the seed); 2: MLP")
-    a("--thinking_projection_layernorm", action="store_true", help="LayerNorm after the projection")
-    a("--thinking_projection_dropout", type=float, default=0.0, help="dropout after the projection (training only)")
-    a("--thinking_latent_topk", type=int, default=None,
-      help="form the embedding-method latent from the k most probable tokens (SofT-GRPO uses 5, Soft Thinking up "
-           "to 30); default: the whole vocabulary (HRPO). Not with --thinking_latent_source projection")
-    a("--thinking_latent_noise", default="none", choices=["none", "gaussian", "gumbel"],
-      help="exploration noise while sampling, recorded for the replay: gaussian on the latent (every source), "
-           "gumbel on the weights of the embedding-method latent (SofT-GRPO); never in greedy evaluation")
-    a("--thinking_latent_noise_scale", type=float, default=0.0,
-      help="gaussian: noise norm relative to the latent's typical norm; gumbel: the Gumbel-softmax temperature "
-           "(SofT-GRPO: 0.1). Required (> 0) with --thinking_latent_noise")
     a("--loss_type", default="grpo", choices=LOSS_TYPES,
       help="TRL's loss aggregation; grpo (HRPO's): per-sequence mean, then mean over the batch")
     a("--adam_beta1", type=float, default=0.9)
@@ -158,12 +144,10 @@ def check_args(args, world_size: int = 1) -> None:
             f"--group_size {args.group_size} does not divide the completions per generation batch "
             f"(--per_device_train_batch_size {args.per_device_train_batch_size} x --gradient_accumulation_steps "
             f"{args.gradient_accumulation_steps} x {world_size} processes = {per_generation})")
-    from transformers.hybrid_thinking.modeling import ensure_thinking_config
-
     from hrpo.tasks import system_prompt_text
 
     try:
-        ensure_thinking_config(SimpleNamespace(**thinking_config(args)))
+        thinking_config(args)
     except ValueError as err:
         raise UsageError(f"the thinking options: {err}") from None
     try:
@@ -191,17 +175,14 @@ def check_args(args, world_size: int = 1) -> None:
                          f"last checkpoint, or choose another --output_dir")
 
 
-# Settings that shape the model or the run: on --resume they come from the checkpoint.
+# Settings that shape the model or the run: on --resume they come from the checkpoint (and
+# every thinking field, from the checkpoint's config.json).
 RESUMED_SETTINGS = ("model_name", "task", "dataset_path", "system_prompt", "hybrid_thinking", "loss_type",
                     "adam_beta1", "adam_beta2", "lora_rank", "seed", "group_size",
                     "per_device_train_batch_size", "gradient_accumulation_steps", "max_prompt_length",
                     "max_completion_length", "temperature", "beta", "lr", "lr_residual_gate", "lr_residual_Lambda",
-                    "lr_thinking_projection", "weight_decay", "thinking_latent_source", "thinking_latent_scale",
-                    "thinking_projection_layers", "thinking_projection_layernorm", "thinking_projection_dropout",
-                    "residual_r_min", "residual_r_max", "thinking_latent_topk", "thinking_latent_noise",
-                    "thinking_latent_noise_scale")
-# config.json field -> flag, for the thinking options
-THINKING_FLAGS = {"thinking_residual_r_min": "residual_r_min", "thinking_residual_r_max": "residual_r_max"}
+                    "lr_thinking_projection", "weight_decay", "warmup_ratio", "lr_scheduler_type", "max_grad_norm",
+                    "optimizer")
 
 
 def explicit_flags(argv) -> set[str]:
@@ -226,13 +207,12 @@ def checkpoint_settings(folder: Path) -> dict:
     if run_file.exists():
         settings.update({k: v for k, v in json.loads(run_file.read_text()).items() if k in RESUMED_SETTINGS})
     if config_file.exists():
-        config = json.loads(config_file.read_text())
-        if config.get("thinking_latent_source") is not None:  # an HRPO model: fields it predates take their defaults
-            from transformers.hybrid_thinking.modeling import THINKING_CONFIG_DEFAULTS
+        from transformers.hybrid_thinking.config import ThinkingConfig, thinking_enabled
 
-            config = {**THINKING_CONFIG_DEFAULTS, **config}
-        settings.update({THINKING_FLAGS.get(k, k): v for k, v in config.items()
-                         if k.startswith("thinking_") and THINKING_FLAGS.get(k, k) in RESUMED_SETTINGS})
+        config = SimpleNamespace(**json.loads(config_file.read_text()))
+        if thinking_enabled(config):  # an HRPO model: fields it predates take their defaults
+            fields = ThinkingConfig.from_config(config).to_dict()
+            settings.update({k: v for k, v in fields.items() if k != "answer_marker"})
     if not settings:
         raise UsageError(f"--resume: {folder} has neither {RUN_CONFIG} nor config.json: its settings are unknown")
     return settings
@@ -255,19 +235,15 @@ def take_checkpoint_settings(args, given: set[str]) -> None:
                              f"value, or start a new run in another --output_dir")
 
 
-def thinking_config(args) -> dict:
-    return {
-        "thinking_latent_source": args.thinking_latent_source,
-        "thinking_latent_scale": args.thinking_latent_scale,
-        "thinking_projection_layers": args.thinking_projection_layers,
-        "thinking_projection_layernorm": args.thinking_projection_layernorm,
-        "thinking_projection_dropout": args.thinking_projection_dropout,
-        "thinking_residual_r_min": args.residual_r_min,
-        "thinking_residual_r_max": args.residual_r_max,
-        "thinking_latent_topk": args.thinking_latent_topk,
-        "thinking_latent_noise": args.thinking_latent_noise,
-        "thinking_latent_noise_scale": args.thinking_latent_noise_scale,
-    }
+def thinking_config(args):
+    """The run's ThinkingConfig: the --thinking_* flags, and the task's answer marker (where
+    thinking ends is where the task reads the answer)."""
+    from dataclasses import fields
+
+    from transformers.hybrid_thinking.config import ThinkingConfig
+
+    given = {f.name: getattr(args, f.name) for f in fields(ThinkingConfig) if f.init}
+    return ThinkingConfig(**given).with_answer_marker(get_task(args.task).answer_marker)
 
 
 def resolve_backend(args) -> str:
@@ -291,8 +267,7 @@ def load_model(args, cuda: bool):
     except (OSError, ValueError) as err:
         raise UsageError(f"--model_name {args.model_name}: cannot load its config ({err})") from None
     if args.hybrid_thinking == "on":
-        for key, value in thinking_config(args).items():
-            setattr(config, key, value)
+        thinking_config(args).apply_to(config)
     loader = load_with_transformers if resolve_backend(args) == "transformers" else load_with_unsloth
     return loader(args, config, cuda)
 
@@ -434,7 +409,7 @@ def check_thinking_config(model, args) -> None:
     if args.hybrid_thinking == "off":
         return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for key, wanted in thinking_config(args).items():
+    for key, wanted in thinking_config(args).to_dict().items():
         got = getattr(base.config, key, None)
         if got != wanted:
             raise UsageError(f"the loaded model has {key}={got!r}, but {wanted!r} was asked for: the loader "

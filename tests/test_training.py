@@ -291,12 +291,27 @@ def test_unreachable_hub_dataset_is_a_clear_error(monkeypatch):
         load_gsm8k("no-such-org/no-such-dataset")
 
 
+def test_the_answer_marker_reaches_the_model_config_from_the_task(workspace, tmp_path, monkeypatch):
+    """Thinking ends where the task reads the answer: a task whose marker is not "####"."""
+    import dataclasses
+
+    from hrpo.tasks import get_task
+
+    task = dataclasses.replace(get_task("arith"), answer_marker="ANSWER:")
+    monkeypatch.setattr(hrpo_gsm8k, "get_task", lambda name: task)
+    args = tiny_training_args(workspace, tmp_path / "out", "--task", "arith")
+    assert hrpo_gsm8k.thinking_config(args).answer_marker == "ANSWER:"
+    model, _ = hrpo_gsm8k.load_model(args, cuda=False)
+    base = model.get_base_model()
+    assert base.config.answer_marker == "ANSWER:" and base.model.answer_marker == "ANSWER:"
+
+
 def test_a_loader_that_drops_the_thinking_config_is_named(workspace, tmp_path):
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
     model = tiny_model("qwen2", hidden_size=32)  # built with the default source, "embedding"
     with pytest.raises(hrpo_gsm8k.UsageError, match="thinking_latent_source='embedding'.*'projection'"):
         hrpo_gsm8k.check_thinking_config(model, args)
-    hrpo_gsm8k.check_thinking_config(tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args)), args)
+    hrpo_gsm8k.check_thinking_config(tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args).to_dict()), args)
 
 
 def test_transformers_backend_trains_with_trls_own_trainer_and_no_unsloth(workspace, tmp_path):
@@ -559,7 +574,7 @@ def test_off_policy_sampling_in_half_precision_warns_above_its_bound(workspace, 
 def fake_checkpoint(workspace, out, *flags):
     """A checkpoint folder as save_run_config writes it, for a run started with ``flags``."""
     args = tiny_training_args(workspace, out, *flags)
-    model = tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args))
+    model = tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args).to_dict())
     hrpo_gsm8k.save_run_config(model, vars(args) | {"output_dir": str(out)}, out / "checkpoint-1")
     mark_complete(out / "checkpoint-1")
 
@@ -579,7 +594,7 @@ def test_resume_takes_the_thinking_options_from_the_checkpoint(workspace, tmp_pa
             "--output_dir", str(out), "--resume", "--max_steps", "5"]
     code, args = resumed_args(monkeypatch, argv)
     assert code == 0
-    assert (args.thinking_latent_source, args.lora_rank, args.residual_r_min) == ("embedding", 8, 0.95)
+    assert (args.thinking_latent_source, args.lora_rank, args.thinking_residual_r_min) == ("embedding", 8, 0.95)
     assert args.max_steps == 5  # not a setting of the model: the command line's
     code, args = resumed_args(monkeypatch, argv + ["--thinking_latent_source", "embedding"])  # the same: fine
     assert code == 0 and args.thinking_latent_source == "embedding"
