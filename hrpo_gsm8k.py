@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="on: HRPO (hybrid rollouts, thinking modules trained); off: plain GRPO with TRL's own trainer on the "
            "same model, LoRA, data, prompts and optimizer (the baseline)")
     a("--output_dir", default=None, help="experiment folder (default: experiments/<model>-<latent source>)")
-    a("--resume", action="store_true", help="continue from the last checkpoint in --output_dir")
+    a("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+      help="continue from the newest complete checkpoint in --output_dir, or from the checkpoint-N folder given; "
+           "a finished run is reported and left as it is")
     a("--lora_rank", type=int, default=32, help="LoRA rank (alpha = 2 x rank) on the 7 projection modules")
     a("--lr", type=float, default=5e-6, help="learning rate of the LoRA weights")
     a("--beta", type=float, default=0.005, help="KL coefficient against the reference (adapter disabled)")
@@ -160,7 +162,9 @@ def check_args(args, world_size: int = 1) -> None:
     if looks_local and not Path(args.model_name).expanduser().is_dir():
         raise UsageError(f"--model_name {args.model_name}: no such model folder")
     output_dir = Path(args.output_dir)
-    if args.resume:
+    if args.resume and args.resume != "latest":
+        resume_checkpoint(args)  # names a bad folder
+    elif args.resume:
         if last_checkpoint(output_dir) is None:
             from hrpo.checkpoint import COMPLETE_MARKER, latest_complete_checkpoint
 
@@ -183,6 +187,40 @@ RESUMED_SETTINGS = ("model_name", "task", "dataset_path", "system_prompt", "hybr
                     "max_completion_length", "temperature", "beta", "lr", "lr_residual_gate", "lr_residual_Lambda",
                     "lr_thinking_projection", "weight_decay", "warmup_ratio", "lr_scheduler_type", "max_grad_norm",
                     "optimizer")
+
+
+def resume_checkpoint(args) -> Path | None:
+    """The checkpoint --resume continues from: the newest complete one in --output_dir, or the
+    complete checkpoint folder given (a path, or a name inside --output_dir)."""
+    from hrpo.checkpoint import incomplete_reason
+
+    if not args.resume:
+        return None
+    if args.resume == "latest":
+        return last_checkpoint(Path(args.output_dir))
+    folder = Path(args.resume).expanduser()
+    if not folder.is_dir() and (Path(args.output_dir) / args.resume).is_dir():
+        folder = Path(args.output_dir) / args.resume
+    if not folder.is_dir():
+        raise UsageError(f"--resume {args.resume}: no such checkpoint folder (a path, or a checkpoint-N folder in "
+                         f"--output_dir {args.output_dir})")
+    reason = incomplete_reason(folder)
+    if reason is not None:
+        raise UsageError(f"--resume {args.resume}: {folder} is not a complete checkpoint ({reason})")
+    return folder
+
+
+def finished_run(args) -> str | None:
+    """On --resume: why the run in --output_dir is finished (its final files are there and it
+    reached the asked --max_steps), else None."""
+    history = Path(args.output_dir) / "log_history.json"
+    if not args.resume or not history.exists():
+        return None
+    steps = [row["step"] for row in json.loads(history.read_text()) if "step" in row]
+    done = max(steps, default=0)
+    if args.max_steps > done:
+        return None  # asked to train on
+    return f"it finished at step {done} ({history} is its final log)"
 
 
 def explicit_flags(argv) -> set[str]:
@@ -222,7 +260,7 @@ def take_checkpoint_settings(args, given: set[str]) -> None:
     """On --resume, the settings that shape the model and the run come from the last
     checkpoint: a flag left out takes the checkpoint's value, a flag given with another
     value is an error (it would continue a different run on the same weights)."""
-    folder = last_checkpoint(Path(args.output_dir))
+    folder = resume_checkpoint(args)
     if folder is None:
         return  # check_args says so
     for key, saved in checkpoint_settings(folder).items():
@@ -474,9 +512,10 @@ def evaluate_held_out(trainer, args, when: str) -> dict:
 
 def train(args) -> Path:
     trainer = build_trainer(args)
-    resume_from = str(last_checkpoint(Path(args.output_dir))) if args.resume else None
+    resume_from = str(resume_checkpoint(args)) if args.resume else None
     if resume_from and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(resume_report(Path(args.output_dir)), flush=True)
+        print(resume_report(Path(args.output_dir)) if args.resume == "latest" else
+              f"[hrpo] --resume: continuing from {resume_from} (complete)", flush=True)
     if trainer.held_out_rows and args.eval_on_start and not resume_from:
         evaluate_held_out(trainer, args, "start")
     trainer.train(resume_from_checkpoint=resume_from)
@@ -513,6 +552,11 @@ def main(argv=None, parser: argparse.ArgumentParser | None = None) -> int:
         if args.resume:
             take_checkpoint_settings(args, explicit_flags(argv))
         check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+        finished = finished_run(args)
+        if finished:
+            print(f"[hrpo] --resume: the run in {args.output_dir} is finished: {finished}. Nothing was changed; to "
+                  f"train on, pass a larger --max_steps", flush=True)
+            return 0
         train(args)
         close_process_group()
     except (UsageError, DataError) as err:

@@ -600,8 +600,10 @@ def test_resume_takes_the_thinking_options_from_the_checkpoint(workspace, tmp_pa
     assert code == 0 and args.thinking_latent_source == "embedding"
 
 
-@pytest.mark.parametrize("flag, value, saved", [("--thinking_latent_source", "projection", "'embedding'"),
-                                                ("--lora_rank", "32", "8")])
+@pytest.mark.parametrize("flag, value, saved", [
+    ("--thinking_latent_source", "projection", "'embedding'"), ("--lora_rank", "32", "8"), ("--lr", "0.5", "0.01"),
+    ("--lr_scheduler_type", "linear", "'cosine'"), ("--warmup_ratio", "0.2", "0.0"), ("--max_grad_norm", "1.0", "0.1"),
+    ("--optimizer", "adamw_torch_fused", "None")])
 def test_resume_with_a_conflicting_flag_is_an_error(workspace, tmp_path, monkeypatch, capsys, flag, value, saved):
     out = tmp_path / "out"
     fake_checkpoint(workspace, out, "--thinking_latent_source", "embedding", "--lora_rank", "8")
@@ -611,6 +613,26 @@ def test_resume_with_a_conflicting_flag_is_an_error(workspace, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert code == 2 and args is None
     assert flag in err and value in err and saved in err and "checkpoint-1" in err
+
+
+def test_resume_from_a_given_checkpoint_and_a_finished_run(workspace, tmp_path, monkeypatch, capsys):
+    """--resume checkpoint-N takes that checkpoint; a finished run is reported and left as it is."""
+    out = tmp_path / "out"
+    fake_checkpoint(workspace, out, "--lora_rank", "8")
+    argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
+            "--output_dir", str(out), "--max_steps", "5", "--resume"]
+    code, args = resumed_args(monkeypatch, argv + ["checkpoint-1"])
+    assert code == 0 and args.lora_rank == 8 and hrpo_gsm8k.resume_checkpoint(args) == out / "checkpoint-1"
+    code, _ = resumed_args(monkeypatch, argv + ["checkpoint-7"])
+    assert code == 2 and "--resume checkpoint-7: no such checkpoint folder" in capsys.readouterr().err
+    (out / "log_history.json").write_text(json.dumps([{"step": 5, "loss": 0.1}]))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    code, args = resumed_args(monkeypatch, argv)
+    assert code == 0 and args is None  # nothing trained
+    assert "is finished: it finished at step 5" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    code, args = resumed_args(monkeypatch, argv + ["--max_steps", "8"])  # asked to train on
+    assert code == 0 and args is not None
 
 
 def test_rollouts_are_sampled_under_the_trainers_autocast(workspace, tmp_path):
