@@ -93,8 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval_samples", type=int, default=0,
       help="held-out problems evaluated (greedy, as trained) after training; 0: none")
     a("--eval_on_start", action="store_true", help="also evaluate them before the first step")
-    a("--eval_dataset_path", default=None, help="held-out data (default: --dataset_path), split --eval_split")
+    a("--eval_dataset_path", default=None,
+      help="held-out data (default: the held-out split --eval_split of --dataset_path's source; a single local "
+           "training file has none: name a held-out file here, or pass --eval_on_train_data)")
     a("--eval_split", default="test")
+    a("--eval_on_train_data", action="store_true",
+      help="let the held-out evaluation read a single local training file (it then scores training rows, and "
+           "records the split as train)")
     a("--gradient_checkpointing", default="auto", choices=["auto", "on", "off"],
       help="recompute activations in the backward pass (auto: on with CUDA)")
     a("--backend", default="auto", choices=["auto", "unsloth", "transformers"],
@@ -136,8 +141,11 @@ def resume_report(output_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def check_args(args, world_size: int = 1) -> None:
-    """Everything that can be checked without loading the model or the data."""
+def check_args(args, world_size: int = 1, given: set[str] = frozenset()) -> None:
+    """Everything that can be checked without loading the model or the data (``given``: the
+    flags on the command line)."""
+    check_values(args)
+    check_combinations(args, given)
     if args.group_size < 2:
         raise UsageError(f"--group_size {args.group_size}: GRPO needs at least 2 completions per prompt")
     per_generation = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
@@ -156,9 +164,19 @@ def check_args(args, world_size: int = 1) -> None:
         system_prompt_text(args.system_prompt, get_task(args.task).answer_marker)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if args.eval_samples < 0:
-        raise UsageError(f"--eval_samples {args.eval_samples}: expected 0 (no evaluation) or a positive count")
-    looks_local = args.model_name.startswith((".", "/", "~")) or args.model_name.count("/") > 1
+    if args.eval_samples:
+        from hrpo.data import DataError
+        from hrpo.evaluation import held_out_source
+
+        try:
+            held_out_source(args.eval_dataset_path, args.eval_split, training_path=args.dataset_path,
+                            allow_training_data=args.eval_on_train_data)
+        except DataError as err:
+            raise UsageError(f"--eval_samples {args.eval_samples}: {err}") from None
+    # a hub name is "org/name"; a path that starts like one of this machine's folders is local
+    first = Path(args.model_name).expanduser().parts[0] if args.model_name else ""
+    looks_local = (args.model_name.startswith((".", "/", "~")) or args.model_name.count("/") != 1
+                   or Path(first).is_dir())
     if looks_local and not Path(args.model_name).expanduser().is_dir():
         raise UsageError(f"--model_name {args.model_name}: no such model folder")
     output_dir = Path(args.output_dir)
@@ -177,6 +195,67 @@ def check_args(args, world_size: int = 1) -> None:
     elif output_dir.exists() and any(output_dir.iterdir()):
         raise UsageError(f"--output_dir {output_dir} exists and is not empty: pass --resume to continue from its "
                          f"last checkpoint, or choose another --output_dir")
+
+
+POSITIVE = ("lr", "lr_residual_gate", "lr_residual_Lambda", "lr_thinking_projection", "temperature", "lora_rank",
+            "per_device_train_batch_size", "gradient_accumulation_steps", "max_completion_length", "max_prompt_length",
+            "save_steps", "logging_steps")
+NON_NEGATIVE = ("beta", "weight_decay", "max_grad_norm", "warmup_ratio", "eval_samples", "adam_beta1", "adam_beta2",
+                "save_total_limit", "thinking_monitor_every")
+# settings that only matter to hybrid thinking, or to a source with a projection
+HYBRID_MODEL_TYPES = ("qwen2", "llama")  # the architectures the transformers fork wires hybrid thinking into
+HYBRID_ONLY = ("lr_residual_gate", "lr_residual_Lambda", "lr_thinking_projection", "thinking_monitor_every")
+
+
+def check_values(args) -> None:
+    """Each value on its own, against what it may be."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for name in POSITIVE:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            raise UsageError(f"--{name} {getattr(args, name)}: expected a value > 0")
+    for name in NON_NEGATIVE:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise UsageError(f"--{name} {getattr(args, name)}: expected a value >= 0")
+    if args.adam_beta1 >= 1 or args.adam_beta2 >= 1:
+        raise UsageError(f"--adam_beta1 {args.adam_beta1} / --adam_beta2 {args.adam_beta2}: expected values < 1")
+    for name, kind in (("optimizer", OptimizerNames), ("lr_scheduler_type", SchedulerType)):
+        value = getattr(args, name)
+        if value is not None and value not in {member.value for member in kind}:
+            raise UsageError(f"--{name} {value}: not one of transformers' {kind.__name__}: "
+                             f"{', '.join(sorted(member.value for member in kind))}")
+    check_report_to(args.report_to)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {output_dir}: is a file, expected a folder")
+
+
+def check_report_to(report_to: str) -> None:
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    known = {"none", "all", *INTEGRATION_TO_CALLBACK}
+    unknown = [name for name in str(report_to).replace(",", " ").split() if name not in known]
+    if unknown:
+        raise UsageError(f"--report_to {report_to}: {', '.join(unknown)} is not one of {', '.join(sorted(known))}")
+
+
+def check_combinations(args, given: set[str]) -> None:
+    """Settings that another one makes meaningless are an error when given, not ignored."""
+    from dataclasses import fields
+
+    from transformers.hybrid_thinking.config import ThinkingConfig
+
+    if args.hybrid_thinking == "off":
+        ignored = sorted(given & ({f.name for f in fields(ThinkingConfig)} | set(HYBRID_ONLY)))
+        if ignored:
+            raise UsageError(f"{', '.join('--' + name for name in ignored)}: no effect with --hybrid_thinking off "
+                             f"(plain GRPO builds no thinking modules); leave them out, or use --hybrid_thinking on")
+    elif args.thinking_latent_source == "embedding" and "lr_thinking_projection" in given:
+        raise UsageError("--lr_thinking_projection: no effect with --thinking_latent_source embedding, which has no "
+                         "thinking_projection; leave it out, or choose projection or embedding_plus_projection")
+    if args.eval_on_start and not args.eval_samples:
+        raise UsageError("--eval_on_start: no effect without --eval_samples N (the held-out problems to evaluate)")
 
 
 # Settings that shape the model or the run: on --resume they come from the checkpoint (and
@@ -305,6 +384,12 @@ def load_model(args, cuda: bool):
     except (OSError, ValueError) as err:
         raise UsageError(f"--model_name {args.model_name}: cannot load its config ({err})") from None
     if args.hybrid_thinking == "on":
+        if config.model_type not in HYBRID_MODEL_TYPES:
+            names = f" ({', '.join(config.architectures)})" if config.architectures else ""
+            raise UsageError(f"--model_name {args.model_name}: a {config.model_type} model{names}; HRPO's thinking "
+                             f"modules exist for "
+                             f"{' and '.join(HYBRID_MODEL_TYPES)} models (Qwen2 / Qwen2.5, Llama). Use one of those, "
+                             f"or --hybrid_thinking off for plain GRPO")
         thinking_config(args).apply_to(config)
     loader = load_with_transformers if resolve_backend(args) == "transformers" else load_with_unsloth
     return loader(args, config, cuda)
@@ -364,10 +449,15 @@ def load_dataset(args):
     return task.with_prompts(task.load(args.dataset_path, "train"), args.system_prompt)
 
 
-def load_eval_rows(args) -> list[dict]:
-    task = get_task(args.task)
-    dataset = task.load(args.eval_dataset_path or args.dataset_path, args.eval_split)
-    return dataset.select(range(min(args.eval_samples, len(dataset)))).to_list()
+def load_eval_rows(args) -> tuple[list[dict], dict]:
+    """The held-out rows, and where they come from ({"dataset_path", "split"}: the real split)."""
+    from hrpo.evaluation import held_out_source
+
+    path, split = held_out_source(args.eval_dataset_path, args.eval_split, training_path=args.dataset_path,
+                                  allow_training_data=args.eval_on_train_data)
+    dataset = get_task(args.task).load(path, split)
+    rows = dataset.select(range(min(args.eval_samples, len(dataset)))).to_list()
+    return rows, {"dataset_path": path, "split": split}
 
 
 def filter_long_prompts(args, dataset, tokenizer):
@@ -471,7 +561,7 @@ def build_trainer(args, reward_funcs=None):
     from patch import patch_trainer_optimizer
 
     dataset = load_dataset(args)  # data errors before the (slow) model load
-    eval_rows = load_eval_rows(args) if args.eval_samples else []
+    eval_rows, eval_source = load_eval_rows(args) if args.eval_samples else ([], {})
     model, tokenizer = load_model(args, cuda)
     check_thinking_config(model, args)
     dataset = filter_long_prompts(args, dataset, tokenizer)
@@ -482,7 +572,7 @@ def build_trainer(args, reward_funcs=None):
     trainer = trainer_class(model=model, processing_class=tokenizer,
                             reward_funcs=reward_funcs or [get_task(args.task).reward_function()],
                             args=grpo_config(args, cuda), train_dataset=dataset)
-    trainer.held_out_rows = eval_rows
+    trainer.held_out_rows, trainer.held_out_source = eval_rows, eval_source
     patch_trainer_optimizer(trainer, args.lr_residual_gate, args.lr_residual_Lambda, args.lr_thinking_projection)
     trainer.checkpoint_extras = partial(save_run_config, model, vars(args) | {"output_dir": str(args.output_dir)})
     return trainer
@@ -498,7 +588,7 @@ def evaluate_held_out(trainer, args, when: str) -> dict:
                            system_prompt=args.system_prompt, thinking=args.hybrid_thinking == "on", greedy=True,
                            temperature=args.temperature, max_new_tokens=args.max_completion_length,
                            batch_size=args.per_device_train_batch_size * 4)
-    result["metrics"]["step"] = trainer.state.global_step
+    result["metrics"].update(step=trainer.state.global_step, **trainer.held_out_source)
     folder = Path(args.output_dir)
     if not trainer.args.should_save:  # every rank evaluates (sharded forwards are collectives), one writes
         return result
@@ -551,7 +641,7 @@ def main(argv=None, parser: argparse.ArgumentParser | None = None) -> int:
     try:
         if args.resume:
             take_checkpoint_settings(args, explicit_flags(argv))
-        check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+        check_args(args, int(os.environ.get("WORLD_SIZE", "1")), explicit_flags(argv))
         finished = finished_run(args)
         if finished:
             print(f"[hrpo] --resume: the run in {args.output_dir} is finished: {finished}. Nothing was changed; to "

@@ -9,6 +9,7 @@ import torch
 from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
 import hrpo_gsm8k
+from hrpo.evaluation import result_file_name
 from hrpo.checkpoint import mark_complete
 from hrpo.data import write_jsonl
 from hrpo.tasks.arith import make_problems
@@ -230,12 +231,20 @@ def test_eval_writes_results_next_to_checkpoint(workspace, tmp_path, capsys):
                                 "--split", "test", "--batch_size", "2", "--greedy", "--max_new_tokens", "8",
                                 "--thinking", thinking])
         assert code == 0
-        result = json.loads((checkpoint / "eval_results.json").read_text())
+        result = json.loads((checkpoint / result_file_name(str(tmp_path / "test.jsonl"), "test")).read_text())
         assert result["metrics"]["total"] == 5 and result["metrics"]["thinking"] == (thinking == "on")
         assert 0.0 <= result["metrics"]["accuracy"] <= 1.0
         assert len(result["examples"]) == 5 and {"completion", "reference", "correct"} <= set(result["examples"][0])
     assert eval_gsm8k.main(["--checkpoint_path", str(tmp_path), "--dataset_path", str(tmp_path / "test.jsonl")]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+    # without --dataset_path: the run trained on a single local file, which has no held-out split
+    quick = ["--checkpoint_path", str(checkpoint), "--batch_size", "2", "--greedy", "--max_new_tokens", "4",
+             "--num_samples", "2"]
+    assert eval_gsm8k.main(quick) == 2
+    assert "is a single file, which has no held-out split" in " ".join(capsys.readouterr().err.split())
+    assert eval_gsm8k.main(quick + ["--eval_on_train_data"]) == 0
+    scored = json.loads((checkpoint / result_file_name(str(workspace / "train.jsonl"), "train")).read_text())
+    assert scored["metrics"]["split"] == "train" and scored["metrics"]["dataset_path"] == str(workspace / "train.jsonl")
 
 
 def test_plot_command_writes_png(tmp_path):
@@ -686,7 +695,8 @@ def test_plain_grpo_arm_trains_lora_only_and_evaluates_without_thinking(workspac
     write_jsonl(make_problems(3, seed=3, difficulty=3), tmp_path / "test.jsonl")
     assert eval_gsm8k.main(["--checkpoint_path", str(tmp_path / "out" / "checkpoint-1"), "--dataset_path",
                             str(tmp_path / "test.jsonl"), "--greedy", "--max_new_tokens", "4"]) == 0
-    metrics = json.loads((tmp_path / "out" / "checkpoint-1" / "eval_results.json").read_text())["metrics"]
+    result_file = result_file_name(str(tmp_path / "test.jsonl"), "test")
+    metrics = json.loads((tmp_path / "out" / "checkpoint-1" / result_file).read_text())["metrics"]
     assert metrics["thinking"] is False and metrics["task"] == "gsm8k"
 
 
