@@ -628,9 +628,25 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
-def main(argv=None, parser: argparse.ArgumentParser | None = None) -> int:
-    """parser: the task scripts' (hrpo_math.py, hrpo_mmlu.py), this one's with their defaults."""
-    parser = parser or build_parser()
+def requested_backend(argv) -> str:
+    """--backend as given on the command line, read before anything parses it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for i, token in enumerate(argv):
+        if token == "--backend" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith("--backend="):
+            return token.split("=", 1)[1]
+    return "auto"
+
+
+def main(argv=None, make_parser=None) -> int:
+    """make_parser: the task scripts' (hrpo_math.py, hrpo_mmlu.py), this one's with their defaults.
+    unsloth is imported first (parsing imports transformers, whose classes unsloth patches)."""
+    if requested_backend(argv) != "transformers":
+        import torch
+
+        import_unsloth(torch.cuda.is_available())
+    parser = (make_parser or build_parser)()
     args = parser.parse_args(argv)
     args.dataset_path = args.dataset_path or get_task(args.task).default_dataset
     args.output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args)

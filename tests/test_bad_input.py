@@ -1,5 +1,7 @@
 """Bad input is an error before the model loads: it names the setting and the value, and
 writes nothing into the output folder (hrpo_gsm8k.py's command line, in-process)."""
+from pathlib import Path
+
 import pytest
 
 import hrpo_gsm8k
@@ -61,3 +63,18 @@ def test_bad_input_is_named_before_the_model_loads_and_writes_nothing(workspace,
     err = " ".join(capsys.readouterr().err.split())
     assert message.format(ws=workspace) in err, err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_script_imports_unsloth_before_transformers_and_stops_before_the_model(workspace, tmp_path):
+    """As a user runs it: no "Unsloth should be imported before ..." warning, exit 2, the message."""
+    import sys
+
+    from testing.processes import run_child
+
+    argv = [sys.executable, str(Path(hrpo_gsm8k.__file__)), "--model_name", str(workspace / "model"),
+            "--dataset_path", str(workspace / "train.jsonl"), "--output_dir", str(tmp_path / "out"), "--lr", "-1"]
+    proc = run_child(argv, timeout=300, what="hrpo_gsm8k.py with a bad flag", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "--lr -1.0: expected a value > 0" in proc.stderr
+    assert "should be imported before" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out").exists()
