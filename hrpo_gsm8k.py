@@ -175,8 +175,8 @@ def check_args(args, world_size: int = 1, given: set[str] = frozenset()) -> None
             raise UsageError(f"--eval_samples {args.eval_samples}: {err}") from None
     # a hub name is "org/name"; a path that starts like one of this machine's folders is local
     first = Path(args.model_name).expanduser().parts[0] if args.model_name else ""
-    looks_local = (args.model_name.startswith((".", "/", "~")) or args.model_name.count("/") != 1
-                   or Path(first).is_dir())
+    looks_local = (args.model_name.startswith((".", "/", "~")) or args.model_name.count("/") > 1
+                   or (args.model_name.count("/") == 1 and Path(first).is_dir()))
     if looks_local and not Path(args.model_name).expanduser().is_dir():
         raise UsageError(f"--model_name {args.model_name}: no such model folder")
     output_dir = Path(args.output_dir)

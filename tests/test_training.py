@@ -404,6 +404,19 @@ def two_stop_model(workspace):
     return folder
 
 
+def favour_token(trainer, token_id: int, bias: float) -> None:
+    """Raise the model's own logit of ``token_id`` by about ``bias`` on typical hidden states (its
+    lm_head row moves along their mean): the distribution sampled is the one scored, unlike a
+    sequence_bias in the generation config, which the on-policy check refuses."""
+    base = trainer.model.get_base_model()
+    tokenizer = trainer.processing_class
+    enc = tokenizer(["1+2=?\n", "12+30=?\n"], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        hidden = base.model(**enc).last_hidden_state[enc.attention_mask.bool()].float()
+        mean = hidden.mean(0)
+        base.lm_head.weight[token_id] += (bias * mean / mean.dot(mean)).to(base.lm_head.weight.dtype)
+
+
 def test_every_stop_id_ends_a_completion_in_the_replay_and_the_metrics(workspace, two_stop_model, tmp_path):
     import warnings
 
@@ -412,7 +425,7 @@ def test_every_stop_id_ends_a_completion_in_the_replay_and_the_metrics(workspace
     trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
     second = trainer.processing_class.convert_tokens_to_ids(SECOND_STOP)
     assert second in trainer.eos_token_ids
-    trainer.generation_config.sequence_bias = {(second,): 2.0}  # stop early on the second id, often
+    favour_token(trainer, second, 2.0)  # stop early on the second id, often
     recorded = []
     add = trainer.replay_index.add
     trainer.replay_index.add = lambda out, mask, **kw: (recorded.append((out, mask)), add(out, mask, **kw))[1]
