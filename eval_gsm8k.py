@@ -8,8 +8,10 @@ The task, system prompt, temperature and whether hybrid thinking was on come fro
 run's saved settings (hrpo_run.json); a flag overrides them. Decoding is the training
 distribution (top_k 0, top_p 1, no repetition penalty), never the checkpoint's
 generation_config; --greedy is HRPO's inference mode (argmax tokens, latents at the
-training temperature). Writes eval_results.json (metrics and every example) into the
-checkpoint folder. A completion is correct when the task's reward gives it 1.
+training temperature). Writes eval_<dataset>_<split>.json (metrics and every example) into
+the checkpoint folder, one file per held-out set. Without --dataset_path it evaluates the
+held-out split of the run's data source; a run trained on a single local file has none, so
+that is refused unless --eval_on_train_data (recorded as split "train"). A completion is correct when the task's reward gives it 1.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "allenai/ai2_arc (arc-challenge), allenai/openbookqa (openbookqa), allenai/qasc (qasc) "
                         "for mmlu")
     p.add_argument("--split", default="test")
+    p.add_argument("--eval_on_train_data", action="store_true",
+                   help="without --dataset_path, let a run's single local training file be evaluated (it then scores "
+                        "training rows, recorded as split train)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--greedy", action="store_true", help="HRPO's inference mode: argmax tokens")
     p.add_argument("--temperature", type=float, default=None,
@@ -53,7 +58,11 @@ def resolved(args) -> argparse.Namespace:
     run = run_settings(args.checkpoint_path)
     out = argparse.Namespace(**vars(args))
     out.task = args.task or run.get("task", "gsm8k")
-    out.dataset_path = args.dataset_path or run.get("dataset_path") or get_task(out.task).default_dataset
+    from hrpo.evaluation import held_out_source
+
+    out.dataset_path, out.split = held_out_source(
+        args.dataset_path, args.split, training_path=run.get("dataset_path") or get_task(out.task).default_dataset,
+        allow_training_data=args.eval_on_train_data)
     out.system_prompt = args.system_prompt or run.get("system_prompt", "tutor")
     out.temperature = args.temperature if args.temperature is not None else run.get("temperature", 0.5)
     out.thinking = args.thinking or run.get("hybrid_thinking", "on")
@@ -66,7 +75,7 @@ def evaluate(args) -> dict:
     from tqdm import tqdm
 
     from hrpo.checkpoint import load_checkpoint
-    from hrpo.evaluation import evaluate_rows
+    from hrpo.evaluation import evaluate_rows, result_file_name
     from hrpo.tasks import get_task
 
     args = resolved(args)
@@ -90,7 +99,7 @@ def evaluate(args) -> dict:
     bar.close()
     result["metrics"].update(task=args.task, dataset_path=args.dataset_path, split=args.split,
                              latent_source=getattr(model.get_base_model().config, "thinking_latent_source", None))
-    target = Path(args.checkpoint_path) / "eval_results.json"
+    target = Path(args.checkpoint_path) / result_file_name(args.dataset_path, args.split)
     target.write_text(json.dumps(result, indent=2))
     m = result["metrics"]
     print(f"accuracy {m['accuracy']:.4f} ({m['correct']}/{m['total']}); wrote {target}")

@@ -34,7 +34,11 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The flags; the thinking fields (--thinking_*) come from the fork's ThinkingConfig, their one home."""
+    from transformers import HfArgumentParser
+    from transformers.hybrid_thinking.config import ThinkingConfig
+
+    p = HfArgumentParser(ThinkingConfig, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model_name", default="Qwen/Qwen2.5-1.5B-Instruct", help="hub name or local folder of a Qwen2/Llama model")
     a("--task", default="gsm8k", choices=TASK_NAMES,
@@ -51,31 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
       help="on: HRPO (hybrid rollouts, thinking modules trained); off: plain GRPO with TRL's own trainer on the "
            "same model, LoRA, data, prompts and optimizer (the baseline)")
     a("--output_dir", default=None, help="experiment folder (default: experiments/<model>-<latent source>)")
-    a("--resume", action="store_true", help="continue from the last checkpoint in --output_dir")
+    a("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+      help="continue from the newest complete checkpoint in --output_dir, or from the checkpoint-N folder given; "
+           "a finished run is reported and left as it is")
     a("--lora_rank", type=int, default=32, help="LoRA rank (alpha = 2 x rank) on the 7 projection modules")
     a("--lr", type=float, default=5e-6, help="learning rate of the LoRA weights")
     a("--beta", type=float, default=0.005, help="KL coefficient against the reference (adapter disabled)")
-    a("--residual_r_min", type=float, default=0.99, help="Lambda initialisation: lower end of exp(-c softplus(-Lambda))")
-    a("--residual_r_max", type=float, default=0.999, help="Lambda initialisation: upper end")
     a("--lr_residual_gate", type=float, default=1e-4, help="learning rate of thinking_residual_gate_r/_i")
     a("--lr_residual_Lambda", type=float, default=1e-3, help="learning rate of thinking_residual_Lambda")
     a("--lr_thinking_projection", type=float, default=1e-4, help="learning rate of thinking_projection (the seed)")
-    a("--thinking_latent_source", default="projection", choices=["embedding", "projection", "embedding_plus_projection"],
-      help="embedding: HRPO; projection: the seed; embedding_plus_projection: HRPO at step 0, learnable after")
-    a("--thinking_latent_scale", default="unit", choices=["unit", "embedding"],
-      help="norm of the projection latent: 1 (the seed) or the mean token-embedding norm")
-    a("--thinking_projection_layers", type=int, default=1, choices=[1, 2], help="1: Linear (the seed); 2: MLP")
-    a("--thinking_projection_layernorm", action="store_true", help="LayerNorm after the projection")
-    a("--thinking_projection_dropout", type=float, default=0.0, help="dropout after the projection (training only)")
-    a("--thinking_latent_topk", type=int, default=None,
-      help="form the embedding-method latent from the k most probable tokens (SofT-GRPO uses 5, Soft Thinking up "
-           "to 30); default: the whole vocabulary (HRPO). Not with --thinking_latent_source projection")
-    a("--thinking_latent_noise", default="none", choices=["none", "gaussian", "gumbel"],
-      help="exploration noise while sampling, recorded for the replay: gaussian on the latent (every source), "
-           "gumbel on the weights of the embedding-method latent (SofT-GRPO); never in greedy evaluation")
-    a("--thinking_latent_noise_scale", type=float, default=0.0,
-      help="gaussian: noise norm relative to the latent's typical norm; gumbel: the Gumbel-softmax temperature "
-           "(SofT-GRPO: 0.1). Required (> 0) with --thinking_latent_noise")
     a("--loss_type", default="grpo", choices=LOSS_TYPES,
       help="TRL's loss aggregation; grpo (HRPO's): per-sequence mean, then mean over the batch")
     a("--adam_beta1", type=float, default=0.9)
@@ -105,8 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval_samples", type=int, default=0,
       help="held-out problems evaluated (greedy, as trained) after training; 0: none")
     a("--eval_on_start", action="store_true", help="also evaluate them before the first step")
-    a("--eval_dataset_path", default=None, help="held-out data (default: --dataset_path), split --eval_split")
+    a("--eval_dataset_path", default=None,
+      help="held-out data (default: the held-out split --eval_split of --dataset_path's source; a single local "
+           "training file has none: name a held-out file here, or pass --eval_on_train_data)")
     a("--eval_split", default="test")
+    a("--eval_on_train_data", action="store_true",
+      help="let the held-out evaluation read a single local training file (it then scores training rows, and "
+           "records the split as train)")
     a("--gradient_checkpointing", default="auto", choices=["auto", "on", "off"],
       help="recompute activations in the backward pass (auto: on with CUDA)")
     a("--backend", default="auto", choices=["auto", "unsloth", "transformers"],
@@ -148,8 +141,11 @@ def resume_report(output_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def check_args(args, world_size: int = 1) -> None:
-    """Everything that can be checked without loading the model or the data."""
+def check_args(args, world_size: int = 1, given: set[str] = frozenset()) -> None:
+    """Everything that can be checked without loading the model or the data (``given``: the
+    flags on the command line)."""
+    check_values(args)
+    check_combinations(args, given)
     if args.group_size < 2:
         raise UsageError(f"--group_size {args.group_size}: GRPO needs at least 2 completions per prompt")
     per_generation = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
@@ -158,25 +154,35 @@ def check_args(args, world_size: int = 1) -> None:
             f"--group_size {args.group_size} does not divide the completions per generation batch "
             f"(--per_device_train_batch_size {args.per_device_train_batch_size} x --gradient_accumulation_steps "
             f"{args.gradient_accumulation_steps} x {world_size} processes = {per_generation})")
-    from transformers.hybrid_thinking.modeling import ensure_thinking_config
-
     from hrpo.tasks import system_prompt_text
 
     try:
-        ensure_thinking_config(SimpleNamespace(**thinking_config(args)))
+        thinking_config(args)
     except ValueError as err:
         raise UsageError(f"the thinking options: {err}") from None
     try:
         system_prompt_text(args.system_prompt, get_task(args.task).answer_marker)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if args.eval_samples < 0:
-        raise UsageError(f"--eval_samples {args.eval_samples}: expected 0 (no evaluation) or a positive count")
-    looks_local = args.model_name.startswith((".", "/", "~")) or args.model_name.count("/") > 1
+    if args.eval_samples:
+        from hrpo.data import DataError
+        from hrpo.evaluation import held_out_source
+
+        try:
+            held_out_source(args.eval_dataset_path, args.eval_split, training_path=args.dataset_path,
+                            allow_training_data=args.eval_on_train_data)
+        except DataError as err:
+            raise UsageError(f"--eval_samples {args.eval_samples}: {err}") from None
+    # a hub name is "org/name"; a path that starts like one of this machine's folders is local
+    first = Path(args.model_name).expanduser().parts[0] if args.model_name else ""
+    looks_local = (args.model_name.startswith((".", "/", "~")) or args.model_name.count("/") > 1
+                   or (args.model_name.count("/") == 1 and Path(first).is_dir()))
     if looks_local and not Path(args.model_name).expanduser().is_dir():
         raise UsageError(f"--model_name {args.model_name}: no such model folder")
     output_dir = Path(args.output_dir)
-    if args.resume:
+    if args.resume and args.resume != "latest":
+        resume_checkpoint(args)  # names a bad folder
+    elif args.resume:
         if last_checkpoint(output_dir) is None:
             from hrpo.checkpoint import COMPLETE_MARKER, latest_complete_checkpoint
 
@@ -191,17 +197,109 @@ def check_args(args, world_size: int = 1) -> None:
                          f"last checkpoint, or choose another --output_dir")
 
 
-# Settings that shape the model or the run: on --resume they come from the checkpoint.
+POSITIVE = ("lr", "lr_residual_gate", "lr_residual_Lambda", "lr_thinking_projection", "temperature", "lora_rank",
+            "per_device_train_batch_size", "gradient_accumulation_steps", "max_completion_length", "max_prompt_length",
+            "save_steps", "logging_steps")
+NON_NEGATIVE = ("beta", "weight_decay", "max_grad_norm", "warmup_ratio", "eval_samples", "adam_beta1", "adam_beta2",
+                "save_total_limit", "thinking_monitor_every")
+# settings that only matter to hybrid thinking, or to a source with a projection
+HYBRID_MODEL_TYPES = ("qwen2", "llama")  # the architectures the transformers fork wires hybrid thinking into
+HYBRID_ONLY = ("lr_residual_gate", "lr_residual_Lambda", "lr_thinking_projection", "thinking_monitor_every")
+
+
+def check_values(args) -> None:
+    """Each value on its own, against what it may be."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for name in POSITIVE:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            raise UsageError(f"--{name} {getattr(args, name)}: expected a value > 0")
+    for name in NON_NEGATIVE:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise UsageError(f"--{name} {getattr(args, name)}: expected a value >= 0")
+    if args.adam_beta1 >= 1 or args.adam_beta2 >= 1:
+        raise UsageError(f"--adam_beta1 {args.adam_beta1} / --adam_beta2 {args.adam_beta2}: expected values < 1")
+    for name, kind in (("optimizer", OptimizerNames), ("lr_scheduler_type", SchedulerType)):
+        value = getattr(args, name)
+        if value is not None and value not in {member.value for member in kind}:
+            raise UsageError(f"--{name} {value}: not one of transformers' {kind.__name__}: "
+                             f"{', '.join(sorted(member.value for member in kind))}")
+    check_report_to(args.report_to)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {output_dir}: is a file, expected a folder")
+
+
+def check_report_to(report_to: str) -> None:
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    known = {"none", "all", *INTEGRATION_TO_CALLBACK}
+    unknown = [name for name in str(report_to).replace(",", " ").split() if name not in known]
+    if unknown:
+        raise UsageError(f"--report_to {report_to}: {', '.join(unknown)} is not one of {', '.join(sorted(known))}")
+
+
+def check_combinations(args, given: set[str]) -> None:
+    """Settings that another one makes meaningless are an error when given, not ignored."""
+    from dataclasses import fields
+
+    from transformers.hybrid_thinking.config import ThinkingConfig
+
+    if args.hybrid_thinking == "off":
+        ignored = sorted(given & ({f.name for f in fields(ThinkingConfig)} | set(HYBRID_ONLY)))
+        if ignored:
+            raise UsageError(f"{', '.join('--' + name for name in ignored)}: no effect with --hybrid_thinking off "
+                             f"(plain GRPO builds no thinking modules); leave them out, or use --hybrid_thinking on")
+    elif args.thinking_latent_source == "embedding" and "lr_thinking_projection" in given:
+        raise UsageError("--lr_thinking_projection: no effect with --thinking_latent_source embedding, which has no "
+                         "thinking_projection; leave it out, or choose projection or embedding_plus_projection")
+    if args.eval_on_start and not args.eval_samples:
+        raise UsageError("--eval_on_start: no effect without --eval_samples N (the held-out problems to evaluate)")
+
+
+# Settings that shape the model or the run: on --resume they come from the checkpoint (and
+# every thinking field, from the checkpoint's config.json).
 RESUMED_SETTINGS = ("model_name", "task", "dataset_path", "system_prompt", "hybrid_thinking", "loss_type",
                     "adam_beta1", "adam_beta2", "lora_rank", "seed", "group_size",
                     "per_device_train_batch_size", "gradient_accumulation_steps", "max_prompt_length",
                     "max_completion_length", "temperature", "beta", "lr", "lr_residual_gate", "lr_residual_Lambda",
-                    "lr_thinking_projection", "weight_decay", "thinking_latent_source", "thinking_latent_scale",
-                    "thinking_projection_layers", "thinking_projection_layernorm", "thinking_projection_dropout",
-                    "residual_r_min", "residual_r_max", "thinking_latent_topk", "thinking_latent_noise",
-                    "thinking_latent_noise_scale")
-# config.json field -> flag, for the thinking options
-THINKING_FLAGS = {"thinking_residual_r_min": "residual_r_min", "thinking_residual_r_max": "residual_r_max"}
+                    "lr_thinking_projection", "weight_decay", "warmup_ratio", "lr_scheduler_type", "max_grad_norm",
+                    "optimizer")
+
+
+def resume_checkpoint(args) -> Path | None:
+    """The checkpoint --resume continues from: the newest complete one in --output_dir, or the
+    complete checkpoint folder given (a path, or a name inside --output_dir)."""
+    from hrpo.checkpoint import incomplete_reason
+
+    if not args.resume:
+        return None
+    if args.resume == "latest":
+        return last_checkpoint(Path(args.output_dir))
+    folder = Path(args.resume).expanduser()
+    if not folder.is_dir() and (Path(args.output_dir) / args.resume).is_dir():
+        folder = Path(args.output_dir) / args.resume
+    if not folder.is_dir():
+        raise UsageError(f"--resume {args.resume}: no such checkpoint folder (a path, or a checkpoint-N folder in "
+                         f"--output_dir {args.output_dir})")
+    reason = incomplete_reason(folder)
+    if reason is not None:
+        raise UsageError(f"--resume {args.resume}: {folder} is not a complete checkpoint ({reason})")
+    return folder
+
+
+def finished_run(args) -> str | None:
+    """On --resume: why the run in --output_dir is finished (its final files are there and it
+    reached the asked --max_steps), else None."""
+    history = Path(args.output_dir) / "log_history.json"
+    if not args.resume or not history.exists():
+        return None
+    steps = [row["step"] for row in json.loads(history.read_text()) if "step" in row]
+    done = max(steps, default=0)
+    if args.max_steps > done:
+        return None  # asked to train on
+    return f"it finished at step {done} ({history} is its final log)"
 
 
 def explicit_flags(argv) -> set[str]:
@@ -226,13 +324,12 @@ def checkpoint_settings(folder: Path) -> dict:
     if run_file.exists():
         settings.update({k: v for k, v in json.loads(run_file.read_text()).items() if k in RESUMED_SETTINGS})
     if config_file.exists():
-        config = json.loads(config_file.read_text())
-        if config.get("thinking_latent_source") is not None:  # an HRPO model: fields it predates take their defaults
-            from transformers.hybrid_thinking.modeling import THINKING_CONFIG_DEFAULTS
+        from transformers.hybrid_thinking.config import ThinkingConfig, thinking_enabled
 
-            config = {**THINKING_CONFIG_DEFAULTS, **config}
-        settings.update({THINKING_FLAGS.get(k, k): v for k, v in config.items()
-                         if k.startswith("thinking_") and THINKING_FLAGS.get(k, k) in RESUMED_SETTINGS})
+        config = SimpleNamespace(**json.loads(config_file.read_text()))
+        if thinking_enabled(config):  # an HRPO model: fields it predates take their defaults
+            fields = ThinkingConfig.from_config(config).to_dict()
+            settings.update({k: v for k, v in fields.items() if k != "answer_marker"})
     if not settings:
         raise UsageError(f"--resume: {folder} has neither {RUN_CONFIG} nor config.json: its settings are unknown")
     return settings
@@ -242,7 +339,7 @@ def take_checkpoint_settings(args, given: set[str]) -> None:
     """On --resume, the settings that shape the model and the run come from the last
     checkpoint: a flag left out takes the checkpoint's value, a flag given with another
     value is an error (it would continue a different run on the same weights)."""
-    folder = last_checkpoint(Path(args.output_dir))
+    folder = resume_checkpoint(args)
     if folder is None:
         return  # check_args says so
     for key, saved in checkpoint_settings(folder).items():
@@ -255,19 +352,15 @@ def take_checkpoint_settings(args, given: set[str]) -> None:
                              f"value, or start a new run in another --output_dir")
 
 
-def thinking_config(args) -> dict:
-    return {
-        "thinking_latent_source": args.thinking_latent_source,
-        "thinking_latent_scale": args.thinking_latent_scale,
-        "thinking_projection_layers": args.thinking_projection_layers,
-        "thinking_projection_layernorm": args.thinking_projection_layernorm,
-        "thinking_projection_dropout": args.thinking_projection_dropout,
-        "thinking_residual_r_min": args.residual_r_min,
-        "thinking_residual_r_max": args.residual_r_max,
-        "thinking_latent_topk": args.thinking_latent_topk,
-        "thinking_latent_noise": args.thinking_latent_noise,
-        "thinking_latent_noise_scale": args.thinking_latent_noise_scale,
-    }
+def thinking_config(args):
+    """The run's ThinkingConfig: the --thinking_* flags, and the task's answer marker (where
+    thinking ends is where the task reads the answer)."""
+    from dataclasses import fields
+
+    from transformers.hybrid_thinking.config import ThinkingConfig
+
+    given = {f.name: getattr(args, f.name) for f in fields(ThinkingConfig) if f.init}
+    return ThinkingConfig(**given).with_answer_marker(get_task(args.task).answer_marker)
 
 
 def resolve_backend(args) -> str:
@@ -291,8 +384,13 @@ def load_model(args, cuda: bool):
     except (OSError, ValueError) as err:
         raise UsageError(f"--model_name {args.model_name}: cannot load its config ({err})") from None
     if args.hybrid_thinking == "on":
-        for key, value in thinking_config(args).items():
-            setattr(config, key, value)
+        if config.model_type not in HYBRID_MODEL_TYPES:
+            names = f" ({', '.join(config.architectures)})" if config.architectures else ""
+            raise UsageError(f"--model_name {args.model_name}: a {config.model_type} model{names}; HRPO's thinking "
+                             f"modules exist for "
+                             f"{' and '.join(HYBRID_MODEL_TYPES)} models (Qwen2 / Qwen2.5, Llama). Use one of those, "
+                             f"or --hybrid_thinking off for plain GRPO")
+        thinking_config(args).apply_to(config)
     loader = load_with_transformers if resolve_backend(args) == "transformers" else load_with_unsloth
     return loader(args, config, cuda)
 
@@ -351,10 +449,15 @@ def load_dataset(args):
     return task.with_prompts(task.load(args.dataset_path, "train"), args.system_prompt)
 
 
-def load_eval_rows(args) -> list[dict]:
-    task = get_task(args.task)
-    dataset = task.load(args.eval_dataset_path or args.dataset_path, args.eval_split)
-    return dataset.select(range(min(args.eval_samples, len(dataset)))).to_list()
+def load_eval_rows(args) -> tuple[list[dict], dict]:
+    """The held-out rows, and where they come from ({"dataset_path", "split"}: the real split)."""
+    from hrpo.evaluation import held_out_source
+
+    path, split = held_out_source(args.eval_dataset_path, args.eval_split, training_path=args.dataset_path,
+                                  allow_training_data=args.eval_on_train_data)
+    dataset = get_task(args.task).load(path, split)
+    rows = dataset.select(range(min(args.eval_samples, len(dataset)))).to_list()
+    return rows, {"dataset_path": path, "split": split}
 
 
 def filter_long_prompts(args, dataset, tokenizer):
@@ -434,7 +537,7 @@ def check_thinking_config(model, args) -> None:
     if args.hybrid_thinking == "off":
         return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for key, wanted in thinking_config(args).items():
+    for key, wanted in thinking_config(args).to_dict().items():
         got = getattr(base.config, key, None)
         if got != wanted:
             raise UsageError(f"the loaded model has {key}={got!r}, but {wanted!r} was asked for: the loader "
@@ -458,7 +561,7 @@ def build_trainer(args, reward_funcs=None):
     from patch import patch_trainer_optimizer
 
     dataset = load_dataset(args)  # data errors before the (slow) model load
-    eval_rows = load_eval_rows(args) if args.eval_samples else []
+    eval_rows, eval_source = load_eval_rows(args) if args.eval_samples else ([], {})
     model, tokenizer = load_model(args, cuda)
     check_thinking_config(model, args)
     dataset = filter_long_prompts(args, dataset, tokenizer)
@@ -469,7 +572,7 @@ def build_trainer(args, reward_funcs=None):
     trainer = trainer_class(model=model, processing_class=tokenizer,
                             reward_funcs=reward_funcs or [get_task(args.task).reward_function()],
                             args=grpo_config(args, cuda), train_dataset=dataset)
-    trainer.held_out_rows = eval_rows
+    trainer.held_out_rows, trainer.held_out_source = eval_rows, eval_source
     patch_trainer_optimizer(trainer, args.lr_residual_gate, args.lr_residual_Lambda, args.lr_thinking_projection)
     trainer.checkpoint_extras = partial(save_run_config, model, vars(args) | {"output_dir": str(args.output_dir)})
     return trainer
@@ -485,7 +588,7 @@ def evaluate_held_out(trainer, args, when: str) -> dict:
                            system_prompt=args.system_prompt, thinking=args.hybrid_thinking == "on", greedy=True,
                            temperature=args.temperature, max_new_tokens=args.max_completion_length,
                            batch_size=args.per_device_train_batch_size * 4)
-    result["metrics"]["step"] = trainer.state.global_step
+    result["metrics"].update(step=trainer.state.global_step, **trainer.held_out_source)
     folder = Path(args.output_dir)
     if not trainer.args.should_save:  # every rank evaluates (sharded forwards are collectives), one writes
         return result
@@ -499,9 +602,10 @@ def evaluate_held_out(trainer, args, when: str) -> dict:
 
 def train(args) -> Path:
     trainer = build_trainer(args)
-    resume_from = str(last_checkpoint(Path(args.output_dir))) if args.resume else None
+    resume_from = str(resume_checkpoint(args)) if args.resume else None
     if resume_from and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(resume_report(Path(args.output_dir)), flush=True)
+        print(resume_report(Path(args.output_dir)) if args.resume == "latest" else
+              f"[hrpo] --resume: continuing from {resume_from} (complete)", flush=True)
     if trainer.held_out_rows and args.eval_on_start and not resume_from:
         evaluate_held_out(trainer, args, "start")
     trainer.train(resume_from_checkpoint=resume_from)
@@ -524,9 +628,25 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
-def main(argv=None, parser: argparse.ArgumentParser | None = None) -> int:
-    """parser: the task scripts' (hrpo_math.py, hrpo_mmlu.py), this one's with their defaults."""
-    parser = parser or build_parser()
+def requested_backend(argv) -> str:
+    """--backend as given on the command line, read before anything parses it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for i, token in enumerate(argv):
+        if token == "--backend" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith("--backend="):
+            return token.split("=", 1)[1]
+    return "auto"
+
+
+def main(argv=None, make_parser=None) -> int:
+    """make_parser: the task scripts' (hrpo_math.py, hrpo_mmlu.py), this one's with their defaults.
+    unsloth is imported first (parsing imports transformers, whose classes unsloth patches)."""
+    if requested_backend(argv) != "transformers":
+        import torch
+
+        import_unsloth(torch.cuda.is_available())
+    parser = (make_parser or build_parser)()
     args = parser.parse_args(argv)
     args.dataset_path = args.dataset_path or get_task(args.task).default_dataset
     args.output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args)
@@ -537,7 +657,12 @@ def main(argv=None, parser: argparse.ArgumentParser | None = None) -> int:
     try:
         if args.resume:
             take_checkpoint_settings(args, explicit_flags(argv))
-        check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+        check_args(args, int(os.environ.get("WORLD_SIZE", "1")), explicit_flags(argv))
+        finished = finished_run(args)
+        if finished:
+            print(f"[hrpo] --resume: the run in {args.output_dir} is finished: {finished}. Nothing was changed; to "
+                  f"train on, pass a larger --max_steps", flush=True)
+            return 0
         train(args)
         close_process_group()
     except (UsageError, DataError) as err:

@@ -22,7 +22,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    return hrpo_gsm8k.main(argv, parser=build_parser())
+    return hrpo_gsm8k.main(argv, make_parser=build_parser)
 
 
 if __name__ == "__main__":

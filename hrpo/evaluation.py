@@ -10,12 +10,41 @@ from the temperature-T distribution that training used.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
+from .data import DataError
 from .replay import stop_token_ids
 from .sampling import NEUTRAL_SAMPLING
 from .tasks import Task
+
+
+def held_out_source(dataset_path: str, split: str, *, training_path: str | None = None,
+                    allow_training_data: bool = False) -> tuple[str, str]:
+    """(where held-out rows come from, the split they really are).
+
+    ``dataset_path`` None means the training data's own source (``training_path``). A hub set
+    or a folder of split files has a held-out split; a single local file has none: its "test
+    split" is the file itself, the training rows, so that is refused unless
+    ``allow_training_data``, and then recorded as "train"."""
+    if dataset_path is not None:
+        return dataset_path, split
+    if training_path is not None and Path(training_path).is_file():
+        if not allow_training_data:
+            raise DataError(f"the training data {training_path} is a single file, which has no held-out split: "
+                            f"evaluating it would score the training rows. Name a held-out file (--eval_dataset_path "
+                            f"in training, --dataset_path in evaluation), or pass --eval_on_train_data to score the "
+                            f"training rows knowingly")
+        return training_path, "train"
+    return training_path, split
+
+
+def result_file_name(dataset_path: str, split: str) -> str:
+    """eval_<dataset>_<split>.json: one result file per held-out set, none overwriting another."""
+    name = Path(dataset_path).stem if Path(dataset_path).exists() else dataset_path
+    slug = "".join(c if c.isalnum() or c in "-." else "-" for c in name).strip("-") or "data"
+    return f"eval_{slug}_{split}.json"
 
 
 def trainer_stop_ids(model, tokenizer) -> list[int]:

@@ -494,7 +494,7 @@ def test_resuming_a_checkpoint_from_before_the_options_keeps_their_defaults(work
 
     out = tmp_path / "out"
     args = tiny_training_args(workspace, out, "--thinking_latent_source", "embedding")
-    model = tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args))
+    model = tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args).to_dict())
     hrpo_gsm8k.save_run_config(model, vars(args) | {"output_dir": str(out)}, out / "checkpoint-1")
     for name in ("config.json", hrpo_gsm8k.RUN_CONFIG):  # as written before the options existed
         path = out / "checkpoint-1" / name

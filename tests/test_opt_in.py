@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from transformers.hybrid_thinking.modeling import THINKING_CONFIG_DEFAULTS, thinking_module_names
+from transformers.hybrid_thinking.config import ThinkingConfig
+from transformers.hybrid_thinking.modeling import thinking_module_names
 
 from patch import parameter_groups
 from testing import module_env
@@ -54,7 +55,7 @@ def test_only_the_modules_of_the_source_are_built(source):
     assert thinking_names(model) == expected
     assert ("thinking_projection" in expected) == (source != "embedding")
     assert set(model.model.thinking_modules) == expected
-    for key, default in THINKING_CONFIG_DEFAULTS.items():  # filled in, so saved with the model
+    for key, default in ThinkingConfig().to_dict().items():  # filled in, so saved with the model
         assert getattr(model.config, key) == (source if key == "thinking_latent_source" else default)
     # the optimizer's groups cope with absent modules: all six, the projection's empty in embedding mode
     for name, p in model.named_parameters():

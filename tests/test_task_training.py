@@ -6,6 +6,7 @@ import pytest
 
 import eval_gsm8k
 import hrpo_gsm8k
+from hrpo.evaluation import result_file_name
 import hrpo_math
 import hrpo_mmlu
 from hrpo.data import write_jsonl
@@ -40,7 +41,7 @@ def evaluate(checkpoint, data, count):
     code = eval_gsm8k.main(["--checkpoint_path", str(checkpoint), "--dataset_path", str(data), "--split", "test",
                             "--batch_size", "2", "--greedy", "--max_new_tokens", "6", "--num_samples", str(count)])
     assert code == 0
-    return json.loads((checkpoint / "eval_results.json").read_text())
+    return json.loads((checkpoint / result_file_name(str(data), "test")).read_text())
 
 
 def test_math_one_step_and_evaluation(model_dir, tmp_path):

@@ -9,6 +9,7 @@ import torch
 from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
 import hrpo_gsm8k
+from hrpo.evaluation import result_file_name
 from hrpo.checkpoint import mark_complete
 from hrpo.data import write_jsonl
 from hrpo.tasks.arith import make_problems
@@ -230,12 +231,20 @@ def test_eval_writes_results_next_to_checkpoint(workspace, tmp_path, capsys):
                                 "--split", "test", "--batch_size", "2", "--greedy", "--max_new_tokens", "8",
                                 "--thinking", thinking])
         assert code == 0
-        result = json.loads((checkpoint / "eval_results.json").read_text())
+        result = json.loads((checkpoint / result_file_name(str(tmp_path / "test.jsonl"), "test")).read_text())
         assert result["metrics"]["total"] == 5 and result["metrics"]["thinking"] == (thinking == "on")
         assert 0.0 <= result["metrics"]["accuracy"] <= 1.0
         assert len(result["examples"]) == 5 and {"completion", "reference", "correct"} <= set(result["examples"][0])
     assert eval_gsm8k.main(["--checkpoint_path", str(tmp_path), "--dataset_path", str(tmp_path / "test.jsonl")]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+    # without --dataset_path: the run trained on a single local file, which has no held-out split
+    quick = ["--checkpoint_path", str(checkpoint), "--batch_size", "2", "--greedy", "--max_new_tokens", "4",
+             "--num_samples", "2"]
+    assert eval_gsm8k.main(quick) == 2
+    assert "is a single file, which has no held-out split" in " ".join(capsys.readouterr().err.split())
+    assert eval_gsm8k.main(quick + ["--eval_on_train_data"]) == 0
+    scored = json.loads((checkpoint / result_file_name(str(workspace / "train.jsonl"), "train")).read_text())
+    assert scored["metrics"]["split"] == "train" and scored["metrics"]["dataset_path"] == str(workspace / "train.jsonl")
 
 
 def test_plot_command_writes_png(tmp_path):
@@ -291,12 +300,27 @@ def test_unreachable_hub_dataset_is_a_clear_error(monkeypatch):
         load_gsm8k("no-such-org/no-such-dataset")
 
 
+def test_the_answer_marker_reaches_the_model_config_from_the_task(workspace, tmp_path, monkeypatch):
+    """Thinking ends where the task reads the answer: a task whose marker is not "####"."""
+    import dataclasses
+
+    from hrpo.tasks import get_task
+
+    task = dataclasses.replace(get_task("arith"), answer_marker="ANSWER:")
+    monkeypatch.setattr(hrpo_gsm8k, "get_task", lambda name: task)
+    args = tiny_training_args(workspace, tmp_path / "out", "--task", "arith")
+    assert hrpo_gsm8k.thinking_config(args).answer_marker == "ANSWER:"
+    model, _ = hrpo_gsm8k.load_model(args, cuda=False)
+    base = model.get_base_model()
+    assert base.config.answer_marker == "ANSWER:" and base.model.answer_marker == "ANSWER:"
+
+
 def test_a_loader_that_drops_the_thinking_config_is_named(workspace, tmp_path):
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
     model = tiny_model("qwen2", hidden_size=32)  # built with the default source, "embedding"
     with pytest.raises(hrpo_gsm8k.UsageError, match="thinking_latent_source='embedding'.*'projection'"):
         hrpo_gsm8k.check_thinking_config(model, args)
-    hrpo_gsm8k.check_thinking_config(tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args)), args)
+    hrpo_gsm8k.check_thinking_config(tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args).to_dict()), args)
 
 
 def test_transformers_backend_trains_with_trls_own_trainer_and_no_unsloth(workspace, tmp_path):
@@ -380,6 +404,19 @@ def two_stop_model(workspace):
     return folder
 
 
+def favour_token(trainer, token_id: int, bias: float) -> None:
+    """Raise the model's own logit of ``token_id`` by about ``bias`` on typical hidden states (its
+    lm_head row moves along their mean): the distribution sampled is the one scored, unlike a
+    sequence_bias in the generation config, which the on-policy check refuses."""
+    base = trainer.model.get_base_model()
+    tokenizer = trainer.processing_class
+    enc = tokenizer(["1+2=?\n", "12+30=?\n"], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        hidden = base.model(**enc).last_hidden_state[enc.attention_mask.bool()].float()
+        mean = hidden.mean(0)
+        base.lm_head.weight[token_id] += (bias * mean / mean.dot(mean)).to(base.lm_head.weight.dtype)
+
+
 def test_every_stop_id_ends_a_completion_in_the_replay_and_the_metrics(workspace, two_stop_model, tmp_path):
     import warnings
 
@@ -388,7 +425,7 @@ def test_every_stop_id_ends_a_completion_in_the_replay_and_the_metrics(workspace
     trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
     second = trainer.processing_class.convert_tokens_to_ids(SECOND_STOP)
     assert second in trainer.eos_token_ids
-    trainer.generation_config.sequence_bias = {(second,): 2.0}  # stop early on the second id, often
+    favour_token(trainer, second, 2.0)  # stop early on the second id, often
     recorded = []
     add = trainer.replay_index.add
     trainer.replay_index.add = lambda out, mask, **kw: (recorded.append((out, mask)), add(out, mask, **kw))[1]
@@ -559,7 +596,7 @@ def test_off_policy_sampling_in_half_precision_warns_above_its_bound(workspace, 
 def fake_checkpoint(workspace, out, *flags):
     """A checkpoint folder as save_run_config writes it, for a run started with ``flags``."""
     args = tiny_training_args(workspace, out, *flags)
-    model = tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args))
+    model = tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args).to_dict())
     hrpo_gsm8k.save_run_config(model, vars(args) | {"output_dir": str(out)}, out / "checkpoint-1")
     mark_complete(out / "checkpoint-1")
 
@@ -579,14 +616,16 @@ def test_resume_takes_the_thinking_options_from_the_checkpoint(workspace, tmp_pa
             "--output_dir", str(out), "--resume", "--max_steps", "5"]
     code, args = resumed_args(monkeypatch, argv)
     assert code == 0
-    assert (args.thinking_latent_source, args.lora_rank, args.residual_r_min) == ("embedding", 8, 0.95)
+    assert (args.thinking_latent_source, args.lora_rank, args.thinking_residual_r_min) == ("embedding", 8, 0.95)
     assert args.max_steps == 5  # not a setting of the model: the command line's
     code, args = resumed_args(monkeypatch, argv + ["--thinking_latent_source", "embedding"])  # the same: fine
     assert code == 0 and args.thinking_latent_source == "embedding"
 
 
-@pytest.mark.parametrize("flag, value, saved", [("--thinking_latent_source", "projection", "'embedding'"),
-                                                ("--lora_rank", "32", "8")])
+@pytest.mark.parametrize("flag, value, saved", [
+    ("--thinking_latent_source", "projection", "'embedding'"), ("--lora_rank", "32", "8"), ("--lr", "0.5", "0.01"),
+    ("--lr_scheduler_type", "linear", "'cosine'"), ("--warmup_ratio", "0.2", "0.0"), ("--max_grad_norm", "1.0", "0.1"),
+    ("--optimizer", "adamw_torch_fused", "None")])
 def test_resume_with_a_conflicting_flag_is_an_error(workspace, tmp_path, monkeypatch, capsys, flag, value, saved):
     out = tmp_path / "out"
     fake_checkpoint(workspace, out, "--thinking_latent_source", "embedding", "--lora_rank", "8")
@@ -596,6 +635,26 @@ def test_resume_with_a_conflicting_flag_is_an_error(workspace, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert code == 2 and args is None
     assert flag in err and value in err and saved in err and "checkpoint-1" in err
+
+
+def test_resume_from_a_given_checkpoint_and_a_finished_run(workspace, tmp_path, monkeypatch, capsys):
+    """--resume checkpoint-N takes that checkpoint; a finished run is reported and left as it is."""
+    out = tmp_path / "out"
+    fake_checkpoint(workspace, out, "--lora_rank", "8")
+    argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
+            "--output_dir", str(out), "--max_steps", "5", "--resume"]
+    code, args = resumed_args(monkeypatch, argv + ["checkpoint-1"])
+    assert code == 0 and args.lora_rank == 8 and hrpo_gsm8k.resume_checkpoint(args) == out / "checkpoint-1"
+    code, _ = resumed_args(monkeypatch, argv + ["checkpoint-7"])
+    assert code == 2 and "--resume checkpoint-7: no such checkpoint folder" in capsys.readouterr().err
+    (out / "log_history.json").write_text(json.dumps([{"step": 5, "loss": 0.1}]))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    code, args = resumed_args(monkeypatch, argv)
+    assert code == 0 and args is None  # nothing trained
+    assert "is finished: it finished at step 5" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    code, args = resumed_args(monkeypatch, argv + ["--max_steps", "8"])  # asked to train on
+    assert code == 0 and args is not None
 
 
 def test_rollouts_are_sampled_under_the_trainers_autocast(workspace, tmp_path):
@@ -649,7 +708,8 @@ def test_plain_grpo_arm_trains_lora_only_and_evaluates_without_thinking(workspac
     write_jsonl(make_problems(3, seed=3, difficulty=3), tmp_path / "test.jsonl")
     assert eval_gsm8k.main(["--checkpoint_path", str(tmp_path / "out" / "checkpoint-1"), "--dataset_path",
                             str(tmp_path / "test.jsonl"), "--greedy", "--max_new_tokens", "4"]) == 0
-    metrics = json.loads((tmp_path / "out" / "checkpoint-1" / "eval_results.json").read_text())["metrics"]
+    result_file = result_file_name(str(tmp_path / "test.jsonl"), "test")
+    metrics = json.loads((tmp_path / "out" / "checkpoint-1" / result_file).read_text())["metrics"]
     assert metrics["thinking"] is False and metrics["task"] == "gsm8k"
 
 
