@@ -103,6 +103,30 @@ def test_round_trip_one_line_edit(fork_copy):
     assert 'FORK_NAME = "hrpo-edited"' in marker.read_text()
 
 
+def test_a_tree_made_from_an_older_series_is_made_again(fork_copy):
+    """After a pull that changes the series, setup must not keep running the old fork code; a
+    tree with work of its own is never thrown away."""
+    folder = fork_copy / "transformers"
+    assert forks("materialize", "transformers", root=fork_copy).returncode == 0
+    tree = folder / "tree"
+    commits = lambda: subprocess.run(["git", "-C", str(tree), "rev-list", "--count", "upstream..HEAD"],  # noqa: E731
+                                     capture_output=True, text=True, check=True).stdout.strip()
+    series = (folder / ".patches").read_text().splitlines()
+    proc = forks("materialize", "transformers", root=fork_copy)
+    assert proc.returncode == 0 and "matches the series; keeping it" in proc.stdout
+    (folder / ".patches").write_text("\n".join(series[:-1]) + "\n")  # the series moved on
+    proc = forks("materialize", "transformers", root=fork_copy)
+    assert proc.returncode == 0 and "changed since" in proc.stdout, proc.stdout + proc.stderr
+    assert commits() == str(len(series) - 1)
+    marker = tree / "src" / "transformers" / "hrpo_fork.py"
+    marker.write_text(marker.read_text() + "# local work\n")
+    subprocess.run(["git", "-C", str(tree), "commit", "-qam", "fork: local work"], check=True, capture_output=True)
+    (folder / ".patches").write_text("\n".join(series) + "\n")
+    proc = forks("materialize", "transformers", root=fork_copy)
+    assert proc.returncode != 0 and "holds work of its own" in proc.stderr
+    assert "# local work" in marker.read_text()
+
+
 def no_leftovers(folder: Path) -> bool:
     return not (folder / "tree").exists() and not list(folder.glob(".tree-*"))
 

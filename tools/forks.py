@@ -8,7 +8,9 @@ line) and ``patches/*.patch`` (``git format-patch`` output, zeroed "From" hash).
   materialize  download the pinned archive once into a cache, verify its hash, unpack it
                into a git repository (commit "upstream", tag ``upstream``) and apply the
                series with ``git am``; on failure name the patch and the file, and leave
-               no tree behind.
+               no tree behind. An existing tree is kept when it matches the series, made
+               again when the series changed since it was made (after a pull), and refused
+               when it holds work that is not in the series.
   export       turn the commits (and uncommitted edits to files the series already
                touches) of a materialized tree back into the series; byte-stable.
   install      ``pip install -e`` each materialized fork into the running interpreter.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -43,6 +46,8 @@ GIT_ENV = {
     "GIT_COMMITTER_DATE": "2000-01-01T00:00:00+00:00",
 }
 SERIES_FILE = ".patches"
+# in a materialized tree's .git: the digests of the patches it was made from
+MATERIALIZED_RECORD = "hrpo-materialized.json"
 PATCH_DIR = "patches"
 
 
@@ -188,10 +193,11 @@ def failing_file(am_output: str) -> str:
 
 def materialize(fork: Fork, cache: Path = DEFAULT_CACHE, force: bool = False) -> Path:
     if fork.tree.exists():
-        if not force:
-            print(f"[forks] {fork.tree} exists; keeping it (use --force to rebuild)")
+        if force:
+            check_no_unexported_work(fork)
+        elif not needs_rebuild(fork):
+            print(f"[forks] {fork.tree} matches the series; keeping it")
             return fork.tree
-        check_no_unexported_work(fork)
         shutil.rmtree(fork.tree)
     archive = fetch_archive(fork, cache)
     staging = Path(tempfile.mkdtemp(prefix=f".tree-{fork.name}-", suffix=".tmp", dir=fork.folder))
@@ -217,12 +223,38 @@ def materialize(fork: Fork, cache: Path = DEFAULT_CACHE, force: bool = False) ->
                 out = proc.stdout + proc.stderr
                 raise ForkError(f"patch {patch} does not apply to {fork.name} {fork.version}: "
                                 f"file {failing_file(out)}\n{out.strip()}")
+        (staging / ".git" / MATERIALIZED_RECORD).write_text(json.dumps(series_digest(fork)))
         staging.rename(fork.tree)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     print(f"[forks] materialized {fork.name} {fork.version} + {len(fork.series)} patches in {fork.tree}")
     return fork.tree
+
+
+def series_digest(fork: Fork) -> list[str]:
+    """sha256 of each patch of the series, in order."""
+    return [hashlib.sha256((fork.folder / PATCH_DIR / name).read_bytes()).hexdigest() for name in fork.series]
+
+
+def needs_rebuild(fork: Fork) -> bool:
+    """An existing tree against the series: False when it is the series' tree (export gives the
+    series back). True when it is the tree of an earlier series that nobody changed since (the
+    series moved on, by a pull: a kept tree would run stale code). A tree with work of its own
+    that is not in the series is an error: export it, or rebuild with --force."""
+    if not (fork.tree / ".git").exists():
+        return True
+    dirty = git(fork.tree, "status", "--porcelain", "--untracked-files=no").stdout.strip()
+    bodies = [hashlib.sha256(body).hexdigest() for _, body in export_bytes(fork, include_dirty=False)]
+    if not dirty and bodies == series_digest(fork):
+        return False
+    record = fork.tree / ".git" / MATERIALIZED_RECORD
+    if not dirty and record.exists() and json.loads(record.read_text()) == bodies:
+        print(f"[forks] the series of {fork.name} changed since {fork.tree} was made from it: rebuilding")
+        return True
+    raise ForkError(f"{fork.tree} does not match the series in {fork.folder / SERIES_FILE} and holds work of its "
+                    f"own: run `forks.py export {fork.folder.name}` to keep it, or `forks.py materialize --force "
+                    f"{fork.folder.name}` after that (or to discard it)")
 
 
 def check_no_unexported_work(fork: Fork) -> None:
