@@ -100,3 +100,58 @@ def test_unsloth_gpu_bench_dry_run_on_cpu(tmp_path):
     checks = json.loads((tmp_path / "r.json").read_text())["checks"]
     assert checks.pop("fast paths in place") is False
     assert all(checks.values()), checks
+
+
+def test_noise_diversity_bench(tmp_path):
+    """End to end on the tiny model (a few tokens, three groups), and the JSON's structure."""
+    import json
+
+    out = run_bench("noise_diversity", "--model", "tiny-qwen2", "--prompts", "3", "--batch-prompts", "2",
+                    "--new-tokens", "4", "--json", str(tmp_path / "r.json"))
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["command"].startswith("python -m bench.noise_diversity --model tiny-qwen2")
+    assert result["threads"] >= 1 and result["torch_seeds"] == [0, 1] and result["group_size"] == 4
+    assert set(result["conditions"]) == {
+        "embedding+gaussian ours", "embedding+gaussian independent", "embedding (no noise)",
+        "embedding+top5+gumbel ours", "embedding+top5+gumbel independent", "embedding+top5 (no noise)"}
+    for summary in result["conditions"].values():
+        assert summary["groups"] == 3 and summary["rollouts"] == 12 and len(summary["per_group_distinct"]) == 3
+        assert 1 <= summary["distinct_per_group_mean"] <= 4 and 0 <= summary["all_identical_share"] <= 1
+        assert sum(summary["distinct_per_group_hist"].values()) == 3
+    assert set(result["independent_minus_ours_distinct"]) == {"embedding+gaussian", "embedding+top5+gumbel"}
+    assert "distinct/group" in out
+
+
+def test_noise_diversity_independent_keys_separate_a_groups_noise():
+    """The bench's stand-in for per-rollout noise: two rows with the same prompt and the same
+    tokens (forced by a large bias) get the same noise with our keys, and different noise at
+    every position inside independent_row_noise."""
+    import torch
+
+    from bench.noise_diversity import independent_row_noise
+    from testing.tiny import encode_prompts, tiny_model, tiny_tokenizer
+    from testing.variants import latent_variant
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("qwen2", tokenizer, **latent_variant("embedding+gaussian"))
+    enc = encode_prompts(tokenizer, ["1+2=?"] * 2)
+    first = enc.input_ids.shape[1]
+
+    def sample():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = model.generate(**enc, processing_class=tokenizer, return_thinking_embeds=True, do_sample=True,
+                                 temperature=0.5, top_k=0, max_new_tokens=3, min_new_tokens=3,
+                                 sequence_bias={(5,): 100.0})
+        assert torch.equal(out.sequences[0], out.sequences[1])
+        return out.thinking_noise[:, first:first + 2]  # the two fed completion positions
+
+    ours = sample()
+    torch.testing.assert_close(ours[0], ours[1], rtol=0, atol=1e-6)  # two rows: equal up to rounding
+    assert ours.abs().sum() > 0
+    with independent_row_noise():
+        independent = sample()
+    for position in range(2):
+        assert not torch.allclose(independent[0, position], independent[1, position])
+    ours_again = sample()  # the wrapper is gone after the block
+    torch.testing.assert_close(ours_again, ours, rtol=0, atol=1e-6)
