@@ -18,9 +18,9 @@ for each noise variant in two conditions:
                  share a draw (a bench-only stand-in for per-rollout noise; see
                  independent_row_noise)
 
-plus each variant's noise-free reference (the same latent without noise). Every condition
-gets the same prompts and the same torch seed per batch, so "ours" and "independent" also
-get the same draws for the token sampler: they differ only in the noise.
+plus a noise-free reference (--references, default the plain `embedding` latent). Every
+condition gets the same prompts and the same torch seed per batch, so "ours" and
+"independent" also get the same draws for the token sampler: they differ only in the noise.
 
 Per condition: distinct completions per group (token-exact, up to the stop token), the share
 of groups whose completions are all identical, the first position at which two rollouts of a
@@ -29,6 +29,9 @@ reward and the share of groups whose rewards are all equal (no GRPO advantage).
 
     python -m bench.noise_diversity --model smollm2                       # 64 prompts x group 4
     python -m bench.noise_diversity --model tiny-qwen2 --prompts 2 --new-tokens 4 --json r.json   (smoke run)
+
+The JSON is written after every condition; a run cut off midway continues from it (the
+conditions it holds are kept when their settings match the ones asked for now).
 """
 from __future__ import annotations
 
@@ -54,8 +57,8 @@ DEFAULT_JSON = REPO / "bench" / "results" / "noise_diversity.json"
 VARIANTS = ["embedding+gaussian", "embedding+top5+gumbel"]
 
 
-def without_noise(variant: str) -> str:
-    return "+".join(part for part in variant.split("+") if part not in ("gaussian", "gumbel"))
+# The settings a kept condition must share with the run asked for.
+SETTINGS = ("model", "prompts", "group_size", "batch_prompts", "max_new_tokens", "temperature", "seed")
 
 
 @contextlib.contextmanager
@@ -163,6 +166,8 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-qwen2", help="tiny-qwen2, tiny-llama, smollm2, or a hub name/path")
     parser.add_argument("--variants", nargs="+", default=VARIANTS,
                         help="noisy latent variants (testing/variants.py), e.g. embedding+top5+gumbel")
+    parser.add_argument("--references", nargs="*", default=["embedding"],
+                        help="noise-free latent variants sampled as references (e.g. embedding embedding+top5)")
     parser.add_argument("--prompts", type=int, default=64, help="groups: the first N problems of arith's train split")
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--batch-prompts", type=int, default=8, help="prompts (groups) per generate() call")
@@ -173,13 +178,37 @@ def main() -> None:
                         help=f"where to write the results (default for smollm2: {DEFAULT_JSON.relative_to(REPO)})")
     args = parser.parse_args()
     for variant in args.variants:
-        fields = latent_variant(variant)
-        if fields["thinking_latent_noise"] == "none":
+        if latent_variant(variant)["thinking_latent_noise"] == "none":
             parser.error(f"--variants {variant}: no noise (+gaussian or +gumbel) to compare")
+    for reference in args.references:
+        if latent_variant(reference)["thinking_latent_noise"] != "none":
+            parser.error(f"--references {reference}: a reference has no noise")
     json_path = args.json or (DEFAULT_JSON if args.model == "smollm2" else None)
 
     from hrpo.evaluation import decoding_config, trainer_stop_ids
     from hrpo.tasks import get_task
+
+    conditions = []  # (name, variant, independent)
+    for variant in args.variants:
+        conditions += [(f"{variant} ours", variant, False), (f"{variant} independent", variant, True)]
+    conditions += [(f"{reference} (no noise)", reference, False) for reference in args.references]
+
+    command = ("python -m bench.noise_diversity " + shlex.join(sys.argv[1:])).strip()
+    result = {"command": command, "model": args.model, "threads": torch.get_num_threads(),
+              "task": "arith (generated train split, first N problems)", "system_prompt": "hrpo",
+              "prompts": args.prompts, "group_size": args.group_size, "batch_prompts": args.batch_prompts,
+              "max_new_tokens": args.new_tokens, "temperature": args.temperature, "top_k": 0, "seed": args.seed,
+              "torch_seeds": [args.seed + b for b in range(-(-args.prompts // args.batch_prompts))],
+              "conditions": {}}
+    if json_path and json_path.exists():  # resume: keep the conditions of a run with the same settings
+        previous = json.loads(json_path.read_text())
+        if all(previous.get(key) == result[key] for key in SETTINGS):
+            names = [name for name, _, _ in conditions]
+            result["conditions"] = {name: previous["conditions"][name] for name in names
+                                    if name in previous.get("conditions", {})}
+            result["commands"] = previous.get("commands", [previous["command"]])
+    result.setdefault("commands", [])
+    result["commands"].append(command)
 
     task = get_task("arith")
     rows = task.load("generated", "train").select(range(args.prompts)).to_list()
@@ -187,25 +216,12 @@ def main() -> None:
     config = decoding_config(model, tokenizer, temperature=args.temperature, greedy=False,
                              max_new_tokens=args.new_tokens)
     stop_ids = set(trainer_stop_ids(model, tokenizer))
-
-    conditions = []  # (name, variant, independent)
-    for variant in args.variants:
-        conditions += [(f"{variant} ours", variant, False), (f"{variant} independent", variant, True)]
-    for reference in dict.fromkeys(without_noise(v) for v in args.variants):
-        conditions.append((f"{reference} (no noise)", reference, False))
-
-    command = "python -m bench.noise_diversity " + shlex.join(sys.argv[1:])
-    result = {"command": command.strip(), "model": args.model, "threads": torch.get_num_threads(),
-              "task": "arith (generated train split, first N problems)", "system_prompt": "hrpo",
-              "prompts": args.prompts, "group_size": args.group_size, "batch_prompts": args.batch_prompts,
-              "max_new_tokens": args.new_tokens, "temperature": args.temperature, "top_k": 0,
-              "torch_seeds": [args.seed + b for b in range((args.prompts + args.batch_prompts - 1)
-                                                            // args.batch_prompts)],
-              "conditions": {}}
     print(f"{args.model}: {args.prompts} prompts x group {args.group_size}, {args.new_tokens} tokens, "
-          f"T = {args.temperature}, {result['threads']} threads, torch seeds {args.seed}..")
-    start_all = time.perf_counter()
+          f"T = {args.temperature}, {result['threads']} threads, torch seeds from {args.seed}")
     for name, variant, independent in conditions:
+        if name in result["conditions"]:
+            print(f"  {name}: kept from {json_path}", flush=True)
+            continue
         for key, value in latent_variant(variant).items():
             setattr(model.config, key, value)
         start = time.perf_counter()
@@ -213,10 +229,12 @@ def main() -> None:
             groups = sample_groups(model, tokenizer, task, rows, args, config, stop_ids)
         summary = summarize(groups, args.group_size)
         summary.update(variant=variant, keys="independent per row" if independent else "ours (token-keyed)",
-                       seconds=round(time.perf_counter() - start, 1))
+                       seconds=round(time.perf_counter() - start, 1), threads=torch.get_num_threads())
         result["conditions"][name] = summary
         print(f"  {name}: {summary['seconds']} s", flush=True)
-    result["seconds_total"] = round(time.perf_counter() - start_all, 1)
+        if json_path:
+            json_path.write_text(json.dumps(result, indent=2) + "\n")
+    result["seconds_total"] = round(sum(s["seconds"] for s in result["conditions"].values()), 1)
     result["independent_minus_ours_distinct"] = {
         variant: paired_difference(result["conditions"][f"{variant} ours"]["per_group_distinct"],
                                    result["conditions"][f"{variant} independent"]["per_group_distinct"])
@@ -233,7 +251,7 @@ def main() -> None:
         print(f"{variant}: independent - ours, distinct per group {d['mean']:+.3f} ± {d['standard_error']:.3f} "
               f"(paired by prompt and seed; more in {d['groups_more_distinct']} groups, "
               f"fewer in {d['groups_fewer_distinct']})")
-    print(f"total {result['seconds_total']} s")
+    print(f"sampling time {result['seconds_total']} s over {len(result['conditions'])} conditions")
     if json_path:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {json_path}")

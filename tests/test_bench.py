@@ -103,23 +103,31 @@ def test_unsloth_gpu_bench_dry_run_on_cpu(tmp_path):
 
 
 def test_noise_diversity_bench(tmp_path):
-    """End to end on the tiny model (a few tokens, three groups), and the JSON's structure."""
+    """End to end on the tiny model (a few tokens, three groups), the JSON's structure, and a
+    second run that keeps the finished conditions and samples only the one it adds."""
     import json
 
-    out = run_bench("noise_diversity", "--model", "tiny-qwen2", "--prompts", "3", "--batch-prompts", "2",
-                    "--new-tokens", "4", "--json", str(tmp_path / "r.json"))
+    args = ["--model", "tiny-qwen2", "--prompts", "3", "--batch-prompts", "2", "--new-tokens", "4",
+            "--json", str(tmp_path / "r.json")]
+    out = run_bench("noise_diversity", *args)
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["command"].startswith("python -m bench.noise_diversity --model tiny-qwen2")
     assert result["threads"] >= 1 and result["torch_seeds"] == [0, 1] and result["group_size"] == 4
-    assert set(result["conditions"]) == {
-        "embedding+gaussian ours", "embedding+gaussian independent", "embedding (no noise)",
-        "embedding+top5+gumbel ours", "embedding+top5+gumbel independent", "embedding+top5 (no noise)"}
+    noisy = {"embedding+gaussian", "embedding+top5+gumbel"}
+    assert set(result["conditions"]) == {f"{v} {keys}" for v in noisy for keys in ("ours", "independent")} | {
+        "embedding (no noise)"}
     for summary in result["conditions"].values():
         assert summary["groups"] == 3 and summary["rollouts"] == 12 and len(summary["per_group_distinct"]) == 3
         assert 1 <= summary["distinct_per_group_mean"] <= 4 and 0 <= summary["all_identical_share"] <= 1
-        assert sum(summary["distinct_per_group_hist"].values()) == 3
-    assert set(result["independent_minus_ours_distinct"]) == {"embedding+gaussian", "embedding+top5+gumbel"}
+        assert sum(summary["distinct_per_group_hist"].values()) == 3 and summary["seconds"] > 0
+    assert set(result["independent_minus_ours_distinct"]) == noisy
     assert "distinct/group" in out
+
+    out = run_bench("noise_diversity", *args, "--references", "embedding", "embedding+top5")
+    again = json.loads((tmp_path / "r.json").read_text())
+    assert out.count("kept from") == 5 and "embedding+top5 (no noise)" in again["conditions"]
+    assert {k: again["conditions"][k] for k in result["conditions"]} == result["conditions"]
+    assert len(again["commands"]) == 2
 
 
 def test_noise_diversity_independent_keys_separate_a_groups_noise():
