@@ -8,22 +8,9 @@
 hrpo_gsm8k.py with the math task's defaults: --task math and longer completions
 (--max_completion_length 2048); every other flag and default is hrpo_gsm8k.py's.
 """
-from __future__ import annotations
-
 import sys
 
-import hrpo_gsm8k
-
-DEFAULTS = {"task": "math", "max_completion_length": 2048}
-
-
-def build_parser():
-    return hrpo_gsm8k.parser_with_defaults(__doc__, **DEFAULTS)
-
-
-def main(argv=None) -> int:
-    return hrpo_gsm8k.main(argv, make_parser=build_parser)
-
+from hrpo.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(description=__doc__, task="math", max_completion_length=2048))

@@ -8,22 +8,9 @@
 hrpo_gsm8k.py with the mmlu task's defaults (--task mmlu); every other flag and default is
 hrpo_gsm8k.py's.
 """
-from __future__ import annotations
-
 import sys
 
-import hrpo_gsm8k
-
-DEFAULTS = {"task": "mmlu"}
-
-
-def build_parser():
-    return hrpo_gsm8k.parser_with_defaults(__doc__, **DEFAULTS)
-
-
-def main(argv=None) -> int:
-    return hrpo_gsm8k.main(argv, make_parser=build_parser)
-
+from hrpo.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(description=__doc__, task="mmlu"))

@@ -93,14 +93,14 @@ def command_for(arm: str, seed: int, model: str, settings: list[str], folder: Pa
 
 def changed_settings(recorded: str, wanted: list[str]) -> dict:
     """The training settings in which a finished run's recorded command differs from the one
-    wanted now, as {flag: (recorded, wanted)}: both parsed by hrpo_gsm8k.py's own parser, so
+    wanted now, as {field: (recorded, wanted)}: both parsed by the training parser, so
     the order of flags and repeated flags (the last one wins) do not matter. Where the run
     is written is not a setting."""
-    import hrpo_gsm8k
+    from hrpo.config import parse_settings
 
     def parsed(command: list[str]) -> dict:
         script = next(i for i, token in enumerate(command) if token.endswith("hrpo_gsm8k.py"))
-        values = vars(hrpo_gsm8k.build_parser().parse_args(command[script + 1:]))
+        values = parse_settings(command[script + 1:]).flat()
         values.pop("output_dir", None)
         return values
 

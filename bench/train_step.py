@@ -62,23 +62,27 @@ def run_child(variant: str, model: Path, data: Path, steps: int, new_tokens: int
 
 
 def run_variant(variant: str, model: str, data: Path, steps: int, new_tokens: int) -> dict:
-    """In a child process: build the trainer the way hrpo_gsm8k.py does and train."""
-    import hrpo_gsm8k  # noqa: F401  (imports unsloth first)
+    """In a child process: build the trainer the way a training run does and train."""
     import torch
+
+    from hrpo.backend import import_unsloth
+
+    import_unsloth(torch.cuda.is_available())
+    from hrpo.config import parse_settings
+    from hrpo.training import build_trainer
 
     source = {"plain_grpo": "embedding", "hrpo_embedding": "embedding", "hrpo_projection": "projection"}[variant]
     out = Path(tempfile.mkdtemp()) / "out"
-    args = hrpo_gsm8k.build_parser().parse_args([
+    settings = parse_settings([
         "--model_name", model, "--dataset_path", str(data), "--output_dir", str(out), "--max_steps", str(steps),
         "--group_size", "4", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
         "--max_completion_length", str(new_tokens), "--max_prompt_length", "512", "--lora_rank", "8",
         "--warmup_ratio", "0", "--save_steps", "100000", "--thinking_latent_source", source])
-    args.output_dir = out
 
     def fixed_length_reward(completions, **_):
         return [float(i % 2) for i in range(len(completions))]
 
-    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[fixed_length_reward])
+    trainer = build_trainer(settings, reward_funcs=[fixed_length_reward])
     # forced length, every step doing the same work: no stop at EOS (min_new_tokens would reshape the
     # sampling distribution, which the trainer's on-policy check refuses)
     trainer.generation_config.eos_token_id = None

@@ -20,6 +20,15 @@ class CheckpointError(ValueError):
     pass
 
 
+def write_run_settings(model, record: dict, folder) -> None:
+    """The model config (with the thinking fields) and the run's settings (``record``) in ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.save_pretrained(folder)
+    (folder / RUN_SETTINGS).write_text(json.dumps(record, indent=2))
+
+
 def adapter_config_for(model, folder: Path):
     """The adapter's config, its modules_to_save limited to modules the model has.
 
@@ -209,7 +218,7 @@ def save_complete_checkpoint(trainer, save, model, trial) -> None:
     """The trainer's ``_save_checkpoint``, kill-safe (``save``: the parent class's method).
 
     A rewritten checkpoint-N loses its marker before anything is written; the trainer writes
-    the folder (every process its own part); then ``trainer.checkpoint_extras(folder)`` (the
+    the folder (every process its own part); then ``trainer.save_run_settings(folder)`` (the
     thinking config and run settings); after a barrier the saving process marks it complete;
     only then are old checkpoints rotated out (the trainer's own rotation, which could delete
     the last complete checkpoint while the new one is still partial, is held back)."""
@@ -225,9 +234,8 @@ def save_complete_checkpoint(trainer, save, model, trial) -> None:
         save(model, trial)
     finally:
         args.save_total_limit = keep
-    extras = getattr(trainer, "checkpoint_extras", None)
-    if args.should_save and extras is not None:
-        extras(folder)
+    if args.should_save and hasattr(trainer, "save_run_settings"):
+        trainer.save_run_settings(folder)
     trainer.accelerator.wait_for_everyone()  # every process's files (RNG states, ZeRO/FSDP shards) are there
     if args.should_save:
         mark_complete(folder, trainer.state.global_step)

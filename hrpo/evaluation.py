@@ -100,3 +100,52 @@ def evaluate_rows(model, tokenizer, task: Task, rows: list[dict], *, system_prom
                "thinking": thinking, "greedy": greedy, "temperature": temperature, "max_new_tokens": max_new_tokens,
                "system_prompt": system_prompt, "seconds": round(time.time() - start, 1)}
     return {"metrics": metrics, "examples": examples}
+
+
+class HeldOutEvaluation:
+    """A trainer mixin: ``evaluate()`` is the greedy held-out accuracy of the model being trained
+    (decoding as trained), so the trainer's own schedule runs it (``--eval_on_start``,
+    ``--eval_strategy steps --eval_steps N``), its metrics are logged with the training ones
+    (``eval_accuracy``), and each result is written to ``eval_step<N>.json`` in the output folder.
+
+    Set ``held_out`` (a ``HeldOut``) after building the trainer; without it there is nothing to
+    evaluate."""
+
+    held_out: HeldOut | None = None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval",
+                 file_name: str | None = None) -> dict:
+        import json
+
+        if self.held_out is None or not self.held_out.rows:
+            return {}
+        spec = self.held_out
+        model = self.accelerator.unwrap_model(self.model)
+        result = evaluate_rows(model, self.processing_class, spec.task, spec.rows, system_prompt=spec.system_prompt,
+                               thinking=spec.thinking, greedy=True, temperature=self.args.temperature,
+                               max_new_tokens=self.args.max_completion_length,
+                               batch_size=self.args.per_device_train_batch_size * 4)
+        step = self.state.global_step
+        result["metrics"].update(step=step, **spec.source)
+        m = result["metrics"]
+        answered = sum(example["predicted"] is not None for example in result["examples"])
+        metrics = {f"{metric_key_prefix}_accuracy": m["accuracy"],
+                   f"{metric_key_prefix}_answered": answered / max(m["total"], 1),
+                   f"{metric_key_prefix}_runtime": m["seconds"]}
+        if self.args.should_save:  # every rank evaluates (sharded forwards are collectives), one writes
+            folder = Path(self.args.output_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / (file_name or f"eval_step{step}.json")).write_text(json.dumps(result, indent=2))
+            print(f"[hrpo] held-out accuracy at step {step}: {m['accuracy']:.3f} ({m['correct']}/{m['total']}, "
+                  f"greedy, {m['seconds']:.0f} s)", flush=True)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class HeldOut:
+    """The held-out rows of a run and how to grade them ({"dataset_path", "split"}: the real split)."""
+
+    def __init__(self, rows: list[dict], source: dict, task: Task, system_prompt: str, thinking: bool):
+        self.rows, self.source, self.task = rows, source, task
+        self.system_prompt, self.thinking = system_prompt, thinking

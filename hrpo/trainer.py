@@ -28,11 +28,14 @@ import warnings
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers.hybrid_thinking.config import ThinkingConfig, thinking_enabled
 from transformers.hybrid_thinking.generation import deterministic_projection
 from transformers.hybrid_thinking.modeling import PROJECTION_MODULE, THINKING_INPUTS, HybridThinkingMixin
 from trl import GRPOTrainer
 
-from .checkpoint import load_trained_adapter, save_complete_checkpoint
+from .checkpoint import load_trained_adapter, save_complete_checkpoint, write_run_settings
+from .evaluation import HeldOutEvaluation
+from .model_card import latest_evaluation, write_model_card
 from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
 from .sampling import check_sampling_distribution, distribution_changes
 
@@ -138,12 +141,61 @@ def default_monitor_every(args) -> int:
     return 10 * max(1, int(args.logging_steps or 1))
 
 
-class GRPOTrainerWithCompleteCheckpoints(GRPOTrainer):
+def base_model_name(model) -> str | None:
+    """The base model an adapter goes on: what the adapter config records (the loader reads
+    it), else the base model config's ``_name_or_path``."""
+    adapter = getattr(model, "peft_config", {}).get("default")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(adapter, "base_model_name_or_path", None) or getattr(base.config, "_name_or_path", None) or None
+
+
+def thinking_settings(config) -> dict | None:
+    """Every hybrid-thinking field of a model config, or None for upstream's plain model."""
+    return ThinkingConfig.from_config(config).to_dict() if thinking_enabled(config) else None
+
+
+class HRPOModelCardMixin:
+    """Our model card (``hrpo.model_card``) wherever TRL or transformers would write theirs:
+    ``create_model_card`` (TRL calls it before each checkpoint, ``push_to_hub`` before the
+    upload) and after ``save_model``, whose PEFT ``save_pretrained`` rewrites a folder's
+    README.md (its own template, or our card with its tags replaced). The main process writes."""
+
+    hrpo_task: str | None = None  # set by whoever builds the trainer
+    hrpo_dataset: str | None = None
+
+    def model_card_facts(self, folder) -> dict:
+        model = self.accelerator.unwrap_model(self.model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return {"base_model": base_model_name(model) or "unknown", "task": getattr(self, "hrpo_task", None),
+                "dataset": getattr(self, "hrpo_dataset", None), "thinking": thinking_settings(base.config),
+                "evaluation": latest_evaluation(folder),
+                "hub_model_id": getattr(self, "hub_model_id", None) or self.args.hub_model_id}
+
+    def write_hrpo_model_card(self, folder) -> None:
+        if self.is_world_process_zero():
+            write_model_card(folder, **self.model_card_facts(folder))
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        """In place of TRL's card (its arguments are not used: the card describes the run)."""
+        self.write_hrpo_model_card(self.args.output_dir)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        self.write_hrpo_model_card(self.args.output_dir if output_dir is None else output_dir)
+
+
+class GRPOTrainerWithCompleteCheckpoints(HeldOutEvaluation, HRPOModelCardMixin, GRPOTrainer):
     """The plain-GRPO baseline: the trainer itself, with kill-safe checkpoints and a resume
     that restores the trained adapter (``hrpo.checkpoint``), refusing a sampling distribution
-    that the loss does not score (``hrpo.sampling``)."""
+    that the loss does not score (``hrpo.sampling``), writing our model card."""
 
-    checkpoint_extras = None  # callable(folder), run by the saving process before the completion marker
+    run_settings: dict | None = None  # the run-settings file's content, written beside each checkpoint
+
+    def save_run_settings(self, folder) -> None:
+        """The model config (with the thinking fields) and the run's settings, beside an adapter,
+        so that eval_gsm8k.py and --resume rebuild the run from the folder alone."""
+        if self.run_settings is not None:
+            write_run_settings(self.accelerator.unwrap_model(self.model), self.run_settings, folder)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

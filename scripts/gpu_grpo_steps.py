@@ -1,4 +1,4 @@
-"""Three GRPO steps of hrpo_gsm8k.py through unsloth on a CUDA machine (gpu_checks.sh):
+"""Three GRPO steps of a training run (hrpo.train) through unsloth on a CUDA machine (gpu_checks.sh):
 wall time, peak memory, and whether every thinking module was updated.
 
     python -m scripts.gpu_grpo_steps WORK OUT    # WORK holds model/ and data/train.jsonl; writes OUT/grpo_3_steps.json
@@ -11,7 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-import hrpo_gsm8k
+import torch
+
+from hrpo.backend import import_unsloth
+
+import_unsloth(torch.cuda.is_available())  # first: it patches transformers and TRL
+from hrpo.config import parse_settings  # noqa: E402
+from hrpo.training import build_trainer  # noqa: E402
 
 
 def length_reward(completions, **_):
@@ -22,15 +28,13 @@ def length_reward(completions, **_):
 
 
 def run_args(work: Path, run: Path):
-    args = hrpo_gsm8k.build_parser().parse_args([
+    return parse_settings([
         "--model_name", str(work / "model"), "--dataset_path", str(work / "data" / "train.jsonl"),
         "--output_dir", str(run), "--max_steps", "3", "--group_size", "4", "--per_device_train_batch_size", "8",
         "--gradient_accumulation_steps", "1", "--max_completion_length", "64", "--thinking_latent_source",
         "projection", "--backend", "unsloth", "--logging_steps", "1", "--save_steps", "3", "--warmup_ratio", "0",
         "--lr", "1e-3", "--lr_residual_gate", "1e-3", "--lr_residual_Lambda", "1e-3", "--lr_thinking_projection",
         "1e-3"])
-    args.output_dir = run
-    return args
 
 
 def updated_thinking_modules(base_file: Path, adapter_file: Path) -> dict[str, bool]:
@@ -57,7 +61,7 @@ def main(work: Path, out: Path) -> int:
 
     run = work / "run"
     start = time.perf_counter()
-    trainer = hrpo_gsm8k.build_trainer(run_args(work, run), reward_funcs=[length_reward])
+    trainer = build_trainer(run_args(work, run), reward_funcs=[length_reward])
     trainer.train()
     trainer.save_model(str(run))
     history = trainer.state.log_history

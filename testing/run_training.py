@@ -1,7 +1,7 @@
-"""hrpo_gsm8k.py's command line, for tests that run training in child processes (kill,
+"""hrpo.train's command line, for tests that run training in child processes (kill,
 resume, several processes):
 
-    python -m testing.run_training [--kill-in-save STEP] [--step-delay S] [--record DIR] -- <hrpo_gsm8k.py flags>
+    python -m testing.run_training [--kill-in-save STEP] [--step-delay S] [--record DIR] -- <training flags>
 
 - The reward is the completion length (it varies inside every group, so every step has a
   gradient; the tiny model never writes a right answer).
@@ -108,14 +108,14 @@ def main() -> int:
     ours, rest = parser.parse_known_args()
     flags = rest[1:] if rest[:1] == ["--"] else rest
 
-    import hrpo_gsm8k
+    from hrpo import train, training
 
-    build = hrpo_gsm8k.build_trainer
+    build = training.build_trainer
 
-    def build_trainer(args, reward_funcs=None):
+    def build_trainer(settings, reward_funcs=None):
         from transformers import Trainer, TrainerCallback
 
-        trainer = build(args, reward_funcs=[length_reward])
+        trainer = build(settings, reward_funcs=[length_reward])
         if ours.kill_in_save is not None:
             save_rng = Trainer._save_rng_state
 
@@ -136,8 +136,8 @@ def main() -> int:
             trainer.add_callback(recorder(trainer, ours.record))
         return trainer
 
-    hrpo_gsm8k.build_trainer = build_trainer
-    return hrpo_gsm8k.main(flags)
+    training.build_trainer = build_trainer
+    return train.main(flags)
 
 
 if __name__ == "__main__":

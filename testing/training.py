@@ -1,4 +1,4 @@
-"""Short training runs of hrpo_gsm8k.py on a tiny model: the workspace, the flags, a reward
+"""Short training runs (hrpo.train) on a tiny model: the workspace, the flags, a reward
 and what to compare afterwards.
 
 Importing it does not import transformers: the training entry points import unsloth first.
@@ -21,19 +21,21 @@ def save_training_workspace(root: Path, problems: int = 16) -> Path:
     return root
 
 
-def tiny_training_args(workspace: Path, out: Path, *extra: str):
-    """hrpo_gsm8k.py's arguments for one step on ``workspace``, every rate high enough to move."""
-    import hrpo_gsm8k
-
-    argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
+def tiny_training_argv(workspace: Path, out: Path, *extra: str) -> list[str]:
+    """The command line of one training step on ``workspace``, every rate high enough to move."""
+    return ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
             "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "4",
             "--gradient_accumulation_steps", "2", "--group_size", "4", "--max_completion_length", "10",
             "--max_prompt_length", "512", "--lora_rank", "4", "--lr", "1e-2", "--lr_residual_gate", "1e-2",
             "--lr_residual_Lambda", "1e-2", "--lr_thinking_projection", "1e-2", "--warmup_ratio", "0",
             "--save_steps", "1", *extra]
-    args = hrpo_gsm8k.build_parser().parse_args(argv)
-    args.output_dir = Path(args.output_dir)
-    return args
+
+
+def tiny_training_args(workspace: Path, out: Path, *extra: str):
+    """The settings (``hrpo.config.Settings``) of one training step on ``workspace``."""
+    from hrpo.config import parse_settings
+
+    return parse_settings(tiny_training_argv(workspace, out, *extra))
 
 
 def length_reward(completions, **_):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 def main(arch: str, source: str, packing: str, out_path: str) -> None:
     os.environ["UNSLOTH_GRPO_SEQ_PACKING"] = packing
-    os.environ["UNSLOTH_GRPO_PREFIX_GROUPER"] = "0"  # as hrpo_gsm8k.py sets it
+    os.environ["UNSLOTH_GRPO_PREFIX_GROUPER"] = "0"  # as hrpo.backend.import_unsloth sets it
     import torch
     from testing import unsloth_cpu
 

@@ -1,10 +1,10 @@
 """Bad input is an error before the model loads: it names the setting and the value, and
-writes nothing into the output folder (hrpo_gsm8k.py's command line, in-process)."""
+writes nothing into the output folder (the training command line, in-process)."""
 from pathlib import Path
 
 import pytest
 
-import hrpo_gsm8k
+from hrpo import train, training
 from testing.training import save_training_workspace
 
 
@@ -16,17 +16,19 @@ def workspace(tmp_path_factory):
     MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2).save_pretrained(root / "mistral")
     (root / "a-file").write_text("not a folder")
+    (root / "bad.yaml").write_text("lr: -0.5\n")  # an alias, as a key
+    (root / "unknown.yaml").write_text("no_such_setting: 3\n")
     return root
 
 
 CASES = [
-    (["--lr", "-1"], "--lr -1.0: expected a value > 0"),
+    (["--lr", "-1"], "--learning_rate -1.0: expected a value > 0"),
     (["--beta", "-1"], "--beta -1.0: expected a value >= 0"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: expected a value > 0"),
     (["--max_completion_length", "0"], "--max_completion_length 0: expected a value > 0"),
     (["--temperature", "0"], "--temperature 0.0: expected a value > 0"),
     (["--report_to", "wandbb"], "--report_to wandbb: wandbb is not one of"),
-    (["--optimizer", "adamw_bogus"], "--optimizer adamw_bogus: not one of transformers' OptimizerNames"),
+    (["--optimizer", "adamw_bogus"], "--optim adamw_bogus: not one of transformers' OptimizerNames"),
     (["--lr_scheduler_type", "cosinee"], "--lr_scheduler_type cosinee: not one of transformers' SchedulerType"),
     (["--output_dir", "{ws}/a-file"], "--output_dir {ws}/a-file: is a file, expected a folder"),
     (["--hybrid_thinking", "off", "--thinking_latent_source", "embedding"],
@@ -37,10 +39,18 @@ CASES = [
     (["--eval_on_start"], "--eval_on_start: no effect without --eval_samples"),
     (["--eval_samples", "4"], "--eval_samples 4: the training data {ws}/train.jsonl is a single file, which has no "
                               "held-out split"),
-    (["--model_name", "{ws}/mistral"], "--model_name {ws}/mistral: a mistral model; HRPO's thinking modules exist for qwen2 and llama"),
-    (["--model_name", "ws/no-such-model"], "--model_name ws/no-such-model: no such model folder"),
+    (["--model_name", "{ws}/mistral"], "--model_name_or_path {ws}/mistral: a mistral model; HRPO's thinking modules exist for qwen2 and llama"),
+    (["--model_name", "ws/no-such-model"], "--model_name_or_path ws/no-such-model: no such model folder"),
     (["--thinking_latent_noise", "gaussian"], "thinking_latent_noise='gaussian' needs thinking_latent_noise_scale > 0"),
-    (["--group_size", "3"], "--group_size 3 does not divide"),
+    (["--group_size", "3"], "generation_batch_size (4) must be divisible by num_generations (3)"),
+    (["--eval_strategy", "steps", "--eval_steps", "2"], "--eval_strategy steps: no effect without --eval_samples"),
+    (["--use_peft", "false"], "--use_peft false: HRPO trains a LoRA adapter"),
+    (["--lora_dropout", "1"], "--lora_dropout 1.0: expected a value in [0, 1)"),
+    (["--reward_funcs", "nodots"], "--reward_funcs nodots: expected an import path package.module.function"),
+    (["--load_in_4bit"], "--load_in_4bit / --load_in_8bit: bitsandbytes quantization needs CUDA"),
+    (["--use_vllm"], "--use_vllm: HRPO samples with the fork's hybrid generate()"),
+    (["--config", "{ws}/bad.yaml"], "--learning_rate -0.5: expected a value > 0"),
+    (["--config", "{ws}/unknown.yaml"], "Unknown arguments from config file: ['--no_such_setting', '3']"),
 ]
 
 
@@ -50,8 +60,8 @@ def test_bad_input_is_named_before_the_model_loads_and_writes_nothing(workspace,
     def no_weights(*args, **kwargs):
         raise AssertionError("the model's weights were loaded")
 
-    monkeypatch.setattr(hrpo_gsm8k, "load_with_unsloth", no_weights)
-    monkeypatch.setattr(hrpo_gsm8k, "load_with_transformers", no_weights)
+    monkeypatch.setattr(training, "load_with_unsloth", no_weights)
+    monkeypatch.setattr(training, "load_with_transformers", no_weights)
     monkeypatch.chdir(workspace.parent)
     (workspace.parent / "ws").mkdir(exist_ok=True)  # "ws/..." starts like a folder here: a local path
     out = tmp_path / "out"
@@ -59,7 +69,7 @@ def test_bad_input_is_named_before_the_model_loads_and_writes_nothing(workspace,
             "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "4",
             "--gradient_accumulation_steps", "1"]
     argv += [flag.format(ws=workspace) for flag in flags]
-    assert hrpo_gsm8k.main(argv) == 2
+    assert train.main(argv) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert message.format(ws=workspace) in err, err
     assert not out.exists() or not any(out.iterdir())
@@ -71,10 +81,10 @@ def test_the_script_imports_unsloth_before_transformers_and_stops_before_the_mod
 
     from testing.processes import run_child
 
-    argv = [sys.executable, str(Path(hrpo_gsm8k.__file__)), "--model_name", str(workspace / "model"),
+    argv = [sys.executable, str(Path(__file__).resolve().parent.parent / "hrpo_gsm8k.py"), "--model_name", str(workspace / "model"),
             "--dataset_path", str(workspace / "train.jsonl"), "--output_dir", str(tmp_path / "out"), "--lr", "-1"]
     proc = run_child(argv, timeout=300, what="hrpo_gsm8k.py with a bad flag", check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "--lr -1.0: expected a value > 0" in proc.stderr
+    assert "--learning_rate -1.0: expected a value > 0" in proc.stderr
     assert "should be imported before" not in proc.stderr + proc.stdout
     assert not (tmp_path / "out").exists()

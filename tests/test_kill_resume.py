@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import hrpo_gsm8k
+from hrpo import train, training
 from hrpo.checkpoint import (COMPLETE_MARKER, discard_checkpoint, incomplete_reason, latest_complete_checkpoint,
                              mark_complete, rotate_checkpoints)
 from testing.processes import run_child
@@ -89,7 +89,7 @@ def test_rotation_keeps_the_newest_complete_ones_and_drops_stale_partials(tmp_pa
 def test_resume_without_a_complete_checkpoint_names_the_partial_one(tmp_path, capsys):
     fake_folder(tmp_path / "out", 3, complete=False)
     argv = ["--model_name", "x", "--output_dir", str(tmp_path / "out"), "--resume"]
-    assert hrpo_gsm8k.main(argv) == 2
+    assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert "no complete checkpoint" in err and "checkpoint-3 is partial (no completion marker" in err
     assert "--mark-complete" in err
@@ -113,11 +113,11 @@ def test_resume_loads_the_trained_adapter_and_thinking_modules_into_the_optimize
     on resume, loaded only the subfolders: LoRA and the thinking modules restarted from their
     initial weights while the optimizer state and step counter came back."""
     workspace = save_training_workspace(tmp_path / "ws")
-    trained = hrpo_gsm8k.build_trainer(tiny_training_args(workspace, tmp_path / "out"), reward_funcs=[length_reward])
+    trained = training.build_trainer(tiny_training_args(workspace, tmp_path / "out"), reward_funcs=[length_reward])
     trained.train()
     checkpoint = tmp_path / "out" / "checkpoint-1"
     assert (checkpoint / "ref" / "adapter_config.json").exists() and incomplete_reason(checkpoint) is None
-    resumed = hrpo_gsm8k.build_trainer(tiny_training_args(workspace, tmp_path / "out2"), reward_funcs=[length_reward])
+    resumed = training.build_trainer(tiny_training_args(workspace, tmp_path / "out2"), reward_funcs=[length_reward])
     resumed._load_from_checkpoint(str(checkpoint))
     want, got = trainable(trained.model), trainable(resumed.model)
     assert want.keys() == got.keys() and {module_of(n) for n in got} >= {"lora", "thinking_projection"}

@@ -438,11 +438,11 @@ def workspace(tmp_path_factory):
 def test_training_step_with_the_options_replays_exactly_and_saves_them(workspace, tmp_path, source, flags):
     import json
 
-    import hrpo_gsm8k
+    from hrpo import training
     from testing.training import length_reward, tiny_training_args
 
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", source, *flags)
-    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
     trainer.train()
     assert len(trainer.replay_logprob_diffs) == 2 and max(trainer.replay_logprob_diffs) <= 1e-4
     logged = trainer.state.log_history[0]
@@ -460,11 +460,11 @@ def test_training_step_with_the_options_replays_exactly_and_saves_them(workspace
     (["--thinking_latent_source", "projection", "--thinking_latent_topk", "5"], "thinking_latent_topk"),
 ])
 def test_bad_option_flags_are_named_before_training(workspace, tmp_path, capsys, flags, named):
-    import hrpo_gsm8k
+    from hrpo import train
 
     argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
             "--output_dir", str(tmp_path / "out"), *flags]
-    assert hrpo_gsm8k.main(argv) == 2
+    assert train.main(argv) == 2
     assert named in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -488,24 +488,26 @@ def test_resuming_a_checkpoint_from_before_the_options_keeps_their_defaults(work
     flag that sets them conflicts with the checkpoint instead of changing the run midway."""
     import json
 
-    import hrpo_gsm8k
-    from hrpo.checkpoint import mark_complete
+    from hrpo import train, training
+    from hrpo.checkpoint import RUN_SETTINGS, mark_complete, write_run_settings
     from testing.training import tiny_training_args
 
     out = tmp_path / "out"
     args = tiny_training_args(workspace, out, "--thinking_latent_source", "embedding")
-    model = tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args).to_dict())
-    hrpo_gsm8k.save_run_config(model, vars(args) | {"output_dir": str(out)}, out / "checkpoint-1")
-    for name in ("config.json", hrpo_gsm8k.RUN_CONFIG):  # as written before the options existed
-        path = out / "checkpoint-1" / name
-        saved = json.loads(path.read_text())
-        for key in ("thinking_latent_topk", "thinking_latent_noise", "thinking_latent_noise_scale"):
-            saved.pop(key, None)
-        path.write_text(json.dumps(saved))
+    model = tiny_model("qwen2", hidden_size=32, **args.thinking.to_dict())
+    write_run_settings(model, training.run_settings_record(args), out / "checkpoint-1")
+    options = ("thinking_latent_topk", "thinking_latent_noise", "thinking_latent_noise_scale")
+    path = out / "checkpoint-1" / "config.json"  # as written before the options existed
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k not in options}))
+    path = out / "checkpoint-1" / RUN_SETTINGS
+    saved = json.loads(path.read_text())
+    saved["settings"] = {k: v for k, v in saved["settings"].items() if k not in options}
+    saved["given"] = [k for k in saved["given"] if k not in options]
+    path.write_text(json.dumps(saved))
     mark_complete(out / "checkpoint-1")
-    monkeypatch.setattr(hrpo_gsm8k, "train", lambda args: None)
+    monkeypatch.setattr(training, "train", lambda settings: None)
     argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
             "--output_dir", str(out), "--resume"]
-    assert hrpo_gsm8k.main(argv) == 0
-    assert hrpo_gsm8k.main(argv + ["--thinking_latent_topk", "5"]) == 2
+    assert train.main(argv) == 0
+    assert train.main(argv + ["--thinking_latent_topk", "5"]) == 2
     assert "--thinking_latent_topk" in capsys.readouterr().err

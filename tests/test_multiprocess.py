@@ -1,4 +1,4 @@
-"""hrpo_gsm8k.py in two processes (`accelerate launch`, DDP over gloo on CPU), on the tiny model.
+"""A training run in two processes (`accelerate launch`, DDP over gloo on CPU), on the tiny model.
 
 The `projection` latent source (all four thinking modules). Every thinking module takes part
 in every replay forward, as DDP with find_unused_parameters=False needs; the other sources
@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
-import hrpo_gsm8k
+from hrpo import training
+from hrpo.config import parse_settings
 from testing import module_env
 from testing.processes import run_child
 from testing.training import length_reward, module_of, save_training_workspace
@@ -127,9 +128,8 @@ def test_accumulation_over_two_ranks_gives_one_processs_update_on_the_same_rollo
     from transformers.hybrid_thinking.generation import HybridGenerateOutput
 
     root, records = ddp
-    args = hrpo_gsm8k.build_parser().parse_args(flags(root, tmp_path / "one", accumulation=4))
-    args.output_dir, args.max_steps = Path(args.output_dir), 1
-    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    args = parse_settings(flags(root, tmp_path / "one", accumulation=4) + ["--max_steps", "1"])
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
     pad_id = trainer.processing_class.pad_token_id
     rollouts = merged_rollouts([records[0, 1]["generations"][0], records[1, 1]["generations"][0]], pad_id)
     prompt_mask = rollouts.pop("prompt_mask")
@@ -203,7 +203,7 @@ def test_synced_sampling_steps_every_rank_until_all_are_done(tmp_path):
     ("fsdp", "FSDP", {"fsdp_version": 2, "fsdp_state_dict_type": "FULL_STATE_DICT"})])
 def test_each_accelerate_config_reads_as_its_kind(name, kind, extra):
     """The configs are read by accelerate's own loader; the sharded ones leave the optimizer,
-    the accumulation and the clipping to hrpo_gsm8k.py (patch.py's six groups)."""
+    the accumulation and the clipping to a training run (hrpo/optimizer.py's six groups)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     config = load_config_from_file(str(REPO / "configs" / f"{name}.yaml"))

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from transformers.hybrid_thinking.config import ThinkingConfig
 from transformers.hybrid_thinking.modeling import thinking_module_names
 
-from patch import parameter_groups
+from hrpo.optimizer import parameter_groups
 from testing import module_env
 from testing.processes import run_child
 from testing.tiny import QUESTIONS, encode_prompts, tiny_model, tiny_tokenizer

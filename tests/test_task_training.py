@@ -1,14 +1,17 @@
 """hrpo_math.py and hrpo_mmlu.py: their defaults, one training step each on a tiny model
-(CPU), and an offline evaluation of the checkpoint through eval_gsm8k.py."""
+(CPU), and an offline evaluation of the checkpoint (hrpo.evaluate, eval_gsm8k.py's code). The
+scripts are run as a user runs them, in this process (runpy), not imported."""
 import json
 
 import pytest
 
-import eval_gsm8k
-import hrpo_gsm8k
+import runpy
+import sys
+from pathlib import Path
+
+from hrpo import evaluate as evaluation_cli
+from hrpo import train
 from hrpo.evaluation import result_file_name
-import hrpo_math
-import hrpo_mmlu
 from hrpo.data import write_jsonl
 from testing.task_rows import ARC_ROWS, MMLU_ROWS, OBQA_ROWS, PROBLEMS, REFERENCES, write_math_folder
 from testing.tiny import PLAIN_CHAT_TEMPLATE, save_tiny_chat_model
@@ -26,19 +29,42 @@ def tiny_argv(model, data, out, *extra):
             "--save_steps", "1", *extra]
 
 
-def test_the_task_scripts_only_change_defaults():
-    base = vars(hrpo_gsm8k.build_parser().parse_args([]))
-    math_args = vars(hrpo_math.build_parser().parse_args([]))
-    mmlu_args = vars(hrpo_mmlu.build_parser().parse_args([]))
-    assert {k: v for k, v in math_args.items() if base[k] != v} == {"task": "math", "max_completion_length": 2048}
-    assert {k: v for k, v in mmlu_args.items() if base[k] != v} == {"task": "mmlu"}
-    assert hrpo_math.build_parser().parse_args(["--max_completion_length", "64"]).max_completion_length == 64
-    assert "MATH" in hrpo_math.build_parser().format_help()
-    assert "multiple-choice" in hrpo_mmlu.build_parser().format_help()
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_script(name: str, argv: list[str]) -> int:
+    """``python NAME ARGV`` in this process."""
+    old = sys.argv
+    sys.argv = [str(REPO / name), *map(str, argv)]
+    try:
+        runpy.run_path(str(REPO / name), run_name="__main__")
+    except SystemExit as exit_:
+        return exit_.code
+    finally:
+        sys.argv = old
+    raise AssertionError(f"{name} did not exit")
+
+
+def test_the_task_scripts_only_change_defaults(monkeypatch):
+    from hrpo.config import parse_settings, settings_parser
+
+    seen = {}
+    monkeypatch.setattr(train, "main", lambda argv=None, description=None, **defaults: seen.update(
+        {"description": description, "defaults": defaults}) or 0)
+    flat = {}
+    for script in ("hrpo_gsm8k.py", "hrpo_math.py", "hrpo_mmlu.py"):
+        assert run_script(script, []) == 0
+        flat[script] = (parse_settings([], settings_parser(**seen["defaults"])).flat(), seen["description"])
+    base = flat["hrpo_gsm8k.py"][0]
+    changed = {script: {k: v for k, v in values.items() if base[k] != v} for script, (values, _) in flat.items()}
+    assert changed["hrpo_math.py"] == {"task": "math", "dataset_path": "EleutherAI/hendrycks_math",
+                                       "max_completion_length": 2048}
+    assert changed["hrpo_mmlu.py"] == {"task": "mmlu", "dataset_path": "cais/mmlu"}
+    assert "MATH" in flat["hrpo_math.py"][1] and "multiple-choice" in flat["hrpo_mmlu.py"][1]
 
 
 def evaluate(checkpoint, data, count):
-    code = eval_gsm8k.main(["--checkpoint_path", str(checkpoint), "--dataset_path", str(data), "--split", "test",
+    code = evaluation_cli.main(["--checkpoint_path", str(checkpoint), "--dataset_path", str(data), "--split", "test",
                             "--batch_size", "2", "--greedy", "--max_new_tokens", "6", "--num_samples", str(count)])
     assert code == 0
     return json.loads((checkpoint / result_file_name(str(data), "test")).read_text())
@@ -47,7 +73,7 @@ def evaluate(checkpoint, data, count):
 def test_math_one_step_and_evaluation(model_dir, tmp_path):
     root = write_math_folder(tmp_path / "MATH", "train", PROBLEMS[:4])
     out = tmp_path / "out"
-    assert hrpo_math.main(tiny_argv(model_dir, root, out)) == 0
+    assert run_script("hrpo_math.py", tiny_argv(model_dir, root, out)) == 0
     run = json.loads((out / "hrpo_run.json").read_text())
     assert run["task"] == "math" and run["max_completion_length"] == 8
     logged = json.loads((out / "log_history.json").read_text())[0]
@@ -66,7 +92,7 @@ def test_math_one_step_and_evaluation(model_dir, tmp_path):
 def test_mmlu_one_step_and_evaluation_on_each_layout(model_dir, tmp_path):
     write_jsonl([{"train": row} for row in MMLU_ROWS], tmp_path / "auxiliary_train.jsonl")
     out = tmp_path / "out"
-    assert hrpo_mmlu.main(tiny_argv(model_dir, tmp_path / "auxiliary_train.jsonl", out)) == 0
+    assert run_script("hrpo_mmlu.py", tiny_argv(model_dir, tmp_path / "auxiliary_train.jsonl", out)) == 0
     run = json.loads((out / "hrpo_run.json").read_text())
     assert run["task"] == "mmlu"
     assert "rewards/mmlu_reward/mean" in json.loads((out / "log_history.json").read_text())[0]
@@ -80,9 +106,9 @@ def test_mmlu_one_step_and_evaluation_on_each_layout(model_dir, tmp_path):
 
 def test_bad_data_stops_the_task_scripts_before_training(model_dir, tmp_path, capsys):
     write_jsonl([{"problem": "q?", "solution": "no box"}], tmp_path / "bad_math.jsonl")
-    assert hrpo_math.main(tiny_argv(model_dir, tmp_path / "bad_math.jsonl", tmp_path / "out")) == 2
+    assert run_script("hrpo_math.py", tiny_argv(model_dir, tmp_path / "bad_math.jsonl", tmp_path / "out")) == 2
     assert "bad_math.jsonl, row 0" in capsys.readouterr().err
     write_jsonl([{**MMLU_ROWS[0], "choices": ["one"], "answer": 0}], tmp_path / "bad_mc.jsonl")
-    assert hrpo_mmlu.main(tiny_argv(model_dir, tmp_path / "bad_mc.jsonl", tmp_path / "out")) == 2
+    assert run_script("hrpo_mmlu.py", tiny_argv(model_dir, tmp_path / "bad_mc.jsonl", tmp_path / "out")) == 2
     assert "bad_mc.jsonl, row 0: 1 choice(s)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -82,13 +82,12 @@ def test_make_arith_data_script_writes_the_generated_splits(tmp_path):
 def test_the_training_defaults_are_hrpos_recipe(tmp_path):
     """loss aggregation per sequence ("grpo", TRL 1.15 defaults to "dapo"), Adam betas
     (0.9, 0.99), HRPO's prompt; each a flag."""
-    import hrpo_gsm8k
+    from hrpo.config import parse_settings
 
-    args = hrpo_gsm8k.build_parser().parse_args(["--output_dir", str(tmp_path)])
-    config = hrpo_gsm8k.grpo_config(args, cuda=False)
+    settings = parse_settings(["--output_dir", str(tmp_path)])
+    config = settings.training
     assert (config.loss_type, config.adam_beta1, config.adam_beta2) == ("grpo", 0.9, 0.99)
     assert (config.top_k, config.top_p, config.temperature, config.beta) == (0, 1.0, 0.5, 0.005)
-    assert args.system_prompt == "hrpo" and args.hybrid_thinking == "on"
-    changed = hrpo_gsm8k.build_parser().parse_args(["--loss_type", "dapo", "--adam_beta2", "0.999"])
-    changed.output_dir = tmp_path
-    assert hrpo_gsm8k.grpo_config(changed, cuda=False).loss_type == "dapo"
+    assert settings.task.system_prompt == "hrpo" and config.hybrid_thinking == "on"
+    changed = parse_settings(["--loss_type", "dapo", "--adam_beta2", "0.999", "--output_dir", str(tmp_path)])
+    assert (changed.training.loss_type, changed.training.adam_beta2) == ("dapo", 0.999)

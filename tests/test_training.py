@@ -1,4 +1,4 @@
-"""GRPO training through hrpo_gsm8k.py's code path on a tiny model (CPU, unsloth's CPU mode)."""
+"""GRPO training through the training code path (hrpo.training) on a tiny model (CPU, unsloth's CPU mode)."""
 import copy
 import json
 import types
@@ -8,14 +8,18 @@ import pytest
 import torch
 from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
-import hrpo_gsm8k
+from hrpo import config as hrpo_config
+from hrpo import evaluate as evaluation_cli
+from hrpo import train as hrpo_train
+from hrpo import training
 from hrpo.evaluation import result_file_name
-from hrpo.checkpoint import mark_complete
+from hrpo.checkpoint import latest_complete_checkpoint, mark_complete, write_run_settings
 from hrpo.data import write_jsonl
 from hrpo.tasks.arith import make_problems
-from patch import parameter_groups, patch_trainer_optimizer
+from hrpo.optimizer import parameter_groups, patch_trainer_optimizer
 from testing.tiny import PLAIN_CHAT_TEMPLATE, encode_prompts, tiny_model, tiny_tokenizer
-from testing.training import length_reward, module_of, save_training_workspace, tiny_training_args, trainable
+from testing.training import (length_reward, module_of, save_training_workspace, tiny_training_args, tiny_training_argv,
+                              trainable)
 
 REPO = Path(__file__).resolve().parent.parent
 COSINE = "thinking_projection/cosine_to_embedding_latent"
@@ -88,7 +92,7 @@ def test_one_training_step_trains_every_thinking_module_and_lora(workspace, tmp_
                                                                  checkpointing):
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", source, "--backend", backend,
                     "--gradient_checkpointing", checkpointing)
-    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
     recorder = GradientRecorder()
     trainer.add_callback(recorder.callback(trainer))
     before = {n: p.detach().clone() for n, p in trainable(trainer.model).items()}
@@ -118,7 +122,7 @@ def test_checkpoint_reloads_and_reproduces_logits(workspace, tmp_path):
     from hrpo.checkpoint import load_checkpoint
 
     args = tiny_training_args(workspace, tmp_path / "out")
-    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
     trainer.train()
     checkpoint = tmp_path / "out" / "checkpoint-1"
     assert (checkpoint / "adapter_model.safetensors").exists() and (checkpoint / "config.json").exists()
@@ -138,12 +142,12 @@ def test_checkpoint_reloads_and_reproduces_logits(workspace, tmp_path):
 
 def test_resume_continues_step_counter_and_optimizer_state(workspace, tmp_path):
     out = tmp_path / "out"
-    assert hrpo_gsm8k.main([*map(str, cli_argv(workspace, out))]) == 0
+    assert hrpo_train.main(tiny_training_argv(workspace, out)) == 0
     saved = torch.load(out / "checkpoint-1" / "optimizer.pt", weights_only=False)
 
     args = tiny_training_args(workspace, out, "--resume")
-    args.max_steps = 2
-    trainer = hrpo_gsm8k.build_trainer(args)
+    args.training.max_steps = 2
+    trainer = training.build_trainer(args)
     seen = {}
     from transformers import TrainerCallback
 
@@ -154,7 +158,7 @@ def test_resume_continues_step_counter_and_optimizer_state(workspace, tmp_path):
                 seen["state"] = copy.deepcopy(trainer.optimizer.state_dict()["state"])  # live tensors
 
     trainer.add_callback(Probe())
-    trainer.train(resume_from_checkpoint=str(hrpo_gsm8k.last_checkpoint(out)))
+    trainer.train(resume_from_checkpoint=str(latest_complete_checkpoint(out)[0]))
     assert seen["step"] == 1 and trainer.state.global_step == 2
     for key, value in saved["state"].items():
         for field in ("exp_avg", "exp_avg_sq"):
@@ -162,15 +166,13 @@ def test_resume_continues_step_counter_and_optimizer_state(workspace, tmp_path):
 
 
 def cli_argv(workspace, out, *extra):
-    args = tiny_training_args(workspace, out, *extra)
-    return [x for k, v in vars(args).items() if k not in ("resume",) and v is not None and not isinstance(v, bool)
-            for x in (f"--{k}", str(v))]
+    return tiny_training_argv(workspace, out, *extra)
 
 
 # ---------------------------------------------------------------- bad input
 
 def run_main(capsys, argv):
-    code = hrpo_gsm8k.main(argv)
+    code = hrpo_train.main(argv)
     return code, capsys.readouterr().err
 
 
@@ -220,14 +222,13 @@ def test_group_size_and_model_path_errors(workspace, tmp_path, capsys):
 # ---------------------------------------------------------------- evaluation and plots
 
 def test_eval_writes_results_next_to_checkpoint(workspace, tmp_path, capsys):
-    import eval_gsm8k
 
     args = tiny_training_args(workspace, tmp_path / "out")
-    hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward]).train()
+    training.build_trainer(args, reward_funcs=[length_reward]).train()
     checkpoint = tmp_path / "out" / "checkpoint-1"
     write_jsonl(make_problems(5, seed=3, difficulty=3), tmp_path / "test.jsonl")
     for thinking in ("on", "off"):
-        code = eval_gsm8k.main(["--checkpoint_path", str(checkpoint), "--dataset_path", str(tmp_path / "test.jsonl"),
+        code = evaluation_cli.main(["--checkpoint_path", str(checkpoint), "--dataset_path", str(tmp_path / "test.jsonl"),
                                 "--split", "test", "--batch_size", "2", "--greedy", "--max_new_tokens", "8",
                                 "--thinking", thinking])
         assert code == 0
@@ -235,14 +236,14 @@ def test_eval_writes_results_next_to_checkpoint(workspace, tmp_path, capsys):
         assert result["metrics"]["total"] == 5 and result["metrics"]["thinking"] == (thinking == "on")
         assert 0.0 <= result["metrics"]["accuracy"] <= 1.0
         assert len(result["examples"]) == 5 and {"completion", "reference", "correct"} <= set(result["examples"][0])
-    assert eval_gsm8k.main(["--checkpoint_path", str(tmp_path), "--dataset_path", str(tmp_path / "test.jsonl")]) == 2
+    assert evaluation_cli.main(["--checkpoint_path", str(tmp_path), "--dataset_path", str(tmp_path / "test.jsonl")]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
     # without --dataset_path: the run trained on a single local file, which has no held-out split
     quick = ["--checkpoint_path", str(checkpoint), "--batch_size", "2", "--greedy", "--max_new_tokens", "4",
              "--num_samples", "2"]
-    assert eval_gsm8k.main(quick) == 2
+    assert evaluation_cli.main(quick) == 2
     assert "is a single file, which has no held-out split" in " ".join(capsys.readouterr().err.split())
-    assert eval_gsm8k.main(quick + ["--eval_on_train_data"]) == 0
+    assert evaluation_cli.main(quick + ["--eval_on_train_data"]) == 0
     scored = json.loads((checkpoint / result_file_name(str(workspace / "train.jsonl"), "train")).read_text())
     assert scored["metrics"]["split"] == "train" and scored["metrics"]["dataset_path"] == str(workspace / "train.jsonl")
 
@@ -267,7 +268,7 @@ def test_trainer_refuses_a_forward_that_ignores_the_thinking_inputs(workspace, t
     monkeypatch.setattr(HybridThinkingMixin, "mix_thinking_inputs",
                         lambda self, embeds, *a, **k: (embeds, None))
     with pytest.raises(RuntimeError, match="does not apply the HRPO thinking inputs"):
-        hrpo_gsm8k.build_trainer(tiny_training_args(workspace, tmp_path / "out"))
+        training.build_trainer(tiny_training_args(workspace, tmp_path / "out"))
 
 
 def test_long_prompts_are_left_out_and_all_too_long_is_an_error(workspace, tmp_path, capsys):
@@ -282,12 +283,12 @@ def test_long_prompts_are_left_out_and_all_too_long_is_an_error(workspace, tmp_p
                              add_special_tokens=False).input_ids) for p in dataset["prompt"]]
     cut = sorted(lengths)[len(lengths) // 2]
     args = tiny_training_args(workspace, tmp_path / "out", "--max_prompt_length", str(cut))
-    kept = hrpo_gsm8k.filter_long_prompts(args, dataset, tokenizer)
+    kept = training.filter_long_prompts(args, dataset, tokenizer)
     assert len(kept) == sum(n <= cut for n in lengths) < len(dataset)
     assert "left out" in capsys.readouterr().out
-    args.max_prompt_length = min(lengths) - 1
+    args.training.max_prompt_length = min(lengths) - 1
     with pytest.raises(DataError, match="--max_prompt_length"):
-        hrpo_gsm8k.filter_long_prompts(args, dataset, tokenizer)
+        training.filter_long_prompts(args, dataset, tokenizer)
 
 
 def test_unreachable_hub_dataset_is_a_clear_error(monkeypatch):
@@ -307,10 +308,13 @@ def test_the_answer_marker_reaches_the_model_config_from_the_task(workspace, tmp
     from hrpo.tasks import get_task
 
     task = dataclasses.replace(get_task("arith"), answer_marker="ANSWER:")
-    monkeypatch.setattr(hrpo_gsm8k, "get_task", lambda name: task)
+    import hrpo.tasks
+
+    monkeypatch.setattr(hrpo.tasks, "get_task", lambda name: task)  # what parsing reads
+    monkeypatch.setattr(training, "get_task", lambda name: task)
     args = tiny_training_args(workspace, tmp_path / "out", "--task", "arith")
-    assert hrpo_gsm8k.thinking_config(args).answer_marker == "ANSWER:"
-    model, _ = hrpo_gsm8k.load_model(args, cuda=False)
+    assert args.thinking.answer_marker == "ANSWER:"
+    model, _ = training.load_model(args, cuda=False)
     base = model.get_base_model()
     assert base.config.answer_marker == "ANSWER:" and base.model.answer_marker == "ANSWER:"
 
@@ -318,9 +322,9 @@ def test_the_answer_marker_reaches_the_model_config_from_the_task(workspace, tmp
 def test_a_loader_that_drops_the_thinking_config_is_named(workspace, tmp_path):
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
     model = tiny_model("qwen2", hidden_size=32)  # built with the default source, "embedding"
-    with pytest.raises(hrpo_gsm8k.UsageError, match="thinking_latent_source='embedding'.*'projection'"):
-        hrpo_gsm8k.check_thinking_config(model, args)
-    hrpo_gsm8k.check_thinking_config(tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args).to_dict()), args)
+    with pytest.raises(hrpo_config.UsageError, match="thinking_latent_source='embedding'.*'projection'"):
+        training.check_thinking_config(model, args)
+    training.check_thinking_config(tiny_model("qwen2", hidden_size=32, **args.thinking.to_dict()), args)
 
 
 def test_transformers_backend_trains_with_trls_own_trainer_and_no_unsloth(workspace, tmp_path):
@@ -331,11 +335,11 @@ def test_transformers_backend_trains_with_trls_own_trainer_and_no_unsloth(worksp
 
     script = f"""
 import sys
-import hrpo_gsm8k
+from hrpo import training
 from pathlib import Path
 from testing.training import length_reward, tiny_training_args
 args = tiny_training_args(Path({str(workspace)!r}), Path({str(tmp_path / "out")!r}), "--backend", "transformers")
-trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+trainer = training.build_trainer(args, reward_funcs=[length_reward])
 print("unsloth imported:", any(m == "unsloth" or m.startswith("unsloth.") for m in sys.modules))
 grpo_bases = [c for c in type(trainer).__mro__ if c.__name__.endswith("GRPOTrainer") and not c.__module__.startswith("hrpo")]
 print("base:", grpo_bases[0].__module__)
@@ -373,13 +377,15 @@ def model_without_thinking_weights(workspace):
 def test_same_seed_gives_the_same_thinking_modules(workspace, model_without_thinking_weights, tmp_path, backend):
     """The thinking modules are initialised when the model is built: after the seed."""
     if backend == "auto":
-        hrpo_gsm8k.import_unsloth(cuda=False)
+        from hrpo.backend import import_unsloth
+
+        import_unsloth(cuda=False)
     loads = {}
     for run, seed in (("a", 42), ("b", 42), ("c", 7)):
         torch.randn(17)  # the global RNG stream moves on between loads, as it does in a process
         args = tiny_training_args(workspace, tmp_path / run, "--seed", str(seed), "--backend", backend,
                         "--thinking_latent_source", "projection", "--model_name", str(model_without_thinking_weights))
-        model, _ = hrpo_gsm8k.load_model(args, cuda=False)
+        model, _ = training.load_model(args, cuda=False)
         loads[run] = thinking_parameters(model)
     assert loads["a"] and loads["a"].keys() == loads["b"].keys() == loads["c"].keys()
     assert all(torch.equal(loads["a"][n], loads["b"][n]) for n in loads["a"])
@@ -422,7 +428,7 @@ def test_every_stop_id_ends_a_completion_in_the_replay_and_the_metrics(workspace
 
     args = tiny_training_args(workspace, tmp_path / "out", "--model_name", str(two_stop_model),
                     "--thinking_latent_source", "projection")
-    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
     second = trainer.processing_class.convert_tokens_to_ids(SECOND_STOP)
     assert second in trainer.eos_token_ids
     favour_token(trainer, second, 2.0)  # stop early on the second id, often
@@ -458,14 +464,14 @@ def test_start_up_check_refuses_a_forward_without_the_hidden_state(workspace, tm
     drop_last_hidden_state(monkeypatch)
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
     with pytest.raises(RuntimeError, match="returned no last_hidden_state"):
-        hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+        training.build_trainer(args, reward_funcs=[length_reward])
     embedding = tiny_training_args(workspace, tmp_path / "out2", "--thinking_latent_source", "embedding")
-    hrpo_gsm8k.build_trainer(embedding, reward_funcs=[length_reward])  # needs no hidden state
+    training.build_trainer(embedding, reward_funcs=[length_reward])  # needs no hidden state
 
 
 def test_a_rollout_that_fell_back_to_the_embedding_method_stops_training(workspace, tmp_path, monkeypatch):
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
-    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
     drop_last_hidden_state(monkeypatch)  # after the start-up check: generation falls back
     with pytest.raises(RuntimeError, match="sampled with thinking_latent_source='embedding'.*'projection'"):
         trainer.train()
@@ -478,7 +484,7 @@ def test_a_rollout_that_fell_back_to_the_embedding_method_stops_training(workspa
 def test_thinking_monitor_runs_occasionally_by_default(workspace, tmp_path, flag, logged):
     extra = ["--thinking_monitor_every", flag] if flag is not None else []
     args = tiny_training_args(workspace, tmp_path / "out", "--max_steps", "2", "--thinking_latent_source", "projection", *extra)
-    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
     trainer.train()
     rows = [row for row in trainer.state.log_history if "reward" in row]
     assert [COSINE in row for row in rows] == logged
@@ -491,7 +497,7 @@ def test_cosine_metric_compares_the_embedding_latent_with_the_latent_fed(workspa
     extra = ["--thinking_latent_noise", noise, "--thinking_latent_noise_scale", "0.5"] if noise != "none" else []
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "embedding_plus_projection",
                               "--backend", "transformers", *extra)
-    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
     trainer.train()
     base = trainer.thinking_base
     tokenizer = trainer.processing_class
@@ -517,14 +523,14 @@ def test_cosine_metric_compares_the_embedding_latent_with_the_latent_fed(workspa
 
 
 def test_help_says_how_often_the_thinking_monitor_runs():
-    text = " ".join(hrpo_gsm8k.build_parser().format_help().split())
+    text = " ".join(hrpo_config.settings_parser().format_help().split())
     assert "--thinking_monitor_every" in text and "every 10 x --logging_steps; 0: never" in text
 
 
 def test_replay_check_is_recorded_on_the_first_iteration_only(workspace, tmp_path):
     """With num_iterations 2 the second pass over a generation batch is off-policy."""
     args = tiny_training_args(workspace, tmp_path / "out", "--max_steps", "2", "--thinking_latent_source", "projection")
-    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
     trainer.args.num_iterations = trainer.num_iterations = 2
     trainer.train()
     assert len(trainer.replay_logprob_diffs) == 2 and max(trainer.replay_logprob_diffs) <= 1e-4  # 2 micro-batches
@@ -552,7 +558,7 @@ def test_a_models_own_sampling_settings_do_not_reach_the_rollouts(workspace, tmp
     leaky = workspace_with_generation_config(workspace, tmp_path / "ws", min_p=0.2, no_repeat_ngram_size=2,
                                              repetition_penalty=1.3, top_k=3)
     args = tiny_training_args(leaky, tmp_path / "out", "--hybrid_thinking", hybrid)
-    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
     model = trainer.accelerator.unwrap_model(trainer.model)
     merged, _ = model._prepare_generation_config(trainer.generation_config)  # what generate() will use
     assert (merged.min_p, merged.no_repeat_ngram_size, merged.repetition_penalty, merged.top_k) == (0.0, 0, 1.0, 0)
@@ -566,14 +572,14 @@ def test_a_sampling_setting_without_a_neutral_value_stops_the_run_before_trainin
     leaky = workspace_with_generation_config(workspace, tmp_path / "ws", suppress_tokens=[5, 6])
     args = tiny_training_args(leaky, tmp_path / "out", "--hybrid_thinking", hybrid)
     with pytest.raises(ValueError, match=r"suppress_tokens=\[5, 6\].*generation_config.json.*off-policy"):
-        hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+        training.build_trainer(args, reward_funcs=[length_reward])
 
 
 def test_off_policy_sampling_in_float32_fails_the_first_step(workspace, tmp_path):
     """A leak that gets past the start-up check (here a top-k set on the trainer's own
     generation config) shows up as a replay gap, an error before the first update."""
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
-    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
     before = {n: p.detach().clone() for n, p in trainable(trainer.model).items()}
     trainer.generation_config.top_k = 3
     with pytest.raises(RuntimeError, match=r"on-policy check.*step 0.*float32.*top_k': 3"):
@@ -583,7 +589,7 @@ def test_off_policy_sampling_in_float32_fails_the_first_step(workspace, tmp_path
 
 def test_off_policy_sampling_in_half_precision_warns_above_its_bound(workspace, tmp_path):
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
-    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
     trainer.args.bf16 = True  # judged as half precision; the gap itself is made by hand
     trainer._first_checked_step = None
     with pytest.warns(UserWarning, match="half precision"):
@@ -594,17 +600,17 @@ def test_off_policy_sampling_in_half_precision_warns_above_its_bound(workspace, 
 # ---------------------------------------------------------------- resume takes the checkpoint's settings
 
 def fake_checkpoint(workspace, out, *flags):
-    """A checkpoint folder as save_run_config writes it, for a run started with ``flags``."""
+    """A checkpoint folder as the trainer writes it, for a run started with ``flags``."""
     args = tiny_training_args(workspace, out, *flags)
-    model = tiny_model("qwen2", hidden_size=32, **hrpo_gsm8k.thinking_config(args).to_dict())
-    hrpo_gsm8k.save_run_config(model, vars(args) | {"output_dir": str(out)}, out / "checkpoint-1")
+    model = tiny_model("qwen2", hidden_size=32, **args.thinking.to_dict())
+    write_run_settings(model, training.run_settings_record(args), out / "checkpoint-1")
     mark_complete(out / "checkpoint-1")
 
 
 def resumed_args(monkeypatch, argv):
     seen = {}
-    monkeypatch.setattr(hrpo_gsm8k, "train", lambda args: seen.setdefault("args", args))
-    code = hrpo_gsm8k.main(argv)
+    monkeypatch.setattr(training, "train", lambda settings: seen.setdefault("args", settings))
+    code = hrpo_train.main(argv)
     return code, seen.get("args")
 
 
@@ -616,17 +622,21 @@ def test_resume_takes_the_thinking_options_from_the_checkpoint(workspace, tmp_pa
             "--output_dir", str(out), "--resume", "--max_steps", "5"]
     code, args = resumed_args(monkeypatch, argv)
     assert code == 0
-    assert (args.thinking_latent_source, args.lora_rank, args.thinking_residual_r_min) == ("embedding", 8, 0.95)
-    assert args.max_steps == 5  # not a setting of the model: the command line's
+    assert (args.thinking.thinking_latent_source, args.model.lora_r, args.thinking.thinking_residual_r_min) == (
+        "embedding", 8, 0.95)
+    assert args.training.max_steps == 5  # not a setting of the model: the command line's
     code, args = resumed_args(monkeypatch, argv + ["--thinking_latent_source", "embedding"])  # the same: fine
-    assert code == 0 and args.thinking_latent_source == "embedding"
+    assert code == 0 and args.thinking.thinking_latent_source == "embedding"
 
 
-@pytest.mark.parametrize("flag, value, saved", [
-    ("--thinking_latent_source", "projection", "'embedding'"), ("--lora_rank", "32", "8"), ("--lr", "0.5", "0.01"),
-    ("--lr_scheduler_type", "linear", "'cosine'"), ("--warmup_ratio", "0.2", "0.0"), ("--max_grad_norm", "1.0", "0.1"),
-    ("--optimizer", "adamw_torch_fused", "None")])
-def test_resume_with_a_conflicting_flag_is_an_error(workspace, tmp_path, monkeypatch, capsys, flag, value, saved):
+@pytest.mark.parametrize("flag, value, name, saved", [
+    ("--thinking_latent_source", "projection", "thinking_latent_source", "'embedding'"),
+    ("--lora_rank", "32", "lora_r", "8"), ("--lr", "0.5", "learning_rate", "0.01"),
+    ("--lr_scheduler_type", "linear", "lr_scheduler_type", "'cosine'"), ("--warmup_ratio", "0.2", "warmup_steps", "0.0"),
+    ("--max_grad_norm", "1.0", "max_grad_norm", "0.1"), ("--optimizer", "sgd", "optim", "'adamw_torch"),
+    ("--adam_beta2", "0.9", "adam_beta2", "0.99"), ("--num_iterations", "2", "num_iterations", "1"),
+    ("--seed", "7", "seed", "42"), ("--max_completion_length", "12", "max_completion_length", "10")])
+def test_resume_with_a_conflicting_flag_is_an_error(workspace, tmp_path, monkeypatch, capsys, flag, value, name, saved):
     out = tmp_path / "out"
     fake_checkpoint(workspace, out, "--thinking_latent_source", "embedding", "--lora_rank", "8")
     argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
@@ -634,7 +644,7 @@ def test_resume_with_a_conflicting_flag_is_an_error(workspace, tmp_path, monkeyp
     code, args = resumed_args(monkeypatch, argv)
     err = capsys.readouterr().err
     assert code == 2 and args is None
-    assert flag in err and value in err and saved in err and "checkpoint-1" in err
+    assert f"--{name} " in err and value in err and saved in err and "checkpoint-1" in err
 
 
 def test_resume_from_a_given_checkpoint_and_a_finished_run(workspace, tmp_path, monkeypatch, capsys):
@@ -644,7 +654,7 @@ def test_resume_from_a_given_checkpoint_and_a_finished_run(workspace, tmp_path, 
     argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
             "--output_dir", str(out), "--max_steps", "5", "--resume"]
     code, args = resumed_args(monkeypatch, argv + ["checkpoint-1"])
-    assert code == 0 and args.lora_rank == 8 and hrpo_gsm8k.resume_checkpoint(args) == out / "checkpoint-1"
+    assert code == 0 and args.model.lora_r == 8 and training.resume_checkpoint(args) == out / "checkpoint-1"
     code, _ = resumed_args(monkeypatch, argv + ["checkpoint-7"])
     assert code == 2 and "--resume checkpoint-7: no such checkpoint folder" in capsys.readouterr().err
     (out / "log_history.json").write_text(json.dumps([{"step": 5, "loss": 0.1}]))
@@ -662,7 +672,7 @@ def test_rollouts_are_sampled_under_the_trainers_autocast(workspace, tmp_path):
     under the same context so that the on-policy check compares like with like."""
     import contextlib
 
-    trainer = hrpo_gsm8k.build_trainer(tiny_training_args(workspace, tmp_path / "out"), reward_funcs=[length_reward])
+    trainer = training.build_trainer(tiny_training_args(workspace, tmp_path / "out"), reward_funcs=[length_reward])
     inside = []
     original_autocast = trainer.accelerator.autocast
 
@@ -694,19 +704,18 @@ def test_rollouts_are_sampled_under_the_trainers_autocast(workspace, tmp_path):
 def test_plain_grpo_arm_trains_lora_only_and_evaluates_without_thinking(workspace, tmp_path):
     """--hybrid_thinking off: TRL's own GRPOTrainer, the thinking modules untouched, and the
     checkpoint evaluates as trained (plain decoding) without being told."""
-    import eval_gsm8k
     from trl import GRPOTrainer
 
     from hrpo.trainer import HRPOTrainer
 
     args = tiny_training_args(workspace, tmp_path / "out", "--hybrid_thinking", "off")
-    trainer = hrpo_gsm8k.build_trainer(args, reward_funcs=[length_reward])
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
     assert isinstance(trainer, GRPOTrainer) and not isinstance(trainer, HRPOTrainer)
     assert {module_of(n) for n in trainable(trainer.model)} == {"lora"}
     trainer.train()
-    trainer.checkpoint_extras(tmp_path / "out" / "checkpoint-1")
+    trainer.save_run_settings(tmp_path / "out" / "checkpoint-1")
     write_jsonl(make_problems(3, seed=3, difficulty=3), tmp_path / "test.jsonl")
-    assert eval_gsm8k.main(["--checkpoint_path", str(tmp_path / "out" / "checkpoint-1"), "--dataset_path",
+    assert evaluation_cli.main(["--checkpoint_path", str(tmp_path / "out" / "checkpoint-1"), "--dataset_path",
                             str(tmp_path / "test.jsonl"), "--greedy", "--max_new_tokens", "4"]) == 0
     result_file = result_file_name(str(tmp_path / "test.jsonl"), "test")
     metrics = json.loads((tmp_path / "out" / "checkpoint-1" / result_file).read_text())["metrics"]
@@ -714,12 +723,11 @@ def test_plain_grpo_arm_trains_lora_only_and_evaluates_without_thinking(workspac
 
 
 def test_every_optimiser_and_schedule_flag_reaches_trls_config(tmp_path):
-    args = hrpo_gsm8k.build_parser().parse_args([
+    config = hrpo_config.parse_settings([
         "--lr", "3e-4", "--beta", "0.02", "--weight_decay", "0.05", "--warmup_ratio", "0.2",
         "--lr_scheduler_type", "constant_with_warmup", "--max_grad_norm", "0.5", "--adam_beta1", "0.8",
         "--adam_beta2", "0.95", "--loss_type", "dr_grpo", "--temperature", "0.7", "--group_size", "2",
-        "--output_dir", str(tmp_path)])
-    config = hrpo_gsm8k.grpo_config(args, cuda=False)
+        "--output_dir", str(tmp_path)]).training
     assert (config.learning_rate, config.beta, config.weight_decay, config.warmup_steps) == (3e-4, 0.02, 0.05, 0.2)
     assert config.lr_scheduler_type.value == "constant_with_warmup"
     assert (config.max_grad_norm, config.adam_beta1, config.adam_beta2) == (0.5, 0.8, 0.95)

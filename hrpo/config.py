@@ -1,0 +1,435 @@
+"""A run's settings: TRL's config dataclasses with HRPO's published recipe as their defaults.
+
+Four dataclasses, parsed together by ``settings_parser`` (TRL's ``TrlParser``: every field is
+a flag, ``--config recipe.yaml`` sets any of them, and flags given after it win):
+
+- ``TaskArguments``: the task, its data, prompt and reward functions, held-out evaluation data;
+- ``HRPOModelConfig`` (TRL's ``ModelConfig``): the model and its LoRA adapter;
+- ``HRPOConfig`` (TRL's ``GRPOConfig``, so every GRPO and ``TrainingArguments`` option): the
+  training run, with HRPO's learning rates for the thinking modules, hybrid thinking on or off,
+  the model-loading backend and held-out evaluation;
+- ``ThinkingConfig`` (the transformers fork's): the hybrid-thinking fields, saved with the model.
+
+Each dataclass checks its own values when it is made; ``check_settings`` checks what spans
+them. Both run before any model, tokenizer or data is loaded. Flags of earlier versions and
+of HRPO's scripts (``--lr``, ``--group_size``, ``--lora_rank``, ``--model_name``, ...) are
+aliases of TRL's names.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from trl import GRPOConfig, ModelConfig, TrlParser
+
+from . import LORA_TARGETS
+from .tasks import SYSTEM_PROMPTS, TASK_NAMES
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
+HYBRID_MODEL_TYPES = ("qwen2", "llama")  # the architectures the transformers fork wires hybrid thinking into
+# HRPOConfig fields that only matter to hybrid thinking (with --hybrid_thinking off they are an error)
+HYBRID_ONLY = ("lr_residual_gate", "lr_residual_Lambda", "lr_thinking_projection", "thinking_monitor_every")
+
+
+class UsageError(ValueError):
+    """Bad input, reported before any training starts."""
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise UsageError(f"--{name} {value}: expected a value > 0")
+
+
+def _non_negative(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+            raise UsageError(f"--{name} {value}: expected a value >= 0")
+
+
+@dataclass
+class TaskArguments:
+    """What the model is trained on: the task, its data and rewards, and the held-out data."""
+
+    task: str = field(default="gsm8k", metadata={
+        "choices": list(TASK_NAMES),
+        "help": "gsm8k: GSM8K word problems; arith: generated arithmetic problems in GSM8K's format (offline); "
+                "math: MATH (hrpo_math.py); mmlu: multiple-choice STEM questions (hrpo_mmlu.py)"})
+    dataset_path: str | None = field(default=None, metadata={
+        "aliases": ["--dataset_name"],
+        "help": "hub dataset name or local .jsonl/.json/.parquet in the task's format (default: the task's, "
+                "openai/gsm8k for gsm8k; for arith 'generated' or 'generated:D' with difficulty D in 1-3; "
+                "EleutherAI/hendrycks_math or a MATH folder for math; cais/mmlu for mmlu)"})
+    system_prompt: str = field(default="hrpo", metadata={
+        "help": f"one of {sorted(SYSTEM_PROMPTS)} (hrpo: the paper's prompt format) or a prompt text containing "
+                f"the answer marker"})
+    reward_funcs: list[str] | None = field(default=None, metadata={
+        "help": "reward functions by import path (package.module.function, TRL's signature: "
+                "f(completions, **columns) -> list[float]); default: the task's correctness reward. Weights: "
+                "--reward_weights"})
+    eval_dataset_path: str | None = field(default=None, metadata={
+        "help": "held-out data for --eval_samples (default: the held-out split --eval_split of --dataset_path's "
+                "source; a single local training file has none: name a held-out file here, or pass "
+                "--eval_on_train_data)"})
+    eval_split: str = field(default="test", metadata={"aliases": ["--dataset_test_split"],
+                                                       "help": "the held-out split of the data source"})
+
+    def __post_init__(self):
+        if self.task not in TASK_NAMES:
+            raise UsageError(f"--task {self.task}: expected one of {', '.join(TASK_NAMES)}")
+        for path in self.reward_funcs or []:
+            module, _, name = path.rpartition(".")
+            if not module or not name.isidentifier():
+                raise UsageError(f"--reward_funcs {path}: expected an import path package.module.function")
+
+
+@dataclass
+class HRPOModelConfig(ModelConfig):
+    """TRL's model and LoRA options, with HRPO's LoRA (rank 32, alpha 2 x rank, the seven
+    projections, no dropout). LoRA is always on: the thinking modules train beside it."""
+
+    model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={
+        "aliases": ["--model_name"], "help": "hub name or local folder of a Qwen2/Llama model"})
+    dtype: str | None = field(default=None, metadata={
+        "choices": ["auto", "bfloat16", "float16", "float32"],
+        "help": "the model's dtype (default: bfloat16 on CUDA where supported, else float16; float32 on CPU). "
+                "The thinking modules always train in float32"})
+    use_peft: bool = field(default=True, metadata={"help": "LoRA (required: HRPO trains an adapter)"})
+    lora_r: int = field(default=32, metadata={"aliases": ["--lora_rank"], "help": "LoRA rank"})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x --lora_r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={
+        "help": "the modules LoRA adapts (default: the seven projections of every decoder layer)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.lora_target_modules, str):  # TRL turns a list of one into its item
+            self.lora_target_modules = [self.lora_target_modules]
+        if not self.use_peft:
+            raise UsageError("--use_peft false: HRPO trains a LoRA adapter beside the thinking modules; full "
+                             "fine-tuning is not supported")
+        _positive(self, "lora_r", "lora_alpha")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_r
+        if not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"--lora_dropout {self.lora_dropout}: expected a value in [0, 1)")
+
+    def looks_local(self) -> bool:
+        """A hub name is "org/name"; a path that starts like one of this machine's folders is local."""
+        name = self.model_name_or_path
+        first = Path(name).expanduser().parts[0] if name else ""
+        return (name.startswith((".", "/", "~")) or name.count("/") > 1
+                or (name.count("/") == 1 and Path(first).is_dir()))
+
+
+# HRPO's recipe where it differs from GRPOConfig's defaults (README, docs/design.md)
+HRPO_RECIPE = dict(learning_rate=5e-6, beta=0.005, weight_decay=0.1, adam_beta2=0.99, warmup_steps=0.1,
+                   lr_scheduler_type="cosine", max_grad_norm=0.1, num_generations=4, temperature=0.5,
+                   gradient_accumulation_steps=4, per_device_train_batch_size=8, max_completion_length=1024,
+                   num_train_epochs=1.0, save_steps=250, save_total_limit=3, logging_steps=1, loss_type="grpo")
+
+
+@dataclass
+class HRPOConfig(GRPOConfig):
+    """TRL's GRPOConfig with HRPO's recipe as its defaults and HRPO's own settings.
+
+    Device-dependent defaults are resolved here: bf16 (else fp16) on CUDA, float32 on the CPU;
+    paged 8-bit AdamW on CUDA, AdamW on the CPU; gradient checkpointing on with CUDA."""
+
+    output_dir: str | None = field(default=None, metadata={
+        "help": "experiment folder (default: experiments/<model>-<task>-<latent source>-lr<projection lr>)"})
+    learning_rate: float = field(default=HRPO_RECIPE["learning_rate"], metadata={
+        "aliases": ["--lr"], "help": "learning rate of the LoRA weights"})
+    beta: float = field(default=HRPO_RECIPE["beta"], metadata={
+        "help": "KL coefficient against the reference (the adapter disabled); 0: no reference forward"})
+    weight_decay: float = field(default=HRPO_RECIPE["weight_decay"], metadata={"help": "AdamW weight decay"})
+    adam_beta2: float = field(default=HRPO_RECIPE["adam_beta2"], metadata={
+        "help": "HRPO's 0.99 (TRL/transformers default 0.999)"})
+    warmup_steps: float = field(default=HRPO_RECIPE["warmup_steps"], metadata={
+        "aliases": ["--warmup_ratio"], "help": "warmup: a number of steps, or below 1 a ratio of the total steps"})
+    lr_scheduler_type: str = field(default=HRPO_RECIPE["lr_scheduler_type"], metadata={
+        "help": "transformers' scheduler name"})
+    optim: str | None = field(default=None, metadata={
+        "aliases": ["--optimizer"],
+        "help": "transformers optimizer name (default: paged_adamw_8bit on CUDA, adamw_torch on CPU)"})
+    max_grad_norm: float = field(default=HRPO_RECIPE["max_grad_norm"], metadata={"help": "gradient clipping"})
+    num_generations: int = field(default=HRPO_RECIPE["num_generations"], metadata={
+        "aliases": ["--group_size"], "help": "completions per prompt (GRPO group)"})
+    temperature: float = field(default=HRPO_RECIPE["temperature"], metadata={
+        "help": "sampling temperature of the rollouts (and of the latent's softmax)"})
+    gradient_accumulation_steps: int = field(default=HRPO_RECIPE["gradient_accumulation_steps"])
+    per_device_train_batch_size: int = field(default=HRPO_RECIPE["per_device_train_batch_size"], metadata={
+        "help": "completions per device per micro-batch"})
+    max_completion_length: int = field(default=HRPO_RECIPE["max_completion_length"])
+    num_train_epochs: float = field(default=HRPO_RECIPE["num_train_epochs"])
+    save_steps: float = field(default=HRPO_RECIPE["save_steps"])
+    save_total_limit: int | None = field(default=HRPO_RECIPE["save_total_limit"])
+    logging_steps: float = field(default=HRPO_RECIPE["logging_steps"])
+    loss_type: str = field(default=HRPO_RECIPE["loss_type"], metadata={
+        "help": "TRL's loss aggregation; grpo (HRPO's): per-sequence mean, then mean over the batch"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "recompute activations in the backward pass (default: on with CUDA; unsloth's backend then uses "
+                "its own)"})
+    # HRPO's own
+    hybrid_thinking: str = field(default="on", metadata={
+        "choices": ["on", "off"],
+        "help": "on: HRPO (hybrid rollouts, thinking modules trained); off: plain GRPO with TRL's own trainer on the "
+                "same model, LoRA, data, prompts and optimizer (the baseline)"})
+    lr_residual_gate: float = field(default=1e-4, metadata={
+        "help": "learning rate of thinking_residual_gate_r/_i"})
+    lr_residual_Lambda: float = field(default=1e-3, metadata={"help": "learning rate of thinking_residual_Lambda"})
+    lr_thinking_projection: float = field(default=1e-4, metadata={
+        "help": "learning rate of thinking_projection (the learnable latent this project adds to HRPO)"})
+    thinking_monitor_every: int | None = field(default=None, metadata={
+        "help": "every N optimizer steps, also compute HRPO's embedding latent on the rollouts and log its cosine "
+                "to the projection latent (thinking_projection/cosine_to_embedding_latent); it costs a vocabulary "
+                "x hidden product per decoding step of those rollouts. Default: every 10 x --logging_steps; 0: "
+                "never"})
+    max_prompt_length: int = field(default=1024, metadata={
+        "help": "prompts longer than this (tokens) are left out"})
+    eval_samples: int = field(default=0, metadata={
+        "help": "held-out problems evaluated (greedy, decoding as trained) after training, and before the first "
+                "step with --eval_on_start, every --eval_steps with --eval_strategy steps; 0: none"})
+    eval_on_train_data: bool = field(default=False, metadata={
+        "help": "let the held-out evaluation read a single local training file (it then scores training rows, and "
+                "records the split as train)"})
+    backend: str = field(default="auto", metadata={
+        "choices": ["auto", "unsloth", "transformers"],
+        "help": "how the model is loaded and trained: unsloth (FastLanguageModel; on CUDA its fast forward paths "
+                "and GRPO rewrite, forked for HRPO), or transformers + PEFT with TRL's own GRPOTrainer (the "
+                "reference path; unsloth is then not imported). auto: unsloth, on CPU too (its CPU mode runs the "
+                "fork's own forward under TRL's own trainer; the path the test suite covers)"})
+    resume: str | None = field(default=None, metadata={
+        "help": "continue from the newest complete checkpoint in --output_dir (--resume alone), or from the "
+                "checkpoint-N folder given; a finished run is reported and left as it is"})
+
+    def __post_init__(self):
+        import torch
+
+        self.check_values()
+        cuda = torch.cuda.is_available() and not self.use_cpu
+        self.use_cpu = not cuda
+        if self.bf16 is None:
+            self.bf16 = cuda and torch.cuda.is_bf16_supported() and not self.fp16
+        self.fp16 = self.fp16 or (cuda and not self.bf16)
+        if self.optim is None:
+            self.optim = "paged_adamw_8bit" if cuda else "adamw_torch"
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = cuda
+        if self.generation_kwargs is None:
+            from .sampling import NEUTRAL_SAMPLING
+
+            # nothing from the model's generation_config reshapes sampling
+            self.generation_kwargs = dict(NEUTRAL_SAMPLING)
+        # every trainable parameter (LoRA, the source's thinking modules) takes part in every training forward,
+        # also one without a thinking position: no unused-parameter search after each forward under DDP (HF's
+        # Trainer would turn it on for a PEFT model), and a parameter left out is an error
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False
+        super().__post_init__()
+
+    def check_values(self) -> None:
+        """Each value on its own, against what it may be (before TRL's own checks, which name no flag)."""
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+        from transformers.trainer_utils import SchedulerType
+        from transformers.training_args import OptimizerNames
+
+        _positive(self, "learning_rate", "lr_residual_gate", "lr_residual_Lambda", "lr_thinking_projection",
+                  "temperature", "per_device_train_batch_size", "gradient_accumulation_steps",
+                  "max_completion_length", "max_prompt_length", "save_steps", "logging_steps", "num_generations")
+        _non_negative(self, "beta", "weight_decay", "max_grad_norm", "warmup_steps", "eval_samples", "adam_beta1",
+                      "adam_beta2", "save_total_limit", "thinking_monitor_every")
+        if self.adam_beta1 >= 1 or self.adam_beta2 >= 1:
+            raise UsageError(f"--adam_beta1 {self.adam_beta1} / --adam_beta2 {self.adam_beta2}: expected values < 1")
+        for name, kind in (("optim", OptimizerNames), ("lr_scheduler_type", SchedulerType)):
+            value = getattr(self, name)
+            if value is not None and str(getattr(value, "value", value)) not in {m.value for m in kind}:
+                raise UsageError(f"--{name} {value}: not one of transformers' {kind.__name__}: "
+                                 f"{', '.join(sorted(m.value for m in kind))}")
+        known = {"none", "all", *INTEGRATION_TO_CALLBACK}
+        report_to = self.report_to if isinstance(self.report_to, list) else str(self.report_to).replace(",", " ").split()
+        unknown = [name for name in report_to if name not in known]
+        if unknown:
+            raise UsageError(f"--report_to {' '.join(report_to)}: {', '.join(unknown)} is not one of "
+                             f"{', '.join(sorted(known))}")
+        if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise UsageError(f"--output_dir {self.output_dir}: is a file, expected a folder")
+        if self.num_generations < 2:
+            raise UsageError(f"--num_generations {self.num_generations}: GRPO needs at least 2 completions per "
+                             f"prompt")
+
+
+# ---------------------------------------------------------------- parsing
+
+# Flags whose value may be left out: the value they then take.
+BARE_FLAG_VALUES = {"--resume": "latest"}
+# Values of earlier versions' flags, as the dataclass field takes them now.
+LEGACY_VALUES = {"--gradient_checkpointing": {"on": "true", "off": "false", "auto": None}}
+
+
+def normalized_argv(argv: list[str]) -> list[str]:
+    """argv with a bare ``--resume`` given its value, and earlier versions' values translated."""
+    out: list[str] = []
+    for i, token in enumerate(argv):
+        if token in LEGACY_VALUES and i + 1 < len(argv) and argv[i + 1] in LEGACY_VALUES[token]:
+            continue  # handled with its value
+        if i and argv[i - 1] in LEGACY_VALUES and token in LEGACY_VALUES[argv[i - 1]]:
+            value = LEGACY_VALUES[argv[i - 1]][token]
+            if value is not None:
+                out += [argv[i - 1], value]
+            continue
+        out.append(token)
+        next_token = argv[i + 1] if i + 1 < len(argv) else None
+        if token in BARE_FLAG_VALUES and (next_token is None or next_token.startswith("--")):
+            out.append(BARE_FLAG_VALUES[token])
+    return out
+
+
+class SettingsParser(TrlParser):
+    """TrlParser over the four dataclasses; a YAML key may be a flag's alias (``lr``, ``group_size``)."""
+
+    def set_defaults_with_config(self, **kwargs) -> list[str]:
+        names = {}
+        for action in self._actions:
+            for option in action.option_strings:
+                names[option.lstrip("-")] = action.dest
+        return super().set_defaults_with_config(**{names.get(key, key): value for key, value in kwargs.items()})
+
+
+def settings_parser(description: str | None = None, **task_defaults) -> SettingsParser:
+    """The parser of a training run (``task_defaults``: a task script's defaults, e.g. --task math)."""
+    import argparse
+
+    from transformers.hybrid_thinking.config import ThinkingConfig
+
+    parser = SettingsParser((TaskArguments, HRPOModelConfig, HRPOConfig, ThinkingConfig), description=description,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(**task_defaults)
+    return parser
+
+
+@dataclass
+class Settings:
+    """A run's settings: the four dataclasses, and which fields the user gave (flags and the YAML)."""
+
+    task: TaskArguments
+    model: HRPOModelConfig
+    training: HRPOConfig
+    thinking: object  # transformers.hybrid_thinking.config.ThinkingConfig, with the task's answer marker
+    given: frozenset = frozenset()
+
+    @property
+    def hybrid(self) -> bool:
+        return self.training.hybrid_thinking == "on"
+
+    def flat(self) -> dict:
+        """Every field by name (the run-settings file's content)."""
+        out = {}
+        for part in (self.task, self.model, self.thinking):
+            out.update({f.name: getattr(part, f.name) for f in fields(part) if f.init})
+        out.update(self.training.to_dict())
+        return out
+
+
+def given_fields(parser: SettingsParser, argv: list[str]) -> set[str]:
+    """The fields set on the command line or in the ``--config`` file."""
+    import argparse
+
+    import yaml
+
+    explicit = set()
+    if "--config" in argv:
+        with open(argv[argv.index("--config") + 1]) as file:
+            explicit |= set(yaml.safe_load(file) or {})
+        i = argv.index("--config")
+        argv = argv[:i] + argv[i + 2:]
+    saved, parser_defaults = [(action, action.default) for action in parser._actions], parser._defaults
+    try:
+        parser._defaults = {}  # set_defaults() values would count as given
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        namespace, _ = parser.parse_known_args(argv)
+    finally:
+        parser._defaults = parser_defaults
+        for action, default in saved:
+            action.default = default
+    names = {option.lstrip("-"): action.dest for action in parser._actions for option in action.option_strings}
+    return {names.get(key, key) for key in explicit} | set(vars(namespace))
+
+
+def parse_settings(argv: list[str] | None = None, parser: SettingsParser | None = None) -> Settings:
+    """The run's settings from the command line (and ``--config``), each dataclass checked; a
+    bad value is a UsageError naming the flag."""
+    import sys
+
+    from .tasks import get_task
+
+    argv = normalized_argv(list(sys.argv[1:] if argv is None else argv))
+    parser = parser or settings_parser()
+    try:
+        task, model, training, thinking = parser.parse_args_and_config(argv)
+        given = given_fields(parser, argv)
+    except UsageError:
+        raise
+    except (ValueError, OSError) as err:
+        raise UsageError(str(err)) from None
+    task.dataset_path = task.dataset_path or get_task(task.task).default_dataset
+    try:
+        thinking = thinking.with_answer_marker(get_task(task.task).answer_marker)
+    except ValueError as err:
+        raise UsageError(f"the thinking options: {err}") from None
+    return Settings(task, model, training, thinking, frozenset(given))
+
+
+def default_output_dir(settings: Settings) -> Path:
+    model = Path(settings.model.model_name_or_path.rstrip("/")).name
+    arm = settings.thinking.thinking_latent_source if settings.hybrid else "grpo"
+    return Path("experiments") / f"{model}-{settings.task.task}-{arm}-lr{settings.training.lr_thinking_projection:g}"
+
+
+def check_settings(settings: Settings) -> None:
+    """What spans the dataclasses: settings another one makes meaningless (an error when
+    given), the prompt, the held-out data and the model path."""
+    from transformers.hybrid_thinking.config import ThinkingConfig
+
+    from .tasks import get_task, system_prompt_text
+
+    task, model, training, given = settings.task, settings.model, settings.training, settings.given
+    if not settings.hybrid:
+        ignored = sorted(given & ({f.name for f in fields(ThinkingConfig)} | set(HYBRID_ONLY)))
+        if ignored:
+            raise UsageError(f"{', '.join('--' + name for name in ignored)}: no effect with --hybrid_thinking off "
+                             f"(plain GRPO builds no thinking modules); leave them out, or use --hybrid_thinking on")
+    elif settings.thinking.thinking_latent_source == "embedding" and "lr_thinking_projection" in given:
+        raise UsageError("--lr_thinking_projection: no effect with --thinking_latent_source embedding, which has no "
+                         "thinking_projection; leave it out, or choose projection or embedding_plus_projection")
+    if training.eval_on_start and not training.eval_samples:
+        raise UsageError("--eval_on_start: no effect without --eval_samples N (the held-out problems to evaluate)")
+    if training.eval_strategy != "no" and not training.eval_samples:
+        raise UsageError(f"--eval_strategy {training.eval_strategy.value}: no effect without --eval_samples N (the "
+                         f"held-out problems to evaluate)")
+    if training.use_vllm and settings.hybrid:
+        raise UsageError("--use_vllm: HRPO samples with the fork's hybrid generate(); vLLM serves plain GRPO only "
+                         "(--hybrid_thinking off)")
+    if (model.load_in_4bit or model.load_in_8bit) and training.use_cpu:
+        raise UsageError("--load_in_4bit / --load_in_8bit: bitsandbytes quantization needs CUDA")
+    try:
+        system_prompt_text(task.system_prompt, get_task(task.task).answer_marker)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if training.eval_samples:
+        from .data import DataError
+        from .evaluation import held_out_source
+
+        try:
+            held_out_source(task.eval_dataset_path, task.eval_split, training_path=task.dataset_path,
+                            allow_training_data=training.eval_on_train_data)
+        except DataError as err:
+            raise UsageError(f"--eval_samples {training.eval_samples}: {err}") from None
+    if model.looks_local() and not Path(model.model_name_or_path).expanduser().is_dir():
+        raise UsageError(f"--model_name_or_path {model.model_name_or_path}: no such model folder")
+    if not math.isfinite(training.learning_rate):
+        raise UsageError(f"--learning_rate {training.learning_rate}: expected a finite value")

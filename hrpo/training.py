@@ -1,0 +1,412 @@
+"""A training run from its settings (``hrpo.config``): resume, model loading for both
+backends, the trainer, held-out evaluation. The command line is ``hrpo.train``."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+from .backend import import_unsloth
+from .checkpoint import RUN_SETTINGS, latest_complete_checkpoint
+from .config import (HYBRID_MODEL_TYPES, Settings, SettingsParser, UsageError, check_settings, default_output_dir,
+                     parse_settings, settings_parser)
+from .tasks import get_task
+
+# Fields a resumed run may change: where and how often it logs, saves and evaluates, how long it
+# runs, where it reports. Every other saved setting comes from the checkpoint.
+RESUME_MAY_CHANGE = {"output_dir", "resume", "resume_from_checkpoint", "max_steps", "num_train_epochs", "report_to",
+                     "run_name", "push_to_hub", "thinking_monitor_every", "backend", "disable_tqdm",
+                     "eval_dataset_path", "eval_split", "eval_on_train_data", "eval_samples", "reward_funcs"}
+RESUME_MAY_CHANGE_PREFIXES = ("eval_", "logging_", "save_", "hub_", "log_", "dataloader_", "num_completions")
+# Resolved from the machine when not given (hrpo.config.HRPOConfig): restored only where the run set them.
+DEVICE_DEFAULTS = {"bf16", "fp16", "use_cpu", "gradient_checkpointing", "dtype"}
+
+
+# ---------------------------------------------------------------- resume
+
+def resume_checkpoint(settings: Settings) -> Path | None:
+    """The checkpoint --resume continues from: the newest complete one in --output_dir, or the
+    complete checkpoint folder given (a path, or a name inside --output_dir)."""
+    from .checkpoint import incomplete_reason
+
+    resume, output_dir = settings.training.resume, Path(settings.training.output_dir)
+    if not resume:
+        return None
+    if resume == "latest":
+        return latest_complete_checkpoint(output_dir)[0]
+    folder = Path(resume).expanduser()
+    if not folder.is_dir() and (output_dir / resume).is_dir():
+        folder = output_dir / resume
+    if not folder.is_dir():
+        raise UsageError(f"--resume {resume}: no such checkpoint folder (a path, or a checkpoint-N folder in "
+                         f"--output_dir {output_dir})")
+    reason = incomplete_reason(folder)
+    if reason is not None:
+        raise UsageError(f"--resume {resume}: {folder} is not a complete checkpoint ({reason})")
+    return folder
+
+
+def check_output_dir(settings: Settings) -> None:
+    from .checkpoint import COMPLETE_MARKER
+
+    output_dir = Path(settings.training.output_dir)
+    if settings.training.resume and settings.training.resume != "latest":
+        resume_checkpoint(settings)  # names a bad folder
+    elif settings.training.resume:
+        folder, skipped = latest_complete_checkpoint(output_dir)
+        if folder is None:
+            partial = "".join(f"; {folder.name} is partial ({why})" for folder, why in skipped)
+            hint = (f". A checkpoint written before completion markers existed can be declared complete with "
+                    f"`python -m hrpo.checkpoint --mark-complete FOLDER` ({COMPLETE_MARKER})") if skipped else ""
+            raise UsageError(f"--resume: no complete checkpoint-* folder in --output_dir {output_dir} to resume "
+                             f"from{partial}{hint}")
+    elif output_dir.exists() and any(output_dir.iterdir()):
+        raise UsageError(f"--output_dir {output_dir} exists and is not empty: pass --resume to continue from its "
+                         f"last checkpoint, or choose another --output_dir")
+
+
+def saved_settings(folder: Path, parser: SettingsParser) -> tuple[dict, dict]:
+    """What a checkpoint was trained with, by field name: (every setting a resumed run may not
+    change, with the value it had; those to set again: the ones that run was given, and every
+    thinking field). From its run-settings file, with the thinking fields of its config.json
+    (what the model was built with) over them. A file of an earlier version (flag names as
+    keys, every flag listed) is read too."""
+    from transformers.hybrid_thinking.config import ThinkingConfig, thinking_enabled
+
+    run_file, config_file = folder / RUN_SETTINGS, folder / "config.json"
+    loaded = {}
+    for path in (run_file, config_file):
+        if path.exists():
+            try:
+                loaded[path] = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise UsageError(f"--resume: {path} is not valid JSON ({err})") from None
+    if not loaded:
+        raise UsageError(f"--resume: {folder} has neither {RUN_SETTINGS} nor config.json: its settings are unknown")
+    names = {option.lstrip("-"): action.dest for action in parser._actions for option in action.option_strings}
+    run = loaded.get(run_file, {})
+    values = run.get("settings", run)
+    given = set(run["given"]) if "given" in run else {names.get(key) for key in values} - DEVICE_DEFAULTS
+    effective, restore = {}, {}
+    for key, value in values.items():
+        name = names.get(key)
+        if name is None or name in RESUME_MAY_CHANGE or name.startswith(RESUME_MAY_CHANGE_PREFIXES):
+            continue
+        effective[name] = value
+        if name in given and not isinstance(value, dict):
+            restore[name] = value
+    if thinking_enabled(SimpleNamespace(**loaded.get(config_file, {}))):  # fields it predates take their defaults
+        fields = ThinkingConfig.from_config(SimpleNamespace(**loaded[config_file])).to_dict()
+        thinking = {k: v for k, v in fields.items() if k != "answer_marker"}
+        effective.update(thinking)
+        restore.update(thinking)
+    return effective, restore
+
+
+def with_checkpoint_settings(settings: Settings, argv: list[str], parser: SettingsParser) -> Settings:
+    """On --resume, the checkpoint's settings: a field left out takes the checkpoint's value, a
+    field given with another value is an error (it would continue a different run on the same
+    weights). The settings are parsed again with the checkpoint's values as defaults."""
+    folder = resume_checkpoint(settings)
+    if folder is None:
+        return settings  # check_output_dir says so
+    effective, restore = saved_settings(folder, parser)
+    current = settings.flat()
+    for name in sorted(settings.given & set(effective)):
+        if _comparable(current.get(name)) != _comparable(effective[name]):
+            raise UsageError(f"--{name} {current.get(name)!r} conflicts with the checkpoint being resumed ({folder}): "
+                             f"it was trained with --{name} {effective[name]!r}. Leave the flag out to continue with "
+                             f"the checkpoint's value, or start a new run in another --output_dir")
+    parser.set_defaults(**{name: value for name, value in restore.items() if name not in settings.given})
+    resumed = parse_settings(argv, parser)
+    resumed.training.output_dir = settings.training.output_dir
+    return resumed
+
+
+def _comparable(value):
+    value = getattr(value, "value", value)  # transformers' enums
+    return [_comparable(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def finished_run(settings: Settings) -> str | None:
+    """On --resume: why the run in --output_dir is finished (its final files are there and it
+    reached the asked --max_steps), else None."""
+    history = Path(settings.training.output_dir) / "log_history.json"
+    if not settings.training.resume or not history.exists():
+        return None
+    steps = [row["step"] for row in json.loads(history.read_text()) if "step" in row]
+    done = max(steps, default=0)
+    if settings.training.max_steps > done:
+        return None  # asked to train on
+    return f"it finished at step {done} ({history} is its final log)"
+
+
+# ---------------------------------------------------------------- model
+
+def resolve_backend(settings: Settings) -> str:
+    """auto: unsloth, a dependency of the project, so it is always there. On CPU that is
+    unsloth's CPU mode (the fork's own forward, TRL's own trainer); on CUDA its fast paths and
+    GRPO rewrite, which the forks carry HRPO through."""
+    return "unsloth" if settings.training.backend == "auto" else settings.training.backend
+
+
+def load_model(settings: Settings, cuda: bool):
+    """LoRA on the target modules, the thinking modules of the source trained in full.
+
+    Hybrid thinking is opt-in by configuration: the thinking fields go onto the config before
+    the model is built, so the fork builds the modules (only those the source uses). With
+    --hybrid_thinking off the config is left as it is: upstream's model."""
+    from transformers import AutoConfig, set_seed
+
+    model_args = settings.model
+    set_seed(settings.training.seed)  # the thinking modules (gates, Lambda, projection) are drawn while the model is built
+    try:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+                                            trust_remote_code=settings.training.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load its config ({err})") from None
+    if settings.hybrid:
+        if config.model_type not in HYBRID_MODEL_TYPES:
+            names = f" ({', '.join(config.architectures)})" if config.architectures else ""
+            raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: a {config.model_type} "
+                             f"model{names}; HRPO's thinking modules exist for "
+                             f"{' and '.join(HYBRID_MODEL_TYPES)} models (Qwen2 / Qwen2.5, Llama). Use one of those, "
+                             f"or --hybrid_thinking off for plain GRPO")
+        settings.thinking.apply_to(config)
+    loader = load_with_transformers if resolve_backend(settings) == "transformers" else load_with_unsloth
+    return loader(settings, config, cuda)
+
+
+def _dtype(settings: Settings, cuda: bool):
+    import torch
+
+    name = settings.model.dtype
+    if name in (None, "auto"):
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    return getattr(torch, name)
+
+
+def load_with_unsloth(settings: Settings, config, cuda: bool):
+    """unsloth's loader and LoRA (its fast paths on CUDA; the fork's forward on CPU)."""
+    from unsloth import FastLanguageModel
+
+    from .data import left_padded
+
+    m, t = settings.model, settings.training
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        m.model_name_or_path, config=config, max_seq_length=t.max_prompt_length + t.max_completion_length,
+        load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit, revision=m.model_revision,
+        trust_remote_code=settings.training.trust_remote_code, attn_implementation=m.attn_implementation,
+        dtype=None if cuda and m.dtype in (None, "auto") else _dtype(settings, cuda))
+    model = FastLanguageModel.get_peft_model(
+        model, r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, target_modules=m.lora_target_modules,
+        modules_to_save=modules_to_save(settings), use_rslora=m.use_rslora,
+        use_gradient_checkpointing="unsloth" if cuda and t.gradient_checkpointing else False,
+        random_state=t.seed)
+    return model, left_padded(tokenizer, model.generation_config.eos_token_id)
+
+
+def load_with_transformers(settings: Settings, config, cuda: bool):
+    """transformers' loader and PEFT's LoRA; the thinking copies trained in float32 as unsloth trains them."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import ModulesToSaveWrapper
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.hybrid_thinking.modeling import THINKING_MODULES
+    from trl import get_quantization_config
+
+    from .data import left_padded
+
+    m = settings.model
+    quantization = get_quantization_config(m)
+    model = AutoModelForCausalLM.from_pretrained(
+        m.model_name_or_path, config=config, dtype=_dtype(settings, cuda), revision=m.model_revision,
+        trust_remote_code=settings.training.trust_remote_code, attn_implementation=m.attn_implementation,
+        quantization_config=quantization)
+    if cuda and quantization is None:
+        model.to("cuda")
+    model = get_peft_model(model, LoraConfig(
+        r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, target_modules=m.lora_target_modules,
+        modules_to_save=modules_to_save(settings), use_rslora=m.use_rslora, use_dora=m.use_dora,
+        task_type=m.lora_task_type))
+    for name, module in model.named_modules():  # thinking copies train in float32, as unsloth does
+        if isinstance(module, ModulesToSaveWrapper) and name.rsplit(".", 1)[-1] in THINKING_MODULES:
+            module.modules_to_save["default"].float().requires_grad_(True)
+    tokenizer = AutoTokenizer.from_pretrained(m.model_name_or_path, revision=m.model_revision,
+                                              trust_remote_code=settings.training.trust_remote_code)
+    return model, left_padded(tokenizer, model.generation_config.eos_token_id)
+
+
+def modules_to_save(settings: Settings) -> list[str] | None:
+    """The thinking modules the source uses are trained in full with HRPO (the model has no
+    others; plain GRPO builds none), with any --lora_modules_to_save."""
+    from transformers.hybrid_thinking.modeling import thinking_module_names
+
+    names = list(settings.model.lora_modules_to_save or [])
+    if settings.hybrid:
+        names += list(thinking_module_names(settings.thinking.thinking_latent_source))
+    return names or None
+
+
+def check_thinking_config(model, settings: Settings) -> None:
+    """The loaded model must carry the thinking options asked for (they shape its modules)."""
+    if not settings.hybrid:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for key, wanted in settings.thinking.to_dict().items():
+        got = getattr(base.config, key, None)
+        if got != wanted:
+            raise UsageError(f"the loaded model has {key}={got!r}, but {wanted!r} was asked for: the loader "
+                             f"dropped the config (--backend {settings.training.backend})")
+
+
+# ---------------------------------------------------------------- data
+
+def load_dataset(settings: Settings):
+    task = get_task(settings.task.task)
+    return task.with_prompts(task.load(settings.task.dataset_path, "train"), settings.task.system_prompt)
+
+
+def load_held_out(settings: Settings):
+    """The held-out rows (``HeldOut``), or None without --eval_samples."""
+    from .evaluation import HeldOut, held_out_source
+
+    count = settings.training.eval_samples
+    if not count:
+        return None
+    path, split = held_out_source(settings.task.eval_dataset_path, settings.task.eval_split,
+                                  training_path=settings.task.dataset_path,
+                                  allow_training_data=settings.training.eval_on_train_data)
+    task = get_task(settings.task.task)
+    dataset = task.load(path, split)
+    rows = dataset.select(range(min(count, len(dataset)))).to_list()
+    return HeldOut(rows, {"dataset_path": path, "split": split}, task, settings.task.system_prompt, settings.hybrid)
+
+
+def filter_long_prompts(settings: Settings, dataset, tokenizer):
+    from .data import DataError
+
+    limit = settings.training.max_prompt_length
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in dataset["prompt"]]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+    keep = [i for i, n in enumerate(lengths) if n <= limit]
+    if not keep:
+        raise DataError(f"--max_prompt_length {limit}: every prompt of {settings.task.dataset_path} is longer")
+    if len(keep) < len(dataset):
+        print(f"[hrpo] left out {len(dataset) - len(keep)} prompts longer than {limit} tokens")
+        dataset = dataset.select(keep)
+    return dataset
+
+
+def reward_functions(settings: Settings) -> list:
+    """--reward_funcs by import path, else the task's correctness reward."""
+    import importlib
+
+    if not settings.task.reward_funcs:
+        return [get_task(settings.task.task).reward_function()]
+    functions = []
+    for path in settings.task.reward_funcs:
+        module, _, name = path.rpartition(".")
+        try:
+            functions.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError) as err:
+            raise UsageError(f"--reward_funcs {path}: cannot import it ({err})") from None
+    return functions
+
+
+# ---------------------------------------------------------------- trainer
+
+def use_trainer_checkpointing(settings: Settings, cuda: bool) -> bool:
+    """The trainer's gradient checkpointing; unsloth's backend on CUDA does its own ("unsloth")."""
+    return bool(settings.training.gradient_checkpointing) and not (cuda and resolve_backend(settings) == "unsloth")
+
+
+def build_trainer(settings: Settings, reward_funcs=None):
+    """The trainer, ready to train (reward_funcs: default --reward_funcs or the task's reward)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if resolve_backend(settings) == "unsloth":
+        import_unsloth(cuda)  # before TRL: on CUDA it replaces trl.GRPOTrainer by its rewrite
+    else:
+        from .cpu_logprob import route_trl_fused_head
+
+        route_trl_fused_head()  # TRL's log-prob kernel is Triton; without CUDA it cannot run
+    from .optimizer import patch_trainer_optimizer
+    from .trainer import GRPOTrainerWithCompleteCheckpoints, HRPOTrainer
+
+    dataset = load_dataset(settings)  # data errors before the (slow) model load
+    held_out = load_held_out(settings)
+    rewards = reward_funcs or reward_functions(settings)
+    model, tokenizer = load_model(settings, cuda)
+    check_thinking_config(model, settings)
+    dataset = filter_long_prompts(settings, dataset, tokenizer)
+    training = settings.training
+    training.gradient_checkpointing = use_trainer_checkpointing(settings, cuda)
+    extra = {"thinking_monitor_every": training.thinking_monitor_every} if settings.hybrid else {}
+    trainer_class = HRPOTrainer if settings.hybrid else GRPOTrainerWithCompleteCheckpoints
+    eval_dataset = dataset.select(range(1)) if held_out and training.eval_strategy != "no" else None
+    trainer = trainer_class(model=model, processing_class=tokenizer, reward_funcs=rewards, args=training,
+                            train_dataset=dataset, eval_dataset=eval_dataset, **extra)
+    trainer.held_out = held_out
+    trainer.run_settings = run_settings_record(settings)
+    trainer.hrpo_task, trainer.hrpo_dataset = settings.task.task, settings.task.dataset_path
+    patch_trainer_optimizer(trainer, training.lr_residual_gate, training.lr_residual_Lambda,
+                                training.lr_thinking_projection)
+    return trainer
+
+
+def run_settings_record(settings: Settings) -> dict:
+    """What the run-settings file holds: every field, and which ones the user set."""
+    flat = settings.flat()
+    return {"settings": json.loads(json.dumps(flat, default=str)), "given": sorted(settings.given),
+            # the fields eval_gsm8k.py reads, at the top level as earlier versions wrote them
+            **{key: flat[key] for key in ("task", "dataset_path", "system_prompt", "temperature", "hybrid_thinking",
+                                          "max_completion_length")}}
+
+
+def train(settings: Settings) -> Path:
+    output_dir = Path(settings.training.output_dir)
+    trainer = build_trainer(settings)
+    resume_from = resume_checkpoint(settings)
+    if resume_from and os.environ.get("LOCAL_RANK", "0") == "0":
+        folder, skipped = latest_complete_checkpoint(output_dir)
+        lines = [f"[hrpo] --resume: continuing from {resume_from} (complete)"]
+        if settings.training.resume == "latest":
+            lines += [f"[hrpo] --resume: skipped {partial} (partial: {why})" for partial, why in skipped]
+        print("\n".join(lines), flush=True)
+    if resume_from:
+        trainer.args.eval_on_start = False  # the run was evaluated at its start
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer.save_model(str(output_dir))
+    if trainer.args.should_save:  # with several processes: the main one writes
+        trainer.save_run_settings(output_dir)
+        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    trainer.evaluate(file_name="eval_final.json")
+    trainer.create_model_card()  # with the final evaluation
+    return output_dir
+
+
+def close_process_group() -> None:
+    """After a multi-process run: every rank past a barrier, then the process group torn down,
+    so that no rank exits while a peer still talks to it (an abort at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def prepare(argv: list[str], parser: SettingsParser | None = None) -> Settings:
+    """The run's settings, resumed where asked, every check done: nothing loaded yet."""
+    parser = parser or settings_parser()
+    settings = parse_settings(argv, parser)
+    if "output_dir" not in settings.given:
+        settings.training.output_dir = str(default_output_dir(settings))
+    if Path(settings.model.model_name_or_path).expanduser().is_dir():  # checkpoints record it: works from anywhere
+        settings.model.model_name_or_path = str(Path(settings.model.model_name_or_path).expanduser().resolve())
+    if settings.training.resume:
+        settings = with_checkpoint_settings(settings, argv, parser)
+    check_settings(settings)
+    check_output_dir(settings)
+    return settings
