@@ -4,15 +4,14 @@
 # arithmetic task (generated GSM8K-format problems), greedy held-out accuracy before the
 # first step and after the last, the reward curve and the plots.
 #   ./demo.sh [SEED]      (default 1; run ./setup.sh first)
-# Settings: scripts/cpu_demo.args (shared with bench/learning.py).
+# Settings: configs/recipes/cpu_demo.yaml (shared with bench/learning.py).
 set -euo pipefail
 cd "$(dirname "$0")"
 py=${PYTHON:-.venv/bin/python}
 seed=${1:-1}
 out=runs/demo
 model=$("$py" -m scripts.export_smollm2 --out .cache/SmolLM2-135M-Instruct | tail -1)
-mapfile -t settings < <(grep -v '^#' scripts/cpu_demo.args | xargs -n1)
 rm -rf "$out"
-"$py" hrpo_gsm8k.py --model_name "$model" --output_dir "$out" --seed "$seed" \
-  --thinking_latent_source projection "${settings[@]}"
+"$py" hrpo_gsm8k.py --config configs/recipes/cpu_demo.yaml --model_name "$model" --output_dir "$out" \
+  --seed "$seed" --thinking_latent_source projection
 "$py" scripts/plot_run.py "$out"

@@ -5,7 +5,7 @@ latents of HRPO's peers on HRPO's embedding source (top-k 5 and 30, SofT-GRPO's 
 the top-5 weights, Gaussian noise on the latent as in "Soft Tokens, Hard Truths").
 
 Every run is `hrpo_gsm8k.py` in its own process with the settings of the CPU demo
-(`scripts/cpu_demo.args`), the arm's flags and the seed; it evaluates the held-out
+(`configs/recipes/cpu_demo.yaml`), the arm's flags and the seed; it evaluates the held-out
 problems greedily before the first step and after the last. Runs that finished are kept
 (resumable: a comparison cut off midway continues with the runs it lacks; a finished run
 whose settings differ from the ones asked for now runs again).
@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SETTINGS = REPO / "scripts" / "cpu_demo.args"
+SETTINGS = REPO / "configs" / "recipes" / "cpu_demo.yaml"
 ARMS = {
     "grpo": ["--hybrid_thinking", "off"],
     "embedding": ["--thinking_latent_source", "embedding"],
@@ -64,9 +64,8 @@ def expand_arms(names: list[str]) -> list[str]:
 
 
 def demo_settings(path: Path = SETTINGS) -> list[str]:
-    """The CPU demo's flags: one or more per line, # comments."""
-    lines = [line.split("#", 1)[0] for line in path.read_text().splitlines()]
-    return [token for line in lines for token in shlex.split(line)]
+    """The CPU demo's settings, as flags: its recipe."""
+    return ["--config", str(path)]
 
 
 def prepare_model(name: str, workdir: Path) -> str:

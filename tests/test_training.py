@@ -206,7 +206,7 @@ def test_group_size_and_model_path_errors(workspace, tmp_path, capsys):
     argv = cli_argv(workspace, tmp_path / "out")
     bad_group = argv + ["--group_size", "3"]
     code, err = run_main(capsys, bad_group)
-    assert code == 2 and "--group_size 3" in err and "8" in err
+    assert code == 2 and "num_generations (3)" in err and "8" in err
     missing = list(argv)
     missing[missing.index("--model_name") + 1] = str(tmp_path / "no-such-model")
     code, err = run_main(capsys, missing)
@@ -222,7 +222,6 @@ def test_group_size_and_model_path_errors(workspace, tmp_path, capsys):
 # ---------------------------------------------------------------- evaluation and plots
 
 def test_eval_writes_results_next_to_checkpoint(workspace, tmp_path, capsys):
-
     args = tiny_training_args(workspace, tmp_path / "out")
     training.build_trainer(args, reward_funcs=[length_reward]).train()
     checkpoint = tmp_path / "out" / "checkpoint-1"
