@@ -28,7 +28,9 @@ def test_learning_bench_smoke_run_and_resume(tmp_path):
     assert not any("embeds_ratio" in row for row in grpo_history)
     assert any("embeds_ratio" in row for row in hrpo_history)
     assert any("thinking/latent_left_out_mass" in row for row in hrpo_history)  # a peer arm: top-k
-    settings = json.loads((tmp_path / "runs" / "grpo-seed1" / "hrpo_run.json").read_text())
+    from hrpo.checkpoint import run_settings
+
+    settings = run_settings(tmp_path / "runs" / "grpo-seed1")["settings"]
     assert settings["hybrid_thinking"] == "off" and settings["task"] == "arith"
     assert settings["loss_type"] == "grpo" and settings["adam_beta2"] == 0.99 and settings["system_prompt"] == "hrpo"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hrpo import evaluate as evaluation_cli
 from hrpo import train
+from hrpo.checkpoint import RUN_SETTINGS
 from hrpo.evaluation import result_file_name
 from hrpo.data import write_jsonl
 from testing.task_rows import ARC_ROWS, MMLU_ROWS, OBQA_ROWS, PROBLEMS, REFERENCES, write_math_folder
@@ -74,7 +75,7 @@ def test_math_one_step_and_evaluation(model_dir, tmp_path):
     root = write_math_folder(tmp_path / "MATH", "train", PROBLEMS[:4])
     out = tmp_path / "out"
     assert run_script("hrpo_math.py", tiny_argv(model_dir, root, out)) == 0
-    run = json.loads((out / "hrpo_run.json").read_text())
+    run = json.loads((out / RUN_SETTINGS).read_text())
     assert run["task"] == "math" and run["max_completion_length"] == 8
     logged = json.loads((out / "log_history.json").read_text())[0]
     assert "rewards/math_reward/mean" in logged
@@ -93,7 +94,7 @@ def test_mmlu_one_step_and_evaluation_on_each_layout(model_dir, tmp_path):
     write_jsonl([{"train": row} for row in MMLU_ROWS], tmp_path / "auxiliary_train.jsonl")
     out = tmp_path / "out"
     assert run_script("hrpo_mmlu.py", tiny_argv(model_dir, tmp_path / "auxiliary_train.jsonl", out)) == 0
-    run = json.loads((out / "hrpo_run.json").read_text())
+    run = json.loads((out / RUN_SETTINGS).read_text())
     assert run["task"] == "mmlu"
     assert "rewards/mmlu_reward/mean" in json.loads((out / "log_history.json").read_text())[0]
 

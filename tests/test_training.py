@@ -731,3 +731,23 @@ def test_every_optimiser_and_schedule_flag_reaches_trls_config(tmp_path):
     assert config.lr_scheduler_type.value == "constant_with_warmup"
     assert (config.max_grad_norm, config.adam_beta1, config.adam_beta2) == (0.5, 0.8, 0.95)
     assert (config.loss_type, config.temperature, config.num_generations) == ("dr_grpo", 0.7, 2)
+
+
+def test_held_out_evaluation_every_n_steps_with_reward_functions_by_import_path(workspace, tmp_path):
+    """--eval_strategy steps: the trainer's own schedule runs the held-out evaluation, logged with
+    the training metrics (eval_accuracy); --reward_funcs imports the reward; the model card is ours."""
+    write_jsonl(make_problems(3, seed=5, difficulty=3), tmp_path / "test.jsonl")
+    out = tmp_path / "out"
+    argv = tiny_training_argv(workspace, out, "--max_steps", "2", "--eval_samples", "3", "--eval_dataset_path",
+                              str(tmp_path / "test.jsonl"), "--eval_on_start", "--eval_strategy", "steps",
+                              "--eval_steps", "1", "--reward_funcs", "testing.training.length_reward",
+                              "--max_completion_length", "6")
+    assert hrpo_train.main(argv) == 0
+    for name in ("eval_step0.json", "eval_step1.json", "eval_step2.json", "eval_final.json"):
+        metrics = json.loads((out / name).read_text())["metrics"]
+        assert metrics["total"] == 3 and metrics["split"] == "test"
+    history = json.loads((out / "log_history.json").read_text())
+    assert [row["step"] for row in history if "eval_accuracy" in row] == [0, 1, 2]
+    assert any("rewards/length_reward/mean" in row for row in history)
+    card = (out / "README.md").read_text()
+    assert "thinking_projection" in card and "/3)" in card  # the final evaluation, on 3 problems
