@@ -18,11 +18,12 @@ whose settings differ from the ones asked for now runs again).
 Flags after "--" go to every hrpo_gsm8k.py run, after the demo's (the last one wins).
 
 Writes OUT/learning.json (per run: reward per step, held-out accuracy at step 0 and at the
-end, seconds per step; per arm: mean and spread over seeds) and OUT/learning.png. Each
-finished run also leaves OUT/records/<arm>-seed<seed>.json (small, kept in the repository):
-its summary, per-problem correctness and whether an answer was given, at step 0 and at the
-end, and the thread count and machine it ran on (runs are bit-reproducible only for a fixed
-thread count). A run with a record is done, also where its run folder is gone.
+end, seconds per step; per arm: mean and spread over seeds; "statistics": bench/stats.py's gain
+intervals, paired differences to plain GRPO with sign and permutation tests, answered shares) and
+OUT/learning.png. Each finished run also leaves OUT/records/<arm>-seed<seed>.json (small, kept
+in the repository): its summary, per-problem correctness and whether an answer was given, at
+step 0 and at the end, and the thread count and machine it ran on (runs are bit-reproducible
+only for a fixed thread count). A run with a record is done, also where its run folder is gone.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.stats import format_table, summarize
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = REPO / "configs" / "recipes" / "cpu_demo.yaml"
@@ -278,17 +281,19 @@ def main(argv=None) -> int:
             run = write_record(folder, record)
             print(f"[learning] {arm} seed {seed}: accuracy {run['accuracy_start']:.3f} -> {run['accuracy_end']:.3f}, "
                   f"{run['wall_seconds']:.0f} s", flush=True)
-    runs = [json.loads((args.out / "records" / f"{arm}-seed{seed}.json").read_text())
-            for seed in args.seeds for arm in args.arms]
-    runs = [{k: v for k, v in run.items() if not k.startswith("problems_")} for run in runs]
+    records = [json.loads((args.out / "records" / f"{arm}-seed{seed}.json").read_text())
+               for seed in args.seeds for arm in args.arms]
+    runs = [{k: v for k, v in run.items() if not k.startswith("problems_")} for run in records]
     arms = summarise(runs)
+    comparison = summarize({arm: [r for r in records if r["arm"] == arm] for arm in args.arms})
     result = {"command": shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              "model": args.model, "settings": settings, "arms": arms, "runs": runs,
+              "model": args.model, "settings": settings, "arms": arms, "statistics": comparison, "runs": runs,
               "cpu_seconds_all_runs": round(sum(run["wall_seconds"] for run in runs), 1),
               "this_invocation_seconds": round(time.time() - started, 1)}
     (args.out / "learning.json").write_text(json.dumps(result, indent=2))
     plot(arms, args.out / "learning.png")
     print_table(arms)
+    print("\n" + format_table(comparison))
     print(f"\nwrote {args.out / 'learning.json'} and {args.out / 'learning.png'}")
     return 0
 

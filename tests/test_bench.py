@@ -102,6 +102,20 @@ def test_unsloth_gpu_bench_dry_run_on_cpu(tmp_path):
     assert all(checks.values()), checks
 
 
+def test_stats_bench_on_two_fake_records(tmp_path):
+    """bench.stats reads OUT/records/*.json, prints the markdown tables and writes --json."""
+    import json
+
+    (tmp_path / "records").mkdir()
+    for arm, end in (("grpo", [1, 0, 0, 1]), ("projection", [1, 1, 1, 1])):
+        problems = {"problems_start": {"correct": [1, 0, 0, 0], "answered": [1, 1, 0, 0]},
+                    "problems_end": {"correct": end, "answered": [1, 1, 1, 1]}}
+        (tmp_path / "records" / f"{arm}-seed1.json").write_text(json.dumps({"arm": arm, "seed": 1, **problems}))
+    out = run_bench("stats", str(tmp_path), "--json", str(tmp_path / "s.json"), timeout=300)
+    assert "| projection | 1 | +0.750" in out and "arm − grpo" in out
+    assert set(json.loads((tmp_path / "s.json").read_text())["versus_baseline"]) == {"projection"}
+
+
 def test_noise_diversity_bench(tmp_path):
     """End to end on the tiny model (a few tokens, three groups), the JSON's structure, and a
     second run that keeps the finished conditions and samples only the one it adds."""

@@ -4,6 +4,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import pytest
+
 from testing.processes import run_child
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,3 +78,24 @@ def test_a_finished_run_is_kept_only_with_the_settings_asked_for_now(tmp_path):
     assert bench.changed_settings(shlex.join(other), wanted) == {"beta": (0.0, 0.005)}
     other_arm = bench.command_for("grpo", 1, "model", settings, tmp_path / "b")
     assert "hybrid_thinking" in bench.changed_settings(shlex.join(other_arm), wanted)
+
+
+def test_the_summary_carries_the_statistics_of_kept_runs(tmp_path):
+    """Runs kept from their records (nothing trains): learning.json has bench.stats' summary."""
+    bench = _learning_bench()
+    model, settings = str(tmp_path / "model"), bench.demo_settings()
+    for arm, end in (("grpo", [1, 0, 0, 1]), ("projection", [1, 1, 1, 1])):
+        folder, record = tmp_path / "runs" / f"{arm}-seed1", tmp_path / "records" / f"{arm}-seed1.json"
+        record.parent.mkdir(exist_ok=True)
+        record.write_text(json.dumps({
+            "arm": arm, "seed": 1, "command": shlex.join(bench.command_for(arm, 1, model, settings, folder)),
+            "wall_seconds": 1.0, "reward": [0.0, 0.5], "accuracy_start": 0.25, "accuracy_end": sum(end) / 4,
+            "seconds_per_step": 0.5, "problems_start": {"correct": [1, 0, 0, 0], "answered": [1, 1, 0, 0]},
+            "problems_end": {"correct": end, "answered": [1, 1, 1, 1]}}))
+    assert bench.main(["--model", model, "--seeds", "1", "--arms", "grpo", "projection", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "learning.json").read_text())
+    assert not any(key.startswith("problems_") for run in result["runs"] for key in run)
+    statistics = result["statistics"]
+    assert statistics["arms"]["projection"]["gain"]["mean"] == pytest.approx(0.75)
+    assert statistics["versus_baseline"]["projection"]["mean"] == pytest.approx(0.5)
+    assert statistics["arms"]["grpo"]["answered"]["start"]["answered_share"] == pytest.approx(0.5)

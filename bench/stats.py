@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""The statistics of the learning comparison (bench/learning.py): per arm, the held-out accuracy
+gain with a bootstrap 95% interval; per arm against a baseline arm (plain GRPO), the paired
+difference of gains with a bootstrap 95% interval, an exact sign test over seeds and a paired
+permutation test over seeds x problems; per arm, how often an answer was given and how accurate
+the given answers were, at step 0 and at the end.
+
+    python -m bench.stats bench/results/learning                    # reads OUT/records/*.json
+    python -m bench.stats OUT --json OUT/statistics.json --baseline grpo
+
+Every record is one run (one arm, one seed) with, at step 0 ("problems_start") and at the end
+("problems_end"), 1/0 per held-out problem: "correct" and "answered". A problem's gain is its
+correctness at the end minus at step 0 (-1, 0 or 1); a run's gain is the mean over its problems
+(its accuracy at the end minus at step 0); an arm's gain is the mean of its runs' gains.
+All resampling uses a fixed random seed: the same records give the same numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+RESAMPLES = 2000
+PERMUTATIONS = 10000
+RANDOM_SEED = 0
+CONFIDENCE = 0.95
+DEFINITIONS = {
+    "gain": "per problem: correct at the end minus correct at step 0; per run: mean over problems; "
+            "per arm: mean over seeds",
+    "gain_ci95": "two-level percentile bootstrap: resample seeds, then problems within each resampled seed",
+    "difference": "arm's gain minus the baseline's gain, paired by seed and problem",
+    "difference_ci95": "two-level percentile bootstrap of the per-(seed, problem) differences",
+    "sign_test_p": "two-sided exact binomial test (p=1/2) on the signs of the per-seed differences; ties dropped",
+    "permutation_p": "two-sided paired permutation test: random sign flips of the per-(seed, problem) "
+                     "differences; (1 + #(|mean| >= observed)) / (1 + permutations); treats problems as "
+                     "independent, so it speaks for these trained models, the sign test for training seeds",
+    "answered_share": "completions that gave an answer / all completions, pooled over seeds and problems",
+    "accuracy_answered": "correct / answered, pooled over seeds and problems (null when none answered)",
+}
+
+
+def problem_gains(record: dict) -> np.ndarray:
+    """Per held-out problem of one run: correct at the end minus correct at step 0 (-1, 0 or 1)."""
+    start = np.asarray(record["problems_start"]["correct"], dtype=float)
+    end = np.asarray(record["problems_end"]["correct"], dtype=float)
+    if start.shape != end.shape:
+        raise ValueError(f"{record.get('arm')} seed {record.get('seed')}: {len(start)} problems at step 0, "
+                         f"{len(end)} at the end")
+    return end - start
+
+
+def mean_of_seed_means(rows: list[np.ndarray]) -> float:
+    """The mean over seeds of the mean over each seed's problems."""
+    return float(np.mean([row.mean() for row in rows]))
+
+
+def two_level_bootstrap(rows: list[np.ndarray], resamples: int = RESAMPLES, seed: int = RANDOM_SEED) -> np.ndarray:
+    """Bootstrap replicates of mean_of_seed_means: each replicate draws as many seeds as there
+    are, with replacement, and for each drawn seed as many of its problems, with replacement."""
+    rng = np.random.default_rng(seed)
+    drawn_seeds = rng.integers(len(rows), size=(resamples, len(rows)))
+    slot_means = np.empty(drawn_seeds.shape)
+    for index, row in enumerate(rows):
+        slots = drawn_seeds == index
+        drawn_problems = rng.integers(len(row), size=(int(slots.sum()), len(row)))
+        slot_means[slots] = row[drawn_problems].mean(axis=1)
+    return slot_means.mean(axis=1)
+
+
+def percentile_interval(replicates: np.ndarray, confidence: float = CONFIDENCE) -> list[float]:
+    """The central `confidence` interval of the replicates: [lower, upper] percentiles."""
+    tail = (1 - confidence) / 2 * 100
+    return [float(np.percentile(replicates, tail)), float(np.percentile(replicates, 100 - tail))]
+
+
+def sign_test(differences) -> dict:
+    """Two-sided exact sign test: under no effect each nonzero difference is positive with
+    probability 1/2; p = P(a count at least as far from n/2 as the observed one), where n is
+    the number of nonzero differences (ties are dropped); p = 1 when all are ties."""
+    values = np.asarray(differences, dtype=float)
+    positive, negative = int((values > 0).sum()), int((values < 0).sum())
+    n = positive + negative
+    fewer = min(positive, negative)
+    one_tail = sum(math.comb(n, k) for k in range(fewer + 1)) / 2 ** n
+    return {"positive": positive, "negative": negative, "ties": len(values) - n, "p": min(1.0, 2 * one_tail)}
+
+
+def paired_permutation_test(rows: list[np.ndarray], permutations: int = PERMUTATIONS,
+                            seed: int = RANDOM_SEED) -> float:
+    """Two-sided p-value of mean_of_seed_means of paired differences under no effect: each
+    (seed, problem) difference is equally likely to have either sign (the two arms' labels
+    swapped); p = (1 + #(|permuted mean| >= |observed mean|)) / (1 + permutations)."""
+    rng = np.random.default_rng(seed)
+    observed = abs(mean_of_seed_means(rows))
+    permuted = np.zeros(permutations)
+    for row in rows:
+        signs = rng.choice([-1.0, 1.0], size=(permutations, len(row)))
+        permuted += (signs * row).mean(axis=1)
+    permuted = np.abs(permuted / len(rows))
+    at_least_as_far = int((permuted >= observed - 1e-12).sum())
+    return (1 + at_least_as_far) / (1 + permutations)
+
+
+def by_seed(records: list[dict]) -> dict[int, dict]:
+    """One arm's records keyed by seed, in seed order; a seed twice is an error."""
+    keyed = {}
+    for record in sorted(records, key=lambda r: r["seed"]):
+        if record["seed"] in keyed:
+            raise ValueError(f"{record.get('arm')}: seed {record['seed']} recorded twice")
+        keyed[record["seed"]] = record
+    return keyed
+
+
+def arm_gain(records: list[dict], resamples: int = RESAMPLES, seed: int = RANDOM_SEED) -> dict:
+    """One arm's held-out accuracy gain: the mean over seeds of (accuracy at the end - at step 0),
+    the per-seed gains, and a 95% two-level bootstrap interval (seeds, then problems)."""
+    runs = by_seed(records)
+    rows = [problem_gains(record) for record in runs.values()]
+    return {"seeds": list(runs), "mean": mean_of_seed_means(rows),
+            "per_seed": [float(row.mean()) for row in rows],
+            "ci95": percentile_interval(two_level_bootstrap(rows, resamples, seed))}
+
+
+def paired_difference(records_a: list[dict], records_b: list[dict], resamples: int = RESAMPLES,
+                      permutations: int = PERMUTATIONS, seed: int = RANDOM_SEED) -> dict:
+    """Arm A's gain minus arm B's on the seeds both ran, paired by seed and by problem (the
+    same held-out problems): the mean difference, a 95% two-level bootstrap interval, the exact
+    sign test over the per-seed differences and the paired permutation test over seeds x problems."""
+    runs_a, runs_b = by_seed(records_a), by_seed(records_b)
+    seeds = sorted(set(runs_a) & set(runs_b))
+    if not seeds:
+        raise ValueError("no seed that both arms ran")
+    rows = []
+    for s in seeds:
+        gains_a, gains_b = problem_gains(runs_a[s]), problem_gains(runs_b[s])
+        if gains_a.shape != gains_b.shape:
+            raise ValueError(f"seed {s}: {len(gains_a)} problems against {len(gains_b)}: not paired")
+        rows.append(gains_a - gains_b)
+    per_seed = [float(row.mean()) for row in rows]
+    return {"seeds": seeds, "mean": mean_of_seed_means(rows), "per_seed": per_seed,
+            "ci95": percentile_interval(two_level_bootstrap(rows, resamples, seed)),
+            "sign_test": sign_test(per_seed),
+            "permutation_p": paired_permutation_test(rows, permutations, seed)}
+
+
+def answered_at(records: list[dict], when: str) -> dict:
+    """Pooled over one arm's runs at `when` (problems_start or problems_end): the share of
+    completions that answered and the accuracy among those that did."""
+    correct = np.concatenate([np.asarray(r[when]["correct"], dtype=float) for r in records])
+    answered = np.concatenate([np.asarray(r[when]["answered"], dtype=float) for r in records])
+    given = float(answered.sum())
+    return {"completions": int(len(answered)), "answered": int(given),
+            "answered_share": given / len(answered) if len(answered) else None,
+            "accuracy_answered": float((correct * answered).sum()) / given if given else None}
+
+
+def answered_stats(records: list[dict]) -> dict:
+    """One arm's answered share and accuracy among the answered, at step 0 and at the end."""
+    return {"start": answered_at(records, "problems_start"), "end": answered_at(records, "problems_end")}
+
+
+def summarize(records_by_arm: dict[str, list[dict]], baseline: str = "grpo", resamples: int = RESAMPLES,
+              permutations: int = PERMUTATIONS, seed: int = RANDOM_SEED) -> dict:
+    """All of the statistics, JSON-able: per arm its gain and answered stats; per arm other than
+    `baseline`, its paired difference to the baseline (none when the baseline did not run)."""
+    arms = {arm: {"gain": arm_gain(records, resamples, seed), "answered": answered_stats(records)}
+            for arm, records in records_by_arm.items()}
+    versus = {}
+    if baseline in records_by_arm:
+        versus = {arm: paired_difference(records, records_by_arm[baseline], resamples, permutations, seed)
+                  for arm, records in records_by_arm.items() if arm != baseline}
+    return {"baseline": baseline if baseline in records_by_arm else None, "arms": arms, "versus_baseline": versus,
+            "settings": {"bootstrap_resamples": resamples, "permutations": permutations, "random_seed": seed,
+                         "confidence": CONFIDENCE},
+            "definitions": DEFINITIONS}
+
+
+def _share(value) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _estimate(entry: dict) -> str:
+    low, high = entry["ci95"]
+    return f"{entry['mean']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def format_table(summary: dict) -> str:
+    """The summary as markdown: one table of arms, one of arms against the baseline."""
+    lines = ["| arm | seeds | gain [95% CI] | answered step 0 | answered end | acc. of answered step 0 "
+             "| acc. of answered end |", "|---|---|---|---|---|---|---|"]
+    for arm, stats in summary["arms"].items():
+        start, end = stats["answered"]["start"], stats["answered"]["end"]
+        lines.append(f"| {arm} | {len(stats['gain']['seeds'])} | {_estimate(stats['gain'])} "
+                     f"| {_share(start['answered_share'])} | {_share(end['answered_share'])} "
+                     f"| {_share(start['accuracy_answered'])} | {_share(end['accuracy_answered'])} |")
+    if summary["versus_baseline"]:
+        lines += ["", f"| arm − {summary['baseline']} | seeds | gain difference [95% CI] | seeds + / − / = "
+                      "| sign test p | permutation p |", "|---|---|---|---|---|---|"]
+        for arm, diff in summary["versus_baseline"].items():
+            signs = diff["sign_test"]
+            lines.append(f"| {arm} | {len(diff['seeds'])} | {_estimate(diff)} "
+                         f"| {signs['positive']} / {signs['negative']} / {signs['ties']} "
+                         f"| {signs['p']:.4f} | {diff['permutation_p']:.4f} |")
+    return "\n".join(lines)
+
+
+def read_records(out: Path) -> dict[str, list[dict]]:
+    """OUT/records/*.json grouped by arm, arms in the order first seen (files sorted by name)."""
+    records_by_arm: dict[str, list[dict]] = {}
+    for path in sorted((out / "records").glob("*.json")):
+        record = json.loads(path.read_text())
+        records_by_arm.setdefault(record["arm"], []).append(record)
+    return records_by_arm
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="a bench.learning output folder (with records/)")
+    parser.add_argument("--baseline", default="grpo", help="the arm the others are compared with")
+    parser.add_argument("--json", type=Path, help="also write the statistics here")
+    parser.add_argument("--resamples", type=int, default=RESAMPLES)
+    parser.add_argument("--permutations", type=int, default=PERMUTATIONS)
+    parser.add_argument("--random-seed", type=int, default=RANDOM_SEED)
+    args = parser.parse_args(argv)
+    records_by_arm = read_records(args.out)
+    if not records_by_arm:
+        print(f"no records under {args.out / 'records'}", file=sys.stderr)
+        return 1
+    summary = summarize(records_by_arm, args.baseline, args.resamples, args.permutations, args.random_seed)
+    print(format_table(summary))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

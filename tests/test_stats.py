@@ -1,0 +1,161 @@
+"""bench/stats.py on known cases: the sign test by hand, bootstrap intervals on constructed
+records, answered shares on a hand-built record, and the command line on two fake records."""
+import json
+
+import numpy as np
+import pytest
+
+from bench import stats
+
+
+def record(arm: str, seed: int, correct_start, correct_end, answered_start=None, answered_end=None) -> dict:
+    """A bench.learning record with only what the statistics read (answered: wherever correct, by default)."""
+    return {"arm": arm, "seed": seed,
+            "problems_start": {"correct": list(correct_start), "answered": list(answered_start or correct_start)},
+            "problems_end": {"correct": list(correct_end), "answered": list(answered_end or correct_end)}}
+
+
+@pytest.mark.parametrize("differences, expected_p", [
+    ([1, 1, 1, 1, 1], 2 / 32),            # 5 of 5 positive: 2 * (1/2)^5
+    ([-1, -2, -3, -4, -5], 2 / 32),       # the same, the other way
+    ([1, 1, 1, -1, 0], 2 * 5 / 16),       # a tie is dropped: 3 of 4, 2 * (1 + 4) / 2^4
+    ([1] * 9 + [-1], 2 * 11 / 1024),      # 9 of 10: 2 * (1 + 10) / 2^10
+    ([1, -1], 1.0),                       # as balanced as can be
+    ([0, 0, 0], 1.0),                     # all ties: no evidence
+])
+def test_sign_test_matches_the_binomial_by_hand(differences, expected_p):
+    assert stats.sign_test(differences)["p"] == pytest.approx(expected_p, abs=1e-12)
+
+
+def test_sign_test_counts_signs():
+    assert stats.sign_test([0.5, -0.25, 0.0, 0.125]) == {"positive": 2, "negative": 1, "ties": 1,
+                                                         "p": pytest.approx(1.0)}
+
+
+def test_permutation_test_approximates_the_exact_permutation_p():
+    # 3 differences of +1: of the 8 sign patterns, 2 have |mean| = 1, so the exact p is 1/4
+    p = stats.paired_permutation_test([np.array([1.0, 1.0, 1.0])], permutations=20000)
+    assert p == pytest.approx(0.25, abs=0.015)
+
+
+def test_arm_gain_without_spread_has_a_point_interval():
+    # every problem goes 0 -> 1, in every seed: gain 1 whatever is resampled
+    records = [record("grpo", seed, [0, 0, 0, 0], [1, 1, 1, 1]) for seed in (3, 1, 2)]
+    gain = stats.arm_gain(records)
+    assert gain["seeds"] == [1, 2, 3] and gain["per_seed"] == pytest.approx([1.0, 1.0, 1.0])
+    assert gain["mean"] == pytest.approx(1.0)
+    assert gain["ci95"] == pytest.approx([1.0, 1.0])
+
+
+def test_arm_gain_is_the_accuracy_change_and_its_interval_is_reproducible():
+    records = [record("embedding", 1, [1, 0, 0, 0], [1, 1, 1, 0]), record("embedding", 2, [0, 1, 0, 0], [0, 0, 0, 0])]
+    gain = stats.arm_gain(records)
+    assert gain["per_seed"] == pytest.approx([0.5, -0.25]) and gain["mean"] == pytest.approx(0.125)
+    low, high = gain["ci95"]
+    assert low < gain["mean"] < high
+    assert stats.arm_gain(records) == gain  # the fixed random seed
+
+
+def constructed_arms(rng, seeds=5, problems=64, start=0.2, end_a=0.7, end_b=0.4) -> tuple[list, list]:
+    """Two arms on the same seeds and problems: the same step-0 results, then correct at the end
+    with probability end_a (arm A) and end_b (arm B), shifted per seed (a seed effect shared by
+    both arms). The true difference of gains is end_a - end_b."""
+    arm_a, arm_b = [], []
+    for seed in range(1, seeds + 1):
+        shift = rng.uniform(-0.1, 0.1)
+        correct_start = (rng.random(problems) < start).astype(int)
+        arm_a.append(record("a", seed, correct_start, (rng.random(problems) < end_a + shift).astype(int)))
+        arm_b.append(record("b", seed, correct_start, (rng.random(problems) < end_b + shift).astype(int)))
+    return arm_a, arm_b
+
+
+def test_a_large_paired_difference_is_covered_and_excludes_zero():
+    arm_a, arm_b = constructed_arms(np.random.default_rng(7))
+    diff = stats.paired_difference(arm_a, arm_b)
+    low, high = diff["ci95"]
+    assert low < 0.3 < high  # the true difference
+    assert low > 0.0
+    assert diff["mean"] == pytest.approx(stats.arm_gain(arm_a)["mean"] - stats.arm_gain(arm_b)["mean"])
+    assert diff["sign_test"]["positive"] == 5 and diff["sign_test"]["p"] == pytest.approx(0.0625)
+    assert diff["permutation_p"] < 0.001
+
+
+def test_paired_difference_with_exact_per_seed_differences():
+    # arm A is right where B is not on 2, 3 and 4 of 8 problems in seeds 1, 2, 3: difference 3/8 on average
+    base = [record("grpo", seed, [0] * 8, [1, 0, 0, 0, 0, 0, 0, 0]) for seed in (1, 2, 3)]
+    better = [record("projection", seed, [0] * 8, [1] + [1] * extra + [0] * (7 - extra))
+              for seed, extra in ((1, 2), (2, 3), (3, 4))]
+    diff = stats.paired_difference(better, base)
+    assert diff["per_seed"] == pytest.approx([2 / 8, 3 / 8, 4 / 8]) and diff["mean"] == pytest.approx(3 / 8)
+    assert diff["ci95"][0] < 3 / 8 < diff["ci95"][1]
+    assert diff["sign_test"]["p"] == pytest.approx(2 / 8)  # 3 of 3 positive
+
+
+def test_no_difference_gives_an_interval_around_zero_and_p_one():
+    arm_a, _ = constructed_arms(np.random.default_rng(3))
+    same = [{**r, "arm": "copy"} for r in arm_a]
+    diff = stats.paired_difference(arm_a, same)
+    assert diff["mean"] == pytest.approx(0.0)
+    assert diff["ci95"][0] <= 0.0 <= diff["ci95"][1]
+    assert diff["sign_test"]["ties"] == 5 and diff["sign_test"]["p"] == pytest.approx(1.0)
+    assert diff["permutation_p"] == pytest.approx(1.0)
+
+
+def test_paired_difference_uses_the_seeds_both_arms_ran():
+    arm_a = [record("a", seed, [0, 0], [1, 1]) for seed in (1, 2, 3)]
+    arm_b = [record("b", seed, [0, 0], [0, 0]) for seed in (2, 3, 4)]
+    assert stats.paired_difference(arm_a, arm_b)["seeds"] == [2, 3]
+    with pytest.raises(ValueError, match="not paired"):
+        stats.paired_difference([record("a", 1, [0, 0], [1, 1])], [record("b", 1, [0], [0])])
+
+
+def test_answered_shares_on_a_hand_built_record():
+    one = record("grpo", 1, correct_start=[1, 0, 0, 0], answered_start=[1, 1, 0, 0],
+                 correct_end=[1, 1, 1, 0], answered_end=[1, 1, 1, 1])
+    answered = stats.answered_stats([one])
+    assert answered["start"] == {"completions": 4, "answered": 2, "answered_share": pytest.approx(0.5),
+                                 "accuracy_answered": pytest.approx(0.5)}
+    assert answered["end"]["answered_share"] == pytest.approx(1.0)
+    assert answered["end"]["accuracy_answered"] == pytest.approx(0.75)
+    silent = record("grpo", 2, correct_start=[0, 0], answered_start=[0, 0], correct_end=[0, 1],
+                    answered_end=[0, 1])
+    pooled = stats.answered_stats([one, silent])  # pooled over seeds: 2 of 6, then 5 of 6 answered
+    assert pooled["start"]["answered_share"] == pytest.approx(2 / 6)
+    assert pooled["start"]["accuracy_answered"] == pytest.approx(1 / 2)
+    assert pooled["end"]["answered_share"] == pytest.approx(5 / 6)
+    assert pooled["end"]["accuracy_answered"] == pytest.approx(4 / 5)
+    assert stats.answered_stats([silent])["start"]["accuracy_answered"] is None
+
+
+def test_summary_is_json_and_compares_with_the_baseline():
+    arm_a, arm_b = constructed_arms(np.random.default_rng(7), seeds=2, problems=8)
+    summary = stats.summarize({"grpo": arm_b, "embedding": arm_a}, resamples=200, permutations=200)
+    assert json.loads(json.dumps(summary)) == summary
+    assert summary["baseline"] == "grpo" and list(summary["versus_baseline"]) == ["embedding"]
+    table = stats.format_table(summary)
+    assert "| grpo | 2 |" in table and "| embedding | 2 |" in table and "arm − grpo" in table
+    without = stats.summarize({"embedding": arm_a}, resamples=200, permutations=200)
+    assert without["baseline"] is None and without["versus_baseline"] == {}
+    assert "arm −" not in stats.format_table(without)
+
+
+def write_fake_records(out) -> None:
+    (out / "records").mkdir(parents=True)
+    for arm, end in (("grpo", [1, 0, 0, 1]), ("embedding", [1, 1, 1, 1])):
+        run = {**record(arm, 1, [1, 0, 0, 0], end), "accuracy_start": 0.25, "accuracy_end": sum(end) / 4}
+        (out / "records" / f"{arm}-seed1.json").write_text(json.dumps(run))
+
+
+def test_command_line_on_two_fake_records(tmp_path, capsys):
+    write_fake_records(tmp_path)
+    assert stats.main([str(tmp_path), "--json", str(tmp_path / "statistics.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| grpo | 1 | +0.250" in table and "| embedding | 1 | +0.750" in table
+    written = json.loads((tmp_path / "statistics.json").read_text())
+    assert written["versus_baseline"]["embedding"]["mean"] == pytest.approx(0.5)
+    assert written["versus_baseline"]["embedding"]["sign_test"]["p"] == pytest.approx(1.0)  # 1 seed: 2 * 1/2
+
+
+def test_command_line_without_records_fails(tmp_path, capsys):
+    assert stats.main([str(tmp_path)]) == 1
+    assert "no records" in capsys.readouterr().err
