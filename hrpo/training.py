@@ -175,7 +175,13 @@ def load_model(settings: Settings, cuda: bool):
                              f"or --hybrid_thinking off for plain GRPO")
         settings.thinking.apply_to(config)
     loader = load_with_transformers if resolve_backend(settings) == "transformers" else load_with_unsloth
-    return loader(settings, config, cuda)
+    model, tokenizer = loader(settings, config, cuda)
+    if settings.hybrid and os.environ.get("LOCAL_RANK", "0") == "0":
+        from transformers.hybrid_thinking.modeling import thinking_module_names
+
+        print(f"[hrpo] new thinking modules, trained from here (seed {settings.training.seed}): "
+              f"{', '.join(thinking_module_names(settings.thinking.thinking_latent_source))}", flush=True)
+    return model, tokenizer
 
 
 def _dtype(settings: Settings, cuda: bool):

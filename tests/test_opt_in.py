@@ -158,3 +158,23 @@ def test_ddp_with_default_settings(tmp_path):
               env=module_env(OMP_NUM_THREADS="1"))
     results = json.loads(out.read_text())
     assert results == {name: "ok" for name in ["plain"] + [f"hybrid-{s}" for s in SOURCES]}, results
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_load_report_does_not_list_the_new_thinking_modules_as_missing(arch, tmp_path):
+    """A base checkpoint never holds them (they are new by design); a weight it does lack is
+    still reported."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_model(arch, tiny_tokenizer(), hybrid=False).save_pretrained(tmp_path / "base")
+    weights = load_file(tmp_path / "base" / "model.safetensors")
+    assert not [key for key in weights if "thinking" in key]
+    weights.pop("model.norm.weight")
+    save_file(weights, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+    config = ThinkingConfig(thinking_latent_source="projection")
+    base_config = AutoModelForCausalLM.from_pretrained(tmp_path / "base").config
+    config.apply_to(base_config)
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "base", config=base_config,
+                                                       output_loading_info=True)
+    assert set(model.model.thinking_modules) == set(thinking_module_names("projection"))
+    assert info["missing_keys"] == {"model.norm.weight"}
