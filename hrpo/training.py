@@ -376,7 +376,7 @@ def train(settings: Settings) -> Path:
     trainer = build_trainer(settings)
     resume_from = resume_checkpoint(settings)
     if resume_from and os.environ.get("LOCAL_RANK", "0") == "0":
-        folder, skipped = latest_complete_checkpoint(output_dir)
+        skipped = latest_complete_checkpoint(output_dir)[1]
         lines = [f"[hrpo] --resume: continuing from {resume_from} (complete)"]
         if settings.training.resume == "latest":
             lines += [f"[hrpo] --resume: skipped {partial} (partial: {why})" for partial, why in skipped]
