@@ -62,7 +62,7 @@ def test_lists_reward_functions_and_target_modules(tmp_path):
 
 @pytest.mark.parametrize("old, new, value", [
     ("--lr", "learning_rate", 3e-4), ("--group_size", "num_generations", 8), ("--lora_rank", "lora_r", 8),
-    ("--model_name", "model_name_or_path", "some/model"), ("--optimizer", "optim", "adamw_torch"),
+    ("--model_name", "model_name_or_path", "some/model"), ("--optimizer", "optim", "adafactor"),
     ("--warmup_ratio", "warmup_steps", 0.2), ("--residual_r_min", "thinking_residual_r_min", 0.95),
     ("--eval_split", "eval_split", "validation")])
 def test_hrpos_flag_names_are_aliases_of_trls(old, new, value, tmp_path):
