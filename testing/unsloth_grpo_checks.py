@@ -97,7 +97,7 @@ def main(arch: str, source: str, packing: str, out_path: str) -> None:
     after = dict(trainer.model.named_parameters())
     changed = sorted({module_of(n) for n in before if not torch.equal(before[n], after[n])})
     result = {
-        "mro": [c.__name__ for c in type(trainer).__mro__[:3]],
+        "mro": [c.__name__ for c in type(trainer).__mro__],
         "forwards": forwards,
         "changed": changed,
         "grad_norms": grads,

@@ -54,7 +54,7 @@ def test_a_failing_run_shows_its_error(tmp_path):
                "grpo", "--out", str(tmp_path), "--", *SMOKE_FLAGS, "--group_size", "3"]
     proc = run_child(command, timeout=300, what="bench.learning with a bad flag", check=False, cwd=REPO)
     assert proc.returncode == 1
-    assert "--group_size 3 does not divide" in proc.stderr
+    assert "must be divisible by num_generations (3)" in proc.stderr
 
 
 def _learning_bench():
