@@ -384,10 +384,30 @@ def parse_settings(argv: list[str] | None = None, parser: SettingsParser | None 
     return Settings(task, model, training, thinking, frozenset(given))
 
 
-def default_output_dir(settings: Settings) -> Path:
-    model = Path(settings.model.model_name_or_path.rstrip("/")).name
-    arm = settings.thinking.thinking_latent_source if settings.hybrid else "grpo"
-    return Path("experiments") / f"{model}-{settings.task.task}-{arm}-lr{settings.training.lr_thinking_projection:g}"
+def raw_values(parser: SettingsParser, argv: list[str]):
+    """The values the command line and ``--config`` give, as an argparse namespace, before any
+    dataclass is made (nothing checked yet: what --resume needs to find its checkpoint)."""
+    import yaml
+
+    argv = normalized_argv(list(argv))
+    if "--config" in argv:
+        i = argv.index("--config")
+        try:
+            with open(argv[i + 1]) as file:
+                config = yaml.safe_load(file) or {}
+        except (OSError, IndexError, yaml.YAMLError) as err:
+            raise UsageError(f"--config: cannot read it ({err})") from None
+        parser.set_defaults_with_config(**{k: v for k, v in config.items() if k != "env"})
+        argv = argv[:i] + argv[i + 2:]
+    return parser.parse_known_args(argv)[0]
+
+
+def default_output_dir(values) -> Path:
+    """experiments/<model>-<task>-<latent source or grpo>-lr<projection lr>, from the run's
+    values (an object with the fields as attributes)."""
+    model = Path(values.model_name_or_path.rstrip("/")).name
+    arm = values.thinking_latent_source if values.hybrid_thinking == "on" else "grpo"
+    return Path("experiments") / f"{model}-{values.task}-{arm}-lr{values.lr_thinking_projection:g}"
 
 
 def check_settings(settings: Settings) -> None:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from .backend import import_unsloth
 from .checkpoint import RUN_SETTINGS, latest_complete_checkpoint
 from .config import (HYBRID_MODEL_TYPES, Settings, SettingsParser, UsageError, check_settings, default_output_dir,
-                     parse_settings, settings_parser)
+                     given_fields, normalized_argv, parse_settings, raw_values, settings_parser)
 from .tasks import get_task
 
 # Fields a resumed run may change: where and how often it logs, saves and evaluates, how long it
@@ -26,11 +26,15 @@ DEVICE_DEFAULTS = {"bf16", "fp16", "use_cpu", "gradient_checkpointing", "dtype"}
 # ---------------------------------------------------------------- resume
 
 def resume_checkpoint(settings: Settings) -> Path | None:
-    """The checkpoint --resume continues from: the newest complete one in --output_dir, or the
-    complete checkpoint folder given (a path, or a name inside --output_dir)."""
+    """The checkpoint --resume continues from (see ``find_checkpoint``)."""
+    return find_checkpoint(settings.training.resume, Path(settings.training.output_dir))
+
+
+def find_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
+    """The newest complete checkpoint in ``output_dir`` (``resume`` "latest"), or the complete
+    checkpoint folder given (a path, or a name inside ``output_dir``)."""
     from .checkpoint import incomplete_reason
 
-    resume, output_dir = settings.training.resume, Path(settings.training.output_dir)
     if not resume:
         return None
     if resume == "latest":
@@ -104,24 +108,21 @@ def saved_settings(folder: Path, parser: SettingsParser) -> tuple[dict, dict]:
     return effective, restore
 
 
-def with_checkpoint_settings(settings: Settings, argv: list[str], parser: SettingsParser) -> Settings:
-    """On --resume, the checkpoint's settings: a field left out takes the checkpoint's value, a
-    field given with another value is an error (it would continue a different run on the same
-    weights). The settings are parsed again with the checkpoint's values as defaults."""
-    folder = resume_checkpoint(settings)
+def take_checkpoint_settings(values, given: set[str], output_dir: Path, parser: SettingsParser) -> None:
+    """On --resume, the checkpoint's settings become the parser's defaults: a field left out
+    takes the checkpoint's value, a field given with another value is an error (it would
+    continue a different run on the same weights). ``values``: the raw values given."""
+    folder = find_checkpoint(values.resume, output_dir)
     if folder is None:
-        return settings  # check_output_dir says so
+        return  # check_output_dir says so
     effective, restore = saved_settings(folder, parser)
-    current = settings.flat()
-    for name in sorted(settings.given & set(effective)):
-        if _comparable(current.get(name)) != _comparable(effective[name]):
-            raise UsageError(f"--{name} {current.get(name)!r} conflicts with the checkpoint being resumed ({folder}): "
+    for name in sorted(given & set(effective)):
+        current = getattr(values, name, None)
+        if _comparable(current) != _comparable(effective[name]):
+            raise UsageError(f"--{name} {current!r} conflicts with the checkpoint being resumed ({folder}): "
                              f"it was trained with --{name} {effective[name]!r}. Leave the flag out to continue with "
                              f"the checkpoint's value, or start a new run in another --output_dir")
-    parser.set_defaults(**{name: value for name, value in restore.items() if name not in settings.given})
-    resumed = parse_settings(argv, parser)
-    resumed.training.output_dir = settings.training.output_dir
-    return resumed
+    parser.set_defaults(**{name: value for name, value in restore.items() if name not in given})
 
 
 def _comparable(value):
@@ -406,13 +407,17 @@ def close_process_group() -> None:
 def prepare(argv: list[str], parser: SettingsParser | None = None) -> Settings:
     """The run's settings, resumed where asked, every check done: nothing loaded yet."""
     parser = parser or settings_parser()
+    values = raw_values(parser, argv)
+    given = given_fields(parser, normalized_argv(list(argv)))
+    if Path(values.model_name_or_path).expanduser().is_dir():  # as checkpoints record it: works from anywhere
+        values.model_name_or_path = str(Path(values.model_name_or_path).expanduser().resolve())
+    output_dir = Path(values.output_dir) if values.output_dir else default_output_dir(values)
+    if values.resume:
+        take_checkpoint_settings(values, given, output_dir, parser)
     settings = parse_settings(argv, parser)
-    if "output_dir" not in settings.given:
-        settings.training.output_dir = str(default_output_dir(settings))
-    if Path(settings.model.model_name_or_path).expanduser().is_dir():  # checkpoints record it: works from anywhere
+    settings.training.output_dir = str(output_dir)
+    if Path(settings.model.model_name_or_path).expanduser().is_dir():
         settings.model.model_name_or_path = str(Path(settings.model.model_name_or_path).expanduser().resolve())
-    if settings.training.resume:
-        settings = with_checkpoint_settings(settings, argv, parser)
     check_settings(settings)
     check_output_dir(settings)
     return settings
