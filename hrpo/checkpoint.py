@@ -45,12 +45,25 @@ def adapter_config_for(model, folder: Path):
     return adapter_config
 
 
+def read_run_settings(folder) -> dict | None:
+    """The run-settings file (``hrpo_run.json``) in ``folder``, None if there is none: the one
+    reader of the file (evaluation and --resume read it through here)."""
+    path = Path(folder) / RUN_SETTINGS
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+
+
 def run_settings(path) -> dict:
-    """The training run's settings (``hrpo_run.json``), saved beside every checkpoint."""
+    """The training run's settings, saved beside every checkpoint (in it, or in its parent folder)."""
     folder = Path(path)
-    for candidate in (folder / RUN_SETTINGS, folder.parent / RUN_SETTINGS):
-        if candidate.exists():
-            return json.loads(candidate.read_text())
+    for candidate in (folder, folder.parent):
+        settings = read_run_settings(candidate)
+        if settings is not None:
+            return settings
     raise CheckpointError(f"--checkpoint_path {folder}: no {RUN_SETTINGS} in it or its parent folder; the run's "
                           f"settings (task, prompt, temperature, hybrid thinking) are needed to evaluate it as trained")
 

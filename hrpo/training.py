@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .backend import import_unsloth
-from .checkpoint import RUN_SETTINGS, latest_complete_checkpoint
+from .checkpoint import RUN_SETTINGS, CheckpointError, latest_complete_checkpoint, read_run_settings
 from .config import (HYBRID_MODEL_TYPES, Settings, SettingsParser, UsageError, check_settings, default_output_dir,
                      given_fields, normalized_argv, parse_settings, raw_values, settings_parser)
 from .tasks import get_task
@@ -78,18 +78,16 @@ def saved_settings(folder: Path, parser: SettingsParser) -> tuple[dict, dict]:
     keys, every flag listed) is read too."""
     from transformers.hybrid_thinking.config import ThinkingConfig, thinking_enabled
 
-    run_file, config_file = folder / RUN_SETTINGS, folder / "config.json"
-    loaded = {}
-    for path in (run_file, config_file):
-        if path.exists():
-            try:
-                loaded[path] = json.loads(path.read_text())
-            except json.JSONDecodeError as err:
-                raise UsageError(f"--resume: {path} is not valid JSON ({err})") from None
-    if not loaded:
+    config_file = folder / "config.json"
+    try:
+        run = read_run_settings(folder)
+        config = json.loads(config_file.read_text()) if config_file.exists() else None
+    except (CheckpointError, json.JSONDecodeError) as err:
+        raise UsageError(f"--resume: {folder}: {err}") from None
+    if run is None and config is None:
         raise UsageError(f"--resume: {folder} has neither {RUN_SETTINGS} nor config.json: its settings are unknown")
+    run = run or {}
     names = {option.lstrip("-"): action.dest for action in parser._actions for option in action.option_strings}
-    run = loaded.get(run_file, {})
     values = run.get("settings", run)
     given = set(run["given"]) if "given" in run else {names.get(key) for key in values} - DEVICE_DEFAULTS
     effective, restore = {}, {}
@@ -100,8 +98,8 @@ def saved_settings(folder: Path, parser: SettingsParser) -> tuple[dict, dict]:
         effective[name] = value
         if name in given and not isinstance(value, dict):
             restore[name] = value
-    if thinking_enabled(SimpleNamespace(**loaded.get(config_file, {}))):  # fields it predates take their defaults
-        fields = ThinkingConfig.from_config(SimpleNamespace(**loaded[config_file])).to_dict()
+    if thinking_enabled(SimpleNamespace(**(config or {}))):  # fields it predates take their defaults
+        fields = ThinkingConfig.from_config(SimpleNamespace(**config)).to_dict()
         thinking = {k: v for k, v in fields.items() if k != "answer_marker"}
         effective.update(thinking)
         restore.update(thinking)
