@@ -291,11 +291,12 @@ def normalized_argv(argv: list[str]) -> list[str]:
 class SettingsParser(TrlParser):
     """TrlParser over the four dataclasses; a YAML key may be a flag's alias (``lr``, ``group_size``)."""
 
+    def field_names(self) -> dict[str, str]:
+        """Every flag name and alias, without dashes, to the field it sets."""
+        return {option.lstrip("-"): action.dest for action in self._actions for option in action.option_strings}
+
     def set_defaults_with_config(self, **kwargs) -> list[str]:
-        names = {}
-        for action in self._actions:
-            for option in action.option_strings:
-                names[option.lstrip("-")] = action.dest
+        names = self.field_names()
         return super().set_defaults_with_config(**{names.get(key, key): value for key, value in kwargs.items()})
 
 
@@ -356,7 +357,7 @@ def given_fields(parser: SettingsParser, argv: list[str]) -> set[str]:
         parser._defaults = parser_defaults
         for action, default in saved:
             action.default = default
-    names = {option.lstrip("-"): action.dest for action in parser._actions for option in action.option_strings}
+    names = parser.field_names()
     return {names.get(key, key) for key in explicit} | set(vars(namespace))
 
 

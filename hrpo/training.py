@@ -87,7 +87,7 @@ def saved_settings(folder: Path, parser: SettingsParser) -> tuple[dict, dict]:
     if run is None and config is None:
         raise UsageError(f"--resume: {folder} has neither {RUN_SETTINGS} nor config.json: its settings are unknown")
     run = run or {}
-    names = {option.lstrip("-"): action.dest for action in parser._actions for option in action.option_strings}
+    names = parser.field_names()
     values = run.get("settings", run)
     given = set(run["given"]) if "given" in run else {names.get(key) for key in values} - DEVICE_DEFAULTS
     effective, restore = {}, {}
