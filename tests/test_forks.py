@@ -56,7 +56,7 @@ def forks(*args: str, root: Path, cache: Path = CACHE) -> subprocess.CompletedPr
 
 @pytest.fixture
 def fork_copy(tmp_path):
-    """A copy of the transformers fork folder (series only, no tree) in a scratch root."""
+    """A copy of the transformers fork folder (overlay and series, no tree) in a scratch root."""
     root = tmp_path / "root"
     src = REPO / "transformers"
     dst = root / "transformers"
@@ -64,6 +64,7 @@ def fork_copy(tmp_path):
     for name in ("upstream.toml", ".patches"):
         shutil.copy(src / name, dst / name)
     shutil.copytree(src / "patches", dst / "patches")
+    shutil.copytree(src / "overlay", dst / "overlay", ignore=shutil.ignore_patterns("__pycache__"))
     return root
 
 
@@ -71,41 +72,89 @@ def series_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((folder / "patches").glob("*.patch"))}
 
 
-def test_round_trip_one_line_edit(fork_copy):
+def fork_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file of a fork folder but its tree: upstream.toml, .patches, patches, overlay."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).parts[0] != "tree"}
+
+
+def changed_lines(before: bytes, after: bytes) -> tuple[list[str], list[str]]:
+    old, new = before.decode().splitlines(), after.decode().splitlines()
+    return [l for l in old if l not in new], [l for l in new if l not in old]
+
+
+def git_in(tree: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_round_trip_edits_go_to_the_overlay_or_the_patch(fork_copy):
     folder = fork_copy / "transformers"
-    before = series_bytes(folder)
+    before = fork_bytes(folder)
     assert forks("materialize", "transformers", root=fork_copy).returncode == 0
     tree = folder / "tree"
 
     # Unchanged tree: export is byte-stable.
     proc = forks("export", "transformers", root=fork_copy)
     assert proc.returncode == 0, proc.stderr
-    assert series_bytes(folder) == before
+    assert fork_bytes(folder) == before
 
-    marker = tree / "src" / "transformers" / "hrpo_fork.py"
-    text = marker.read_text()
+    # An uncommitted edit of the project's own file goes to the overlay, nothing else changes.
+    marker = "src/transformers/hrpo_fork.py"
+    text = (tree / marker).read_text()
     assert 'FORK_NAME = "hrpo"' in text
-    marker.write_text(text.replace('FORK_NAME = "hrpo"', 'FORK_NAME = "hrpo-edited"'))
+    (tree / marker).write_text(text.replace('FORK_NAME = "hrpo"', 'FORK_NAME = "hrpo-edited"'))
+    # An uncommitted edit of an upstream file the series patches goes into that patch.
+    llama = tree / "src/transformers/models/llama/modeling_llama.py"
+    llama.write_text(llama.read_text() + "# edited\n")
     proc = forks("export", "transformers", root=fork_copy)
     assert proc.returncode == 0, proc.stderr
-    after = series_bytes(folder)
+    after = fork_bytes(folder)
     assert after.keys() == before.keys()
-    changed = [name for name in after if after[name] != before[name]]
-    assert len(changed) == 1
-    old_lines = before[changed[0]].decode().splitlines()
-    new_lines = after[changed[0]].decode().splitlines()
-    removed = [l for l in old_lines if l not in new_lines]
-    added = [l for l in new_lines if l not in old_lines]
-    assert removed == ['+FORK_NAME = "hrpo"'] and added == ['+FORK_NAME = "hrpo-edited"']
+    changed = sorted(name for name in after if after[name] != before[name])
+    llama_patch = next(n for n in changed if n.startswith("patches/llama_"))
+    assert changed == sorted([f"overlay/{marker}", llama_patch])
+    assert changed_lines(before[f"overlay/{marker}"], after[f"overlay/{marker}"]) == (
+        ['FORK_NAME = "hrpo"'], ['FORK_NAME = "hrpo-edited"'])
+    removed, added = changed_lines(before[llama_patch], after[llama_patch])
+    assert removed == [] and [line for line in added if line.startswith("+")] == ["+# edited"]
+    assert git_in(tree, "status", "--porcelain", "--untracked-files=no") == ""  # folded into commits
 
+    # A new commit over both kinds of file: its overlay part to the overlay, its upstream part to a
+    # new patch at the end of the series (the patches change only upstream's files).
+    (tree / "src/transformers/hybrid_thinking/new_module.py").write_text("ANSWER = 42\n")
+    (tree / "setup.py").write_text((tree / "setup.py").read_text() + "# new patch\n")
+    git_in(tree, "add", "src/transformers/hybrid_thinking/new_module.py", "setup.py")
+    git_in(tree, "commit", "-q", "-m", "fork: a test change", "-m", "Patch-Category: fork-only")
+    proc = forks("export", "transformers", root=fork_copy)
+    assert proc.returncode == 0, proc.stderr
+    assert (folder / "overlay/src/transformers/hybrid_thinking/new_module.py").read_text() == "ANSWER = 42\n"
+    assert (folder / ".patches").read_text().splitlines()[-1] == "fork_a_test_change.patch"
+    new_patch = (folder / "patches" / "fork_a_test_change.patch").read_text()
+    assert "diff --git a/setup.py b/setup.py" in new_patch and "new_module" not in new_patch
+    exported = fork_bytes(folder)
+
+    # Made again from the overlay and series: the same tree, and export gives the same bytes.
+    head_tree = git_in(tree, "rev-parse", "HEAD^{tree}")
     shutil.rmtree(tree)
     assert forks("materialize", "transformers", root=fork_copy).returncode == 0
-    assert 'FORK_NAME = "hrpo-edited"' in marker.read_text()
+    assert git_in(tree, "rev-parse", "HEAD^{tree}") == head_tree
+    assert 'FORK_NAME = "hrpo-edited"' in (tree / marker).read_text()
+    assert forks("export", "transformers", root=fork_copy).returncode == 0
+    assert fork_bytes(folder) == exported
+
+
+def test_an_overlay_file_that_upstream_has_is_refused(fork_copy):
+    folder = fork_copy / "transformers"
+    (folder / "overlay" / "setup.py").write_text("# shadows upstream's file\n")
+    proc = forks("materialize", "transformers", root=fork_copy)
+    assert proc.returncode != 0
+    assert "overlay/setup.py" in proc.stderr and "a change to upstream's file is a patch" in proc.stderr
+    assert no_leftovers(folder)
 
 
 def test_a_tree_made_from_an_older_series_is_made_again(fork_copy):
-    """After a pull that changes the series, setup must not keep running the old fork code; a
-    tree with work of its own is never thrown away."""
+    """After a pull that changes the series or the overlay, setup must not keep running the old
+    fork code; a tree with work of its own is never thrown away."""
     folder = fork_copy / "transformers"
     assert forks("materialize", "transformers", root=fork_copy).returncode == 0
     tree = folder / "tree"
@@ -113,12 +162,17 @@ def test_a_tree_made_from_an_older_series_is_made_again(fork_copy):
                                      capture_output=True, text=True, check=True).stdout.strip()
     series = (folder / ".patches").read_text().splitlines()
     proc = forks("materialize", "transformers", root=fork_copy)
-    assert proc.returncode == 0 and "matches the series; keeping it" in proc.stdout
+    assert proc.returncode == 0 and "matches the overlay and series; keeping it" in proc.stdout
     (folder / ".patches").write_text("\n".join(series[:-1]) + "\n")  # the series moved on
     proc = forks("materialize", "transformers", root=fork_copy)
     assert proc.returncode == 0 and "changed since" in proc.stdout, proc.stdout + proc.stderr
-    assert commits() == str(len(series) - 1)
+    assert commits() == str(1 + len(series) - 1)  # the overlay's commit and the patches
+    overlay_marker = folder / "overlay" / "src" / "transformers" / "hrpo_fork.py"
+    overlay_marker.write_text(overlay_marker.read_text() + "# edited in the overlay\n")  # the overlay moved on
+    proc = forks("materialize", "transformers", root=fork_copy)
+    assert proc.returncode == 0 and "changed since" in proc.stdout, proc.stdout + proc.stderr
     marker = tree / "src" / "transformers" / "hrpo_fork.py"
+    assert marker.read_bytes() == overlay_marker.read_bytes()
     marker.write_text(marker.read_text() + "# local work\n")
     subprocess.run(["git", "-C", str(tree), "commit", "-qam", "fork: local work"], check=True, capture_output=True)
     (folder / ".patches").write_text("\n".join(series) + "\n")

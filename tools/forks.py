@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
-"""Materialize, export and install the forks kept as patch series.
+"""Materialize, export, list and install the forks: an overlay of own files plus a patch series.
 
 A fork folder (``transformers/``, ``unsloth/``) holds ``upstream.toml`` (the pinned
-release and the sha256 of its archive), ``.patches`` (the series order, one file name a
-line) and ``patches/*.patch`` (``git format-patch`` output, zeroed "From" hash).
+release and the sha256 of its archive), ``overlay/`` (the files the project owns in the fork,
+at their paths in the tree, as plain files), ``.patches`` (the series order, one file name a
+line; the one list of patches) and ``patches/*.patch`` (``git format-patch`` output, zeroed
+"From" hash). The patches change only upstream's files; a file upstream does not have lives
+in the overlay.
 
   materialize  download the pinned archive once into a cache, verify its hash, unpack it
-               into a git repository (commit "upstream", tag ``upstream``) and apply the
-               series with ``git am``; on failure name the patch and the file, and leave
-               no tree behind. An existing tree is kept when it matches the series, made
-               again when the series changed since it was made (after a pull), and refused
-               when it holds work that is not in the series.
-  export       turn the commits (and uncommitted edits to files the series already
-               touches) of a materialized tree back into the series; byte-stable.
+               into a git repository (commit "upstream", tag ``upstream``), copy the overlay
+               in (one commit) and apply the series with ``git am``; on failure name the
+               patch and the file, and leave no tree behind. An existing tree is kept when it
+               matches the overlay and series, made again when they changed since it was made
+               (after a pull), and refused when it holds work that is not in them.
+  export       turn a materialized tree back into the overlay (every file upstream does not
+               have) and the series (each commit's hunks in upstream's files; uncommitted
+               edits are folded into the commit that last touched the file); byte-stable.
+  list         print the series: each patch's subject, reason category and files.
   install      ``pip install -e`` each materialized fork into the running interpreter.
 
 Only the registry is reached, through pip, and only when the cache lacks the archive.
@@ -49,6 +54,18 @@ SERIES_FILE = ".patches"
 # in a materialized tree's .git: the digests of the patches it was made from
 MATERIALIZED_RECORD = "hrpo-materialized.json"
 PATCH_DIR = "patches"
+OVERLAY_DIR = "overlay"
+OVERLAY_SUBJECT = "overlay: the project's own files"
+# Each patch says why it exists (the categories of Electron's patch discipline) and why its
+# change cannot live in the overlay, as trailers of its message.
+CATEGORY_TRAILER = "Patch-Category"
+CATEGORIES = {
+    "for-upstream": "temporary: a fix or feature meant to be proposed upstream",
+    "fork-only": "needed only here: HRPO's hooks in upstream's code",
+    "incompatible": "changes upstream's behaviour in a way upstream would not take",
+}
+WHY_TRAILER = "Why-Not-Overlay"
+SKIPPED_IN_OVERLAY = ("__pycache__", ".pyc")
 
 
 class ForkError(RuntimeError):
@@ -68,6 +85,10 @@ class Fork:
     @property
     def tree(self) -> Path:
         return self.folder / "tree"
+
+    @property
+    def overlay(self) -> Path:
+        return self.folder / OVERLAY_DIR
 
     @property
     def series(self) -> list[str]:
@@ -105,12 +126,13 @@ def select(names: list[str], root: Path) -> list[Fork]:
 
 
 def git(tree: Path, *args: str, env: dict | None = None, check: bool = True,
-        capture: bool = True) -> subprocess.CompletedProcess:
+        capture: bool = True, text: bool = True) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run(["git", "-C", str(tree), *args], env=full_env, text=True,
+    proc = subprocess.run(["git", "-C", str(tree), *args], env=full_env, text=text,
                           capture_output=capture)
     if check and proc.returncode != 0:
-        raise ForkError(f"git {' '.join(args)} failed in {tree}:\n{proc.stderr.strip()}")
+        stderr = proc.stderr if text else proc.stderr.decode(errors="replace")
+        raise ForkError(f"git {' '.join(args)} failed in {tree}:\n{stderr.strip()}")
     return proc
 
 
@@ -196,7 +218,7 @@ def materialize(fork: Fork, cache: Path = DEFAULT_CACHE, force: bool = False) ->
         if force:
             check_no_unexported_work(fork)
         elif not needs_rebuild(fork):
-            print(f"[forks] {fork.tree} matches the series; keeping it")
+            print(f"[forks] {fork.tree} matches the overlay and series; keeping it")
             return fork.tree
         shutil.rmtree(fork.tree)
     archive = fetch_archive(fork, cache)
@@ -213,6 +235,7 @@ def materialize(fork: Fork, cache: Path = DEFAULT_CACHE, force: bool = False) ->
         git(staging, "add", "-A", "-f")
         git(staging, "commit", "-q", "--no-verify", "-m", f"upstream {fork.name} {fork.version}", env=GIT_ENV)
         git(staging, "tag", "upstream")
+        apply_overlay(fork, staging)
         for name in fork.series:
             patch = fork.folder / PATCH_DIR / name
             if not patch.exists():
@@ -223,36 +246,85 @@ def materialize(fork: Fork, cache: Path = DEFAULT_CACHE, force: bool = False) ->
                 out = proc.stdout + proc.stderr
                 raise ForkError(f"patch {patch} does not apply to {fork.name} {fork.version}: "
                                 f"file {failing_file(out)}\n{out.strip()}")
-        (staging / ".git" / MATERIALIZED_RECORD).write_text(json.dumps(series_digest(fork)))
+        (staging / ".git" / MATERIALIZED_RECORD).write_text(json.dumps(state_digest(*repo_state(fork))))
         staging.rename(fork.tree)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    print(f"[forks] materialized {fork.name} {fork.version} + {len(fork.series)} patches in {fork.tree}")
+    print(f"[forks] materialized {fork.name} {fork.version} + {len(overlay_files(fork))} overlay files "
+          f"+ {len(fork.series)} patches in {fork.tree}")
     return fork.tree
 
 
-def series_digest(fork: Fork) -> list[str]:
-    """sha256 of each patch of the series, in order."""
-    return [hashlib.sha256((fork.folder / PATCH_DIR / name).read_bytes()).hexdigest() for name in fork.series]
+def overlay_files(fork: Fork) -> dict[str, bytes]:
+    """The overlay's files by their path in the tree."""
+    if not fork.overlay.exists():
+        return {}
+    return {path.relative_to(fork.overlay).as_posix(): path.read_bytes()
+            for path in sorted(fork.overlay.rglob("*"))
+            if path.is_file() and not any(part.endswith(SKIPPED_IN_OVERLAY) for part in path.parts)}
+
+
+def apply_overlay(fork: Fork, tree: Path) -> None:
+    """Copy the overlay into a tree that holds upstream only, as one commit."""
+    files = overlay_files(fork)
+    if not files:
+        return
+    for path, body in files.items():
+        target = tree / path
+        if target.exists():
+            raise ForkError(f"{fork.overlay / path} is a file of upstream {fork.name} {fork.version}: the overlay "
+                            f"holds only files upstream does not have; a change to upstream's file is a patch")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(body)
+    git(tree, "add", "-f", "--", *files)
+    git(tree, "commit", "-q", "--no-verify", "-m", OVERLAY_SUBJECT, "-m",
+        f"The files of the fork that upstream does not have, kept as plain files in "
+        f"{fork.folder.name}/{OVERLAY_DIR}/ of the project.", env=GIT_ENV)
+
+
+def repo_state(fork: Fork) -> tuple[dict[str, bytes], list[tuple[str, bytes]]]:
+    """The overlay and the series as the repository holds them."""
+    return overlay_files(fork), [(name, (fork.folder / PATCH_DIR / name).read_bytes()) for name in fork.series]
+
+
+def state_digest(overlay: dict[str, bytes], patches: list[tuple[str, bytes]]) -> dict:
+    """sha256 of the overlay (paths and bytes) and of each patch of the series, in order."""
+    digest = hashlib.sha256()
+    for path in sorted(overlay):
+        digest.update(path.encode() + b"\0" + hashlib.sha256(overlay[path]).digest())
+    return {"overlay": digest.hexdigest(), "patches": [hashlib.sha256(body).hexdigest() for _, body in patches]}
+
+
+def dirty_files(fork: Fork) -> list[str]:
+    return [line[3:] for line in git(fork.tree, "status", "--porcelain", "--untracked-files=no")
+            .stdout.splitlines() if line.strip()]
+
+
+def made_from(fork: Fork) -> dict | None:
+    """The digest of the overlay and series the tree was made from (None before it was recorded)."""
+    record = fork.tree / ".git" / MATERIALIZED_RECORD
+    if not record.exists():
+        return None
+    made = json.loads(record.read_text())
+    return made if isinstance(made, dict) else None
 
 
 def needs_rebuild(fork: Fork) -> bool:
-    """An existing tree against the series: False when it is the series' tree (export gives the
-    series back). True when it is the tree of an earlier series that nobody changed since (the
-    series moved on, by a pull: a kept tree would run stale code). A tree with work of its own
-    that is not in the series is an error: export it, or rebuild with --force."""
+    """An existing tree against the overlay and series: False when it is their tree (export gives
+    them back). True when it is the tree of an earlier overlay and series that nobody changed
+    since (they moved on, by a pull: a kept tree would run stale code). A tree with work of its
+    own that is not in them is an error: export it, or rebuild with --force."""
     if not (fork.tree / ".git").exists():
         return True
-    dirty = git(fork.tree, "status", "--porcelain", "--untracked-files=no").stdout.strip()
-    bodies = [hashlib.sha256(body).hexdigest() for _, body in export_bytes(fork, include_dirty=False)]
-    if not dirty and bodies == series_digest(fork):
+    dirty = dirty_files(fork)
+    current = state_digest(*tree_state(fork, include_dirty=False))
+    if not dirty and current == state_digest(*repo_state(fork)):
         return False
-    record = fork.tree / ".git" / MATERIALIZED_RECORD
-    if not dirty and record.exists() and json.loads(record.read_text()) == bodies:
-        print(f"[forks] the series of {fork.name} changed since {fork.tree} was made from it: rebuilding")
+    if not dirty and made_from(fork) == current:
+        print(f"[forks] the overlay or series of {fork.name} changed since {fork.tree} was made from them: rebuilding")
         return True
-    raise ForkError(f"{fork.tree} does not match the series in {fork.folder / SERIES_FILE} and holds work of its "
+    raise ForkError(f"{fork.tree} does not match the overlay and series of {fork.folder} and holds work of its "
                     f"own: run `forks.py export {fork.folder.name}` to keep it, or `forks.py materialize --force "
                     f"{fork.folder.name}` after that (or to discard it)")
 
@@ -260,11 +332,9 @@ def needs_rebuild(fork: Fork) -> bool:
 def check_no_unexported_work(fork: Fork) -> None:
     if not (fork.tree / ".git").exists():
         return
-    exported = {p.read_bytes() for p in (fork.folder / PATCH_DIR).glob("*.patch")}
-    current = export_bytes(fork, include_dirty=False)
-    dirty = git(fork.tree, "status", "--porcelain", "--untracked-files=no").stdout.strip()
-    if dirty or any(body not in exported for _, body in current):
-        raise ForkError(f"{fork.tree} has work that is not in the series; run `forks.py export "
+    current = state_digest(*tree_state(fork, include_dirty=False))
+    if dirty_files(fork) or current not in (state_digest(*repo_state(fork)), made_from(fork)):
+        raise ForkError(f"{fork.tree} has work that is not in the overlay and series; run `forks.py export "
                         f"{fork.folder.name}` first (or delete the tree yourself to discard it)")
 
 
@@ -274,15 +344,14 @@ def slug(subject: str) -> str:
 
 def fold_dirty_edits(fork: Fork) -> None:
     """Fold uncommitted edits into the last series commit that touched each file."""
-    dirty = [line[3:] for line in git(fork.tree, "status", "--porcelain", "--untracked-files=no")
-             .stdout.splitlines() if line.strip()]
+    dirty = dirty_files(fork)
     if not dirty:
         return
     env = {"GIT_SEQUENCE_EDITOR": "true", "GIT_EDITOR": "true"}
     for path in dirty:
         owner = git(fork.tree, "log", "-1", "--format=%H", "upstream..HEAD", "--", path).stdout.strip()
         if not owner:
-            raise ForkError(f"{fork.tree / path} is edited but no patch of the series touches it: "
+            raise ForkError(f"{fork.tree / path} is edited but neither the overlay nor a patch of the series touches it: "
                             f"commit it in {fork.tree} with a subject 'area: what it does' and a "
                             f"body saying why, then export again")
         git(fork.tree, "commit", "-q", "--no-verify", f"--fixup={owner}", "--", path)
@@ -290,29 +359,52 @@ def fold_dirty_edits(fork: Fork) -> None:
         "--committer-date-is-author-date", "upstream", env=env)
 
 
-def export_bytes(fork: Fork, include_dirty: bool = True) -> list[tuple[str, bytes]]:
+def paths_of(tree: Path, *args: str) -> list[str]:
+    """The paths a git command lists with -z."""
+    return [path for path in git(tree, *args).stdout.split("\0") if path]
+
+
+def tree_state(fork: Fork, include_dirty: bool = True) -> tuple[dict[str, bytes], list[tuple[str, bytes]]]:
+    """A materialized tree as overlay and series: every file upstream does not have, and each
+    commit's hunks in upstream's files (a commit that touches none gives no patch)."""
     if include_dirty:
         fold_dirty_edits(fork)
-    commits = git(fork.tree, "rev-list", "--reverse", "upstream..HEAD").stdout.split()
-    out = []
-    for sha in commits:
+    upstream = set(paths_of(fork.tree, "ls-tree", "-r", "-z", "--name-only", "upstream"))
+    own = [path for path in paths_of(fork.tree, "ls-tree", "-r", "-z", "--name-only", "HEAD") if path not in upstream]
+    overlay = {path: git(fork.tree, "show", f"HEAD:{path}", text=False).stdout for path in sorted(own)}
+    patches = []
+    for sha in git(fork.tree, "rev-list", "--reverse", "upstream..HEAD").stdout.split():
+        changed = paths_of(fork.tree, "diff-tree", "--no-commit-id", "--no-renames", "-r", "-z", "--name-only", sha)
+        paths = [path for path in changed if path in upstream]
+        if not paths:
+            continue
         subject = git(fork.tree, "log", "-1", "--format=%s", sha).stdout.strip()
         text = git(fork.tree, "format-patch", "-1", "--stdout", "--zero-commit", "--no-signature",
-                   "--no-stat", "--keep-subject", "--no-numbered", sha).stdout
+                   "--no-stat", "--keep-subject", "--no-numbered", "--no-renames", sha, "--", *paths).stdout
         # Drop blob hashes ("index ..." lines): they change with every upstream byte and
         # every edit, while the diff itself is what we review and replay.
         text = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("index "))
-        out.append((f"{slug(subject)}.patch", text.encode()))
-    names = [n for n, _ in out]
+        patches.append((f"{slug(subject)}.patch", text.encode()))
+    names = [n for n, _ in patches]
     if len(set(names)) != len(names):
         raise ForkError(f"two patches of {fork.tree} have the same subject: {names}")
-    return out
+    return overlay, patches
 
 
 def export(fork: Fork) -> list[str]:
     if not (fork.tree / ".git").exists():
         raise ForkError(f"{fork.tree} is not materialized; nothing to export")
-    patches = export_bytes(fork)
+    overlay, patches = tree_state(fork)
+    for path in set(overlay_files(fork)) - set(overlay):
+        (fork.overlay / path).unlink()
+    for folder in sorted((p for p in fork.overlay.rglob("*") if p.is_dir()), reverse=True) if fork.overlay.exists() else []:
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    for path, body in overlay.items():
+        target = fork.overlay / path
+        if not target.exists() or target.read_bytes() != body:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(body)
     patch_dir = fork.folder / PATCH_DIR
     patch_dir.mkdir(exist_ok=True)
     keep = {name for name, _ in patches}
@@ -324,8 +416,34 @@ def export(fork: Fork) -> list[str]:
         if not target.exists() or target.read_bytes() != body:
             target.write_bytes(body)
     (fork.folder / SERIES_FILE).write_text("".join(f"{name}\n" for name, _ in patches))
-    print(f"[forks] exported {len(patches)} patches of {fork.name} to {patch_dir}")
+    print(f"[forks] exported {fork.name}: {len(overlay)} overlay files to {fork.overlay}, "
+          f"{len(patches)} patches to {patch_dir}")
     return [name for name, _ in patches]
+
+
+@dataclass
+class PatchInfo:
+    name: str
+    subject: str
+    category: str | None
+    why_not_overlay: str | None
+    files: list[str]
+
+
+def patch_info(fork: Fork, name: str) -> PatchInfo:
+    text = (fork.folder / PATCH_DIR / name).read_text()
+    field = lambda key: next((line.split(":", 1)[1].strip() for line in text.splitlines()  # noqa: E731
+                              if line.startswith(f"{key}:")), None)
+    files = re.findall(r"^diff --git a/(\S+) b/", text, flags=re.MULTILINE)
+    return PatchInfo(name, field("Subject"), field(CATEGORY_TRAILER), field(WHY_TRAILER), files)
+
+
+def list_series(fork: Fork) -> None:
+    print(f"{fork.name} {fork.version}: {len(overlay_files(fork))} overlay files in {fork.overlay}, "
+          f"{len(fork.series)} patches ({fork.folder / SERIES_FILE})")
+    for number, name in enumerate(fork.series, 1):
+        info = patch_info(fork, name)
+        print(f"  {number}. {info.subject}\n     {CATEGORY_TRAILER}: {info.category}; files: {', '.join(info.files)}")
 
 
 def install(forks: list[Fork], no_deps: bool) -> None:
@@ -353,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     mat.add_argument("--force", action="store_true", help="rebuild trees that exist (refuses to drop unexported work)")
     exp = sub.add_parser("export", help="write a materialized tree's commits back into the series")
     exp.add_argument("forks", nargs="*")
+    lst = sub.add_parser("list", help="print each fork's series: subject, reason category, files")
+    lst.add_argument("forks", nargs="*")
     ins = sub.add_parser("install", help="pip install -e each materialized fork")
     ins.add_argument("forks", nargs="*")
     ins.add_argument("--no-deps", action="store_true", help="pass --no-deps to pip")
@@ -365,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "export":
             for fork in forks:
                 export(fork)
+        elif args.verb == "list":
+            for fork in forks:
+                list_series(fork)
         else:
             install(forks, args.no_deps)
     except ForkError as err:

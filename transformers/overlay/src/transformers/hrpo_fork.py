@@ -1,0 +1,7 @@
+"""Marks this transformers as the HRPO fork: upstream release plus our patch series.
+
+Tests and tools check these names to be sure the fork, not a registry copy, is imported.
+"""
+
+FORK_NAME = "hrpo"
+UPSTREAM_VERSION = "5.17.0"

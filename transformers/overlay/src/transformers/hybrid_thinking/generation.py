@@ -1,0 +1,415 @@
+"""Hybrid sampling: the decoding loop of HRPO, with the latent sources of the seed.
+
+``generate(..., processing_class=tokenizer)`` on a model with thinking modules routes
+``_sample`` here. Each row is in its thinking phase until the answer marker has appeared
+in its completion; while thinking, the token fed at the next step is mixed with the
+latent of the step that sampled it. With ``return_thinking_embeds=True`` the output also
+carries what the replay pass needs, aligned position by position with ``sequences``.
+
+Sampling always applies the deterministic projection: while it runs, ``thinking_projection``
+is in eval mode (its Dropout off), whatever the model's mode (TRL samples in train mode),
+and its mode is restored afterwards. The training replay applies the dropout.
+
+With ``use_cache=False`` every step feeds the whole sequence so far, with the thinking
+inputs of every completion position (the same tokens as the cached loop, at quadratic cost).
+
+Top-k latents and exploration noise (``exploration``) follow the model's config. Noise is
+drawn only while sampling (not in greedy decoding), from keys that fold a per-call seed with
+each row's tokens; what was fed is recorded (``thinking_noise``, ``thinking_latents``).
+
+A projection source needs the last hidden state of each step, which the causal-LM forward
+hands over on request. If a forward returns none, generation warns and falls back to the
+embedding method (``thinking_latent_source`` of the output says so). With
+``require_thinking_source=True`` it raises instead: what a trainer that must sample with the
+configured source passes.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..generation.configuration_utils import GenerationMode
+from ..generation.utils import GenerateDecoderOnlyOutput
+from .exploration import advance_keys, gaussian_draws, initial_keys
+from .modeling import PROJECTION_MODULE, HybridThinkingMixin
+
+# generate() kwargs that belong to hybrid sampling; generate() pops them before it
+# validates the model kwargs and hands them to _sample.
+HYBRID_GENERATE_KWARGS = ("processing_class", "return_thinking_embeds", "is_inference", "answer_marker",
+                          "thinking_monitor", "require_thinking_source")
+
+
+def pop_hybrid_generate_kwargs(kwargs: dict) -> dict:
+    """Take every hybrid option out of generate()'s kwargs; one given as None means its default."""
+    popped = {key: kwargs.pop(key) for key in HYBRID_GENERATE_KWARGS if key in kwargs}
+    return {key: value for key, value in popped.items() if value is not None}
+
+
+# The generation modes hybrid sampling implements (it replaces _sample); every other mode
+# (beam search, assisted decoding and prompt lookup, contrastive search, DoLa, ...) would
+# return plain sequences, so hybrid options there are an error.
+HYBRID_GENERATION_MODES = (GenerationMode.SAMPLE, GenerationMode.GREEDY_SEARCH)
+
+
+def _given_hybrid_options(kwargs: dict) -> list[str]:
+    """The hybrid options that would change the result: given, not None and not False."""
+    return sorted(key for key in HYBRID_GENERATE_KWARGS
+                  if key in kwargs and kwargs[key] is not None and kwargs[key] is not False)
+
+
+def check_hybrid_generate_route(custom_generate, kwargs: dict) -> None:
+    """generate() before it dispatches: a custom_generate (a Hub recipe or a callable) and
+    continuous batching (cache_implementation="paged") do not do hybrid sampling."""
+    options = _given_hybrid_options(kwargs)
+    if not options:
+        return
+    if custom_generate is not None:
+        raise ValueError(f"hybrid sampling options ({', '.join(options)}) cannot be combined with custom_generate: "
+                         f"only generate()'s own sampling and greedy decoding do hybrid sampling")
+    if kwargs.get("cache_implementation") == "paged":
+        raise ValueError(f"hybrid sampling options ({', '.join(options)}) cannot be combined with continuous "
+                         f"batching (cache_implementation='paged')")
+
+
+def check_hybrid_generation_mode(model, generation_mode, generation_mode_kwargs: dict) -> None:
+    """generate() once the mode is known: hybrid options only in sampling / greedy decoding,
+    only with a processing_class (which turns hybrid sampling on), only on a model built
+    with hybrid thinking. Each is a ValueError, never a silently plain result."""
+    options = _given_hybrid_options(generation_mode_kwargs)
+    if not options:
+        return
+    if generation_mode not in HYBRID_GENERATION_MODES:
+        raise ValueError(f"hybrid sampling options ({', '.join(options)}) were given, but the generation mode is "
+                         f"{generation_mode.value}: hybrid sampling is implemented for sampling and greedy decoding "
+                         f"only (num_beams=1; no assistant_model, prompt_lookup_num_tokens, penalty_alpha, "
+                         f"dola_layers or constraints), and this mode would return plain sequences")
+    if "processing_class" not in options:
+        raise ValueError(f"{', '.join(options)} only apply to hybrid sampling, which needs "
+                         f"processing_class=<tokenizer> (to find the answer marker); without it generate() "
+                         f"would return plain sequences")
+    thinking_base_model(model)
+
+
+def strip_hybrid_generate_kwargs(model_kwargs: dict) -> None:
+    """Without a processing_class there is no hybrid sampling: drop its other options."""
+    for key in HYBRID_GENERATE_KWARGS:
+        model_kwargs.pop(key, None)
+
+
+@dataclass
+class HybridGenerateOutput(GenerateDecoderOnlyOutput):
+    """Generation output plus the replay data (all shaped like ``sequences`` + (d,)).
+
+    thinking_mask:        bool (batch, length), True where the fed input was mixed.
+    thinking_latents:     the embedding-method latent used there (model dtype), or None
+                          when the source did not need it.
+    thinking_hidden:      the final hidden state that the projection was applied to
+                          (model dtype), or None.
+    thinking_noise:       float32, the Gaussian noise added to the latent there, or None
+                          (no Gaussian noise configured, or greedy decoding).
+    thinking_latent_left_out_mass: float32 (batch, length), the sampling probability mass
+                          that a top-k latent left out (0 with the whole vocabulary), or None
+                          when no embedding-method latent was formed.
+    thinking_gate_ratio:  float32 (batch, length), mean over d of the gate a where mixed;
+    thinking_hidden_ratio: the same for sqrt(1 - a^2).
+    sampled_token_logprobs: float32 (batch, length), the log-prob of each sampled token
+                          under the sampling distribution (after the logits processors),
+                          0 on prompt positions: what a replay should reproduce.
+    thinking_latent_source: the source used ("embedding" when a projection source had to
+                          fall back because the forward returned no hidden state).
+    """
+
+    thinking_mask: torch.Tensor | None = None
+    thinking_latents: torch.Tensor | None = None
+    thinking_hidden: torch.Tensor | None = None
+    thinking_noise: torch.Tensor | None = None
+    thinking_latent_left_out_mass: torch.Tensor | None = None
+    thinking_gate_ratio: torch.Tensor | None = None
+    thinking_hidden_ratio: torch.Tensor | None = None
+    sampled_token_logprobs: torch.Tensor | None = None
+    thinking_latent_source: str | None = None
+
+
+class AnswerMarkerDetector:
+    """Tells, per row, whether the answer marker has appeared in the completion so far.
+
+    Incremental: a row's check decodes only a window of its last few tokens, and only when
+    the newest token's text holds the marker's last character, so a step costs O(1) per
+    row whatever the completion's length. A marker split over several tokens is found at
+    the token that completes it.
+    """
+
+    def __init__(self, tokenizer, marker: str, batch_size: int):
+        if not marker:
+            raise ValueError("answer_marker must be a non-empty string")
+        self.tokenizer = tokenizer
+        self.marker = marker
+        # Every token adds at least one character, but special tokens can add none: keep
+        # a margin so that one whole occurrence always fits in the window.
+        self.window_size = len(marker) + 2
+        self.windows: list[list[int]] = [[] for _ in range(batch_size)]
+        self.found = [False] * batch_size
+        self._piece_cache: dict[int, bool] = {}
+
+    def _may_end_marker(self, token_id: int) -> bool:
+        hit = self._piece_cache.get(token_id)
+        if hit is None:
+            hit = self.marker[-1] in self.tokenizer.decode([token_id])
+            self._piece_cache[token_id] = hit
+        return hit
+
+    def update(self, token_ids: list[int], active: list[bool]) -> list[bool]:
+        """Add one token per row (rows not active are skipped); return ``found`` per row."""
+        to_check = []
+        for row, (token_id, is_active) in enumerate(zip(token_ids, active)):
+            if not is_active or self.found[row]:
+                continue
+            window = self.windows[row]
+            window.append(token_id)
+            if len(window) > self.window_size:
+                del window[0]
+            if self._may_end_marker(token_id):
+                to_check.append(row)
+        if to_check:
+            texts = self.tokenizer.batch_decode([self.windows[row] for row in to_check])
+            for row, text in zip(to_check, texts):
+                if self.marker in text:
+                    self.found[row] = True
+        return list(self.found)
+
+
+def thinking_base_model(model: nn.Module) -> HybridThinkingMixin:
+    base = getattr(model, "model", None)
+    if not isinstance(base, HybridThinkingMixin):
+        raise ValueError(f"hybrid generation (processing_class=...) needs a model whose base model has the "
+                         f"thinking modules of the HRPO fork (Qwen2Model or LlamaModel); "
+                         f"{type(model).__name__}.model is {type(base).__name__}")
+    base._require_thinking_modules("hybrid generation (processing_class=...)")
+    return base
+
+
+def _pad_to_sequence(records: list[torch.Tensor | None], batch: int, prompt_len: int, total_len: int,
+                     tail: tuple, dtype, device) -> torch.Tensor:
+    out = torch.zeros((batch, total_len, *tail), dtype=dtype, device=device)
+    if records:
+        out[:, prompt_len:prompt_len + len(records)] = torch.stack(records, dim=1).to(dtype)
+    return out
+
+
+@contextlib.contextmanager
+def deterministic_projection(base: HybridThinkingMixin):
+    """``thinking_projection`` (with its PEFT copies) in eval mode; each module's mode restored after.
+    A model built for the embedding source has no projection: nothing to do."""
+    projection = base._modules.get(PROJECTION_MODULE)
+    if projection is None:
+        yield
+        return
+    modes = [(module, module.training) for module in projection.modules()]
+    projection.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _stack_records(records: list[dict], key: str, batch: int, prompt_len: int, total_len: int, tail: tuple, dtype):
+    """The full-length (batch, total_len, *tail) thinking input from the per-step records."""
+    values = [record[key] for record in records]
+    if values and values[0] is None:
+        return None
+    device = records[0]["thinking_mask"].device if records else None
+    return _pad_to_sequence(values, batch, prompt_len, total_len, tail, dtype, device)
+
+
+def hybrid_sample(model, *args, **kwargs):
+    """See ``_hybrid_sample``; the projection runs deterministically (eval mode) throughout."""
+    with deterministic_projection(thinking_base_model(model)):
+        return _hybrid_sample(model, *args, **kwargs)
+
+
+def _hybrid_sample(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    *,
+    processing_class,
+    return_thinking_embeds: bool = False,
+    is_inference: bool = False,
+    answer_marker: str | None = None,
+    thinking_monitor: bool = False,
+    require_thinking_source: bool = False,
+    **model_kwargs,
+):
+    """``thinking_monitor``: also record the embedding-method latent when the source does
+    not need it (to compare the two methods on the same steps; costs one V x d product).
+    ``require_thinking_source``: raise instead of falling back to the embedding method when
+    a projection source gets no hidden state from the forward."""
+    base = thinking_base_model(model)
+    source = base.config.thinking_latent_source
+    marker = answer_marker if answer_marker is not None else base.answer_marker
+    pad_token_id = generation_config._pad_token_tensor
+    has_eos_stopping_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    do_sample = generation_config.do_sample and not is_inference
+    return_dict = generation_config.return_dict_in_generate
+    # as upstream's _sample: what the model returns per step, kept when asked for
+    scores = () if return_dict and generation_config.output_scores else None
+    raw_logits = () if return_dict and generation_config.output_logits else None
+    attentions = () if return_dict and generation_config.output_attentions else None
+    hidden_states = () if return_dict and generation_config.output_hidden_states else None
+    if pad_token_id is not None:
+        pad_token_id = pad_token_id.to(input_ids.device)
+
+    batch, prompt_len = input_ids.shape
+    unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
+    detector = AnswerMarkerDetector(processing_class, marker, batch)
+
+    wants_hidden = source != "embedding"
+    use_cache = model_kwargs.get("use_cache", True) is not False
+    model_kwargs["return_last_hidden_state"] = wants_hidden
+    outputs = model._prefill(input_ids, generation_config, model_kwargs)
+    use_hidden = wants_hidden and getattr(outputs, "last_hidden_state", None) is not None
+    if wants_hidden and not use_hidden and require_thinking_source:
+        raise RuntimeError(f"thinking_latent_source={source!r} needs the last hidden state, but "
+                           f"{type(model).__name__}'s forward returned none (require_thinking_source=True: "
+                           f"no fallback to the embedding method). The forward must accept "
+                           f"return_last_hidden_state=True and return last_hidden_state")
+    if wants_hidden and not use_hidden:
+        warnings.warn(f"thinking_latent_source={source!r} needs the last hidden state, but "
+                      f"{type(model).__name__}'s forward returned none: falling back to the embedding "
+                      f"method for this generation", stacklevel=3)
+    use_latents = source != "projection" or not use_hidden or thinking_monitor
+    used_source = source if use_hidden else "embedding"
+    noise_kind = base.config.thinking_latent_noise if do_sample else "none"
+    noise_keys = None
+    if noise_kind != "none":  # one seed per call from torch's RNG; then a function of each row's tokens
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+        noise_keys = initial_keys(seed, input_ids, model_kwargs.get("attention_mask"))
+    noise_std = base.latent_noise_std(used_source) if noise_kind == "gaussian" else None
+
+    masks, latents, hiddens, noises, left_outs = [], [], [], [], []
+    gates, hidden_ratios, token_logprobs = [], [], []
+    this_peer_finished = False
+    pending = None  # the thinking inputs of the token sampled last, fed at the next forward
+    pending_left_out = None  # and the probability mass its top-k latent left out
+    fed = []  # without a cache: the thinking inputs of every completion token fed so far
+    d = base.config.hidden_size
+    embed_dtype = base.get_input_embeddings().weight.dtype
+    # Shaped like upstream's loop: with synced_gpus every peer calls _has_unfinished_sequences
+    # (a collective) and runs a forward each iteration until all peers are done.
+    while model._has_unfinished_sequences(this_peer_finished, synced_gpus, device=input_ids.device):
+        if outputs is None:
+            model_inputs = model.prepare_inputs_for_generation(
+                input_ids, next_sequence_length=1 if use_cache else None, **model_kwargs)
+            if use_cache:
+                model_inputs.update(pending or {})
+            else:  # the whole sequence is fed: thinking inputs for every position of it
+                if pending is not None:
+                    fed.append(pending)
+                total = input_ids.shape[1]
+                if fed:
+                    hidden_dtype = fed[0]["thinking_hidden"].dtype if use_hidden else embed_dtype
+                    model_inputs.update(
+                        thinking_mask=_stack_records(fed, "thinking_mask", batch, prompt_len, total, (), torch.bool),
+                        thinking_latents=_stack_records(fed, "thinking_latents", batch, prompt_len, total, (d,),
+                                                        embed_dtype),
+                        thinking_hidden=_stack_records(fed, "thinking_hidden", batch, prompt_len, total, (d,),
+                                                       hidden_dtype),
+                        thinking_noise=_stack_records(fed, "thinking_noise", batch, prompt_len, total, (d,),
+                                                      torch.float32),
+                    )
+            outputs = model(**model_inputs, return_dict=True)
+            if pending is not None and return_thinking_embeds:
+                masks.append(pending["thinking_mask"])
+                latents.append(pending["thinking_latents"])
+                hiddens.append(pending["thinking_hidden"])
+                noises.append(pending["thinking_noise"])
+                left_outs.append(pending_left_out)
+                gates.append(outputs.thinking_gate_ratio[:, -1])
+                hidden_ratios.append(outputs.thinking_hidden_ratio[:, -1])
+            pending = None
+        model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+        if synced_gpus and this_peer_finished:
+            outputs = None  # keep stepping for the other peers; nothing is recorded
+            continue
+
+        logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+        next_scores = logits_processor(input_ids, logits)
+        probs = nn.functional.softmax(next_scores, dim=-1)
+        if do_sample:
+            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+        else:
+            next_tokens = torch.argmax(next_scores, dim=-1)
+        if has_eos_stopping_criteria:
+            next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+        if scores is not None:
+            scores += (next_scores,)
+        if raw_logits is not None:
+            raw_logits += (logits,)
+        if attentions is not None:
+            attentions += (outputs.attentions,)
+        if hidden_states is not None:
+            hidden_states += (outputs.hidden_states,)
+        if return_thinking_embeds:
+            step_logprobs = torch.log_softmax(next_scores, dim=-1).gather(-1, next_tokens[:, None]).squeeze(-1)
+            token_logprobs.append(step_logprobs)
+
+        active = unfinished.bool().tolist()
+        answered = detector.update(next_tokens.tolist(), active)
+        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        unfinished = unfinished & ~stopping_criteria(input_ids, scores)
+        this_peer_finished = bool(unfinished.max() == 0)
+        if not this_peer_finished:
+            # The token just sampled is fed next; it is mixed while its row is still thinking.
+            if noise_keys is not None:
+                noise_keys = advance_keys(noise_keys, next_tokens)
+            latent, pending_left_out = (base.embedding_method_latent(probs, noise_keys) if use_latents
+                                        else (None, None))
+            pending = {
+                "thinking_mask": unfinished.bool() & ~torch.tensor(answered, device=input_ids.device),
+                "thinking_latents": latent,
+                "thinking_hidden": outputs.last_hidden_state[:, -1] if use_hidden else None,
+                "thinking_noise": gaussian_draws(noise_keys, d) * noise_std if noise_std is not None else None,
+            }
+        outputs = None
+
+    if streamer is not None:
+        streamer.end()
+
+    if not (return_thinking_embeds or return_dict):
+        return input_ids
+    result = HybridGenerateOutput(sequences=input_ids, scores=scores, logits=raw_logits, attentions=attentions,
+                                  hidden_states=hidden_states, thinking_latent_source=used_source)
+    if return_dict:
+        result.past_key_values = model_kwargs.get("past_key_values")
+    if return_thinking_embeds:
+        total = input_ids.shape[1]
+        dtype = embed_dtype
+        device = input_ids.device
+        result.thinking_mask = _pad_to_sequence(masks, batch, prompt_len, total, (), torch.bool, device)
+        result.thinking_gate_ratio = _pad_to_sequence(gates, batch, prompt_len, total, (), torch.float32, device)
+        result.thinking_hidden_ratio = _pad_to_sequence(hidden_ratios, batch, prompt_len, total, (), torch.float32,
+                                                        device)
+        result.sampled_token_logprobs = _pad_to_sequence(token_logprobs, batch, prompt_len, total, (),
+                                                         torch.float32, device)
+        if use_latents:
+            result.thinking_latents = _pad_to_sequence(latents, batch, prompt_len, total, (d,), dtype, device)
+        if use_hidden:
+            result.thinking_hidden = _pad_to_sequence(hiddens, batch, prompt_len, total, (d,),
+                                                      hiddens[0].dtype if hiddens else dtype, device)
+        if noise_std is not None:
+            result.thinking_noise = _pad_to_sequence(noises, batch, prompt_len, total, (d,), torch.float32, device)
+        if use_latents:
+            result.thinking_latent_left_out_mass = _pad_to_sequence(left_outs, batch, prompt_len, total, (),
+                                                                    torch.float32, device)
+    return result
