@@ -1,4 +1,7 @@
 """The fork foundation: imports resolve to the forks, and the patch-series round trip."""
+import hashlib
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -227,3 +230,89 @@ def test_unknown_fork_folder_is_named(tmp_path):
     proc = forks("materialize", "nonexistent", root=tmp_path)
     assert proc.returncode != 0
     assert "nonexistent" in proc.stderr and "upstream.toml" in proc.stderr
+
+
+def load_forks_tool():
+    spec = importlib.util.spec_from_file_location("forks_tool", FORKS_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_the_series_changes_only_upstream_files_and_each_patch_says_why(name):
+    tool = load_forks_tool()
+    fork = tool.Fork.load(REPO / name)
+    upstream = set(git_in(fork.tree, "ls-tree", "-r", "--name-only", "upstream").splitlines())
+    overlay = tool.overlay_files(fork)
+    assert overlay and not set(overlay) & upstream
+    patched = set()
+    for patch in fork.series:
+        info = tool.patch_info(fork, patch)
+        assert info.files and set(info.files) <= upstream, (patch, set(info.files) - upstream)
+        assert info.category in tool.CATEGORIES, (patch, info.category)
+        assert info.why_not_overlay and len(info.why_not_overlay) > 20, patch
+        patched |= set(info.files)
+    # the suite's tree is the release plus exactly these files, the overlay's byte for byte
+    assert set(git_in(fork.tree, "diff", "--name-only", "upstream", "HEAD").splitlines()) == set(overlay) | patched
+    assert all((fork.tree / path).read_bytes() == body for path, body in overlay.items())
+
+
+def test_the_patches_are_listed_only_in_the_series_file():
+    tool = load_forks_tool()
+    subjects = [tool.patch_info(fork, patch).subject for fork in tool.discover(REPO) for patch in fork.series]
+    assert len(subjects) >= 5
+    for doc in ("docs/forks.md", "transformers/README.md", "unsloth/README.md"):
+        text = (REPO / doc).read_text()
+        assert ".patches" in text, doc
+        assert not [s for s in subjects if s in text], doc
+
+
+def unpack_forks(commit: str, root: Path) -> None:
+    """The fork folders of one commit of this repository into ``root``."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, *EXPECTED],
+                             capture_output=True, check=True).stdout
+    root.mkdir(exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+
+
+def test_the_move_to_the_overlay_changed_no_byte(tmp_path):
+    """The fork trees made from the overlay and series, at the commit that introduced the overlay,
+    are the trees of the patch-only series before it (same git tree ids: same files, same bytes).
+    A tree made before the move is kept as it is, and made again once the overlay moves on."""
+    log = subprocess.run(["git", "-C", str(REPO), "log", "--diff-filter=A", "--format=%H", "--",
+                          "transformers/overlay"], capture_output=True, text=True)
+    if log.returncode != 0 or not log.stdout.split():
+        pytest.skip("the repository's history is not available here (not a git checkout, or a shallow one)")
+    move = log.stdout.split()[-1]
+    tree_ids = lambda root: {name: git_in(root / name / "tree", "rev-parse", "HEAD^{tree}")  # noqa: E731
+                             for name in EXPECTED}
+
+    before, after = tmp_path / "before", tmp_path / "after"
+    unpack_forks(f"{move}^", before)
+    assert not (before / "transformers" / "overlay").exists()
+    assert forks("materialize", root=before).returncode == 0
+    for name in EXPECTED:  # the record the tool wrote before the move: the patch files' digests
+        series = (before / name / ".patches").read_text().split()
+        digests = [hashlib.sha256((before / name / "patches" / patch).read_bytes()).hexdigest() for patch in series]
+        (before / name / "tree" / ".git" / "hrpo-materialized.json").write_text(json.dumps(digests))
+    unpack_forks(move, after)
+    assert forks("materialize", root=after).returncode == 0
+    assert tree_ids(before) == tree_ids(after)
+
+    # the pull that brings the move: the old tree (its history split differently) is made again,
+    # not refused as work of its own, and is the same tree
+    for name in EXPECTED:
+        shutil.rmtree(before / name / "patches")
+        (before / name / ".patches").unlink()
+    unpack_forks(move, before)
+    proc = forks("materialize", root=before)
+    assert proc.returncode == 0 and proc.stdout.count("changed since") == 2, proc.stdout + proc.stderr
+    assert tree_ids(before) == tree_ids(after)
+    # a later pull that changes the overlay: the old tree is made again
+    marker = before / "transformers" / "overlay" / "src" / "transformers" / "hrpo_fork.py"
+    marker.write_text(marker.read_text() + "# a later change\n")
+    proc = forks("materialize", "transformers", root=before)
+    assert proc.returncode == 0 and "changed since" in proc.stdout, proc.stdout + proc.stderr
+    assert "# a later change" in (before / "transformers" / "tree" / "src" / "transformers" / "hrpo_fork.py").read_text()

@@ -301,13 +301,16 @@ def dirty_files(fork: Fork) -> list[str]:
             .stdout.splitlines() if line.strip()]
 
 
-def made_from(fork: Fork) -> dict | None:
-    """The digest of the overlay and series the tree was made from (None before it was recorded)."""
+def unchanged_since_made(fork: Fork, current: dict) -> bool:
+    """Whether the tree is still what materialize made (``current``: its digest now)."""
     record = fork.tree / ".git" / MATERIALIZED_RECORD
     if not record.exists():
-        return None
+        return False
     made = json.loads(record.read_text())
-    return made if isinstance(made, dict) else None
+    if isinstance(made, list):  # made before the overlay: the digests of whole-commit patches
+        commits = git(fork.tree, "rev-list", "--reverse", "upstream..HEAD").stdout.split()
+        return made == [hashlib.sha256(format_patch(fork.tree, sha)).hexdigest() for sha in commits]
+    return made == current
 
 
 def needs_rebuild(fork: Fork) -> bool:
@@ -321,7 +324,7 @@ def needs_rebuild(fork: Fork) -> bool:
     current = state_digest(*tree_state(fork, include_dirty=False))
     if not dirty and current == state_digest(*repo_state(fork)):
         return False
-    if not dirty and made_from(fork) == current:
+    if not dirty and unchanged_since_made(fork, current):
         print(f"[forks] the overlay or series of {fork.name} changed since {fork.tree} was made from them: rebuilding")
         return True
     raise ForkError(f"{fork.tree} does not match the overlay and series of {fork.folder} and holds work of its "
@@ -333,7 +336,7 @@ def check_no_unexported_work(fork: Fork) -> None:
     if not (fork.tree / ".git").exists():
         return
     current = state_digest(*tree_state(fork, include_dirty=False))
-    if dirty_files(fork) or current not in (state_digest(*repo_state(fork)), made_from(fork)):
+    if dirty_files(fork) or (current != state_digest(*repo_state(fork)) and not unchanged_since_made(fork, current)):
         raise ForkError(f"{fork.tree} has work that is not in the overlay and series; run `forks.py export "
                         f"{fork.folder.name}` first (or delete the tree yourself to discard it)")
 
@@ -359,6 +362,15 @@ def fold_dirty_edits(fork: Fork) -> None:
         "--committer-date-is-author-date", "upstream", env=env)
 
 
+def format_patch(tree: Path, sha: str, paths: list[str] | None = None) -> bytes:
+    """One commit as a patch (of ``paths`` only, if given), byte-stable."""
+    text = git(tree, "format-patch", "-1", "--stdout", "--zero-commit", "--no-signature", "--no-stat",
+               "--keep-subject", "--no-numbered", *(["--no-renames", sha, "--", *paths] if paths else [sha])).stdout
+    # Drop blob hashes ("index ..." lines): they change with every upstream byte and
+    # every edit, while the diff itself is what we review and replay.
+    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("index ")).encode()
+
+
 def paths_of(tree: Path, *args: str) -> list[str]:
     """The paths a git command lists with -z."""
     return [path for path in git(tree, *args).stdout.split("\0") if path]
@@ -379,12 +391,7 @@ def tree_state(fork: Fork, include_dirty: bool = True) -> tuple[dict[str, bytes]
         if not paths:
             continue
         subject = git(fork.tree, "log", "-1", "--format=%s", sha).stdout.strip()
-        text = git(fork.tree, "format-patch", "-1", "--stdout", "--zero-commit", "--no-signature",
-                   "--no-stat", "--keep-subject", "--no-numbered", "--no-renames", sha, "--", *paths).stdout
-        # Drop blob hashes ("index ..." lines): they change with every upstream byte and
-        # every edit, while the diff itself is what we review and replay.
-        text = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("index "))
-        patches.append((f"{slug(subject)}.patch", text.encode()))
+        patches.append((f"{slug(subject)}.patch", format_patch(fork.tree, sha, paths)))
     names = [n for n, _ in patches]
     if len(set(names)) != len(names):
         raise ForkError(f"two patches of {fork.tree} have the same subject: {names}")
@@ -432,8 +439,11 @@ class PatchInfo:
 
 def patch_info(fork: Fork, name: str) -> PatchInfo:
     text = (fork.folder / PATCH_DIR / name).read_text()
-    field = lambda key: next((line.split(":", 1)[1].strip() for line in text.splitlines()  # noqa: E731
-                              if line.startswith(f"{key}:")), None)
+
+    def field(key: str) -> str | None:  # a header or trailer line, with its folded continuation lines
+        match = re.search(rf"^{key}: (.*(?:\n[ \t].*)*)", text, flags=re.MULTILINE)
+        return " ".join(match.group(1).split()) if match else None
+
     files = re.findall(r"^diff --git a/(\S+) b/", text, flags=re.MULTILINE)
     return PatchInfo(name, field("Subject"), field(CATEGORY_TRAILER), field(WHY_TRAILER), files)
 

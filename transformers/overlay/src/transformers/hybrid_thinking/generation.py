@@ -249,10 +249,32 @@ def _hybrid_sample(
     require_thinking_source: bool = False,
     **model_kwargs,
 ):
-    """``thinking_monitor``: also record the embedding-method latent when the source does
-    not need it (to compare the two methods on the same steps; costs one V x d product).
-    ``require_thinking_source``: raise instead of falling back to the embedding method when
-    a projection source gets no hidden state from the forward."""
+    """The hybrid sampling loop. ``thinking_monitor``: also record the embedding-method latent
+    when the source does not need it (to compare the two methods on the same steps; costs one
+    V x d product). ``require_thinking_source``: raise instead of falling back to the embedding
+    method when a projection source gets no hidden state from the forward.
+
+    Maintenance: this mirrors ``GenerationMixin._sample`` of transformers 5.17.0
+    (``generation/utils.py``). On an upgrade, diff ``_sample`` between the old and the new
+    release and carry what changed into this function.
+
+    Kept as upstream has it: ``_prefill``, the ``_has_unfinished_sequences`` loop (with
+    ``synced_gpus`` a finished peer keeps stepping), ``prepare_inputs_for_generation`` with
+    ``next_sequence_length``, ``_update_model_kwargs_for_generation``, float32 logits through
+    the logits processors, multinomial or argmax, padding after EOS, the stopping criteria,
+    the streamer, and the output scores, logits, attentions and hidden states per step.
+
+    Differs: each step's forward also gets the thinking inputs of the token sampled last (and
+    ``return_last_hidden_state`` when the source uses the projection); the softmax is computed
+    for greedy decoding too (the embedding latent needs it) and ``is_inference`` forces greedy;
+    an ``AnswerMarkerDetector`` per row ends the row's thinking phase at the marker; without a
+    cache each step feeds the whole sequence; the per-position thinking data, the noise fed
+    and the sampled tokens' log-probs are recorded and returned in a ``HybridGenerateOutput``.
+
+    Left out: the compiled forward (``get_compiled_call``, auto-compile),
+    ``_optimize_model_for_decode``, ``DeferredStopCheck`` and ``_undo_generation_steps`` (the
+    stop is checked at every step), encoder-decoder models and assistant models.
+    """
     base = thinking_base_model(model)
     source = base.config.thinking_latent_source
     marker = answer_marker if answer_marker is not None else base.answer_marker
