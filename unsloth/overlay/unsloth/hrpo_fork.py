@@ -1,4 +1,4 @@
-"""Marks this unsloth as the HRPO fork: upstream release plus our patch series.
+"""Marks this unsloth as the HRPO fork: upstream release plus our overlay and patch series.
 
 Tests and tools check these names to be sure the fork, not a registry copy, is imported.
 """
