@@ -49,7 +49,7 @@ def time_steps(update, stream, batch: int) -> list[float]:
 
 
 def main() -> None:
-    from transformers.hybrid_thinking.generation import AnswerMarkerDetector
+    from transformers.hybrid_thinking.marker import AnswerMarkerDetector
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=2048)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers.hybrid_thinking.generation import AnswerMarkerDetector
+from transformers.hybrid_thinking.marker import AnswerMarkerDetector
 from transformers.hybrid_thinking.modeling import ThinkingResidualLambda
 
 from testing.rollouts import generate_hybrid, replay_difference, replay_logprobs, sampling_logprobs

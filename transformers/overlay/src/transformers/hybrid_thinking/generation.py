@@ -35,6 +35,7 @@ from torch import nn
 from ..generation.configuration_utils import GenerationMode
 from ..generation.utils import GenerateDecoderOnlyOutput
 from .exploration import advance_keys, gaussian_draws, initial_keys
+from .marker import AnswerMarkerAutomaton
 from .modeling import PROJECTION_MODULE, HybridThinkingMixin
 
 # generate() kwargs that belong to hybrid sampling; generate() pops them before it
@@ -134,54 +135,6 @@ class HybridGenerateOutput(GenerateDecoderOnlyOutput):
     thinking_latent_source: str | None = None
 
 
-class AnswerMarkerDetector:
-    """Tells, per row, whether the answer marker has appeared in the completion so far.
-
-    Incremental: a row's check decodes only a window of its last few tokens, and only when
-    the newest token's text holds the marker's last character, so a step costs O(1) per
-    row whatever the completion's length. A marker split over several tokens is found at
-    the token that completes it.
-    """
-
-    def __init__(self, tokenizer, marker: str, batch_size: int):
-        if not marker:
-            raise ValueError("answer_marker must be a non-empty string")
-        self.tokenizer = tokenizer
-        self.marker = marker
-        # Every token adds at least one character, but special tokens can add none: keep
-        # a margin so that one whole occurrence always fits in the window.
-        self.window_size = len(marker) + 2
-        self.windows: list[list[int]] = [[] for _ in range(batch_size)]
-        self.found = [False] * batch_size
-        self._piece_cache: dict[int, bool] = {}
-
-    def _may_end_marker(self, token_id: int) -> bool:
-        hit = self._piece_cache.get(token_id)
-        if hit is None:
-            hit = self.marker[-1] in self.tokenizer.decode([token_id])
-            self._piece_cache[token_id] = hit
-        return hit
-
-    def update(self, token_ids: list[int], active: list[bool]) -> list[bool]:
-        """Add one token per row (rows not active are skipped); return ``found`` per row."""
-        to_check = []
-        for row, (token_id, is_active) in enumerate(zip(token_ids, active)):
-            if not is_active or self.found[row]:
-                continue
-            window = self.windows[row]
-            window.append(token_id)
-            if len(window) > self.window_size:
-                del window[0]
-            if self._may_end_marker(token_id):
-                to_check.append(row)
-        if to_check:
-            texts = self.tokenizer.batch_decode([self.windows[row] for row in to_check])
-            for row, text in zip(to_check, texts):
-                if self.marker in text:
-                    self.found[row] = True
-        return list(self.found)
-
-
 def thinking_base_model(model: nn.Module) -> HybridThinkingMixin:
     base = getattr(model, "model", None)
     if not isinstance(base, HybridThinkingMixin):
@@ -267,13 +220,19 @@ def _hybrid_sample(
     Differs: each step's forward also gets the thinking inputs of the token sampled last (and
     ``return_last_hidden_state`` when the source uses the projection); the softmax is computed
     for greedy decoding too (the embedding latent needs it) and ``is_inference`` forces greedy;
-    an ``AnswerMarkerDetector`` per row ends the row's thinking phase at the marker; without a
+    the answer-marker automaton (``marker``) ends a row's thinking phase at the marker; without a
     cache each step feeds the whole sequence; the per-position thinking data, the noise fed
     and the sampled tokens' log-probs are recorded and returned in a ``HybridGenerateOutput``.
 
-    Left out: the compiled forward (``get_compiled_call``, auto-compile),
-    ``_optimize_model_for_decode``, ``DeferredStopCheck`` and ``_undo_generation_steps`` (the
-    stop is checked at every step), encoder-decoder models and assistant models.
+    Also kept: the compiled forward of the decoding steps (``get_compiled_call``) under upstream's
+    criteria (``_valid_auto_compile_criteria``: a compileable cache on an accelerator); the
+    thinking inputs then have a fixed shape at every step, the forward mixes with ``torch.where``
+    (``_mix_every_row``) and the marker automaton runs on the device, so one graph serves every
+    step and a step waits for the host only at upstream's stopping check.
+
+    Left out: ``_optimize_model_for_decode``, ``DeferredStopCheck`` and
+    ``_undo_generation_steps`` (the stop is checked at every step), encoder-decoder models and
+    assistant models.
     """
     base = thinking_base_model(model)
     source = base.config.thinking_latent_source
@@ -292,12 +251,19 @@ def _hybrid_sample(
 
     batch, prompt_len = input_ids.shape
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
-    detector = AnswerMarkerDetector(processing_class, marker, batch)
 
     wants_hidden = source != "embedding"
     use_cache = model_kwargs.get("use_cache", True) is not False
+    # as upstream's _sample: the decoding steps (not the prefill) through the compiled forward when the
+    # cache is compileable (a static cache) on an accelerator, or anywhere with _compile_all_devices
+    model_forward = model.__call__
+    if model._valid_auto_compile_criteria(model_kwargs, generation_config):
+        base.embedding_latent_scale()  # computed here, read as a constant inside the compiled forward
+        model_forward = model.get_compiled_call(generation_config.compile_config)
     model_kwargs["return_last_hidden_state"] = wants_hidden
     outputs = model._prefill(input_ids, generation_config, model_kwargs)
+    automaton = AnswerMarkerAutomaton.cached(processing_class, marker, outputs.logits.shape[-1], input_ids.device)
+    marker_state = automaton.start(batch, input_ids.device)
     use_hidden = wants_hidden and getattr(outputs, "last_hidden_state", None) is not None
     if wants_hidden and not use_hidden and require_thinking_source:
         raise RuntimeError(f"thinking_latent_source={source!r} needs the last hidden state, but "
@@ -348,7 +314,7 @@ def _hybrid_sample(
                         thinking_noise=_stack_records(fed, "thinking_noise", batch, prompt_len, total, (d,),
                                                       torch.float32),
                     )
-            outputs = model(**model_inputs, return_dict=True)
+            outputs = model_forward(**model_inputs, return_dict=True)
             if pending is not None and return_thinking_embeds:
                 masks.append(pending["thinking_mask"])
                 latents.append(pending["thinking_latents"])
@@ -384,8 +350,7 @@ def _hybrid_sample(
             step_logprobs = torch.log_softmax(next_scores, dim=-1).gather(-1, next_tokens[:, None]).squeeze(-1)
             token_logprobs.append(step_logprobs)
 
-        active = unfinished.bool().tolist()
-        answered = detector.update(next_tokens.tolist(), active)
+        marker_state = automaton.step(marker_state, next_tokens, unfinished.bool())
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
         if streamer is not None:
             streamer.put(next_tokens.cpu())
@@ -398,7 +363,7 @@ def _hybrid_sample(
             latent, pending_left_out = (base.embedding_method_latent(probs, noise_keys) if use_latents
                                         else (None, None))
             pending = {
-                "thinking_mask": unfinished.bool() & ~torch.tensor(answered, device=input_ids.device),
+                "thinking_mask": unfinished.bool() & ~automaton.found(marker_state),
                 "thinking_latents": latent,
                 "thinking_hidden": outputs.last_hidden_state[:, -1] if use_hidden else None,
                 "thinking_noise": gaussian_draws(noise_keys, d) * noise_std if noise_std is not None else None,

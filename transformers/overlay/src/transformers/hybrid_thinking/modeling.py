@@ -259,8 +259,11 @@ class HybridThinkingMixin:
         """Typical norm of an embedding-method latent: the mean norm of a token embedding.
 
         (p @ E) / ||p||_2 has exactly this norm for a one-hot p, and about it for spread p.
-        Cached until the embedding matrix changes.
+        Cached until the embedding matrix changes; a compiled forward reads the cached value
+        (the sampling loop computes it before the compiled steps).
         """
+        if torch.compiler.is_compiling() and getattr(self, "_latent_scale_cache", None) is not None:
+            return self._latent_scale_cache[1]  # the compiled decoding step: the loop warmed it
         weight = self.get_input_embeddings().weight
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if getattr(self, "_latent_scale_cache", None) is None or self._latent_scale_cache[0] != key:
@@ -369,6 +372,8 @@ class HybridThinkingMixin:
                                  f"({batch}, {length}, d) to match thinking_mask")
             return t[mask]
 
+        if torch.compiler.is_compiling():
+            return self._mix_every_row(inputs_embeds, mask, thinking_latents, thinking_hidden, thinking_noise)
         gate_ratio = torch.zeros(batch, length, dtype=torch.float32, device=inputs_embeds.device)
         hidden_ratio = torch.zeros_like(gate_ratio)
         any_flagged = bool(mask.any())
@@ -385,6 +390,28 @@ class HybridThinkingMixin:
         a = a.detach()
         gate_ratio[mask] = a.mean(dim=-1)
         hidden_ratio[mask] = torch.sqrt(1.0 - a * a + RESIDUAL_EPS).mean(dim=-1)
+        return out, (gate_ratio, hidden_ratio)
+
+
+    def _mix_every_row(self, inputs_embeds, mask, thinking_latents, thinking_hidden, thinking_noise):
+        """mix_thinking_inputs inside a compiled forward: every position through the modules and
+        the flagged ones kept (torch.where), so that no shape depends on the mask and nothing
+        waits for the host: one graph serves every decoding step. A position not flagged keeps
+        its embedding bit for bit; a flagged one matches the eager path to rounding (its rows go
+        through the gates in a larger batch)."""
+        def per_position(t):
+            if t is None:
+                return None
+            t = t.to(inputs_embeds.device)
+            return t[:, None, :] if t.dim() == 2 else t
+
+        latent = self.thinking_latent(per_position(thinking_latents), per_position(thinking_hidden),
+                                      per_position(thinking_noise))
+        mixed, a = self.thinking_residual(inputs_embeds, latent)
+        out = torch.where(mask[..., None], mixed, inputs_embeds)
+        a = a.detach()
+        gate_ratio = torch.where(mask, a.mean(dim=-1), 0.0)
+        hidden_ratio = torch.where(mask, torch.sqrt(1.0 - a * a + RESIDUAL_EPS).mean(dim=-1), 0.0)
         return out, (gate_ratio, hidden_ratio)
 
 
