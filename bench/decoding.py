@@ -13,6 +13,15 @@ latent), "+gaussian" / "+gumbel" (noise at scale 0.33 / temperature 0.1), e.g. "
     python -m bench.decoding --model smollm2 --batch 8 --new-tokens 256
     python -m bench.decoding --model smollm2 --modes plain embedding embedding+top64 embedding+top64+gumbel
     python -m bench.decoding --model Qwen/Qwen2.5-1.5B-Instruct --device cuda   (any HF model)
+
+--compile: each mode also through transformers' compiled decoding step (a static cache,
+torch.compile with upstream's CompileConfig; CUDA graphs on a GPU, on the CPU compiled because
+asked for), after a warm-up that compiles it; the table adds compiled/eager per mode, the ratio
+to plain compiled, and the host syncs per new token of each path (testing/host_syncs.py:
+tensor-to-host calls over a whole generate() call, so prefill and output assembly are spread
+over the tokens).
+
+    python -m bench.decoding --model smollm2 --batch 8 --new-tokens 256 --compile
 """
 from __future__ import annotations
 
@@ -24,10 +33,12 @@ from pathlib import Path
 
 import torch
 
+from testing.host_syncs import counted_host_syncs
 from testing.variants import latent_variant
 
 REPO = Path(__file__).resolve().parent.parent
 
+COMPILE_MODES = ["plain", "embedding", "embedding+top64", "projection"]
 MODES = ["plain", "embedding", "embedding+top64", "embedding+top5", "embedding+top64+gumbel", "embedding+gaussian",
          "projection", "projection+gaussian", "embedding_plus_projection", "embedding_plus_projection+top64"]
 
@@ -67,12 +78,23 @@ def load(name: str, device: str):
     return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype).to(device).eval(), tokenizer
 
 
-def run_once(model, tokenizer, enc, mode: str, new_tokens: int) -> float:
+def compile_config(device: str, backend: str):
+    from transformers import CompileConfig
+
+    # upstream's defaults: inductor, reduce-overhead (CUDA graphs on a GPU)
+    config = CompileConfig() if backend == "inductor" else CompileConfig(backend=backend, mode=None)
+    config._compile_all_devices = device != "cuda"  # upstream compiles on accelerators only
+    return config
+
+
+def run_once(model, tokenizer, enc, mode: str, new_tokens: int, compiled=None) -> float:
     kwargs = {}
     if mode != "plain":
         for key, value in latent_variant(mode).items():
             setattr(model.config, key, value)
         kwargs = {"processing_class": tokenizer, "return_thinking_embeds": True}
+    if compiled is not None:
+        kwargs.update(cache_implementation="static", compile_config=compiled)
     torch.manual_seed(0)
     if enc.input_ids.is_cuda:
         torch.cuda.synchronize()
@@ -94,11 +116,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", nargs="+", default=MODES, type=mode_name,
-                        help="plain, or a latent source with options: +topK, +gaussian, +gumbel")
+    parser.add_argument("--modes", nargs="+", default=None, type=mode_name,
+                        help="plain, or a latent source with options: +topK, +gaussian, +gumbel (default: "
+                             f"{' '.join(MODES)}; with --compile {' '.join(COMPILE_MODES)})")
+    parser.add_argument("--compile", action="store_true", help="each mode eager and compiled (static cache)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of --compile (eager: dynamo's tracing only, for a smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None, help="where to write the results")
     args = parser.parse_args()
+    args.modes = args.modes or (COMPILE_MODES if args.compile else MODES)
+    if args.compile:
+        from torch import _dynamo
+
+        # one graph per mode (the config's latent fields are guarded on) and cache length
+        _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 8 * len(args.modes))
 
     model, tokenizer = load(args.model, args.device)
     model.to(args.device)
@@ -108,21 +140,47 @@ def main() -> None:
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
     results = {"model": args.model, "batch": args.batch, "device": args.device,
                "threads": torch.get_num_threads(), "runs": {}}
+    paths = {"eager": None, "compiled": compile_config(args.device, args.compile_backend)} if args.compile else {"eager": None}
     for new_tokens in args.new_tokens:
         run_once(model, tokenizer, enc, args.modes[0], min(new_tokens, 16))  # warm-up
-        times = {mode: [] for mode in args.modes}
+        if args.compile:  # compile every mode at this cache length before anything is timed
+            for mode in args.modes:
+                run_once(model, tokenizer, enc, mode, new_tokens, paths["compiled"])
+        times = {(mode, path): [] for mode in args.modes for path in paths}
         for _ in range(args.repeats):
             for mode in args.modes:  # interleaved, so that drift hits every mode alike
-                times[mode].append(run_once(model, tokenizer, enc, mode, new_tokens))
-        med = {mode: statistics.median(ts) for mode, ts in times.items()}
-        results["runs"][str(new_tokens)] = {"times": times, "median": med}
+                for path, compiled in paths.items():
+                    times[(mode, path)].append(run_once(model, tokenizer, enc, mode, new_tokens, compiled))
+        med = {key: statistics.median(ts) for key, ts in times.items()}
+        run = {"times": {mode: times[(mode, "eager")] for mode in args.modes},
+               "median": {mode: med[(mode, "eager")] for mode in args.modes}}
         print(f"\n{args.model}, batch {args.batch}, {new_tokens} new tokens, {args.device}, "
               f"{torch.get_num_threads()} threads, median of {args.repeats}")
-        print(f"{'mode':28s} {'s':>8s} {'ms/token':>9s} {'x plain':>8s} {'x embedding':>12s}")
-        for mode in args.modes:
-            vs_plain = med[mode] / med["plain"] if "plain" in med else float("nan")
-            vs_emb = med[mode] / med["embedding"] if "embedding" in med else float("nan")
-            print(f"{mode:28s} {med[mode]:8.2f} {1000 * med[mode] / new_tokens:9.1f} {vs_plain:8.3f} {vs_emb:12.3f}")
+        if args.compile:
+            syncs = {}
+            for mode in args.modes:
+                for path, compiled in paths.items():
+                    with counted_host_syncs() as counts:
+                        run_once(model, tokenizer, enc, mode, new_tokens, compiled)
+                    syncs[(mode, path)] = sum(counts.values()) / new_tokens
+            run["compiled"] = {"times": {mode: times[(mode, "compiled")] for mode in args.modes},
+                               "median": {mode: med[(mode, "compiled")] for mode in args.modes}}
+            run["host_syncs_per_token"] = {path: {mode: syncs[(mode, path)] for mode in args.modes} for path in paths}
+            print(f"{'mode':28s} {'eager s':>8s} {'compiled s':>10s} {'comp/eager':>10s} {'x plain':>8s} "
+                  f"{'x plain comp':>12s} {'syncs/token eager':>17s} {'compiled':>8s}")
+            for mode in args.modes:
+                eager, comp = med[(mode, "eager")], med[(mode, "compiled")]
+                plain, plain_comp = med.get(("plain", "eager"), float("nan")), med.get(("plain", "compiled"), float("nan"))
+                print(f"{mode:28s} {eager:8.2f} {comp:10.2f} {comp / eager:10.3f} {eager / plain:8.3f} "
+                      f"{comp / plain_comp:12.3f} {syncs[(mode, 'eager')]:17.2f} {syncs[(mode, 'compiled')]:8.2f}")
+        else:
+            print(f"{'mode':28s} {'s':>8s} {'ms/token':>9s} {'x plain':>8s} {'x embedding':>12s}")
+            for mode in args.modes:
+                m = med[(mode, "eager")]
+                vs_plain = m / med[("plain", "eager")] if "plain" in args.modes else float("nan")
+                vs_emb = m / med[("embedding", "eager")] if "embedding" in args.modes else float("nan")
+                print(f"{mode:28s} {m:8.2f} {1000 * m / new_tokens:9.1f} {vs_plain:8.3f} {vs_emb:12.3f}")
+        results["runs"][str(new_tokens)] = run
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")

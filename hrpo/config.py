@@ -190,6 +190,10 @@ class HRPOConfig(GRPOConfig):
                 "never"})
     max_prompt_length: int = field(default=1024, metadata={
         "help": "prompts longer than this (tokens) are left out"})
+    compile_rollouts: bool = field(default=False, metadata={
+        "help": "sample the rollouts with a static KV cache through transformers' compiled decoding step "
+                "(torch.compile; CUDA graphs on a GPU), the prompts left-padded to --max_prompt_length so that one "
+                "graph serves every batch; the first rollouts wait for the compilation. --backend transformers only"})
     eval_samples: int = field(default=0, metadata={
         "help": "held-out problems evaluated (greedy, decoding as trained) after training, and before the first "
                 "step with --eval_on_start, every --eval_steps with --eval_strategy steps; 0: none"})
@@ -435,6 +439,9 @@ def check_settings(settings: Settings) -> None:
     if training.use_vllm and settings.hybrid:
         raise UsageError("--use_vllm: HRPO samples with the fork's hybrid generate(); vLLM serves plain GRPO only "
                          "(--hybrid_thinking off)")
+    if training.compile_rollouts and training.backend != "transformers":
+        raise UsageError(f"--compile_rollouts: needs --backend transformers (got {training.backend}); unsloth decodes "
+                         f"with graphs of its own, which hybrid steps do not use")
     if (model.load_in_4bit or model.load_in_8bit) and training.use_cpu:
         raise UsageError("--load_in_4bit / --load_in_8bit: bitsandbytes quantization needs CUDA")
     try:

@@ -34,6 +34,7 @@ from transformers.hybrid_thinking.modeling import PROJECTION_MODULE, THINKING_IN
 from trl import GRPOTrainer
 
 from .checkpoint import load_trained_adapter, save_complete_checkpoint, write_run_settings
+from .compiled_rollouts import compile_rollouts, fixed_length_prompts
 from .evaluation import HeldOutEvaluation
 from .model_card import latest_evaluation, write_model_card
 from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
@@ -204,6 +205,17 @@ class GRPOTrainerWithCompleteCheckpoints(HeldOutEvaluation, HRPOModelCardMixin, 
             model = self.accelerator.unwrap_model(self.model)
             check_sampling_distribution(generation_config, getattr(model, "generation_config", None),
                                         type(self).__name__)
+            if getattr(self.args, "compile_rollouts", False):
+                compile_rollouts(generation_config, on_cuda=self.accelerator.device.type == "cuda")
+                self.generation_kwargs.update(cache_implementation="static")
+
+    def _generate_and_score_completions(self, inputs):
+        if not getattr(self.args, "compile_rollouts", False):
+            return super()._generate_and_score_completions(inputs)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        with fixed_length_prompts(self.accelerator.unwrap_model(self.model), self.args.max_prompt_length,
+                                  tokenizer.pad_token_id):
+            return super()._generate_and_score_completions(inputs)
 
     def _save_checkpoint(self, model, trial):
         save_complete_checkpoint(self, super()._save_checkpoint, model, trial)

@@ -17,7 +17,8 @@ from .tasks import get_task
 # runs, where it reports. Every other saved setting comes from the checkpoint.
 RESUME_MAY_CHANGE = {"output_dir", "resume", "resume_from_checkpoint", "max_steps", "num_train_epochs", "report_to",
                      "run_name", "push_to_hub", "thinking_monitor_every", "backend", "disable_tqdm",
-                     "eval_dataset_path", "eval_split", "eval_on_train_data", "eval_samples", "reward_funcs"}
+                     "eval_dataset_path", "eval_split", "eval_on_train_data", "eval_samples", "reward_funcs",
+                     "compile_rollouts"}
 RESUME_MAY_CHANGE_PREFIXES = ("eval_", "logging_", "save_", "hub_", "log_", "dataloader_", "num_completions")
 # Resolved from the machine when not given (hrpo.config.HRPOConfig): restored only where the run set them.
 DEVICE_DEFAULTS = {"bf16", "fp16", "use_cpu", "gradient_checkpointing", "dtype"}

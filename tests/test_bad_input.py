@@ -49,6 +49,7 @@ CASES = [
     (["--reward_funcs", "nodots"], "--reward_funcs nodots: expected an import path package.module.function"),
     (["--load_in_4bit"], "--load_in_4bit / --load_in_8bit: bitsandbytes quantization needs CUDA"),
     (["--use_vllm"], "--use_vllm: HRPO samples with the fork's hybrid generate()"),
+    (["--compile_rollouts"], "--compile_rollouts: needs --backend transformers (got auto)"),
     (["--config", "{ws}/bad.yaml"], "--learning_rate -0.5: expected a value > 0"),
     (["--config", "{ws}/unknown.yaml"], "Unknown arguments from config file: ['--no_such_setting', '3']"),
 ]

@@ -46,6 +46,18 @@ def test_decoding_bench(tmp_path):
     assert "embedding+top64+gumbel" in MODES and "projection+gaussian" in MODES
 
 
+def test_decoding_bench_compiled(tmp_path):
+    out = run_bench("decoding", "--model", "tiny-llama", "--batch", "2", "--new-tokens", "4", "--repeats", "1",
+                    "--device", "cpu", "--compile", "--compile-backend", "eager", "--json", str(tmp_path / "r.json"))
+    import json
+
+    from bench.decoding import COMPILE_MODES
+
+    run = json.loads((tmp_path / "r.json").read_text())["runs"]["4"]
+    assert set(run["compiled"]["median"]) == set(COMPILE_MODES) and "syncs/token" in out
+    assert set(run["host_syncs_per_token"]) == {"eager", "compiled"}
+
+
 def test_latent_stats_bench(tmp_path):
     out = run_bench("latent_stats", "--model", "tiny-qwen2", "--new-tokens", "4", "--device", "cpu",
                     "--json", str(tmp_path / "r.json"))

@@ -1,0 +1,181 @@
+"""Hybrid rollouts through transformers' compiled decoding step (a static cache): one graph
+for every step and call (no graph break, no recompilation), the same tokens as eager
+decoding, an exact replay in every source x top-k x noise, no host sync per step beyond
+upstream's stopping check, and the trainer's --compile_rollouts."""
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+from transformers import BatchEncoding, CompileConfig
+
+from hrpo.compiled_rollouts import drop_left_columns, pad_prompts_left
+from testing.host_syncs import counted_host_syncs
+from testing.rollouts import hybrid_rollout, replay_difference
+from testing.tiny import QUESTIONS, encode_prompts, tiny_model, tiny_tokenizer
+from tests.test_latent_options import option_combinations, options_model
+
+
+def compile_config(backend: str = "eager") -> CompileConfig:
+    """fullgraph: a graph break is an error. The eager backend traces as torch.compile does
+    (graph breaks and guards are dynamo's, whatever the backend) without inductor's codegen."""
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode=None)
+    config._compile_all_devices = True  # upstream compiles on accelerators only
+    return config
+
+
+def rollout(model, tokenizer, enc, seed, compiled=None, greedy=False, max_new_tokens=20):
+    kwargs = dict(output_scores=True)
+    if compiled is not None:
+        kwargs.update(cache_implementation="static", compile_config=compiled)
+    if greedy:
+        kwargs.update(is_inference=True)
+    return hybrid_rollout(model, tokenizer, enc, seed, 0.5, max_new_tokens, **kwargs)
+
+
+def fixed_length(tokenizer, questions, length: int = 48) -> BatchEncoding:
+    enc = encode_prompts(tokenizer, questions)
+    input_ids, attention_mask, _ = pad_prompts_left(enc["input_ids"], enc["attention_mask"], length,
+                                                    tokenizer.pad_token_id)
+    return BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.config.error_on_recompile = False
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("source, topk, noise", list(option_combinations()))
+def test_compiled_hybrid_decoding_is_one_graph_and_replays_exactly(fresh_dynamo, source, topk, noise):
+    tokenizer = tiny_tokenizer()
+    model = options_model("qwen2", tokenizer, source, topk, noise)
+    enc, other_prompts = fixed_length(tokenizer, QUESTIONS[:4]), fixed_length(tokenizer, QUESTIONS[4:8])
+    config = compile_config()
+    compiled = rollout(model, tokenizer, enc, seed=1, compiled=config)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    # other prompts of the same padded length, other tokens, noise and answered rows: the same
+    # graph (the trainer pads every batch's prompts to one length)
+    torch._dynamo.config.error_on_recompile = True
+    other = rollout(model, tokenizer, other_prompts, seed=2, compiled=config)
+    assert counters["stats"]["unique_graphs"] == 1
+    # greedy decoding drops the Gaussian noise (a graph without that input), then keeps its graph
+    torch._dynamo.config.error_on_recompile = False
+    greedy_compiled = rollout(model, tokenizer, enc, seed=3, compiled=config, greedy=True)
+    assert counters["stats"]["unique_graphs"] == (2 if noise == "gaussian" else 1)
+    torch._dynamo.config.error_on_recompile = True
+    rollout(model, tokenizer, other_prompts, seed=4, compiled=config, greedy=True)
+    torch._dynamo.config.error_on_recompile = False
+    assert not counters["graph_break"]
+
+    for out, prompts in ((compiled, enc), (other, other_prompts)):
+        assert out.thinking_mask.any()
+        max_diff, _, _ = replay_difference(model, tokenizer, prompts, out)
+        assert max_diff <= 1e-4, (source, topk, noise, max_diff)
+    eager = rollout(model, tokenizer, enc, seed=1)
+    assert torch.equal(compiled.sequences, eager.sequences)  # fp32, the same seed: the same draws
+    assert torch.equal(compiled.thinking_mask, eager.thinking_mask)
+    greedy_eager = rollout(model, tokenizer, enc, seed=3, greedy=True)
+    assert torch.equal(greedy_compiled.sequences, greedy_eager.sequences)
+
+
+def test_inductor_compiled_hybrid_decoding_matches_eager(fresh_dynamo):
+    """The real compiler (inductor, C++ on the CPU), once: its kernels round differently."""
+    tokenizer = tiny_tokenizer()
+    model = options_model("llama", tokenizer, "projection", None, "gaussian")
+    enc = encode_prompts(tokenizer, QUESTIONS[:4])
+    config = compile_config("inductor")
+    greedy_compiled = rollout(model, tokenizer, enc, seed=1, compiled=config, greedy=True)
+    assert torch.equal(greedy_compiled.sequences, rollout(model, tokenizer, enc, seed=1, greedy=True).sequences)
+    sampled = rollout(model, tokenizer, enc, seed=2, compiled=config)
+    assert sampled.thinking_mask.any()
+    assert replay_difference(model, tokenizer, enc, sampled)[0] <= 1e-4
+    assert not counters["graph_break"]
+
+
+# ---------------------------------------------------------------- host syncs
+
+def syncs_per_step(model, tokenizer, enc, hybrid: bool, config) -> float:
+    def run(steps):
+        kwargs = dict(do_sample=True, temperature=0.5, top_k=0, top_p=1.0, max_new_tokens=steps, min_new_tokens=steps)
+        if hybrid:
+            kwargs.update(processing_class=tokenizer, return_thinking_embeds=True, answer_marker="##",
+                          return_dict_in_generate=True)
+        if config is not None:
+            kwargs.update(cache_implementation="static", compile_config=config)
+        torch.manual_seed(0)
+        with torch.no_grad(), counted_host_syncs() as counts:
+            model.generate(**enc, **kwargs)
+        return sum(counts.values())
+
+    run(8), run(24)  # compiled (one graph per cache length) before counting
+    return (run(24) - run(8)) / 16  # what one more step costs, prefill and output assembly cancelled out
+
+
+def test_a_compiled_hybrid_step_syncs_with_the_host_no_more_than_plain_sampling(fresh_dynamo):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer, thinking_latent_source="projection")
+    enc = encode_prompts(tokenizer, QUESTIONS[:4])
+    config = compile_config()
+    plain = syncs_per_step(model, tokenizer, enc, hybrid=False, config=config)
+    hybrid = syncs_per_step(model, tokenizer, enc, hybrid=True, config=config)
+    assert plain == 1.0  # upstream's stopping check
+    assert hybrid == plain
+
+
+# ---------------------------------------------------------------- the trainer's fixed-length prompts
+
+def test_prompts_padded_to_a_fixed_length_and_the_padding_cut_again():
+    ids = torch.tensor([[5, 6, 7], [0, 8, 9]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    padded, padded_mask, extra = pad_prompts_left(ids, mask, 5, pad_token_id=0)
+    assert extra == 2
+    assert padded.tolist() == [[0, 0, 5, 6, 7], [0, 0, 0, 8, 9]]
+    assert padded_mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]]
+    sequences = torch.cat([padded, torch.tensor([[1], [2]])], dim=1)
+    assert drop_left_columns(sequences, extra, 6).tolist() == [[5, 6, 7, 1], [0, 8, 9, 2]]
+    assert pad_prompts_left(ids, mask, 3, 0)[2] == 0
+
+
+def test_left_padding_changes_neither_the_tokens_nor_the_replay():
+    """What --compile_rollouts does to every prompt batch, on the eager path: greedy decoding
+    gives the same completions, and a sampled rollout replays exactly unpadded."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("qwen2", tokenizer, thinking_latent_source="projection")
+    enc = encode_prompts(tokenizer, QUESTIONS[:4])
+    input_ids, attention_mask, extra = pad_prompts_left(enc["input_ids"], enc["attention_mask"],
+                                                        enc["input_ids"].shape[1] + 7, tokenizer.pad_token_id)
+    padded = BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask})
+    plain_greedy = rollout(model, tokenizer, enc, seed=1, greedy=True)
+    padded_greedy = rollout(model, tokenizer, padded, seed=1, greedy=True)
+    assert torch.equal(padded_greedy.sequences[:, extra:], plain_greedy.sequences)
+    sampled = rollout(model, tokenizer, padded, seed=2)
+    cut = drop_left_columns(sampled, extra, sampled.sequences.shape[1])
+    assert replay_difference(model, tokenizer, enc, cut)[0] <= 1e-4
+
+
+@pytest.mark.parametrize("hybrid", ["on", "off"])
+def test_training_with_compile_rollouts_samples_compiled_and_replays_exactly(fresh_dynamo, tmp_path, hybrid):
+    from hrpo import training
+    from hrpo.config import HYBRID_ONLY, parse_settings
+    from testing.training import length_reward, save_training_workspace, tiny_training_argv
+
+    workspace = save_training_workspace(tmp_path / "ws")
+    argv = tiny_training_argv(workspace, tmp_path / "out", "--backend", "transformers", "--compile_rollouts",
+                              "--hybrid_thinking", hybrid)
+    if hybrid == "off":  # plain GRPO: without the thinking modules' rates
+        drop = {i for i, flag in enumerate(argv) if flag.lstrip("-") in HYBRID_ONLY}
+        argv = [flag for i, flag in enumerate(argv) if i not in drop and i - 1 not in drop]
+    args = parse_settings(argv)
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    config = trainer.generation_config
+    assert config.cache_implementation == "static" and not config.disable_compile
+    assert config.compile_config._compile_all_devices  # on this CPU: compiled because asked for
+    config.compile_config.backend, config.compile_config.mode = "eager", None  # dynamo's tracing, no codegen
+    trainer.train()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # both micro-batches, one graph
+    if hybrid == "on":
+        assert len(trainer.replay_logprob_diffs) == 2 and max(trainer.replay_logprob_diffs) <= 1e-4
+    assert trainer.state.global_step == 1
