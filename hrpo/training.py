@@ -338,7 +338,6 @@ def build_trainer(settings: Settings, reward_funcs=None):
         from .cpu_logprob import route_trl_fused_head
 
         route_trl_fused_head()  # TRL's log-prob kernel is Triton; without CUDA it cannot run
-    from .optimizer import patch_trainer_optimizer
     from .trainer import GRPOTrainerWithCompleteCheckpoints, HRPOTrainer
 
     dataset = load_dataset(settings)  # data errors before the (slow) model load
@@ -357,8 +356,9 @@ def build_trainer(settings: Settings, reward_funcs=None):
     trainer.held_out = held_out
     trainer.run_settings = run_settings_record(settings)
     trainer.hrpo_task, trainer.hrpo_dataset = settings.task.task, settings.task.dataset_path
-    patch_trainer_optimizer(trainer, training.lr_residual_gate, training.lr_residual_Lambda,
-                                training.lr_thinking_projection)
+    trainer.thinking_learning_rates = (training.lr_residual_gate, training.lr_residual_Lambda,
+                                       training.lr_thinking_projection)
+    trainer.create_optimizer()
     return trainer
 
 

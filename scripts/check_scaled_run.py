@@ -25,7 +25,8 @@ from pathlib import Path
 def main(argv=None) -> int:
     import torch
     from safetensors.torch import load_file
-    from transformers.hybrid_thinking.modeling import GATE_MODULES, LAMBDA_MODULE, PROJECTION_MODULE, THINKING_MODULES
+    from transformers.hybrid_thinking.modeling import (GATE_MODULES, LAMBDA_MODULE, PROJECTION_MODULE, THINKING_MODULES,
+                                                       thinking_module_names)
 
     from hrpo.checkpoint import incomplete_reason, latest_complete_checkpoint, load_checkpoint
 
@@ -39,6 +40,11 @@ def main(argv=None) -> int:
     parser.add_argument("--logits-bound", type=float, default=1e-4)
     parser.add_argument("--expect", default=None, help="the distributed type the run must have used (FSDP, DEEPSPEED, "
                         "MULTI_GPU, MULTI_CPU): accelerate falls back to DDP silently, on CPU for instance")
+    parser.add_argument("--compare-to", type=Path, default=None,
+                        help="the records of another run of the same seed and data (DDP, say): the same prompts "
+                             "per rank and step, gradients and updated parameters within --compare-bound")
+    parser.add_argument("--compare-bound", type=float, default=1e-5,
+                        help="largest relative gradient difference and parameter difference / learning rate")
     parser.add_argument("--bf16", action="store_true",
                         help="load the base model in bf16 and score under bf16 autocast, as a CUDA run trained")
     args = parser.parse_args(argv)
@@ -57,10 +63,14 @@ def main(argv=None) -> int:
     want = {**{name: gate for name in GATE_MODULES}, LAMBDA_MODULE: {"Lambda": ((d,), "torch.float32")}}
     for module, fields in want.items():
         checks[f"{module} saved whole in float32"] = shapes[module] == fields or str(shapes[module])
-    projection = shapes[PROJECTION_MODULE]
-    checks[f"{PROJECTION_MODULE} saved whole in float32"] = bool(projection) and all(
-        shape[-1] == d and 0 not in shape and dtype == "torch.float32" for shape, dtype in projection.values()) \
-        or str(projection)
+    built = thinking_module_names(config.get("thinking_latent_source"))  # the source's modules only
+    if PROJECTION_MODULE in built:
+        projection = shapes[PROJECTION_MODULE]
+        checks[f"{PROJECTION_MODULE} saved whole in float32"] = bool(projection) and all(
+            shape[-1] == d and 0 not in shape and dtype == "torch.float32" for shape, dtype in projection.values()) \
+            or str(projection)
+    else:
+        checks[f"no {PROJECTION_MODULE} (the source has none)"] = not shapes[PROJECTION_MODULE] or str(shapes)
     checks["LoRA saved whole"] = any("lora_A" in k for k in adapter) and all(
         v.numel() > 0 for k, v in adapter.items() if "lora_" in k)
 
@@ -90,9 +100,12 @@ def main(argv=None) -> int:
     steps = sorted(by_step)
     if len(steps) > 1:
         first, last = by_step[steps[0]][0]["params"], by_step[steps[-1]][0]["params"]
-        moved = {m for m in THINKING_MODULES for n in first if m in n and not torch.equal(first[n], last[n])}
+        moved = {m for m in built for n in first if m in n and not torch.equal(first[n], last[n])}
         checks[f"every thinking module moved between step {steps[0]} and {steps[-1]}"] = \
-            moved == set(THINKING_MODULES) or f"moved: {sorted(moved)}"
+            moved == set(built) or f"moved: {sorted(moved)}"
+    if args.compare_to is not None:
+        compare_runs(checks, by_step, args.compare_to, args.compare_bound, json.loads(
+            (checkpoint.parent / "hrpo_run.json").read_text())["settings"]["learning_rate"])
     probe = torch.load(args.record / "rank0-logits.pt", weights_only=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = load_checkpoint(checkpoint, dtype=torch.bfloat16 if args.bf16 else None, device=device)
@@ -102,6 +115,23 @@ def main(argv=None) -> int:
     diff = (logits - probe["logits"].float().cpu()).abs().max().item()
     checks[f"checkpoint reproduces the trained logits in one process (max abs diff {diff:.1e})"] = diff <= args.logits_bound
     return report(checks, args.json)
+
+
+def compare_runs(checks: dict, by_step: dict, other: Path, bound: float, learning_rate: float) -> None:
+    """Each step of this run against the same step of another run (rank 0 of each)."""
+    import torch
+
+    for step, recs in sorted(by_step.items()):
+        theirs = torch.load(other / f"rank0-step{step}.pt", weights_only=False)
+        mine = recs[0]
+        checks[f"step {step}: the same prompts as {other.name}"] = mine["prompts"] == theirs["prompts"]
+        if mine.get("grads") and theirs.get("grads"):  # ZeRO and FSDP keep gradients partitioned: not recorded
+            worst_grad = max(((mine["grads"][n] - g).abs().max() / g.abs().max().clamp(min=1e-30)).item()
+                             for n, g in theirs["grads"].items())
+            checks[f"step {step}: gradients as {other.name} (max rel. diff {worst_grad:.1e})"] = worst_grad <= bound
+        worst_param = max((mine["params"][n] - p).abs().max().item() for n, p in theirs["params"].items())
+        checks[f"step {step}: parameters as {other.name} (max diff {worst_param / learning_rate:.1e} x lr)"] = \
+            worst_param / learning_rate <= bound * 100
 
 
 def report(checks: dict, json_path: Path | None) -> int:

@@ -94,7 +94,8 @@ def logit_probe(model, seed: int = 0):
     input_ids = torch.randint(3, 30, (2, 12), generator=generator)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
               "thinking_mask": torch.arange(12).expand(2, 12) >= 6,
-              "thinking_hidden": torch.randn(2, 12, hidden, generator=generator)}
+              "thinking_hidden": torch.randn(2, 12, hidden, generator=generator),
+              "thinking_latents": torch.randn(2, 12, hidden, generator=generator)}  # every source has its input
     device = next(model.parameters()).device
     logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.detach().float().cpu()
     return {"inputs": inputs, "logits": logits}

@@ -179,3 +179,37 @@ def test_training_with_compile_rollouts_samples_compiled_and_replays_exactly(fre
     if hybrid == "on":
         assert len(trainer.replay_logprob_diffs) == 2 and max(trainer.replay_logprob_diffs) <= 1e-4
     assert trainer.state.global_step == 1
+
+
+@pytest.mark.gpu
+def test_cuda_graph_hybrid_step_syncs_like_plain_sampling(fresh_dynamo):
+    """On a GPU, upstream's default compile (inductor, CUDA graphs): the device's own count of
+    synchronizing calls per step (torch.cuda.set_sync_debug_mode) is plain sampling's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import warnings
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("qwen2", tokenizer, thinking_latent_source="projection").cuda()
+    enc = encode_prompts(tokenizer, QUESTIONS[:4]).to("cuda")
+    config = CompileConfig()
+
+    def syncs(steps, hybrid):
+        kwargs = dict(do_sample=True, temperature=0.5, top_k=0, max_new_tokens=steps, min_new_tokens=steps,
+                      cache_implementation="static", compile_config=config)
+        if hybrid:
+            kwargs.update(processing_class=tokenizer, return_thinking_embeds=True, answer_marker="##")
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model.generate(**enc, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    per_step = {}
+    for hybrid in (False, True):
+        syncs(8, hybrid), syncs(24, hybrid)  # compiled before counting
+        per_step[hybrid] = (syncs(24, hybrid) - syncs(8, hybrid)) / 16
+    assert per_step[True] <= per_step[False], per_step
