@@ -189,3 +189,14 @@ def test_noise_diversity_independent_keys_separate_a_groups_noise():
         assert not torch.allclose(independent[0, position], independent[1, position])
     ours_again = sample()  # the wrapper is gone after the block
     torch.testing.assert_close(ours_again, ours, rtol=0, atol=1e-6)
+
+
+def test_sharded_cpu_checks_script_smoke(tmp_path):
+    """The FSDP2 part of scripts/sharded_cpu_checks.py (the DeepSpeed parts need deepspeed)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "scripts.sharded_cpu_checks", "--only", "fsdp2", "--sources",
+                           "embedding", "--work", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "PASS  fsdp2 embedding" in proc.stdout and "1 passed, 0 failed" in proc.stdout

@@ -197,6 +197,29 @@ def test_synced_sampling_steps_every_rank_until_all_are_done(tmp_path):
           f"last: {r1['thinking_modules_per_forward'][-1]}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["projection embedding", "embedding_plus_projection unit"])
+def test_fsdp2_sharded_step_matches_one_process(tmp_path, source):
+    """FSDP2 at the model level (fully_shard over gloo, 2 processes): hybrid sampling with
+    synced_gpus gives the unsharded model's tokens; the replay of the recorded thinking inputs
+    is on-policy; the loss, backward and AdamW step give the gradients and parameters of one
+    process over both ranks' rollouts; a full state dict gathers the thinking modules whole."""
+    import json
+
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(free_port()), "-m", "testing.fsdp2_step", str(tmp_path), *source.split()]
+    run_child(argv, timeout=300, what="torchrun of 2 FSDP2 processes", cwd=REPO,
+              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["world"] == 2 and r["tokens_equal_unsharded"] and r["thinking_positions"] > 0
+        assert r["replay_gap"] <= 1e-4
+        assert r["grad_names_equal"] and r["grad_norm"] > 0
+        assert r["grad_max_rel_diff"] <= 1e-5 and r["param_max_abs_diff"] <= 1e-6
+    assert ranks[0]["saved_whole"] and ranks[0]["saved_equals_trained"]
+    assert len(ranks[0]["thinking_parameters"]) == 6
+
+
 @pytest.mark.parametrize("name, kind, extra", [
     ("ddp", "MULTI_GPU", {}), ("ddp_cpu", "MULTI_GPU", {}),
     ("zero2", "DEEPSPEED", {"zero_stage": 2}), ("zero3", "DEEPSPEED", {"zero_stage": 3, "zero3_save_16bit_model": True}),

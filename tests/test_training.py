@@ -118,6 +118,19 @@ def test_one_training_step_trains_every_thinking_module_and_lora(workspace, tmp_
         assert logged[COSINE] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_the_six_groups_survive_an_engine_that_makes_the_optimizer_again(workspace, tmp_path):
+    """DeepSpeed's init sets trainer.optimizer = None and calls create_optimizer(); the trainer's
+    default groups would give the thinking modules the main rate and decay Lambda."""
+    args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    before = {g["name"]: (g["lr"], g["weight_decay"], len(g["params"])) for g in trainer.optimizer.param_groups}
+    trainer.optimizer = None  # what transformers.integrations.deepspeed.deepspeed_init does
+    optimizer = trainer.create_optimizer()
+    after = {g.get("name"): (g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups}
+    assert after == before
+    assert after["lambda"][:2] == (args.training.lr_residual_Lambda, 0.0)
+
+
 def test_checkpoint_reloads_and_reproduces_logits(workspace, tmp_path):
     from hrpo.checkpoint import load_checkpoint
 
