@@ -15,6 +15,8 @@ import contextlib
 
 import torch
 
+from .sampling import generate_replaced
+
 
 def compile_rollouts(generation_config, on_cuda: bool) -> None:
     """Set TRL's generation config (which turns compilation off) to sample compiled."""
@@ -59,7 +61,6 @@ def fixed_length_prompts(model, length: int, pad_token_id: int):
     """For the duration, ``model.generate`` left-pads its prompts to ``length`` and cuts the
     padding from its result."""
     original = model.generate
-    had_instance_generate = "generate" in vars(model)
 
     def generate(*args, **kwargs):
         if args:  # generate(input_ids, ...)
@@ -71,11 +72,5 @@ def fixed_length_prompts(model, length: int, pad_token_id: int):
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         return drop_left_columns(output, extra, sequences.shape[1])
 
-    model.generate = generate
-    try:
+    with generate_replaced(model, generate):
         yield
-    finally:
-        if had_instance_generate:
-            model.generate = original
-        else:
-            del model.generate

@@ -11,6 +11,8 @@ reshape sampling (``check_sampling_distribution``).
 """
 from __future__ import annotations
 
+import contextlib
+
 # generate()'s logits processors that are off at one value, set to it
 NEUTRAL_SAMPLING = {
     "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
@@ -55,3 +57,18 @@ def check_sampling_distribution(generation_config, model_generation_config, what
                          f"config or, where that leaves a setting unset, the model's generation_config.json), but "
                          f"the GRPO loss scores the plain temperature softmax: training would be off-policy. Remove "
                          f"the setting from the model's generation_config.json (or from generation_kwargs)")
+
+
+@contextlib.contextmanager
+def generate_replaced(model, generate):
+    """``model.generate`` is ``generate`` for the duration (the trainers wrap the model's own for
+    their generation calls), then what it was before."""
+    before = vars(model).get("generate")
+    model.generate = generate
+    try:
+        yield
+    finally:
+        if before is not None:
+            model.generate = before
+        else:
+            del model.generate  # back to the class's method

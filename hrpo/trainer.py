@@ -40,7 +40,7 @@ from .optimizer import patch_trainer_optimizer
 from .evaluation import HeldOutEvaluation
 from .model_card import latest_evaluation, write_model_card
 from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
-from .sampling import check_sampling_distribution, distribution_changes
+from .sampling import check_sampling_distribution, distribution_changes, generate_replaced
 
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
 # The largest replay-vs-sampling log-prob gap of an on-policy step that is rounding, not a
@@ -307,7 +307,6 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
         """Make the model's generate() sample in hybrid mode for the trainer's generation call."""
         model = self.accelerator.unwrap_model(self.model)
         original = model.generate
-        had_instance_generate = "generate" in vars(model)
         monitor = self._thinking_monitor_due()
         tokenizer = getattr(self, "_tokenizer", None) or self.processing_class
         # unsloth's generate switches the model to inference mode: decide the bucket now
@@ -332,14 +331,8 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
             self._log_thinking_metrics(out, prompt_mask.shape[1], mode)
             return out.sequences
 
-        model.generate = generate
-        try:
+        with generate_replaced(model, generate):
             yield
-        finally:
-            if had_instance_generate:
-                model.generate = original
-            else:
-                del model.generate  # back to the class's method
 
     def _thinking_monitor_due(self) -> bool:
         """Whether this generation also records the embedding-method latent (to compare it with
