@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.stats import format_table, summarize
+from bench.stats import format_table, read_records, summarize
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = REPO / "configs" / "recipes" / "cpu_demo.yaml"
@@ -204,13 +204,16 @@ def summarise(runs: list[dict]) -> dict:
     return arms
 
 
-def plot(arms: dict, target: Path) -> None:
+def plot(arms: dict, statistics: dict, target: Path) -> None:
+    """Left: reward per step, mean over seeds with the min..max band. Right: each arm's held-out
+    accuracy gain, its mean over seeds with the 95% bootstrap interval (bench/stats.py) and the
+    per-seed gains as dots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (curve, bars) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (curve, gains) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     for arm, summary in arms.items():
         per_step = summary["reward_per_step"]
         steps = range(1, len(per_step) + 1)
@@ -223,15 +226,17 @@ def plot(arms: dict, target: Path) -> None:
     curve.grid(alpha=0.3)
     curve.legend(fontsize=8)
     names = list(arms)
-    for offset, key, label in ((-0.2, "accuracy_start", "step 0"), (0.2, "accuracy_end", "end")):
-        means = [arms[a][key]["mean"] for a in names]
-        errors = [arms[a][key]["std"] for a in names]
-        bars.bar([i + offset for i in range(len(names))], means, width=0.4, yerr=errors, capsize=3, label=label)
-    bars.set_xticks(range(len(names)), names, fontsize=7, rotation=35, ha="right")
-    bars.set_ylabel("held-out greedy accuracy")
-    bars.set_title("held-out accuracy: mean over seeds, bar = std", fontsize=9)
-    bars.legend(fontsize=8)
-    bars.grid(alpha=0.3, axis="y")
+    for index, arm in enumerate(names):
+        gain = statistics["arms"][arm]["gain"]
+        low, high = gain["ci95"]
+        gains.errorbar([index], [gain["mean"]], yerr=[[gain["mean"] - low], [high - gain["mean"]]], fmt="o",
+                       color="black", capsize=4, zorder=3)
+        gains.scatter([index + 0.15] * len(gain["per_seed"]), gain["per_seed"], s=12, alpha=0.6, zorder=2)
+    gains.axhline(0.0, color="grey", linewidth=0.8)
+    gains.set_xticks(range(len(names)), names, fontsize=7, rotation=35, ha="right")
+    gains.set_ylabel("held-out accuracy gain (end - step 0)")
+    gains.set_title("gain: mean over seeds with 95% bootstrap CI; dots = seeds", fontsize=9)
+    gains.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(target, dpi=110)
 
@@ -242,6 +247,28 @@ def print_table(arms: dict) -> None:
         cell = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
         print(f"{arm:27s} {len(s['seeds']):6d} {cell(s['accuracy_start']):>16s} {cell(s['accuracy_end']):>16s} "
               f"{cell(s['accuracy_gain']):>16s} {s['seconds_per_step']['mean']:7.1f}")
+
+
+def kept_records(out: Path) -> list[dict]:
+    """Every record under OUT/records, arms in bench order (ARMS), then by seed."""
+    order = {arm: index for index, arm in enumerate(ARMS)}
+    grouped = read_records(out)
+    return [record for arm in sorted(grouped, key=lambda a: (order.get(a, len(order)), a))
+            for record in sorted(grouped[arm], key=lambda r: r["seed"])]
+
+
+def write_report(out: Path, records: list[dict], command: str, extra: dict) -> None:
+    """OUT/learning.json, OUT/learning.png and the printed tables, from run records."""
+    runs = [{k: v for k, v in run.items() if not k.startswith("problems_")} for run in records]
+    arms = summarise(runs)
+    comparison = summarize({arm: [r for r in records if r["arm"] == arm] for arm in arms})
+    result = {"command": command, **extra, "arms": arms, "statistics": comparison, "runs": runs,
+              "cpu_seconds_all_runs": round(sum(run["wall_seconds"] for run in runs), 1)}
+    (out / "learning.json").write_text(json.dumps(result, indent=2))
+    plot(arms, comparison, out / "learning.png")
+    print_table(arms)
+    print("\n" + format_table(comparison))
+    print(f"\nwrote {out / 'learning.json'} and {out / 'learning.png'}")
 
 
 def main(argv=None) -> int:
@@ -256,8 +283,19 @@ def main(argv=None) -> int:
                         help="OMP_NUM_THREADS of every run (default: the environment's; runs are bit-reproducible "
                              "only for a fixed thread count)")
     parser.add_argument("training_flags", nargs="*", help="after --: more hrpo_gsm8k.py flags for every run")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: rebuild OUT/learning.json, the table and OUT/learning.png from every "
+                             "record kept in OUT/records")
     args = parser.parse_args(argv)
     args.arms = expand_arms(args.arms)
+    command = shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    if args.report:
+        records = kept_records(args.out)
+        if not records:
+            print(f"[learning] error: --report: no records under {args.out / 'records'}", file=sys.stderr)
+            return 1
+        write_report(args.out, records, command, {})
+        return 0
 
     settings = demo_settings() + args.training_flags
     args.out.mkdir(parents=True, exist_ok=True)
@@ -283,18 +321,8 @@ def main(argv=None) -> int:
                   f"{run['wall_seconds']:.0f} s", flush=True)
     records = [json.loads((args.out / "records" / f"{arm}-seed{seed}.json").read_text())
                for seed in args.seeds for arm in args.arms]
-    runs = [{k: v for k, v in run.items() if not k.startswith("problems_")} for run in records]
-    arms = summarise(runs)
-    comparison = summarize({arm: [r for r in records if r["arm"] == arm] for arm in args.arms})
-    result = {"command": shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              "model": args.model, "settings": settings, "arms": arms, "statistics": comparison, "runs": runs,
-              "cpu_seconds_all_runs": round(sum(run["wall_seconds"] for run in runs), 1),
-              "this_invocation_seconds": round(time.time() - started, 1)}
-    (args.out / "learning.json").write_text(json.dumps(result, indent=2))
-    plot(arms, args.out / "learning.png")
-    print_table(arms)
-    print("\n" + format_table(comparison))
-    print(f"\nwrote {args.out / 'learning.json'} and {args.out / 'learning.png'}")
+    write_report(args.out, records, command, {"model": args.model, "settings": settings,
+                                              "this_invocation_seconds": round(time.time() - started, 1)})
     return 0
 
 

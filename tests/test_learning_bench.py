@@ -99,3 +99,26 @@ def test_the_summary_carries_the_statistics_of_kept_runs(tmp_path):
     assert statistics["arms"]["projection"]["gain"]["mean"] == pytest.approx(0.75)
     assert statistics["versus_baseline"]["projection"]["mean"] == pytest.approx(0.5)
     assert statistics["arms"]["grpo"]["answered"]["start"]["answered_share"] == pytest.approx(0.5)
+
+
+def test_report_rebuilds_the_table_and_plot_from_the_records_alone(tmp_path, capsys):
+    bench = _learning_bench()
+    assert bench.main(["--report", "--out", str(tmp_path)]) == 1
+    assert "no records under" in capsys.readouterr().err
+    (tmp_path / "records").mkdir()
+    for arm, seed, end in (("projection", 2, [1, 1, 0, 0]), ("grpo", 1, [1, 0, 0, 1]), ("projection", 1, [1, 1, 1, 1]),
+                           ("grpo", 2, [0, 0, 0, 0])):
+        (tmp_path / "records" / f"{arm}-seed{seed}.json").write_text(json.dumps({
+            "arm": arm, "seed": seed, "command": "hrpo_gsm8k.py", "wall_seconds": 1.0, "reward": [0.0, 0.5],
+            "accuracy_start": 0.25, "accuracy_end": sum(end) / 4, "seconds_per_step": 0.5,
+            "problems_start": {"correct": [1, 0, 0, 0], "answered": [1, 1, 0, 0]},
+            "problems_end": {"correct": end, "answered": [1, 1, 1, 1]}}))
+    assert bench.main(["--report", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "learning.json").read_text())
+    assert list(result["arms"]) == ["grpo", "projection"]  # bench order, not file order
+    assert result["arms"]["projection"]["seeds"] == [1, 2]
+    gain = result["statistics"]["arms"]["projection"]["gain"]
+    assert gain["per_seed"] == pytest.approx([0.75, 0.25]) and gain["mean"] == pytest.approx(0.5)
+    assert result["statistics"]["versus_baseline"]["projection"]["mean"] == pytest.approx(0.5)
+    assert (tmp_path / "learning.png").stat().st_size > 0
+    assert "| projection | 2 | +0.500" in capsys.readouterr().out
