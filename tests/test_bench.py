@@ -92,6 +92,26 @@ def test_plot_run_command(tmp_path):
     assert "reward per step (3 steps): 0.10 0.20 0.30" in proc.stdout
 
 
+def test_demo_summary_says_how_often_the_demo_gained(tmp_path):
+    import json
+
+    run, kept = tmp_path / "run", tmp_path / "kept"
+    run.mkdir()
+    (kept / "records").mkdir(parents=True)
+    for name, accuracy in (("eval_step0.json", 0.25), ("eval_final.json", 0.125)):
+        (run / name).write_text(json.dumps({"metrics": {"accuracy": accuracy}}))
+    for seed, (start, end) in {1: (0.2, 0.4), 2: (0.3, 0.3), 3: (0.2, 0.1), 10: (0.1, 0.5)}.items():
+        (kept / "records" / f"projection-seed{seed}.json").write_text(json.dumps(
+            {"arm": "projection", "seed": seed, "accuracy_start": start, "accuracy_end": end}))
+    script = REPO / "scripts" / "demo_summary.py"
+    proc = subprocess.run([sys.executable, str(script), str(run), str(kept)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "this run: held-out accuracy 0.250 -> 0.125 (gain -0.125)" in proc.stdout
+    assert "gained on 2 of 4 seeds tried" in proc.stdout  # a tie is not a gain
+    assert "gain per seed 1: +0.200, 2: +0.000, 3: -0.100, 10: +0.400)" in proc.stdout
+
+
 def test_replay_precision_bench(tmp_path):
     out = run_bench("replay_precision", "--model", "tiny", "--new-tokens", "6", "--json", str(tmp_path / "r.json"))
     import json
