@@ -24,11 +24,11 @@ def run_gain(run: Path) -> tuple[float, float] | None:
 
 def seed_gains(records: Path) -> dict[int, float]:
     """Held-out gain per seed of the kept runs (one arm) under records/."""
-    gains = {}
-    for path in sorted((records / "records").glob("*.json")):
-        record = json.loads(path.read_text())
-        gains[record["seed"]] = record["accuracy_end"] - record["accuracy_start"]
-    return dict(sorted(gains.items()))
+    kept = [json.loads(path.read_text()) for path in sorted((records / "records").glob("*.json"))]
+    arms = sorted({record["arm"] for record in kept})
+    if len(arms) > 1:
+        raise ValueError(f"{records}: records of {len(arms)} arms ({', '.join(arms)}), expected the demo's one")
+    return dict(sorted((r["seed"], r["accuracy_end"] - r["accuracy_start"]) for r in kept))
 
 
 def summary(run: Path, records: Path) -> list[str]:
@@ -51,8 +51,12 @@ def main() -> int:
     parser.add_argument("run", type=Path, help="the demo's --output_dir")
     parser.add_argument("records", type=Path, help="a bench/learning.py output folder with records/ of the demo")
     args = parser.parse_args()
-    for line in summary(args.run, args.records):
-        print(line)
+    try:
+        lines = summary(args.run, args.records)
+    except ValueError as err:
+        print(f"demo_summary.py: error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
     return 0
 
 

@@ -110,6 +110,11 @@ def test_demo_summary_says_how_often_the_demo_gained(tmp_path):
     assert "this run: held-out accuracy 0.250 -> 0.125 (gain -0.125)" in proc.stdout
     assert "gained on 2 of 4 seeds tried" in proc.stdout  # a tie is not a gain
     assert "gain per seed 1: +0.200, 2: +0.000, 3: -0.100, 10: +0.400)" in proc.stdout
+    (kept / "records" / "grpo-seed1.json").write_text(json.dumps(
+        {"arm": "grpo", "seed": 1, "accuracy_start": 0.2, "accuracy_end": 0.3}))
+    proc = subprocess.run([sys.executable, str(script), str(run), str(kept)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "records of 2 arms (grpo, projection)" in proc.stderr
 
 
 def test_replay_precision_bench(tmp_path):
