@@ -14,6 +14,7 @@ whose settings differ from the ones asked for now runs again).
     python -m bench.learning --seeds 1 2 3                    # adds seed 3 to a finished comparison
     python -m bench.learning --arms all --seeds 1 2           # the 4 arms and the 4 peer arms
     python -m bench.learning --model tiny --seeds 1 --arms grpo projection -- --max_steps 2   # smoke run
+    python -m bench.learning --report --out bench/results/learning_arith200    # tables and plot from the kept records
 
 Flags after "--" go to every hrpo_gsm8k.py run, after the demo's (the last one wins).
 
