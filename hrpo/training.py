@@ -338,6 +338,7 @@ def build_trainer(settings: Settings, reward_funcs=None):
         from .cpu_logprob import route_trl_fused_head
 
         route_trl_fused_head()  # TRL's log-prob kernel is Triton; without CUDA it cannot run
+    from .no_signal import NoSignalWarning
     from .trainer import GRPOTrainerWithCompleteCheckpoints, HRPOTrainer
 
     dataset = load_dataset(settings)  # data errors before the (slow) model load
@@ -353,6 +354,7 @@ def build_trainer(settings: Settings, reward_funcs=None):
     eval_dataset = dataset.select(range(1)) if held_out and training.eval_strategy != "no" else None
     trainer = trainer_class(model=model, processing_class=tokenizer, reward_funcs=rewards, args=training,
                             train_dataset=dataset, eval_dataset=eval_dataset, **extra)
+    trainer.add_callback(NoSignalWarning())
     trainer.held_out = held_out
     trainer.run_settings = run_settings_record(settings)
     trainer.hrpo_task, trainer.hrpo_dataset = settings.task.task, settings.task.dataset_path
