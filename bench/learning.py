@@ -5,18 +5,22 @@ latents of HRPO's peers on HRPO's embedding source (top-k 5 and 30, SofT-GRPO's 
 the top-5 weights, Gaussian noise on the latent as in "Soft Tokens, Hard Truths").
 
 Every run is `hrpo_gsm8k.py` in its own process with the settings of the CPU demo
-(`configs/recipes/cpu_demo.yaml`), the arm's flags and the seed; it evaluates the held-out
-problems greedily before the first step and after the last. Runs that finished are kept
-(resumable: a comparison cut off midway continues with the runs it lacks; a finished run
-whose settings differ from the ones asked for now runs again).
+(`configs/recipes/cpu_demo.yaml`), the arm's flags and the seed; it evaluates the whole
+held-out split (200 problems, where the demo scores 64) greedily before the first step and
+after the last. Runs that finished are kept (resumable: a comparison cut off midway continues
+with the runs it lacks). A kept run made with other settings than the ones asked for now is an
+error before anything trains, naming the runs and the settings; --rerun_changed replaces them.
 
     python -m bench.learning                                  # 4 arms x seeds 1 2, SmolLM2, CPU
     python -m bench.learning --seeds 1 2 3                    # adds seed 3 to a finished comparison
-    python -m bench.learning --arms all --seeds 1 2           # the 4 arms and the 4 peer arms
+    python -m bench.learning --arms sources embedding_topk5_gumbel embedding_gaussian --seeds 1 2 3 4 5 --threads 1
+                                                              # the comparison in bench/results/learning
     python -m bench.learning --model tiny --seeds 1 --arms grpo projection -- --max_steps 2   # smoke run
-    python -m bench.learning --report --out bench/results/learning_arith200    # tables and plot from the kept records
+    python -m bench.learning --report                         # tables and plot from the kept records
 
-Flags after "--" go to every hrpo_gsm8k.py run, after the demo's (the last one wins).
+Flags after "--" go to every hrpo_gsm8k.py run, after the demo's and the held-out size (the last
+one wins): `-- --dataset_path generated:3` is the multi-step setting of
+bench/results/learning_arith3, `-- --eval_samples 64` the demo's own scoring (bench/results/demo_seeds).
 
 Writes OUT/learning.json (per run: reward per step, held-out accuracy at step 0 and at the
 end, seconds per step; per arm: mean and spread over seeds; "statistics": bench/stats.py's gain
@@ -40,9 +44,11 @@ import time
 from pathlib import Path
 
 from bench.stats import format_table, read_records, summarize
+from hrpo.tasks.arith import SPLIT_SIZES
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = REPO / "configs" / "recipes" / "cpu_demo.yaml"
+HELD_OUT = ["--eval_samples", str(SPLIT_SIZES["test"])]  # the whole test split: one problem moves a gain by 0.005
 ARMS = {
     "grpo": ["--hybrid_thinking", "off"],
     "embedding": ["--thinking_latent_source", "embedding"],
@@ -72,6 +78,12 @@ def demo_settings(path: Path = SETTINGS) -> list[str]:
     return ["--config", str(path)]
 
 
+def comparison_settings(flags: list[str]) -> list[str]:
+    """Every comparison run's flags before its arm's: the demo's, the whole held-out split, then
+    the flags given after "--"."""
+    return demo_settings() + HELD_OUT + flags
+
+
 def prepare_model(name: str, workdir: Path) -> str:
     if name == "smollm2":
         from hrpo import smollm2
@@ -84,6 +96,14 @@ def prepare_model(name: str, workdir: Path) -> str:
     return name
 
 
+def run_folder(out: Path, arm: str, seed: int) -> Path:
+    return out / "runs" / f"{arm}-seed{seed}"
+
+
+def record_path(out: Path, arm: str, seed: int) -> Path:
+    return out / "records" / f"{arm}-seed{seed}.json"
+
+
 def run_is_complete(folder: Path) -> bool:
     return all((folder / name).exists() for name in ("eval_step0.json", "eval_final.json", "log_history.json",
                                                      "bench_run.json"))
@@ -94,34 +114,54 @@ def command_for(arm: str, seed: int, model: str, settings: list[str], folder: Pa
             "--output_dir", str(folder), "--seed", str(seed), *ARMS[arm]]
 
 
+def script_index(command: list[str]) -> int:
+    return next(i for i, token in enumerate(command) if token.endswith("hrpo_gsm8k.py"))
+
+
+def in_this_checkout(command: list[str]) -> list[str]:
+    """A recorded command with the paths inside the checkout it ran in (the recipe, the model
+    folder under .cache) moved to this checkout, so a run kept from another clone compares equal."""
+    root = str(Path(command[script_index(command)]).parent) + os.sep
+    here = str(REPO) + os.sep
+    return [here + token[len(root):] if token.startswith(root) else token for token in command]
+
+
 def changed_settings(recorded: str, wanted: list[str]) -> dict:
     """The training settings in which a finished run's recorded command differs from the one
     wanted now, as {field: (recorded, wanted)}: both parsed by the training parser, so
     the order of flags and repeated flags (the last one wins) do not matter. Where the run
-    is written is not a setting."""
+    is written is not a setting, nor which checkout it ran in."""
     from hrpo.config import parse_settings
 
     def parsed(command: list[str]) -> dict:
-        script = next(i for i, token in enumerate(command) if token.endswith("hrpo_gsm8k.py"))
-        values = parse_settings(command[script + 1:]).flat()
+        values = parse_settings(command[script_index(command) + 1:]).flat()
         values.pop("output_dir", None)
         return values
 
-    before, now = parsed(shlex.split(recorded)), parsed(wanted)
+    before, now = parsed(in_this_checkout(shlex.split(recorded))), parsed(wanted)
     return {key: (before.get(key), now.get(key)) for key in sorted(set(before) | set(now))
             if before.get(key) != now.get(key)}
 
 
-def kept_run(arm: str, seed: int, model: str, settings: list[str], folder: Path, record: Path) -> bool:
-    """Whether a finished run can be kept: recorded, and run with the settings wanted now."""
-    if not record.exists():
-        return False
-    recorded = json.loads(record.read_text())["command"]
-    changed = changed_settings(recorded, command_for(arm, seed, model, settings, folder))
-    if changed:
-        described = ", ".join(f"--{key} {old} -> {new}" for key, (old, new) in changed.items())
-        print(f"[learning] {arm} seed {seed}: finished with other settings ({described}), running again", flush=True)
-    return not changed
+def runs_with_other_settings(out: Path, plan: list[tuple[int, str]], model: str, settings: list[str]) -> dict:
+    """{(arm, seed): changed settings} for the kept runs of the plan made with other settings
+    than the ones asked for now."""
+    changed = {}
+    for seed, arm in plan:
+        folder, record = run_folder(out, arm, seed), record_path(out, arm, seed)
+        if not record.exists() and run_is_complete(folder):  # finished before records were kept
+            write_record(folder, record)
+        if record.exists():
+            recorded = json.loads(record.read_text())["command"]
+            differences = changed_settings(recorded, command_for(arm, seed, model, settings, folder))
+            if differences:
+                changed[(arm, seed)] = differences
+    return changed
+
+
+def describe(changed: dict) -> str:
+    return "\n".join(f"  {arm} seed {seed}: " + ", ".join(f"--{key} {old} -> {new}" for key, (old, new) in diff.items())
+                     for (arm, seed), diff in changed.items())
 
 
 def machine() -> str:
@@ -284,6 +324,9 @@ def main(argv=None) -> int:
                         help="OMP_NUM_THREADS of every run (default: the environment's; runs are bit-reproducible "
                              "only for a fixed thread count)")
     parser.add_argument("training_flags", nargs="*", help="after --: more hrpo_gsm8k.py flags for every run")
+    parser.add_argument("--rerun_changed", action="store_true",
+                        help="run again (replacing them) the kept runs made with other settings than the ones asked "
+                             "for now; without it such runs are an error")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: rebuild OUT/learning.json, the table and OUT/learning.png from every "
                              "record kept in OUT/records")
@@ -298,30 +341,32 @@ def main(argv=None) -> int:
         write_report(args.out, records, command, {})
         return 0
 
-    settings = demo_settings() + args.training_flags
+    settings = comparison_settings(args.training_flags)
     args.out.mkdir(parents=True, exist_ok=True)
     model = prepare_model(args.model, args.out)
+    plan = [(seed, arm) for seed in args.seeds for arm in args.arms]  # seed-major: a cut-off comparison
+    changed = runs_with_other_settings(args.out, plan, model, settings)  # still has every arm at the first seeds
+    if changed and not args.rerun_changed:
+        print(f"[learning] error: {len(changed)} kept run(s) under {args.out} were made with other settings than the "
+              f"ones asked for now (recorded -> asked):\n{describe(changed)}\nAsk for the settings they were made "
+              "with, choose another --out, or give --rerun_changed to replace them.", file=sys.stderr)
+        return 1
     started = time.time()
-    for seed in args.seeds:  # seed-major: a cut-off comparison still has every arm at the first seeds
-        for arm in args.arms:
-            folder = args.out / "runs" / f"{arm}-seed{seed}"
-            record = args.out / "records" / f"{arm}-seed{seed}.json"
-            if not record.exists() and run_is_complete(folder):  # finished before records were kept
-                write_record(folder, record)
-            if kept_run(arm, seed, model, settings, folder, record):
-                print(f"[learning] {arm} seed {seed}: done before, kept", flush=True)
-                continue
-            print(f"[learning] {arm} seed {seed}: running", flush=True)
-            try:
-                run_arm(arm, seed, model, settings, folder, args.threads)
-            except RuntimeError as err:
-                print(f"[learning] error: {err}", file=sys.stderr)
-                return 1
-            run = write_record(folder, record)
-            print(f"[learning] {arm} seed {seed}: accuracy {run['accuracy_start']:.3f} -> {run['accuracy_end']:.3f}, "
-                  f"{run['wall_seconds']:.0f} s", flush=True)
-    records = [json.loads((args.out / "records" / f"{arm}-seed{seed}.json").read_text())
-               for seed in args.seeds for arm in args.arms]
+    for seed, arm in plan:
+        folder, record = run_folder(args.out, arm, seed), record_path(args.out, arm, seed)
+        if record.exists() and (arm, seed) not in changed:
+            print(f"[learning] {arm} seed {seed}: done before, kept", flush=True)
+            continue
+        print(f"[learning] {arm} seed {seed}: running", flush=True)
+        try:
+            run_arm(arm, seed, model, settings, folder, args.threads)
+        except RuntimeError as err:
+            print(f"[learning] error: {err}", file=sys.stderr)
+            return 1
+        run = write_record(folder, record)
+        print(f"[learning] {arm} seed {seed}: accuracy {run['accuracy_start']:.3f} -> {run['accuracy_end']:.3f}, "
+              f"{run['wall_seconds']:.0f} s", flush=True)
+    records = [json.loads(record_path(args.out, arm, seed).read_text()) for seed, arm in plan]
     write_report(args.out, records, command, {"model": args.model, "settings": settings,
                                               "this_invocation_seconds": round(time.time() - started, 1)})
     return 0

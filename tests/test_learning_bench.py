@@ -80,10 +80,68 @@ def test_a_finished_run_is_kept_only_with_the_settings_asked_for_now(tmp_path):
     assert "hybrid_thinking" in bench.changed_settings(shlex.join(other_arm), wanted)
 
 
+def test_a_run_kept_from_another_checkout_has_the_same_settings(tmp_path):
+    """Records name the checkout they ran in (its recipe, its model folder): a clone elsewhere
+    keeps them, and a real difference is still found."""
+    bench = _learning_bench()
+    model = str(bench.REPO / ".cache" / "SmolLM2-135M-Instruct")
+    wanted = bench.command_for("projection", 1, model, bench.comparison_settings([]), tmp_path / "b")
+    elsewhere = [token.replace(str(bench.REPO), "/elsewhere/hrpo") for token in wanted]
+    assert elsewhere != wanted and "/elsewhere/hrpo/configs/recipes/cpu_demo.yaml" in elsewhere
+    assert bench.changed_settings(shlex.join(elsewhere), wanted) == {}
+    assert bench.changed_settings(shlex.join(elsewhere + ["--lr", "1e-3"]), wanted) == {"learning_rate": (1e-3, 5e-4)}
+
+
+def test_the_comparison_scores_every_held_out_problem():
+    from hrpo.config import parse_settings
+    from hrpo.tasks.arith import SPLIT_SIZES
+
+    bench = _learning_bench()
+    assert parse_settings(bench.demo_settings()).flat()["eval_samples"] == 64  # the demo scores a part
+    assert parse_settings(bench.comparison_settings([])).flat()["eval_samples"] == SPLIT_SIZES["test"] == 200
+    assert parse_settings(bench.comparison_settings(["--eval_samples", "64"])).flat()["eval_samples"] == 64
+
+
+def _fake_record(path: Path, command: list[str], end: list[int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arm, seed = path.stem.rsplit("-seed", 1)
+    path.write_text(json.dumps({
+        "arm": arm, "seed": int(seed), "command": shlex.join(command), "wall_seconds": 1.0, "reward": [0.0, 0.5],
+        "accuracy_start": 0.25, "accuracy_end": sum(end) / 4, "seconds_per_step": 0.5,
+        "problems_start": {"correct": [1, 0, 0, 0], "answered": [1, 1, 0, 0]},
+        "problems_end": {"correct": end, "answered": [1, 1, 1, 1]}}))
+
+
+def test_a_kept_run_with_other_settings_is_an_error_that_loses_nothing(tmp_path, monkeypatch, capsys):
+    bench = _learning_bench()
+    model = str(tmp_path / "model")
+    trained = []
+
+    def fake_run(arm, seed, *args):
+        trained.append((arm, seed))
+        raise RuntimeError("stopped here")
+
+    monkeypatch.setattr(bench, "run_arm", fake_run)
+    folder = bench.run_folder(tmp_path, "grpo", 1)
+    record = bench.record_path(tmp_path, "grpo", 1)
+    _fake_record(record, bench.command_for("grpo", 1, model, bench.demo_settings(), folder), [1, 0, 0, 1])
+    kept = record.read_text()
+    argv = ["--model", model, "--seeds", "1", "2", "--arms", "grpo", "--out", str(tmp_path)]
+    assert bench.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "grpo seed 1: --eval_samples 64 -> 200" in err and "--rerun_changed" in err
+    assert trained == [] and record.read_text() == kept  # nothing trained, nothing replaced
+    assert bench.main(argv + ["--", "--eval_samples", "64"]) == 1  # the settings it was made with: kept
+    assert trained == [("grpo", 2)]
+    trained.clear()
+    assert bench.main(argv + ["--rerun_changed"]) == 1
+    assert trained == [("grpo", 1)]
+
+
 def test_the_summary_carries_the_statistics_of_kept_runs(tmp_path):
     """Runs kept from their records (nothing trains): learning.json has bench.stats' summary."""
     bench = _learning_bench()
-    model, settings = str(tmp_path / "model"), bench.demo_settings()
+    model, settings = str(tmp_path / "model"), bench.comparison_settings([])
     for arm, end in (("grpo", [1, 0, 0, 1]), ("projection", [1, 1, 1, 1])):
         folder, record = tmp_path / "runs" / f"{arm}-seed1", tmp_path / "records" / f"{arm}-seed1.json"
         record.parent.mkdir(exist_ok=True)
