@@ -145,7 +145,7 @@ def changed_settings(recorded: str, wanted: list[str]) -> dict:
 
 def runs_with_other_settings(out: Path, plan: list[tuple[int, str]], model: str, settings: list[str]) -> dict:
     """{(arm, seed): changed settings} for the kept runs of the plan made with other settings
-    than the ones asked for now."""
+    than the ones asked for now. A finished run folder without a record gets its record first."""
     changed = {}
     for seed, arm in plan:
         folder, record = run_folder(out, arm, seed), record_path(out, arm, seed)

@@ -143,13 +143,8 @@ def test_the_summary_carries_the_statistics_of_kept_runs(tmp_path):
     bench = _learning_bench()
     model, settings = str(tmp_path / "model"), bench.comparison_settings([])
     for arm, end in (("grpo", [1, 0, 0, 1]), ("projection", [1, 1, 1, 1])):
-        folder, record = tmp_path / "runs" / f"{arm}-seed1", tmp_path / "records" / f"{arm}-seed1.json"
-        record.parent.mkdir(exist_ok=True)
-        record.write_text(json.dumps({
-            "arm": arm, "seed": 1, "command": shlex.join(bench.command_for(arm, 1, model, settings, folder)),
-            "wall_seconds": 1.0, "reward": [0.0, 0.5], "accuracy_start": 0.25, "accuracy_end": sum(end) / 4,
-            "seconds_per_step": 0.5, "problems_start": {"correct": [1, 0, 0, 0], "answered": [1, 1, 0, 0]},
-            "problems_end": {"correct": end, "answered": [1, 1, 1, 1]}}))
+        folder = bench.run_folder(tmp_path, arm, 1)
+        _fake_record(bench.record_path(tmp_path, arm, 1), bench.command_for(arm, 1, model, settings, folder), end)
     assert bench.main(["--model", model, "--seeds", "1", "--arms", "grpo", "projection", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "learning.json").read_text())
     assert not any(key.startswith("problems_") for run in result["runs"] for key in run)
@@ -163,14 +158,9 @@ def test_report_rebuilds_the_table_and_plot_from_the_records_alone(tmp_path, cap
     bench = _learning_bench()
     assert bench.main(["--report", "--out", str(tmp_path)]) == 1
     assert "no records under" in capsys.readouterr().err
-    (tmp_path / "records").mkdir()
     for arm, seed, end in (("projection", 2, [1, 1, 0, 0]), ("grpo", 1, [1, 0, 0, 1]), ("projection", 1, [1, 1, 1, 1]),
                            ("grpo", 2, [0, 0, 0, 0])):
-        (tmp_path / "records" / f"{arm}-seed{seed}.json").write_text(json.dumps({
-            "arm": arm, "seed": seed, "command": "hrpo_gsm8k.py", "wall_seconds": 1.0, "reward": [0.0, 0.5],
-            "accuracy_start": 0.25, "accuracy_end": sum(end) / 4, "seconds_per_step": 0.5,
-            "problems_start": {"correct": [1, 0, 0, 0], "answered": [1, 1, 0, 0]},
-            "problems_end": {"correct": end, "answered": [1, 1, 1, 1]}}))
+        _fake_record(tmp_path / "records" / f"{arm}-seed{seed}.json", ["hrpo_gsm8k.py"], end)
     assert bench.main(["--report", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "learning.json").read_text())
     assert list(result["arms"]) == ["grpo", "projection"]  # bench order, not file order
