@@ -20,8 +20,10 @@ RESUME_MAY_CHANGE = {"output_dir", "resume", "resume_from_checkpoint", "max_step
                      "eval_dataset_path", "eval_split", "eval_on_train_data", "eval_samples", "reward_funcs",
                      "compile_rollouts"}
 RESUME_MAY_CHANGE_PREFIXES = ("eval_", "logging_", "save_", "hub_", "log_", "dataloader_", "num_completions")
-# Resolved from the machine when not given (hrpo.config.HRPOConfig): restored only where the run set them.
-DEVICE_DEFAULTS = {"bf16", "fp16", "use_cpu", "gradient_checkpointing", "dtype"}
+# Resolved when not given, from the machine (hrpo.config.HRPOConfig) or from other fields (TRL's GRPOConfig,
+# transformers' TrainingArguments): restored only where the run set them.
+DERIVED_DEFAULTS = {"bf16", "fp16", "use_cpu", "gradient_checkpointing", "dtype", "generation_batch_size",
+                    "steps_per_generation", "do_eval", "disable_tqdm", "logging_dir"}
 
 
 # ---------------------------------------------------------------- resume
@@ -73,10 +75,12 @@ def check_output_dir(settings: Settings) -> None:
 
 def saved_settings(folder: Path, parser: SettingsParser) -> tuple[dict, dict]:
     """What a checkpoint was trained with, by field name: (every setting a resumed run may not
-    change, with the value it had; those to set again: the ones that run was given, and every
-    thinking field). From its run-settings file, with the thinking fields of its config.json
-    (what the model was built with) over them. A file of an earlier version (flag names as
-    keys, every flag listed) is read too."""
+    change, with the value it had; those to set again: every one of them, whether the run was
+    given it, took an entry script's default or a default that has changed since, except the
+    ones resolved from the machine or from other fields where the run did not set them). From
+    its run-settings file, with the thinking fields of its config.json (what the model was
+    built with) over them. A file of an earlier version (flag names as keys, every flag
+    listed) is read too."""
     from transformers.hybrid_thinking.config import ThinkingConfig, thinking_enabled
 
     config_file = folder / "config.json"
@@ -90,14 +94,14 @@ def saved_settings(folder: Path, parser: SettingsParser) -> tuple[dict, dict]:
     run = run or {}
     names = parser.field_names()
     values = run.get("settings", run)
-    given = set(run["given"]) if "given" in run else {names.get(key) for key in values} - DEVICE_DEFAULTS
+    given = set(run["given"]) if "given" in run else {names.get(key) for key in values} - DERIVED_DEFAULTS
     effective, restore = {}, {}
     for key, value in values.items():
         name = names.get(key)
         if name is None or name in RESUME_MAY_CHANGE or name.startswith(RESUME_MAY_CHANGE_PREFIXES):
             continue
         effective[name] = value
-        if name in given and not isinstance(value, dict):
+        if (name in given or name not in DERIVED_DEFAULTS) and not isinstance(value, dict):
             restore[name] = value
     if thinking_enabled(SimpleNamespace(**(config or {}))):  # fields it predates take their defaults
         fields = ThinkingConfig.from_config(SimpleNamespace(**config)).to_dict()

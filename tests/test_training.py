@@ -659,6 +659,27 @@ def test_resume_with_a_conflicting_flag_is_an_error(workspace, tmp_path, monkeyp
     assert f"--{name} " in err and value in err and saved in err and "checkpoint-1" in err
 
 
+def test_resume_takes_every_saved_setting_also_entry_script_and_changed_defaults(workspace, tmp_path, monkeypatch):
+    """A MATH run (task and length from hrpo_math.py's defaults, never typed) resumed with the
+    generic command continues as MATH; a default that changed since (here the temperature,
+    recorded as 0.7 and not typed) is the checkpoint's, not today's."""
+    out = tmp_path / "out"
+    parser = hrpo_config.settings_parser(task="math", max_completion_length=2048)
+    args = hrpo_config.parse_settings(tiny_training_argv(workspace, out)[:4] + ["--output_dir", str(out)], parser)
+    record = training.run_settings_record(args)
+    assert "task" not in record["given"] and "temperature" not in record["given"]
+    record["settings"]["temperature"] = 0.7  # as an earlier version's default
+    model = tiny_model("qwen2", hidden_size=32, **args.thinking.to_dict())
+    write_run_settings(model, record, out / "checkpoint-1")
+    mark_complete(out / "checkpoint-1")
+    code, resumed = resumed_args(monkeypatch, ["--output_dir", str(out), "--resume"])
+    assert code == 0
+    assert (resumed.task.task, resumed.task.dataset_path, resumed.training.max_completion_length) == (
+        "math", record["settings"]["dataset_path"], 2048)
+    assert resumed.training.temperature == 0.7
+    assert resumed.model.model_name_or_path == record["settings"]["model_name_or_path"]
+
+
 def test_resume_from_a_given_checkpoint_and_a_finished_run(workspace, tmp_path, monkeypatch, capsys):
     """--resume checkpoint-N takes that checkpoint; a finished run is reported and left as it is."""
     out = tmp_path / "out"
