@@ -209,6 +209,10 @@ class HRPOConfig(GRPOConfig):
     resume: str | None = field(default=None, metadata={
         "help": "continue from the newest complete checkpoint in --output_dir (--resume alone), or from the "
                 "checkpoint-N folder given; a finished run is reported and left as it is"})
+    extend_lr_schedule: bool = field(default=False, metadata={
+        "help": "with --resume and another run length (--max_steps, --num_train_epochs) than the checkpoint's: "
+                "rebuild the learning-rate schedule (and a warmup ratio) over the new length, so the multiplier "
+                "jumps at the step resumed from (printed). Without it such a resume is an error"})
 
     def __post_init__(self):
         import torch

@@ -35,7 +35,7 @@ def main(argv=None, description: str | None = None, **task_defaults) -> int:
         finished = finished_run(settings)
         if finished:
             print(f"[hrpo] --resume: the run in {settings.training.output_dir} is finished: {finished}. Nothing was "
-                  f"changed; to train on, pass a larger --max_steps", flush=True)
+                  f"changed; to train on, pass a larger --max_steps with --extend_lr_schedule", flush=True)
             return 0
         train(settings)
         close_process_group()

@@ -16,6 +16,7 @@ from .tasks import get_task
 # Fields a resumed run may change: where and how often it logs, saves and evaluates, how long it
 # runs, where it reports. Every other saved setting comes from the checkpoint.
 RESUME_MAY_CHANGE = {"output_dir", "resume", "resume_from_checkpoint", "max_steps", "num_train_epochs", "report_to",
+                     "extend_lr_schedule",
                      "run_name", "push_to_hub", "thinking_monitor_every", "backend", "disable_tqdm",
                      "eval_dataset_path", "eval_split", "eval_on_train_data", "eval_samples", "reward_funcs",
                      "compile_rollouts"}
@@ -135,15 +136,81 @@ def _comparable(value):
 
 def finished_run(settings: Settings) -> str | None:
     """On --resume: why the run in --output_dir is finished (its final files are there and it
-    reached the asked --max_steps), else None."""
-    history = Path(settings.training.output_dir) / "log_history.json"
+    reached the asked --max_steps, or ran the asked epochs with --max_steps -1), else None."""
+    output_dir = Path(settings.training.output_dir)
+    history = output_dir / "log_history.json"
     if not settings.training.resume or not history.exists():
         return None
     steps = [row["step"] for row in json.loads(history.read_text()) if "step" in row]
     done = max(steps, default=0)
-    if settings.training.max_steps > done:
-        return None  # asked to train on
-    return f"it finished at step {done} ({history} is its final log)"
+    training = settings.training
+    if training.max_steps > 0:
+        return None if training.max_steps > done else f"it finished at step {done} ({history} is its final log)"
+    final = _saved_values(output_dir)
+    if final.get("max_steps", -1) > 0 or final.get("num_train_epochs") != training.num_train_epochs:
+        return None  # it ran another length than the epochs asked for now: asked to train on
+    return f"it finished its {training.num_train_epochs:g} epoch(s) at step {done} ({history} is its final log)"
+
+
+def _saved_values(folder: Path) -> dict:
+    """A run-settings file's values by name ({} without one)."""
+    run = read_run_settings(folder) or {}
+    return run.get("settings", run)
+
+
+# Schedules whose multiplier does not depend on the run's length (constant_with_warmup does, through a warmup ratio).
+LENGTH_FREE_SCHEDULES = {"constant", "reduce_lr_on_plateau"}
+
+
+def schedule_depends_on_length(training) -> bool:
+    name = str(getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type))
+    if name == "constant_with_warmup":
+        return 0 < training.warmup_steps < 1
+    return name not in LENGTH_FREE_SCHEDULES
+
+
+def lr_multiplier(training, total_steps: int, step: int) -> float:
+    """The schedule's learning-rate multiplier at ``step`` of a ``total_steps`` run (transformers' own
+    schedule, warmup as the Trainer computes it)."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = get_scheduler(training.lr_scheduler_type, optimizer, training.get_warmup_steps(total_steps),
+                              total_steps, scheduler_specific_kwargs=training.lr_scheduler_kwargs or {})
+    for _ in range(step):
+        optimizer.step()
+        scheduler.step()
+    return scheduler.get_last_lr()[0]
+
+
+def check_run_length(settings: Settings) -> None:
+    """On --resume: another run length than the checkpoint's would silently reshape the learning-
+    rate schedule (a finished 30-step cosine run resumed for 60 steps jumps from multiplier 0 back
+    to 0.59). That is an error unless --extend_lr_schedule asks for it; then it is said."""
+    from .checkpoint import checkpoint_step
+
+    folder, training = resume_checkpoint(settings), settings.training
+    saved = _saved_values(folder) if folder else {}
+    if "max_steps" not in saved or not schedule_depends_on_length(training):
+        return
+    old = (saved["max_steps"], saved.get("num_train_epochs", training.num_train_epochs))
+    new = (training.max_steps, training.num_train_epochs)
+    step = checkpoint_step(folder) or 0
+    if old[0] == new[0] and (new[0] > 0 or old[1] == new[1]) or 0 < new[0] <= step:
+        return  # the same length, or nothing left to train
+    length = lambda steps, epochs: f"--max_steps {steps}" if steps > 0 else f"--num_train_epochs {epochs:g}"
+    change = f"{length(*old)} -> {length(*new)}"
+    if old[0] > 0 and new[0] > 0:
+        change += (f": at step {step} the learning-rate multiplier goes {lr_multiplier(training, old[0], step):.3f} "
+                   f"-> {lr_multiplier(training, new[0], step):.3f}")
+    schedule = f"the {training.lr_scheduler_type.value} learning-rate schedule"
+    if not training.extend_lr_schedule:
+        raise UsageError(f"--resume from {folder} with another run length ({change}) would rebuild {schedule} over "
+                         f"the new length. Pass --extend_lr_schedule to do so, keep the checkpoint's length, or start "
+                         f"a new run in another --output_dir")
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"[hrpo] --extend_lr_schedule: {schedule} is rebuilt over the new length ({change})", flush=True)
 
 
 # ---------------------------------------------------------------- model
@@ -425,4 +492,5 @@ def prepare(argv: list[str], parser: SettingsParser | None = None) -> Settings:
         settings.model.model_name_or_path = str(Path(settings.model.model_name_or_path).expanduser().resolve())
     check_settings(settings)
     check_output_dir(settings)
+    check_run_length(settings)
     return settings

@@ -631,7 +631,7 @@ def test_resume_takes_the_thinking_options_from_the_checkpoint(workspace, tmp_pa
     fake_checkpoint(workspace, out, "--thinking_latent_source", "embedding", "--lora_rank", "8",
                     "--residual_r_min", "0.95")
     argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
-            "--output_dir", str(out), "--resume", "--max_steps", "5"]
+            "--output_dir", str(out), "--resume", "--max_steps", "5", "--extend_lr_schedule"]
     code, args = resumed_args(monkeypatch, argv)
     assert code == 0
     assert (args.thinking.thinking_latent_source, args.model.lora_r, args.thinking.thinking_residual_r_min) == (
@@ -685,7 +685,7 @@ def test_resume_from_a_given_checkpoint_and_a_finished_run(workspace, tmp_path, 
     out = tmp_path / "out"
     fake_checkpoint(workspace, out, "--lora_rank", "8")
     argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
-            "--output_dir", str(out), "--max_steps", "5", "--resume"]
+            "--output_dir", str(out), "--max_steps", "5", "--extend_lr_schedule", "--resume"]
     code, args = resumed_args(monkeypatch, argv + ["checkpoint-1"])
     assert code == 0 and args.model.lora_r == 8 and training.resume_checkpoint(args) == out / "checkpoint-1"
     code, _ = resumed_args(monkeypatch, argv + ["checkpoint-7"])
@@ -698,6 +698,47 @@ def test_resume_from_a_given_checkpoint_and_a_finished_run(workspace, tmp_path, 
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     code, args = resumed_args(monkeypatch, argv + ["--max_steps", "8"])  # asked to train on
     assert code == 0 and args is not None
+
+
+def test_another_run_length_on_resume_is_an_error_unless_the_schedule_is_extended(workspace, tmp_path, monkeypatch,
+                                                                                capsys):
+    """checkpoint-1 of a 1-step cosine run: its multiplier at step 1 is 0; over 5 steps it would be
+    0.5 (1 + cos(pi / 5)) = 0.905. A constant schedule does not depend on the length."""
+    import math
+
+    out = tmp_path / "out"
+    fake_checkpoint(workspace, out, "--lora_rank", "8")
+    argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
+            "--output_dir", str(out), "--resume"]
+    code, args = resumed_args(monkeypatch, argv + ["--max_steps", "5"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and args is None
+    expected = 0.5 * (1 + math.cos(math.pi / 5))
+    assert f"--max_steps 1 -> --max_steps 5: at step 1 the learning-rate multiplier goes 0.000 -> {expected:.3f}" in err
+    assert "--extend_lr_schedule" in err
+    code, args = resumed_args(monkeypatch, argv + ["--max_steps", "-1", "--num_train_epochs", "2"])
+    assert code == 2 and "--max_steps 1 -> --num_train_epochs 2" in capsys.readouterr().err
+    code, args = resumed_args(monkeypatch, argv + ["--max_steps", "5", "--extend_lr_schedule"])
+    assert code == 0 and args.training.max_steps == 5
+    assert f"0.000 -> {expected:.3f}" in capsys.readouterr().out
+    code, args = resumed_args(monkeypatch, argv + ["--max_steps", "1"])  # the same length
+    assert code == 0
+
+
+def test_an_epoch_based_resume_is_finished_only_after_its_epochs(workspace, tmp_path):
+    """--max_steps -1: a run whose final log stops at step 5 of a --max_steps 5 run is not
+    finished for 1 epoch; a run that ran its epoch is."""
+    out = tmp_path / "out"
+    args = tiny_training_args(workspace, out, "--max_steps", "5")
+    model = tiny_model("qwen2", hidden_size=32, **args.thinking.to_dict())
+    write_run_settings(model, training.run_settings_record(args), out)
+    (out / "log_history.json").write_text(json.dumps([{"step": 5, "loss": 0.1}]))
+    epochs = tiny_training_args(workspace, out, "--max_steps", "-1", "--num_train_epochs", "1", "--resume", "latest")
+    assert training.finished_run(epochs) is None
+    write_run_settings(model, training.run_settings_record(epochs), out)
+    assert "finished its 1 epoch(s) at step 5" in training.finished_run(epochs)
+    assert training.finished_run(tiny_training_args(workspace, out, "--max_steps", "-1", "--num_train_epochs", "2",
+                                                    "--resume", "latest")) is None
 
 
 def test_rollouts_are_sampled_under_the_trainers_autocast(workspace, tmp_path):
