@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "--expect", "DEEPSPEED", "--bf16", "--replay-bound", "1.0", "--logits-bound", "0.05")
     if "zero3_resume" in args.only:
         first, _ = launch(configs / "zero3.yaml", work, "zero3-resume", "projection")
-        out, record = launch(configs / "zero3.yaml", work, "zero3-resumed", "projection", "--resume", steps=3,
+        out, record = launch(configs / "zero3.yaml", work, "zero3-resumed", "projection", "--resume", "--extend_lr_schedule", steps=3,
                              out=first)
         resumed = sorted(int(p.stem.split("-step")[1]) for p in record.glob("rank0-step*.pt")) == [3]
         print(f"zero3 resume: steps recorded after --resume: "
