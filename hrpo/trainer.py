@@ -41,6 +41,7 @@ from .evaluation import HeldOutEvaluation
 from .model_card import latest_evaluation, write_model_card
 from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
 from .sampling import check_sampling_distribution, distribution_changes, generate_replaced
+from .sharding import shard_thinking_modules_for_accelerate
 
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
 # The largest replay-vs-sampling log-prob gap of an on-policy step that is rounding, not a
@@ -291,6 +292,11 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
         self._initial_projection = {name: full_tensor(p).clone() for name, p in self._projection_parameters()}
         self._initial_projection_norm = torch.sqrt(
             sum((p.float() ** 2).sum() for p in self._initial_projection.values())) if self._initial_projection else None
+
+    def _prepare_for_training(self, *args, **kwargs):
+        # FSDP2: the thinking modules become a float32 unit of their own before accelerate shards the rest
+        shard_thinking_modules_for_accelerate(self.accelerator, self.model, self.optimizer)
+        return super()._prepare_for_training(*args, **kwargs)
 
     # ------------------------------------------------------------ rollouts
 

@@ -1,0 +1,119 @@
+"""FSDP2 and the thinking modules: float32 in the forward under bf16 mixed precision.
+
+accelerate's FSDP2 path (``fsdp2_prepare_model``) shards a model with one
+``MixedPrecisionPolicy``: with ``mixed_precision: bf16`` (configs/fsdp.yaml) every parameter
+is all-gathered and cast to bf16 for the forward. The thinking modules (the gates, Lambda
+and the projection) are held by the root unit, so their forward saw bf16 values: Lambda
+6.70 as 6.6875, and an update of 9.0 by +0.03 not at all (bf16's spacing is 0.0625 there).
+The design keeps them float32 in every backend (docs/design.md).
+
+``shard_thinking_modules`` shards the trainable thinking modules before accelerate shards the
+rest, as one FSDP2 unit of their own with a float32 policy: all-gathered, computed with and
+reduced in float32. accelerate leaves a module that is already an ``FSDPModule`` alone and
+shards the decoder layers and the root around it. The trainer calls it when it prepares the
+model (``HRPOTrainer._prepare_for_training``), before the optimizer's parameters are mapped to
+their shards.
+
+A unit of their own is also a collective of their own, and the thinking modules do not run
+in every forward of every rank: under ``synced_gpus`` a rank whose rows are finished keeps
+making forwards without thinking inputs (no thinking module runs) while its peers make
+forwards with them. A per-module all-gather would then be entered by some ranks only. So
+the unit is gathered and released around every forward of the model that holds it (the
+base model, which every rank runs in every forward): one all-gather per forward on every
+rank, whether the forward calls the thinking modules or not, as the root unit was before.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FLOAT32 = torch.float32
+
+
+def thinking_module_types() -> tuple[type, ...]:
+    from transformers.hybrid_thinking.modeling import ThinkingGate, ThinkingProjection, ThinkingResidualLambda
+
+    return ThinkingGate, ThinkingResidualLambda, ThinkingProjection
+
+
+def trainable_thinking_modules(model: nn.Module) -> list[nn.Module]:
+    """The thinking modules that train: with PEFT the adapters' trained copies
+    (``modules_to_save``), not the frozen originals; without PEFT the modules themselves."""
+    types = thinking_module_types()
+    return [m for m in model.modules() if isinstance(m, types) and any(p.requires_grad for p in m.parameters())]
+
+
+def thinking_bases(model: nn.Module) -> list[nn.Module]:
+    """The base models (Qwen2Model, LlamaModel) that hold the thinking modules."""
+    from transformers.hybrid_thinking.modeling import HybridThinkingMixin
+
+    return [m for m in model.modules() if isinstance(m, HybridThinkingMixin) and m.has_thinking_modules]
+
+
+def float32_policy():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=FLOAT32, reduce_dtype=FLOAT32)
+
+
+def shard_thinking_modules(model: nn.Module, *, mesh=None, reshard_after_forward: bool = True,
+                           offload_policy=None) -> list[nn.Module]:
+    """``fully_shard`` the trainable thinking modules of ``model`` as one float32 unit (see the
+    module docstring), before the rest of the model is sharded. Returns the modules sharded
+    (none when already done, or when the model has no trainable thinking module)."""
+    from torch.distributed.fsdp import FSDPModule, OffloadPolicy, fully_shard
+
+    modules = [m for m in trainable_thinking_modules(model) if not isinstance(m, FSDPModule)]
+    if not modules:
+        return []
+    for module in modules:
+        module.to(FLOAT32)  # the master weights too: training.py makes the copies float32 already
+    fully_shard(modules, mesh=mesh, reshard_after_forward=reshard_after_forward,
+                offload_policy=offload_policy or OffloadPolicy(), mp_policy=float32_policy())
+    unit = modules[0]  # the modules of one fully_shard call share its state: one unshard gathers all
+
+    def gather(module, args):
+        unit.unshard()
+
+    def release(module, args, output):
+        unit.reshard()
+
+    for base in thinking_bases(model):
+        base.register_forward_pre_hook(gather)
+        base.register_forward_hook(release, always_call=True)
+    return modules
+
+
+def accelerate_fsdp2_settings(accelerator) -> dict:
+    """The mesh, resharding and offload that accelerate's ``fsdp2_prepare_model`` gives the
+    units it makes, for the thinking unit."""
+    plugin = accelerator.state.fsdp_plugin
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    if mesh is not None:
+        mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    return {"mesh": mesh, "reshard_after_forward": plugin.reshard_after_forward,
+            "offload_policy": plugin.cpu_offload}
+
+
+def shard_thinking_modules_for_accelerate(accelerator, model: nn.Module, optimizer=None) -> list[nn.Module]:
+    """Under accelerate's FSDP2, shard the thinking modules as their own float32 unit before
+    ``accelerator.prepare`` shards the rest (a no-op otherwise). An optimizer made before
+    (the trainer makes its six groups first) is pointed at the sharded parameters, as
+    accelerate then maps every parameter it holds to its shard."""
+    if not getattr(accelerator, "is_fsdp2", False):
+        return []
+    if getattr(accelerator.state.fsdp_plugin, "cpu_ram_efficient_loading", False):
+        raise ValueError("FSDP2 with cpu_ram_efficient_loading (fsdp_cpu_ram_efficient_loading: true) is not "
+                         "supported with HRPO's thinking modules, which are sharded as a float32 unit of their own "
+                         "before accelerate's loading; set it to false (configs/fsdp.yaml)")
+    before = dict(model.named_parameters())
+    modules = shard_thinking_modules(model, **accelerate_fsdp2_settings(accelerator))
+    if modules and optimizer is not None:
+        if optimizer.state:
+            raise RuntimeError("the optimizer has state before the model is sharded: the thinking modules must be "
+                               "sharded before the first step")
+        after = dict(model.named_parameters())
+        swap = {id(p): after[name] for name, p in before.items() if after[name] is not p}
+        for group in optimizer.param_groups:
+            group["params"] = [swap.get(id(p), p) for p in group["params"]]
+    return modules
