@@ -58,9 +58,11 @@ def test_the_task_scripts_only_change_defaults(monkeypatch):
         flat[script] = (parse_settings([], settings_parser(**seen["defaults"])).flat(), seen["description"])
     base = flat["hrpo_gsm8k.py"][0]
     changed = {script: {k: v for k, v in values.items() if base[k] != v} for script, (values, _) in flat.items()}
-    assert changed["hrpo_math.py"] == {"task": "math", "dataset_path": "EleutherAI/hendrycks_math",
-                                       "max_completion_length": 2048}
-    assert changed["hrpo_mmlu.py"] == {"task": "mmlu", "dataset_path": "cais/mmlu"}
+    # HRPO's MATH and MMLU scripts: 8 completions per prompt, 16 per micro-batch (testing/published.py);
+    # TRL derives the generation batch (16 x 4 accumulation steps)
+    hrpo_scripts = {"num_generations": 8, "per_device_train_batch_size": 16, "generation_batch_size": 64}
+    assert changed["hrpo_math.py"] == {"task": "math", "dataset_path": "EleutherAI/hendrycks_math", **hrpo_scripts}
+    assert changed["hrpo_mmlu.py"] == {"task": "mmlu", "dataset_path": "cais/mmlu", **hrpo_scripts}
     assert "MATH" in flat["hrpo_math.py"][1] and "multiple-choice" in flat["hrpo_mmlu.py"][1]
 
 
