@@ -160,6 +160,11 @@ class HRPOConfig(GRPOConfig):
         "aliases": ["--group_size"], "help": "completions per prompt (GRPO group)"})
     temperature: float = field(default=HRPO_RECIPE["temperature"], metadata={
         "help": "sampling temperature of the rollouts (and of the latent's softmax)"})
+    loss_temperature: float | None = field(default=None, metadata={
+        "help": "the temperature of the log-probs the loss scores (current, old-policy and reference). Default: "
+                "--temperature, the policy that sampled the rollouts, as on-policy GRPO needs. 1.0: as HRPO's code "
+                "(it samples at --temperature but scores the logits at 1; docs/design.md). Not with unsloth's GRPO "
+                "rewrite (the unsloth backend on CUDA) or vLLM"})
     gradient_accumulation_steps: int = field(default=HRPO_RECIPE["gradient_accumulation_steps"])
     per_device_train_batch_size: int = field(default=HRPO_RECIPE["per_device_train_batch_size"], metadata={
         "help": "completions per device per micro-batch"})
