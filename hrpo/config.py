@@ -36,18 +36,58 @@ class UsageError(ValueError):
     """Bad input, reported before any training starts."""
 
 
-def _positive(obj, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None and not (isinstance(value, (int, float)) and value > 0):
-            raise UsageError(f"--{name} {value}: expected a value > 0")
+# The valid range of each numeric setting whose range is known (None: not set, always allowed).
+# "> 0", ">= 0", ">= 1": a bound; "[a, b)" and the like: an interval; "-1 or > 0": max_steps.
+VALUE_RANGES = {
+    # HRPOConfig's own
+    **dict.fromkeys(("lr_residual_gate", "lr_residual_Lambda", "lr_thinking_projection", "max_prompt_length"), "> 0"),
+    **dict.fromkeys(("eval_samples", "thinking_monitor_every"), ">= 0"),
+    # transformers' TrainingArguments
+    **dict.fromkeys(("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "num_train_epochs", "save_steps", "logging_steps", "eval_steps",
+                     "adam_epsilon", "ddp_timeout", "eval_accumulation_steps", "torch_empty_cache_steps",
+                     "dataloader_prefetch_factor", "ddp_bucket_cap_mb"), "> 0"),
+    **dict.fromkeys(("weight_decay", "max_grad_norm", "warmup_steps", "save_total_limit", "eval_delay",
+                     "dataloader_num_workers", "neftune_noise_alpha", "seed", "data_seed"), ">= 0"),
+    "max_steps": "-1 or > 0", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "label_smoothing_factor": "[0, 1)",
+    # TRL's GRPOConfig
+    "num_generations": ">= 2", "num_generations_eval": ">= 2",
+    **dict.fromkeys(("max_completion_length", "temperature", "generation_batch_size", "steps_per_generation",
+                     "pad_to_multiple_of", "epsilon", "ref_model_sync_steps", "repetition_penalty",
+                     "vllm_tensor_parallel_size", "vllm_server_timeout", "vllm_max_model_length",
+                     "max_tool_calling_iterations", "num_completions_to_print", "vllm_importance_sampling_cap",
+                     "vllm_importance_sampling_clip_max", "sapo_temperature_neg", "sapo_temperature_pos"), "> 0"),
+    **dict.fromkeys(("beta", "top_k", "epsilon_high", "delta", "entropy_coef", "entropy_coef_min",
+                     "entropy_coef_delta", "vllm_importance_sampling_clip_min", "off_policy_mask_threshold"), ">= 0"),
+    "num_iterations": ">= 1", "top_p": "(0, 1]", "min_p": "[0, 1]", "top_entropy_quantile": "(0, 1]",
+    "ref_model_mixup_alpha": "[0, 1]", "vllm_gpu_memory_utilization": "(0, 1]", "entropy_target": "[0, 1]",
+    "vllm_server_port": "[1, 65535]", "vllm_group_port": "[1, 65535]",
+    # TRL's ModelConfig
+    "lora_r": "> 0", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
+}
 
 
-def _non_negative(obj, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-            raise UsageError(f"--{name} {value}: expected a value >= 0")
+def in_range(value, rule: str) -> bool:
+    """Whether ``value`` is a finite number within ``rule`` (a VALUE_RANGES entry)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    if rule == "-1 or > 0":
+        return value == -1 or value > 0
+    if rule[0] in "[(":
+        low, high = (float(x) for x in rule[1:-1].split(","))
+        return (low <= value if rule[0] == "[" else low < value) and (value <= high if rule[-1] == "]" else value < high)
+    op, bound = rule.split()
+    return value > float(bound) if op == ">" else value >= float(bound)
+
+
+def check_ranges(obj) -> None:
+    """Every numeric field of ``obj`` with a known range, against it (a UsageError naming the flag)."""
+    for f in fields(obj):
+        value, rule = getattr(obj, f.name, None), VALUE_RANGES.get(f.name)
+        if rule is not None and value is not None and not in_range(value, rule):
+            expected = f"a value in {rule}" if rule[0] in "[(" else "-1 or a value > 0" if rule[0] == "-" else \
+                f"a value {rule}"
+            raise UsageError(f"--{f.name} {value}: expected {expected}")
 
 
 @dataclass
@@ -111,11 +151,9 @@ class HRPOModelConfig(ModelConfig):
         if not self.use_peft:
             raise UsageError("--use_peft false: HRPO trains a LoRA adapter beside the thinking modules; full "
                              "fine-tuning is not supported")
-        _positive(self, "lora_r", "lora_alpha")
+        check_ranges(self)
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_r
-        if not 0 <= self.lora_dropout < 1:
-            raise UsageError(f"--lora_dropout {self.lora_dropout}: expected a value in [0, 1)")
 
     def looks_local(self) -> bool:
         """A hub name is "org/name"; a path that starts like one of this machine's folders is local."""
@@ -222,6 +260,7 @@ class HRPOConfig(GRPOConfig):
     def __post_init__(self):
         import torch
 
+        self.resume = resume_request(self.resume, self.resume_from_checkpoint)
         self.check_values()
         cuda = torch.cuda.is_available() and not self.use_cpu
         self.use_cpu = not cuda
@@ -250,13 +289,7 @@ class HRPOConfig(GRPOConfig):
         from transformers.trainer_utils import SchedulerType
         from transformers.training_args import OptimizerNames
 
-        _positive(self, "learning_rate", "lr_residual_gate", "lr_residual_Lambda", "lr_thinking_projection",
-                  "temperature", "per_device_train_batch_size", "gradient_accumulation_steps",
-                  "max_completion_length", "max_prompt_length", "save_steps", "logging_steps", "num_generations")
-        _non_negative(self, "beta", "weight_decay", "max_grad_norm", "warmup_steps", "eval_samples", "adam_beta1",
-                      "adam_beta2", "save_total_limit", "thinking_monitor_every")
-        if self.adam_beta1 >= 1 or self.adam_beta2 >= 1:
-            raise UsageError(f"--adam_beta1 {self.adam_beta1} / --adam_beta2 {self.adam_beta2}: expected values < 1")
+        check_ranges(self)
         for name, kind in (("optim", OptimizerNames), ("lr_scheduler_type", SchedulerType)):
             value = getattr(self, name)
             if value is not None and str(getattr(value, "value", value)) not in {m.value for m in kind}:
@@ -268,11 +301,36 @@ class HRPOConfig(GRPOConfig):
         if unknown:
             raise UsageError(f"--report_to {' '.join(report_to)}: {', '.join(unknown)} is not one of "
                              f"{', '.join(sorted(known))}")
+        missing = [name for name in report_to if not reporter_installed(name)]
+        if missing:
+            raise UsageError(f"--report_to {' '.join(report_to)}: {', '.join(missing)} is not installed (pip install "
+                             f"{' '.join(missing)}), or leave it out")
         if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise UsageError(f"--output_dir {self.output_dir}: is a file, expected a folder")
-        if self.num_generations < 2:
-            raise UsageError(f"--num_generations {self.num_generations}: GRPO needs at least 2 completions per "
-                             f"prompt")
+
+
+def reporter_installed(name: str) -> bool:
+    """Whether the package behind a --report_to integration is importable (transformers' own test;
+    "all" and "none" need none)."""
+    from transformers.integrations import integration_utils
+
+    test = {"azure_ml": "azureml", "comet_ml": "comet", "flyte": "flytekit"}.get(name, name)
+    available = getattr(integration_utils, f"is_{test}_available", None)
+    return name in ("all", "none") or available is None or bool(available())
+
+
+def check_hub_access() -> None:
+    """--push_to_hub needs the hub: not offline, and a token (a missing one fails at the first save)."""
+    import os
+
+    from huggingface_hub import get_token
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise UsageError("--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be pushed; leave the flag out or go "
+                         "online")
+    if get_token() is None:
+        raise UsageError("--push_to_hub: no Hugging Face token (run `hf auth login` or set HF_TOKEN), so the first "
+                         "push would fail after training; log in, or leave the flag out")
 
 
 # ---------------------------------------------------------------- parsing
@@ -301,6 +359,31 @@ def normalized_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def config_file(argv: list[str]) -> tuple[dict, list[str]]:
+    """The ``--config`` YAML file's settings ({} without one) and argv without the option: the
+    one reader of the file. A file that cannot be read, or whose top level is not a mapping of
+    settings, is a UsageError."""
+    import yaml
+
+    if "--config" not in argv:
+        return {}, list(argv)
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise UsageError("--config: expected a YAML file after it")
+    path = argv[i + 1]
+    try:
+        with open(path) as file:
+            values = yaml.safe_load(file)
+    except (OSError, yaml.YAMLError) as err:
+        raise UsageError(f"--config {path}: cannot read it ({err})") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: its top level is a {type(values).__name__}; expected a mapping of "
+                         f"settings (key: value lines, e.g. `learning_rate: 5.0e-6`)")
+    return values, argv[:i] + argv[i + 2:]
+
+
 class SettingsParser(TrlParser):
     """TrlParser over the four dataclasses; a YAML key may be a flag's alias (``lr``, ``group_size``)."""
 
@@ -312,6 +395,34 @@ class SettingsParser(TrlParser):
         names = self.field_names()
         return super().set_defaults_with_config(**{names.get(key, key): value for key, value in kwargs.items()})
 
+    def check_aliases(self, argv: list[str], config: dict) -> None:
+        """A setting given twice under two of its names (``--lr`` and ``--learning_rate`` on the
+        command line, or ``lr`` and ``learning_rate`` in the YAML) with different values is an
+        error naming both (argparse and the YAML reader would silently keep the last)."""
+        names = self.field_names()
+        flags = []
+        for i, token in enumerate(argv):
+            option, eq, value = token.partition("=")
+            if option.startswith("--") and option[2:] in names:
+                if not eq:
+                    value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
+                flags.append((option[2:], value))
+        for pairs, where in ((flags, ""), ([(k, v) for k, v in config.items() if k in names], " in --config")):
+            first: dict[str, tuple[str, object]] = {}
+            for key, value in pairs:
+                name = names[key]
+                if name in first and first[name][0] != key and not _same_value(first[name][1], value):
+                    raise UsageError(f"--{first[name][0]} {first[name][1]} and --{key} {value}{where} both set "
+                                     f"{name}: give it once")
+                first.setdefault(name, (key, value))
+
+
+def _same_value(a, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
 
 def settings_parser(description: str | None = None, **task_defaults) -> SettingsParser:
     """The parser of a training run (``task_defaults``: a task script's defaults, e.g. --task math)."""
@@ -321,6 +432,9 @@ def settings_parser(description: str | None = None, **task_defaults) -> Settings
 
     parser = SettingsParser((TaskArguments, HRPOModelConfig, HRPOConfig, ThinkingConfig), description=description,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    # read by config_file() before parsing; declared so that --help lists it (never parsed into a dataclass)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="RECIPE.yaml",
+                        help="a YAML file of settings (any flag's name as a key); flags given on the command line win")
     parser.set_defaults(**task_defaults)
     return parser
 
@@ -352,14 +466,7 @@ def given_fields(parser: SettingsParser, argv: list[str]) -> set[str]:
     """The fields set on the command line or in the ``--config`` file."""
     import argparse
 
-    import yaml
-
-    explicit = set()
-    if "--config" in argv:
-        with open(argv[argv.index("--config") + 1]) as file:
-            explicit |= set(yaml.safe_load(file) or {})
-        i = argv.index("--config")
-        argv = argv[:i] + argv[i + 2:]
+    config, argv = config_file(argv)
     saved, parser_defaults = [(action, action.default) for action in parser._actions], parser._defaults
     try:
         parser._defaults = {}  # set_defaults() values would count as given
@@ -371,7 +478,7 @@ def given_fields(parser: SettingsParser, argv: list[str]) -> set[str]:
         for action, default in saved:
             action.default = default
     names = parser.field_names()
-    return {names.get(key, key) for key in explicit} | set(vars(namespace))
+    return {names.get(key, key) for key in config} | set(vars(namespace))
 
 
 def parse_settings(argv: list[str] | None = None, parser: SettingsParser | None = None) -> Settings:
@@ -383,6 +490,7 @@ def parse_settings(argv: list[str] | None = None, parser: SettingsParser | None 
 
     argv = normalized_argv(list(sys.argv[1:] if argv is None else argv))
     parser = parser or settings_parser()
+    parser.check_aliases(*reversed(config_file(argv)))
     try:
         task, model, training, thinking = parser.parse_args_and_config(argv)
         given = given_fields(parser, argv)
@@ -401,19 +509,19 @@ def parse_settings(argv: list[str] | None = None, parser: SettingsParser | None 
 def raw_values(parser: SettingsParser, argv: list[str]):
     """The values the command line and ``--config`` give, as an argparse namespace, before any
     dataclass is made (nothing checked yet: what --resume needs to find its checkpoint)."""
-    import yaml
+    config, argv = config_file(normalized_argv(list(argv)))
+    parser.set_defaults_with_config(**{k: v for k, v in config.items() if k != "env"})
+    values = parser.parse_known_args(argv)[0]
+    values.resume = resume_request(values.resume, values.resume_from_checkpoint)
+    return values
 
-    argv = normalized_argv(list(argv))
-    if "--config" in argv:
-        i = argv.index("--config")
-        try:
-            with open(argv[i + 1]) as file:
-                config = yaml.safe_load(file) or {}
-        except (OSError, IndexError, yaml.YAMLError) as err:
-            raise UsageError(f"--config: cannot read it ({err})") from None
-        parser.set_defaults_with_config(**{k: v for k, v in config.items() if k != "env"})
-        argv = argv[:i] + argv[i + 2:]
-    return parser.parse_known_args(argv)[0]
+
+def resume_request(resume: str | None, resume_from_checkpoint: str | None) -> str | None:
+    """--resume, with TRL's and transformers' --resume_from_checkpoint PATH as the same request."""
+    if resume_from_checkpoint and resume and resume != resume_from_checkpoint:
+        raise UsageError(f"--resume {resume} and --resume_from_checkpoint {resume_from_checkpoint} name different "
+                         f"checkpoints: give one")
+    return resume_from_checkpoint or resume
 
 
 def default_output_dir(values) -> Path:
@@ -451,6 +559,8 @@ def check_settings(settings: Settings) -> None:
     if training.compile_rollouts and training.backend != "transformers":
         raise UsageError(f"--compile_rollouts: needs --backend transformers (got {training.backend}); unsloth decodes "
                          f"with graphs of its own, which hybrid steps do not use")
+    if training.push_to_hub:
+        check_hub_access()
     if (model.load_in_4bit or model.load_in_8bit) and training.use_cpu:
         raise UsageError("--load_in_4bit / --load_in_8bit: bitsandbytes quantization needs CUDA")
     try:

@@ -28,8 +28,14 @@ def held_out_source(dataset_path: str, split: str, *, training_path: str | None 
     or a folder of split files has a held-out split; a single local file has none: its "test
     split" is the file itself, the training rows, so that is refused unless
     ``allow_training_data``, and then recorded as "train"."""
-    if dataset_path is not None:
+    if dataset_path is not None and not _same_file(dataset_path, training_path):
         return dataset_path, split
+    if dataset_path is not None:
+        if not allow_training_data:
+            raise DataError(f"the held-out data {dataset_path} is the training file: evaluating it would score the "
+                            f"training rows. Name a held-out file, or pass --eval_on_train_data to score the training "
+                            f"rows knowingly")
+        return dataset_path, "train"
     if training_path is not None and Path(training_path).is_file():
         if not allow_training_data:
             raise DataError(f"the training data {training_path} is a single file, which has no held-out split: "
@@ -38,6 +44,25 @@ def held_out_source(dataset_path: str, split: str, *, training_path: str | None 
                             f"training rows knowingly")
         return training_path, "train"
     return training_path, split
+
+
+def _same_file(path: str, other: str | None) -> bool:
+    return other is not None and Path(path).is_file() and Path(other).is_file() and Path(path).samefile(other)
+
+
+def check_not_training_rows(held_out_rows: list[dict], training_rows, where: str, allowed: bool) -> int:
+    """How many held-out rows are training rows (the same question). All of them (a copy of the
+    training data under another name) is an error unless ``allowed``; some is said."""
+    seen = set(training_rows["question"])
+    shared = sum(row["question"] in seen for row in held_out_rows)
+    if shared and shared == len(held_out_rows) and not allowed:
+        raise DataError(f"{where}: all {shared} held-out rows evaluated are training rows (the same questions): "
+                        f"evaluating them would score the training data. Name a held-out file, or pass "
+                        f"--eval_on_train_data to score the training rows knowingly")
+    if shared and not allowed:
+        print(f"[hrpo] {where}: {shared} of the {len(held_out_rows)} held-out rows evaluated are also training rows",
+              flush=True)
+    return shared
 
 
 def result_file_name(dataset_path: str, split: str) -> str:
@@ -138,7 +163,14 @@ class HeldOutEvaluation:
             (folder / (file_name or f"eval_step{step}.json")).write_text(json.dumps(result, indent=2))
             print(f"[hrpo] held-out accuracy at step {step}: {m['accuracy']:.3f} ({m['correct']}/{m['total']}, "
                   f"greedy, {m['seconds']:.0f} s)", flush=True)
-        self.log(metrics)
+        # TRL's log() merges (and clears) the pending metrics of the model's mode: logged in eval mode, the
+        # training metrics not yet logged stay for their own step's line
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.log(metrics)
+        finally:
+            self.model.train(was_training)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 

@@ -20,7 +20,8 @@ def main(argv=None, description: str | None = None, **task_defaults) -> int:
     """The command line of a training run (``task_defaults``: a task script's, e.g. task="math").
     unsloth is imported first (parsing imports transformers, whose classes unsloth patches)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if requested_backend(argv) != "transformers":
+    asks_help = bool({"-h", "--help"} & set(argv))  # nothing runs: no unsloth banner before the usage
+    if requested_backend(argv) != "transformers" and not asks_help:
         import torch
 
         import_unsloth(torch.cuda.is_available())

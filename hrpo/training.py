@@ -228,10 +228,30 @@ def load_model(settings: Settings, cuda: bool):
     Hybrid thinking is opt-in by configuration: the thinking fields go onto the config before
     the model is built, so the fork builds the modules (only those the source uses). With
     --hybrid_thinking off the config is left as it is: upstream's model."""
-    from transformers import AutoConfig, set_seed
+    from transformers import set_seed
+
+    set_seed(settings.training.seed)  # the thinking modules (gates, Lambda, projection) are drawn while the model is built
+    config = model_config(settings)
+    loader = load_with_transformers if resolve_backend(settings) == "transformers" else load_with_unsloth
+    model, tokenizer = loader(settings, config, cuda)
+    if settings.hybrid and os.environ.get("LOCAL_RANK", "0") == "0":
+        from transformers.hybrid_thinking.modeling import thinking_module_names
+
+        names = ", ".join(thinking_module_names(settings.thinking.thinking_latent_source))
+        if settings.training.resume:
+            print(f"[hrpo] thinking modules {names}: restored from the checkpoint when training starts", flush=True)
+        else:
+            print(f"[hrpo] new thinking modules, trained from here (seed {settings.training.seed}): {names}",
+                  flush=True)
+    return model, tokenizer
+
+
+def model_config(settings: Settings):
+    """The model's config, with the thinking fields when hybrid (a model type without the thinking
+    modules is a UsageError)."""
+    from transformers import AutoConfig
 
     model_args = settings.model
-    set_seed(settings.training.seed)  # the thinking modules (gates, Lambda, projection) are drawn while the model is built
     try:
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
                                             trust_remote_code=settings.training.trust_remote_code)
@@ -245,14 +265,7 @@ def load_model(settings: Settings, cuda: bool):
                              f"{' and '.join(HYBRID_MODEL_TYPES)} models (Qwen2 / Qwen2.5, Llama). Use one of those, "
                              f"or --hybrid_thinking off for plain GRPO")
         settings.thinking.apply_to(config)
-    loader = load_with_transformers if resolve_backend(settings) == "transformers" else load_with_unsloth
-    model, tokenizer = loader(settings, config, cuda)
-    if settings.hybrid and os.environ.get("LOCAL_RANK", "0") == "0":
-        from transformers.hybrid_thinking.modeling import thinking_module_names
-
-        print(f"[hrpo] new thinking modules, trained from here (seed {settings.training.seed}): "
-              f"{', '.join(thinking_module_names(settings.thinking.thinking_latent_source))}", flush=True)
-    return model, tokenizer
+    return config
 
 
 def _dtype(settings: Settings, cuda: bool):
@@ -344,9 +357,10 @@ def load_dataset(settings: Settings):
     return task.with_prompts(task.load(settings.task.dataset_path, "train"), settings.task.system_prompt)
 
 
-def load_held_out(settings: Settings):
-    """The held-out rows (``HeldOut``), or None without --eval_samples."""
-    from .evaluation import HeldOut, held_out_source
+def load_held_out(settings: Settings, training_rows):
+    """The held-out rows (``HeldOut``), or None without --eval_samples; training rows among them
+    are refused (see ``check_not_training_rows``)."""
+    from .evaluation import HeldOut, check_not_training_rows, held_out_source
 
     count = settings.training.eval_samples
     if not count:
@@ -357,7 +371,21 @@ def load_held_out(settings: Settings):
     task = get_task(settings.task.task)
     dataset = task.load(path, split)
     rows = dataset.select(range(min(count, len(dataset)))).to_list()
+    if split != "train":
+        check_not_training_rows(rows, training_rows, f"the held-out data {path} ({split})",
+                                settings.training.eval_on_train_data)
     return HeldOut(rows, {"dataset_path": path, "split": split}, task, settings.task.system_prompt, settings.hybrid)
+
+
+def load_tokenizer(settings: Settings):
+    from transformers import AutoTokenizer
+
+    m = settings.model
+    try:
+        return AutoTokenizer.from_pretrained(m.model_name_or_path, revision=m.model_revision,
+                                             trust_remote_code=settings.training.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--model_name_or_path {m.model_name_or_path}: cannot load its tokenizer ({err})") from None
 
 
 def filter_long_prompts(settings: Settings, dataset, tokenizer):
@@ -368,7 +396,9 @@ def filter_long_prompts(settings: Settings, dataset, tokenizer):
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
     keep = [i for i, n in enumerate(lengths) if n <= limit]
     if not keep:
-        raise DataError(f"--max_prompt_length {limit}: every prompt of {settings.task.dataset_path} is longer")
+        raise DataError(f"--max_prompt_length {limit}: every prompt of {settings.task.dataset_path} is longer (the "
+                        f"shortest has {min(lengths)} tokens, the longest {max(lengths)}, with the chat template and "
+                        f"system prompt)")
     if len(keep) < len(dataset):
         print(f"[hrpo] left out {len(dataset) - len(keep)} prompts longer than {limit} tokens")
         dataset = dataset.select(keep)
@@ -413,11 +443,12 @@ def build_trainer(settings: Settings, reward_funcs=None):
     from .trainer import GRPOTrainerWithCompleteCheckpoints, HRPOTrainer
 
     dataset = load_dataset(settings)  # data errors before the (slow) model load
-    held_out = load_held_out(settings)
+    held_out = load_held_out(settings, dataset)
     rewards = reward_funcs or reward_functions(settings)
+    model_config(settings)  # its errors before the tokenizer's
+    dataset = filter_long_prompts(settings, dataset, load_tokenizer(settings))  # before the model loads
     model, tokenizer = load_model(settings, cuda)
     check_thinking_config(model, settings)
-    dataset = filter_long_prompts(settings, dataset, tokenizer)
     training = settings.training
     training.gradient_checkpointing = use_trainer_checkpointing(settings, cuda)
     extra = {"thinking_monitor_every": training.thinking_monitor_every} if settings.hybrid else {}

@@ -18,6 +18,10 @@ def workspace(tmp_path_factory):
     (root / "a-file").write_text("not a folder")
     (root / "bad.yaml").write_text("lr: -0.5\n")  # an alias, as a key
     (root / "unknown.yaml").write_text("no_such_setting: 3\n")
+    (root / "string.yaml").write_text("just a sentence\n")
+    (root / "list.yaml").write_text("- lr: 1e-3\n- beta: 0\n")
+    (root / "two-names.yaml").write_text("lr: 1.0e-3\nlearning_rate: 2.0e-3\n")
+    (root / "copy-of-train.jsonl").write_text((root / "train.jsonl").read_text())
     return root
 
 
@@ -52,6 +56,38 @@ CASES = [
     (["--compile_rollouts"], "--compile_rollouts: needs --backend transformers (got auto)"),
     (["--config", "{ws}/bad.yaml"], "--learning_rate -0.5: expected a value > 0"),
     (["--config", "{ws}/unknown.yaml"], "Unknown arguments from config file: ['--no_such_setting', '3']"),
+    # a --config file that is not a mapping of settings
+    (["--config", "{ws}/string.yaml"], "--config {ws}/string.yaml: its top level is a str; expected a mapping"),
+    (["--config", "{ws}/list.yaml"], "--config {ws}/list.yaml: its top level is a list; expected a mapping"),
+    (["--config", "{ws}/missing.yaml"], "--config {ws}/missing.yaml: cannot read it"),
+    # one setting under two names
+    (["--lr", "1e-3", "--learning_rate", "2e-3"], "--lr 1e-3 and --learning_rate 2e-3 both set learning_rate"),
+    (["--config", "{ws}/two-names.yaml"], "--lr 0.001 and --learning_rate 0.002 in --config both set learning_rate"),
+    # held-out data that is the training data
+    (["--eval_samples", "2", "--eval_dataset_path", "{ws}/train.jsonl"],
+     "the held-out data {ws}/train.jsonl is the training file"),
+    (["--eval_samples", "2", "--eval_dataset_path", "{ws}/copy-of-train.jsonl"],
+     "all 2 held-out rows evaluated are training rows"),
+    # TRL's resume flag is --resume
+    (["--resume_from_checkpoint", "{ws}/no-checkpoint"], "--resume {ws}/no-checkpoint: no such checkpoint folder"),
+    (["--resume", "checkpoint-1", "--resume_from_checkpoint", "checkpoint-2"],
+     "--resume checkpoint-1 and --resume_from_checkpoint checkpoint-2 name different checkpoints"),
+    # run lengths and other numeric ranges
+    (["--max_steps", "-5"], "--max_steps -5: expected -1 or a value > 0"),
+    (["--max_steps", "-1", "--num_train_epochs", "0"], "--num_train_epochs 0.0: expected a value > 0"),
+    (["--num_iterations", "0"], "--num_iterations 0: expected a value >= 1"),
+    (["--top_p", "0"], "--top_p 0.0: expected a value in (0, 1]"),
+    (["--adam_epsilon", "0"], "--adam_epsilon 0.0: expected a value > 0"),
+    (["--epsilon", "-0.2"], "--epsilon -0.2: expected a value > 0"),
+    (["--seed", "-1"], "--seed -1: expected a value >= 0"),
+    (["--lora_r", "0"], "--lora_r 0: expected a value > 0"),
+    (["--group_size", "1"], "--num_generations 1: expected a value >= 2"),
+    (["--warmup_ratio", "nan"], "--warmup_steps nan: expected a value >= 0"),
+    # what would fail after loading
+    (["--report_to", "tensorboard"], "--report_to tensorboard: tensorboard is not installed"),
+    (["--report_to", "wandb"], "--report_to wandb: wandb is not installed"),
+    (["--max_prompt_length", "5"], "--max_prompt_length 5: every prompt of {ws}/train.jsonl is longer (the shortest "
+                                   "has"),
 ]
 
 
@@ -74,6 +110,32 @@ def test_bad_input_is_named_before_the_model_loads_and_writes_nothing(workspace,
     err = " ".join(capsys.readouterr().err.split())
     assert message.format(ws=workspace) in err, err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_push_to_hub_without_a_token_is_refused_before_the_model_loads(workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no token file there
+    monkeypatch.setattr(training, "load_with_unsloth", None)
+    argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
+            "--output_dir", str(tmp_path / "out"), "--push_to_hub"]
+    assert train.main(argv) == 2
+    assert "--push_to_hub: no Hugging Face token" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert train.main(argv) == 2
+    assert "--push_to_hub: HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_config_and_starts_with_the_usage(workspace):
+    """--help prints the usage first (no banner of a library before it) and lists --config."""
+    import sys
+
+    from testing.processes import run_child
+
+    script = Path(__file__).resolve().parent.parent / "hrpo_gsm8k.py"
+    proc = run_child([sys.executable, str(script), "--help"], timeout=300, what="hrpo_gsm8k.py --help")
+    assert proc.stdout.startswith("usage:"), proc.stdout[:500]
+    assert "--config RECIPE.yaml" in proc.stdout and "--resume_from_checkpoint" in proc.stdout
 
 
 def test_the_script_imports_unsloth_before_transformers_and_stops_before_the_model(workspace, tmp_path):

@@ -808,6 +808,22 @@ def test_every_optimiser_and_schedule_flag_reaches_trls_config(tmp_path):
     assert (config.loss_type, config.temperature, config.num_generations) == ("dr_grpo", 0.7, 2)
 
 
+def test_an_evaluation_between_logging_steps_leaves_the_pending_training_metrics_alone(workspace, tmp_path):
+    """The evaluation's log line holds the evaluation's metrics; the training metrics gathered
+    since the last logging step stay for their own line (TRL's log() would merge and clear them)."""
+    write_jsonl(make_problems(2, seed=5, difficulty=3), tmp_path / "test.jsonl")
+    args = tiny_training_args(workspace, tmp_path / "out", "--eval_samples", "2", "--eval_dataset_path",
+                              str(tmp_path / "test.jsonl"), "--max_completion_length", "4")
+    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer.model.train()
+    trainer._metrics["train"]["reward"].append(0.75)
+    metrics = trainer.evaluate()
+    logged = trainer.state.log_history[-1]
+    assert "eval_accuracy" in metrics and "eval_accuracy" in logged
+    assert "reward" not in logged and "eval_reward" not in logged
+    assert trainer._metrics["train"]["reward"] == [0.75] and trainer.model.training
+
+
 def test_held_out_evaluation_every_n_steps_with_reward_functions_by_import_path(workspace, tmp_path):
     """--eval_strategy steps: the trainer's own schedule runs the held-out evaluation, logged with
     the training metrics (eval_accuracy); --reward_funcs imports the reward; the model card is ours."""
