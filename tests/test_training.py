@@ -331,6 +331,14 @@ def test_the_answer_marker_reaches_the_model_config_from_the_task(workspace, tmp
     assert base.config.answer_marker == "ANSWER:" and base.model.answer_marker == "ANSWER:"
 
 
+def test_a_resumed_run_does_not_announce_new_thinking_modules(workspace, tmp_path, capsys):
+    training.load_model(tiny_training_args(workspace, tmp_path / "out"), cuda=False)
+    assert "new thinking modules, trained from here" in capsys.readouterr().out
+    training.load_model(tiny_training_args(workspace, tmp_path / "out", "--resume", "latest"), cuda=False)
+    out = capsys.readouterr().out
+    assert "new thinking modules" not in out and "restored from the checkpoint when training starts" in out
+
+
 def test_a_loader_that_drops_the_thinking_config_is_named(workspace, tmp_path):
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
     model = tiny_model("qwen2", hidden_size=32)  # built with the default source, "embedding"
