@@ -12,11 +12,13 @@ resume, several processes):
   inside training).
 - --record DIR: per rank and optimizer step, write the prompts it sampled, its on-policy
   figures, its trainable parameters (after the step) and their gradients (before it), and
-  every generation's hybrid output, to DIR (torch files).
+  every generation's hybrid output, and the dtype and first values of each thinking module's
+  parameters as the step's last forward read them, to DIR (torch files).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -55,6 +57,9 @@ def recorder(trainer, folder: Path):
     trainer._generate_and_score_completions = generate_and_score
 
     from hrpo.trainer import full_tensor
+    from testing.fsdp2_precision import record_thinking_forward
+
+    thinking_forward, _ = record_thinking_forward(trainer.model)  # what the last forward of a step read
 
     def trainable():
         return {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -68,6 +73,7 @@ def recorder(trainer, folder: Path):
             torch.save({"prompts": seen["prompts"], "generations": seen["generations"], "grads": seen["grads"],
                         "params": {n: full_tensor(p).cpu().clone() for n, p in trainable().items()},
                         "replay_logprob_diffs": list(trainer.replay_logprob_diffs),
+                        "thinking_forward": json.loads(json.dumps(thinking_forward)),
                         "world_size": args.world_size, "wrapper": type(trainer.model_wrapped).__name__,
                         "distributed_type": str(trainer.accelerator.distributed_type),
                         "param_types": sorted({type(p).__name__ for p in trainable().values()})},
