@@ -16,6 +16,10 @@ from it (``PatchFastRL``), whose loss (``grpo_accumulated_loss``) makes its own 
   The reference pass (adapter disabled, a "ref" adapter, or a separate ref_model) stays
   on the discrete tokens, as in HRPO. A scoring forward over tokens that no rollout has
   is an error, never a silent plain-GRPO step.
+- The loss temperature: TRL scores every log-prob (the loss's, the old policy's, the
+  reference's) at the sampling temperature, the policy that sampled; ``--loss_temperature``
+  builds TRL's fused LM head at another one (1.0: HRPO's code), and the on-policy check then
+  scores the same hidden states once more at the sampling temperature, to compare like with like.
 - Metrics: the trainer's, plus ``embeds_ratio``, ``hidden_ratio``, ``thinking/*`` and
   ``thinking_projection/*`` (weight norm; drift from the initial weights, absolute and, unless
   the projection starts at zero, relative; cosine between the embedding-method latent and the
@@ -24,6 +28,7 @@ from it (``PatchFastRL``), whose loss (``grpo_accumulated_loss``) makes its own 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import torch
@@ -36,6 +41,7 @@ from trl import GRPOTrainer
 from .checkpoint import (load_trained_adapter, save_complete_checkpoint, trained_adapter_only_under_zero3,
                          write_run_settings)
 from .compiled_rollouts import compile_rollouts, fixed_length_prompts
+from .config import UsageError
 from .optimizer import patch_trainer_optimizer
 from .evaluation import HeldOutEvaluation
 from .model_card import latest_evaluation, write_model_card
@@ -181,6 +187,102 @@ def thinking_settings(config) -> dict | None:
     return ThinkingConfig.from_config(config).to_dict() if thinking_enabled(config) else None
 
 
+# ---------------------------------------------------------------- the loss temperature
+
+def loss_temperature(args) -> float:
+    """The temperature the loss scores log-probs at: ``--loss_temperature``, by default the
+    sampling temperature (``--temperature``)."""
+    value = getattr(args, "loss_temperature", None)
+    if value is None:
+        return args.temperature
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UsageError(f"--loss_temperature {value}: expected a value > 0")
+    return float(value)
+
+
+def refuse_unsupported_loss_temperature(trainer_class: type, args) -> None:
+    """A loss temperature other than the sampling one where it would not be honoured is an
+    error naming it: unsloth's GRPO rewrite scores at ``args.temperature`` in a loss of its own,
+    and vLLM's importance-sampling correction compares its sampling log-probs with the loss's."""
+    if args is None or loss_temperature(args) == args.temperature:
+        return
+    flag = f"--loss_temperature {args.loss_temperature} (--temperature {args.temperature})"
+    if any(cls.__name__ == "UnslothGRPOTrainer" for cls in trainer_class.__mro__):
+        raise UsageError(f"{flag}: unsloth's GRPO rewrite (the unsloth backend on CUDA) scores the current, old and "
+                         f"reference log-probs at --temperature in a loss of its own; use --backend transformers, "
+                         f"or leave --loss_temperature out")
+    if getattr(args, "use_vllm", False):
+        raise UsageError(f"{flag}: with --use_vllm, TRL's importance-sampling correction compares vLLM's sampling "
+                         f"log-probs with the loss's, which must then be at one temperature; leave one of them out")
+
+
+@contextlib.contextmanager
+def fused_head_temperature(temperature: float):
+    """TRL's GRPOTrainer builds, when it is made, the fused LM head through which it scores every
+    log-prob (the loss's, the old policy's, the reference's, the entropy), at its sampling
+    temperature. Made inside this context, the head divides the logits by ``temperature``
+    instead; sampling keeps the trainer's temperature. A trainer that builds no head is an error."""
+    import trl.trainer.grpo_trainer as grpo_module
+
+    original = grpo_module.add_fused_lm_head
+    built = []
+
+    def add_fused_lm_head(model, *args, **kwargs):
+        kwargs["temperature"] = temperature
+        built.append(model)
+        return original(model, *args, **kwargs)
+
+    grpo_module.add_fused_lm_head = add_fused_lm_head
+    try:
+        yield
+    finally:
+        grpo_module.add_fused_lm_head = original
+    if not built:
+        raise RuntimeError(f"--loss_temperature {temperature}: TRL's GRPOTrainer built no fused LM head, so the loss "
+                           f"temperature could not be applied (a TRL other than 1.15?)")
+
+
+class LogProbsAlsoAt:
+    """Stands in TRL's fused-LM-head kernel slot during one scoring call: the kernel's own results,
+    and besides, without gradient, the log-probs of the same hidden states and tokens at
+    ``temperature`` (one more pass through the LM head), in ``found``, in the order of the
+    scored tokens."""
+
+    def __init__(self, kernel, temperature: float):
+        self.kernel, self.temperature, self.found = kernel, temperature, []
+
+    def apply(self, hidden, weight, bias, targets, temperature, chunk_size, *rest):
+        with torch.no_grad():
+            again = self.kernel.apply(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                      targets, self.temperature, chunk_size, *rest[:2], ("log_probs",))
+        self.found.append(again[0].detach().float())
+        return self.kernel.apply(hidden, weight, bias, targets, temperature, chunk_size, *rest)
+
+    def per_token(self, scored: torch.Tensor) -> torch.Tensor:
+        """The values in ``found`` in place: ``scored`` marks the tokens the head scored
+        (rows x completion positions), in the order it scored them; zero elsewhere."""
+        values = torch.cat(self.found) if self.found else torch.zeros(0)
+        if values.numel() != int(scored.sum()):
+            raise RuntimeError(f"the on-policy check at the sampling temperature: TRL's fused LM head scored "
+                               f"{values.numel()} tokens, the completion mask has {int(scored.sum())}")
+        out = torch.zeros(scored.shape, dtype=torch.float32, device=scored.device)
+        out[scored] = values.to(scored.device)
+        return out
+
+
+@contextlib.contextmanager
+def log_probs_also_at(temperature: float):
+    from trl.trainer import utils as trl_utils
+
+    kernel = trl_utils._ChunkedLogProbFunction
+    also = LogProbsAlsoAt(kernel, temperature)
+    trl_utils._ChunkedLogProbFunction = also
+    try:
+        yield also
+    finally:
+        trl_utils._ChunkedLogProbFunction = kernel
+
+
 class HRPOModelCardMixin:
     """Our model card (``hrpo.model_card``) wherever TRL or transformers would write theirs:
     ``create_model_card`` (TRL calls it before each checkpoint, ``push_to_hub`` before the
@@ -225,7 +327,13 @@ class GRPOTrainerWithCompleteCheckpoints(HeldOutEvaluation, HRPOModelCardMixin, 
             write_run_settings(self.accelerator.unwrap_model(self.model), self.run_settings, folder)
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        refuse_unsupported_loss_temperature(type(self), config)
+        # the temperature of every log-prob TRL scores (the sampling one unless --loss_temperature)
+        self.loss_temperature = None if config is None else loss_temperature(config)
+        other = config is not None and self.loss_temperature != config.temperature
+        with fused_head_temperature(self.loss_temperature) if other else contextlib.nullcontext():
+            super().__init__(*args, **kwargs)
         generation_config = getattr(self, "generation_config", None)  # TRL's, without vLLM
         if generation_config is not None:
             model = self.accelerator.unwrap_model(self.model)
@@ -420,11 +528,20 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
         finally:
             self._loss_inputs = None
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, *args, **kwargs):
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         if any(kwargs.get(key) is not None for key in MULTIMODAL_KEYS):
             raise ValueError("HRPOTrainer is text-only: no multimodal inputs")
-        result = super()._get_per_token_logps_and_entropies(model, input_ids, *args, **kwargs)
-        self._check_on_policy(result[0])
+        score = super()._get_per_token_logps_and_entropies
+        if not self._on_policy_check_due():
+            return score(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        if self.loss_temperature == self.temperature:
+            result = score(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+            self._check_on_policy(result[0])
+            return result
+        # the loss scores at another temperature than sampling: check the same hidden states at the sampling one
+        with log_probs_also_at(self.temperature) as also:
+            result = score(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        self._check_on_policy(also.per_token(attention_mask[:, -logits_to_keep:].bool()))
         return result
 
     def _policy_unchanged_since_rollout(self) -> bool:
@@ -434,14 +551,17 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
         the first iteration of each generation batch."""
         return self._rollout_global_step == self.state.global_step
 
-    def _check_on_policy(self, logps) -> None:
-        """The loss pass's log-probs against the sampling-time ones (on-policy: they must
-        agree), recorded only while the policy is the one that sampled the rollouts.
-        unsloth's fused loss returns none here."""
+    def _on_policy_check_due(self) -> bool:
+        """A training loss pass while the policy is the one that sampled the rollouts."""
         inputs = self._loss_inputs
-        if logps is None or inputs is None or not self.model.training or "sampled_token_logprobs" not in inputs:
-            return
-        if not self._policy_unchanged_since_rollout():
+        return (inputs is not None and self.model.training and "sampled_token_logprobs" in inputs
+                and self._policy_unchanged_since_rollout())
+
+    def _check_on_policy(self, logps) -> None:
+        """The loss pass's log-probs, at the sampling temperature, against the sampling-time ones
+        (on-policy: they must agree). unsloth's fused loss returns none here."""
+        inputs = self._loss_inputs
+        if logps is None:
             return
         mask = inputs["completion_mask"].bool()
         if logps.shape != mask.shape:
