@@ -11,8 +11,8 @@ The design keeps them float32 in every backend (docs/design.md).
 rest, as one FSDP2 unit of their own with a float32 policy: all-gathered, computed with and
 reduced in float32. accelerate leaves a module that is already an ``FSDPModule`` alone and
 shards the decoder layers and the root around it. The trainer calls it when it prepares the
-model (``HRPOTrainer._prepare_for_training``), before the optimizer's parameters are mapped to
-their shards.
+model (``HRPOTrainer._prepare_for_training``, through ``keep_thinking_modules_float32``), before
+the optimizer's parameters are mapped to their shards.
 
 A unit of their own is also a collective of their own, and the thinking modules do not run
 in every forward of every rank: under ``synced_gpus`` a rank whose rows are finished keeps
@@ -21,6 +21,10 @@ forwards with them. A per-module all-gather would then be entered by some ranks 
 the unit is gathered and released around every forward of the model that holds it (the
 base model, which every rank runs in every forward): one all-gather per forward on every
 rank, whether the forward calls the thinking modules or not, as the root unit was before.
+
+DeepSpeed's bf16 (and fp16) mode casts every parameter, the thinking modules included, and
+has no setting that keeps a parameter in float32; ``keep_thinking_modules_float32`` warns,
+naming what that does (measured in docs/scaling.md, "Mixed precision").
 """
 from __future__ import annotations
 
@@ -95,11 +99,36 @@ def accelerate_fsdp2_settings(accelerator) -> dict:
             "offload_policy": plugin.cpu_offload}
 
 
-def shard_thinking_modules_for_accelerate(accelerator, model: nn.Module, optimizer=None) -> list[nn.Module]:
-    """Under accelerate's FSDP2, shard the thinking modules as their own float32 unit before
-    ``accelerator.prepare`` shards the rest (a no-op otherwise). An optimizer made before
-    (the trainer makes its six groups first) is pointed at the sharded parameters, as
-    accelerate then maps every parameter it holds to its shard."""
+def deepspeed_half_precision(accelerator) -> str | None:
+    """"bf16" or "fp16" when DeepSpeed trains in that mode (its config, "auto" resolved by the
+    trainer), else None."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return None
+    config = plugin.deepspeed_config
+    return next((k for k in ("bf16", "fp16") if str(config.get(k, {}).get("enabled", False)).lower() == "true"), None)
+
+
+DEEPSPEED_HALF_WARNING = (
+    "DeepSpeed's {mode} mode casts every parameter to {mode}, HRPO's thinking modules included: their "
+    "float32 values are rounded when the engine is made, the fp32 master weights in DeepSpeed's optimizer "
+    "keep every AdamW step, and the forward reads the master rounded to {mode} (Lambda, about 7-9, moves in "
+    "the forward in jumps of 0.03-0.06, one per ~30-60 steps of 1e-3). DeepSpeed keeps no parameter in "
+    "float32 in this mode (data_types.keep_in_fp32_modules keeps buffers only). docs/scaling.md, "
+    "\"Mixed precision\", has the measurement; FSDP2 keeps the thinking modules float32")
+
+
+def keep_thinking_modules_float32(accelerator, model: nn.Module, optimizer=None) -> list[nn.Module]:
+    """Before ``accelerator.prepare``: under accelerate's FSDP2, shard the thinking modules as
+    their own float32 unit (a no-op for DDP and a single process). An optimizer made before
+    (the trainer makes its six groups first) is pointed at the sharded parameters, as accelerate
+    then maps every parameter it holds to its shard. Under DeepSpeed in bf16 or fp16, which
+    cannot keep them float32, a warning says so and what it does to them."""
+    mode = deepspeed_half_precision(accelerator)
+    if mode is not None and trainable_thinking_modules(model):
+        import warnings
+
+        warnings.warn(DEEPSPEED_HALF_WARNING.format(mode=mode), stacklevel=2)
     if not getattr(accelerator, "is_fsdp2", False):
         return []
     if getattr(accelerator.state.fsdp_plugin, "cpu_ram_efficient_loading", False):

@@ -38,8 +38,8 @@ from transformers.hybrid_thinking.generation import deterministic_projection
 from transformers.hybrid_thinking.modeling import PROJECTION_MODULE, THINKING_INPUTS, HybridThinkingMixin
 from trl import GRPOTrainer
 
-from .checkpoint import (load_trained_adapter, save_complete_checkpoint, trained_adapter_only_under_zero3,
-                         write_run_settings)
+from .checkpoint import (RUN_SETTINGS, load_trained_adapter, save_complete_checkpoint,
+                         trained_adapter_only_under_zero3, write_run_settings)
 from .compiled_rollouts import compile_rollouts, fixed_length_prompts
 from .config import UsageError
 from .optimizer import patch_trainer_optimizer
@@ -47,7 +47,7 @@ from .evaluation import HeldOutEvaluation
 from .model_card import latest_evaluation, write_model_card
 from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
 from .sampling import check_sampling_distribution, distribution_changes, generate_replaced
-from .sharding import shard_thinking_modules_for_accelerate
+from .sharding import keep_thinking_modules_float32
 
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
 # The largest replay-vs-sampling log-prob gap of an on-policy step that is rounding, not a
@@ -298,7 +298,20 @@ class HRPOModelCardMixin:
         return {"base_model": base_model_name(model) or "unknown", "task": getattr(self, "hrpo_task", None),
                 "dataset": getattr(self, "hrpo_dataset", None), "thinking": thinking_settings(base.config),
                 "evaluation": latest_evaluation(folder),
-                "hub_model_id": getattr(self, "hub_model_id", None) or self.args.hub_model_id}
+                "hub_model_id": getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+                "training": self.training_facts(model)}
+
+    def training_facts(self, model) -> dict:
+        """The run's main settings as this trainer runs them (``hrpo.model_card.TRAINING_FACTS``):
+        the optimizer steps taken so far, the adapter's rank, and the run-settings file when the run
+        writes one beside its checkpoints."""
+        args, adapter = self.args, getattr(model, "peft_config", {}).get("default")
+        temperature = getattr(self, "loss_temperature", None)
+        return {"learning_rate": args.learning_rate, "steps": self.state.global_step,
+                "lora_r": getattr(adapter, "r", None), "lora_alpha": getattr(adapter, "lora_alpha", None),
+                "beta": args.beta, "num_generations": args.num_generations, "temperature": args.temperature,
+                "loss_temperature": temperature if temperature not in (None, args.temperature) else None,
+                "settings_file": RUN_SETTINGS if getattr(self, "run_settings", None) is not None else None}
 
     def write_hrpo_model_card(self, folder) -> None:
         if self.is_world_process_zero():
@@ -402,8 +415,8 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
             sum((p.float() ** 2).sum() for p in self._initial_projection.values())) if self._initial_projection else None
 
     def _prepare_for_training(self, *args, **kwargs):
-        # FSDP2: the thinking modules become a float32 unit of their own before accelerate shards the rest
-        shard_thinking_modules_for_accelerate(self.accelerator, self.model, self.optimizer)
+        # FSDP2: the thinking modules become a float32 unit of their own; DeepSpeed in bf16 warns (hrpo/sharding.py)
+        keep_thinking_modules_float32(self.accelerator, self.model, self.optimizer)
         return super()._prepare_for_training(*args, **kwargs)
 
     # ------------------------------------------------------------ rollouts

@@ -5,7 +5,7 @@
 The model as a training run builds it (``hrpo.training.load_model``, --backend transformers,
 bf16 weights as on CUDA: LoRA, the projection source's thinking copies in float32), sharded
 as a trainer under ``accelerate launch --config_file configs/fsdp.yaml`` shards it:
-``HRPOTrainer``'s step (``hrpo.sharding.shard_thinking_modules_for_accelerate``), then
+``HRPOTrainer``'s step (``hrpo.sharding.keep_thinking_modules_float32``), then
 accelerate's own ``fsdp2_prepare_model`` with that config's FSDP2 plugin and its bf16 mixed
 precision, then accelerate's mapping of the optimizer's parameters to their shards. accelerate
 runs FSDP only on accelerators (on CPU it falls back to DDP), so the accelerator here is a
@@ -93,7 +93,7 @@ def main(workspace: Path, out: Path) -> None:
 
     from hrpo import training
     from hrpo.config import parse_settings
-    from hrpo.sharding import shard_thinking_modules_for_accelerate
+    from hrpo.sharding import keep_thinking_modules_float32
     from testing.tiny import encode_prompts
     from testing.training import tiny_training_argv
 
@@ -113,7 +113,7 @@ def main(workspace: Path, out: Path) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
 
     # what the trainer and then accelerate's _prepare_fsdp2 do
-    shard_thinking_modules_for_accelerate(accelerator, model, optimizer)
+    keep_thinking_modules_float32(accelerator, model, optimizer)
     old = fsdp2_canonicalize_names({n: (p._local_tensor if hasattr(p, "_local_tensor") else p).data_ptr()
                                     for n, p in model.named_parameters()})
     model = fsdp2_prepare_model(accelerator, model)
