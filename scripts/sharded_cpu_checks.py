@@ -11,9 +11,15 @@
   budget) and `--thinking_latent_scale embedding`, which reads the embedding matrix outside
   its module; ZeRO-3 in bf16; ZeRO-3 resumed for a third step.
 - FSDP2 at the model level (testing/fsdp2_step.py), in every source.
+- Precision under bf16 (docs/scaling.md, "Mixed precision"): FSDP2 through accelerate's
+  fsdp2_prepare_model with configs/fsdp.yaml (testing/fsdp2_precision.py): the thinking modules'
+  forward reads float32; DeepSpeed ZeRO-2 and ZeRO-3 in bf16 (testing/deepspeed_precision.py):
+  the forward reads Lambda as DeepSpeed's fp32 master rounded to bf16, the master keeps every
+  AdamW step (the documented behaviour: DeepSpeed casts every parameter in this mode).
 
     pip install deepspeed                 # not among the project's requirements
-    python -m scripts.sharded_cpu_checks [--only ddp zero2 zero3 zero3_strict zero3_bf16 zero3_resume fsdp2]
+    python -m scripts.sharded_cpu_checks [--only ddp zero2 zero3 zero3_strict zero3_bf16 zero3_resume fsdp2
+                                           fsdp2_bf16 ds_bf16]
 
 Prints each run's PASS/FAIL lines and a summary line per run; exits 1 on any failure. About
 15 minutes on 2 cores.
@@ -31,7 +37,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = ("projection", "embedding", "embedding_plus_projection")
-RUNS = ("ddp", "zero2", "zero3", "zero3_strict", "zero3_bf16", "zero3_resume", "fsdp2")
+RUNS = ("ddp", "zero2", "zero3", "zero3_strict", "zero3_bf16", "zero3_resume", "fsdp2", "fsdp2_bf16", "ds_bf16")
+WITHOUT_DEEPSPEED = ("fsdp2", "fsdp2_bf16")
 # ZeRO-3 with every parameter partitioned and gathered only while its module runs
 STRICT_ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                                       "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0,
@@ -100,6 +107,67 @@ def fsdp2(work: Path, source: str, scale: str) -> bool:
     return ok
 
 
+def fsdp2_bf16(work: Path) -> bool:
+    """The thinking modules' forward under FSDP2 bf16 (tests/test_sharded_precision.py runs the same)."""
+    from testing.processes import run_child
+
+    out = work / "fsdp2-bf16"
+    out.mkdir(parents=True, exist_ok=True)
+    run_child([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "testing.fsdp2_precision", str(work), str(out)], timeout=600,
+              what="torchrun of FSDP2 bf16", cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ok = True
+    for r in ranks:
+        for when in ("before", "after"):
+            seen, master = r[when]["seen"], r[when]["master"]
+            ok &= all(got["dtype"] == "float32" and got["first"] == master[m][name]["first"]
+                      for m in r["modules"] for name, got in seen[m].items())
+    lam = ranks[0]["lambda_module"]
+    print(f"fsdp2 bf16: {'PASS' if ok else 'FAIL'}  decoder layers in {ranks[0]['layer_dtype']}; Lambda[:2] read by the "
+          f"forward: {ranks[0]['before']['seen'][lam]['Lambda']['dtype']} {ranks[0]['before']['seen'][lam]['Lambda']['first'][:2]}"
+          f" -> {ranks[0]['after']['seen'][lam]['Lambda']['first'][:2]} after an AdamW step (master "
+          f"{ranks[0]['after']['master'][lam]['Lambda']['first'][:2]})", flush=True)
+    return ok
+
+
+def deepspeed_bf16(work: Path, stage: int, steps: int = 40) -> bool:
+    """DeepSpeed in bf16: what Lambda's forward reads, against DeepSpeed's fp32 master, step by step."""
+    import torch
+
+    from testing.deepspeed_precision import LAMBDA_START, LR
+    from testing.processes import run_child
+
+    out = work / f"ds-bf16-zero{stage}"
+    out.mkdir(parents=True, exist_ok=True)
+    run_child([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "testing.deepspeed_precision", str(work), str(out), str(stage), str(steps)],
+              timeout=1200, what=f"torchrun of DeepSpeed ZeRO-{stage} bf16", cwd=REPO,
+              env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    def bf16(values):
+        return [float(x) for x in torch.tensor(values).to(torch.bfloat16).float()]
+
+    ok = True
+    for r in ranks:
+        records = r["steps"]
+        ok &= all(x["seen_dtype"] == "bfloat16" for x in records)
+        # the forward of step k reads the master after step k-1, rounded to bf16; step 1 the start, rounded
+        previous = [bf16(LAMBDA_START)] + [x["master"] for x in records[:-1]]
+        ok &= all(x["seen"] == bf16(m) for x, m in zip(records, previous))
+        # the master keeps each AdamW step (lr, lowering Lambda), from the start rounded to bf16
+        ok &= all(abs(abs(b - a) - LR) <= 1e-5 for x, m in zip(records, previous) for a, b in zip(m, x["master"]))
+    records = ranks[0]["steps"]
+    changes = [x["step"] for x, y in zip(records[1:], records) if x["seen"] != y["seen"]]
+    print(f"deepspeed {ranks[0]['deepspeed']} zero{stage} bf16: {'PASS' if ok else 'FAIL'} (as documented)  Lambda[:2] "
+          f"set to {list(LAMBDA_START)} in float32, read by the forward at step 1 as {records[0]['seen_dtype']} "
+          f"{records[0]['seen']}, at step {steps} as {records[-1]['seen']}; DeepSpeed's fp32 master after {steps} "
+          f"AdamW steps of {LR:g}: {[round(v, 5) for v in records[-1]['master']]}; the forward's value changed at "
+          f"steps {changes}", flush=True)
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=RUNS, default=list(RUNS))
@@ -109,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     from testing.training import save_training_workspace
 
-    if any(run != "fsdp2" for run in args.only) and importlib.util.find_spec("deepspeed") is None:
+    if any(run not in WITHOUT_DEEPSPEED for run in args.only) and importlib.util.find_spec("deepspeed") is None:
         print("sharded_cpu_checks: error: the DeepSpeed runs need deepspeed (pip install deepspeed); "
-              "--only fsdp2 runs without it", file=sys.stderr)
+              "--only fsdp2 fsdp2_bf16 runs without it", file=sys.stderr)
         return 1
     work = args.work or Path(tempfile.mkdtemp(prefix="sharded-"))
     save_training_workspace(work, problems=32)
@@ -155,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     if "fsdp2" in args.only:
         for source in args.sources:
             results[f"fsdp2 {source}"] = fsdp2(work, source, "embedding" if source == "projection" else "unit")
+    if "fsdp2_bf16" in args.only:
+        results["fsdp2 bf16: thinking modules read float32"] = fsdp2_bf16(work)
+    if "ds_bf16" in args.only:
+        for stage in (2, 3):
+            results[f"zero{stage} bf16: thinking modules read bf16, as documented"] = deepspeed_bf16(work, stage)
     print("\n" + "\n".join(f"{'PASS' if ok else 'FAIL'}  {name}" for name, ok in results.items()))
     print(f"{sum(results.values())} passed, {len(results) - sum(results.values())} failed")
     return 0 if all(results.values()) else 1

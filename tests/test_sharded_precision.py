@@ -100,3 +100,29 @@ def test_fsdp_config_trains_with_float32_thinking_modules_on_a_gpu(tmp_path):
     assert len(forward) == 4, forward
     dtypes = {f"{module}.{name}": p["dtype"] for module, params in forward.items() for name, p in params.items()}
     assert set(dtypes.values()) == {"float32"}, dtypes
+
+
+@pytest.mark.parametrize("config, mode", [({"bf16": {"enabled": True}, "fp16": {"enabled": False}}, "bf16"),
+                                          ({"fp16": {"enabled": "true"}}, "fp16"),
+                                          ({"bf16": {"enabled": False}, "fp16": {"enabled": False}}, None)])
+def test_deepspeed_in_half_precision_is_named_with_what_it_does_to_the_thinking_modules(config, mode):
+    """DeepSpeed's bf16/fp16 mode casts every parameter (no setting keeps one in float32):
+    the trainer's preparation warns, naming the mode; in fp32 it says nothing. Nothing is sharded."""
+    import warnings
+    from types import SimpleNamespace
+
+    from hrpo.sharding import keep_thinking_modules_float32
+    from testing.tiny import tiny_model
+
+    model = tiny_model("qwen2", thinking_latent_source="projection")
+    accelerator = SimpleNamespace(is_fsdp2=False, state=SimpleNamespace(
+        deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert keep_thinking_modules_float32(accelerator, model) == []
+    messages = [str(w.message) for w in caught if "DeepSpeed" in str(w.message)]
+    if mode is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and f"DeepSpeed's {mode} mode casts every parameter to {mode}" in messages[0]
+        assert "thinking modules" in messages[0] and "docs/scaling.md" in messages[0]
