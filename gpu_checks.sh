@@ -38,9 +38,15 @@ mkdir -p "$out"
     expect=$([ "$cfg" = zero3 ] && echo DEEPSPEED || echo FSDP)
     "$py" -m scripts.check_scaled_run "$work/run-$cfg" "$work/rec-$cfg" --expect "$expect" --bf16 --replay-bound 1.0 --logits-bound 0.05 \
       --json "$out/sharded_$cfg.json" 2>&1 | tail -14
+    # the dtypes the thinking modules' forward read in the last step (FSDP2: float32; DeepSpeed bf16: bfloat16,
+    # docs/scaling.md "Mixed precision")
+    "$py" -c "import sys, torch; r = torch.load(sys.argv[1], weights_only=False); print('$cfg: thinking forward read', sorted({p['dtype'] for m in r['thinking_forward'].values() for p in m.values()}))" \
+      "$work/rec-$cfg/rank0-step2.pt" 2>&1 | tail -1
   done
+  echo "== FSDP 2 in bf16 through accelerate: the thinking modules' forward reads float32 (their own float32 unit)"
+  "$py" -m pytest -q -m gpu tests/test_sharded_precision.py 2>&1 | tail -3
   echo "== pytest -m gpu, and the suites whose numbers CUDA could change"
-  "$py" -m pytest -q -m gpu tests 2>&1 | tail -5
+  "$py" -m pytest -q -m gpu tests --deselect tests/test_sharded_precision.py 2>&1 | tail -5
   timeout 240 "$py" -m pytest -q -x tests/test_hybrid_thinking.py tests/test_thinking_projection.py tests/test_training.py \
     tests/test_unsloth_fast_path.py tests/test_unsloth_grpo.py 2>&1 | tail -3
   echo "== hybrid rollouts through CUDA graphs (static cache, the compiled decoding step)"
