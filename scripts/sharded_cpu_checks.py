@@ -156,11 +156,12 @@ def deepspeed_bf16(work: Path, stage: int, steps: int = 40) -> bool:
         # the forward of step k reads the master after step k-1, rounded to bf16; step 1 the start, rounded
         previous = [bf16(LAMBDA_START)] + [x["master"] for x in records[:-1]]
         ok &= all(x["seen"] == bf16(m) for x, m in zip(records, previous))
-        # the master keeps each AdamW step (lr, lowering Lambda), from the start rounded to bf16
-        ok &= all(abs(abs(b - a) - LR) <= 1e-5 for x, m in zip(records, previous) for a, b in zip(m, x["master"]))
+        # the master keeps each AdamW step, from the start rounded to bf16: about lr, lowering Lambda (Adam's
+        # m / sqrt(v) is 1 for a steady gradient, a few percent off after the forward's value jumped)
+        ok &= all(-1.05 * LR <= b - a <= -0.95 * LR for x, m in zip(records, previous) for a, b in zip(m, x["master"]))
     records = ranks[0]["steps"]
     changes = [x["step"] for x, y in zip(records[1:], records) if x["seen"] != y["seen"]]
-    print(f"deepspeed {ranks[0]['deepspeed']} zero{stage} bf16: {'PASS' if ok else 'FAIL'} (as documented)  Lambda[:2] "
+    print(f"deepspeed {ranks[0]['deepspeed']} zero{stage} bf16: {'PASS' if ok else 'FAIL: not as documented'}  Lambda[:2] "
           f"set to {list(LAMBDA_START)} in float32, read by the forward at step 1 as {records[0]['seen_dtype']} "
           f"{records[0]['seen']}, at step {steps} as {records[-1]['seen']}; DeepSpeed's fp32 master after {steps} "
           f"AdamW steps of {LR:g}: {[round(v, 5) for v in records[-1]['master']]}; the forward's value changed at "
