@@ -188,9 +188,10 @@ def test_synced_sampling_steps_every_rank_until_all_are_done(tmp_path):
     assert r0["synced_equals_alone"] and r1["synced_equals_alone"]
     assert r0["full_tensor_of_a_shard"] and r1["full_tensor_of_a_shard"]
     # which thinking modules each forward ran, per rank: the finished rank's extra forwards run none
-    # of them (no thinking inputs), so they must not be sharded per module during generation
-    # (docs/scaling.md: TRL gathers the whole model for generation under ZeRO-3; FSDP2 gathers
-    # the root unit, where the thinking modules live, once per forward)
+    # of them (no thinking inputs), so a unit of their own must not be gathered by their own
+    # pre-forward during generation (docs/scaling.md: TRL gathers the whole model for generation
+    # under ZeRO-3; under FSDP2 hrpo.sharding gathers the thinking unit around every base forward,
+    # tests/test_sharded_precision.py)
     extra = r0["thinking_modules_per_forward"][r0["forwards_alone"]:]
     print(f"forwards: rank 0 {r0['forwards_alone']} alone, {r0['forwards_synced']} synced; rank 1 "
           f"{r1['forwards_synced']}; thinking modules in rank 0's extra forwards: {extra}; in rank 1's "
