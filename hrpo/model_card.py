@@ -2,8 +2,11 @@
 
 TRL's card names no base model for a local one, shows a quick start that cannot load an HRPO
 adapter and cites neither HRPO nor the forks it needs. This one says what was trained (LoRA
-adapter and thinking modules, or plain GRPO), on what, with which thinking settings, how it
-scored on held-out data, and how to load it (the forks, ``hrpo.checkpoint.load_checkpoint``).
+adapter and thinking modules, or plain GRPO), on what, with which main settings (learning rate,
+steps, LoRA rank, beta, group size, temperatures; every setting in the run-settings file it
+names), which thinking settings, how it scored on held-out data, and how to load it: the forks,
+and ``hrpo.checkpoint.load_checkpoint`` with the repository's root on the import path (the
+snippet runs from any folder; ``hrpo`` is not an installable package yet).
 
 Plain text in, text out: ``model_card_text`` imports nothing heavy; the trainer collects the
 inputs (``hrpo.trainer.HRPOModelCardMixin``).
@@ -20,6 +23,14 @@ TAGS = ("hrpo", "grpo", "trl", "latent-reasoning")
 PROJECTION_SOURCES = ("projection", "embedding_plus_projection")
 INSTALL_LINE = "./setup.sh"  # README.md, "Setup and tests": the venv, pinned requirements, both forks
 EVAL_COMMAND = "python eval_gsm8k.py --checkpoint_path {folder} --greedy"
+# What a reader of the card fills in: where the HRPO repository is, where the run's folder is.
+REPOSITORY_PLACEHOLDER = "path/to/HRPO"
+FOLDER_PLACEHOLDER = "path/to/this/folder"
+# The run's main settings, in the card's order: (key of ``training``, what the card calls it).
+TRAINING_FACTS = (("learning_rate", "Learning rate (LoRA)"), ("steps", "Optimizer steps"),
+                  ("lora_r", "LoRA rank"), ("lora_alpha", "LoRA alpha"), ("beta", "Beta (KL coefficient)"),
+                  ("num_generations", "Group size (completions per prompt)"),
+                  ("temperature", "Sampling temperature"), ("loss_temperature", "Loss temperature"))
 # An evaluation at this step (eval_step0.json) scored the model before training, not the trained one.
 UNTRAINED_STEP = 0
 
@@ -98,13 +109,23 @@ def base_model_section(base_model: str) -> str:
             f"folder; the base weights are loaded from there.")
 
 
-def training_section(task: str | None, dataset: str | None, thinking: dict | None) -> str:
+def training_section(task: str | None, dataset: str | None, thinking: dict | None,
+                     training: dict | None = None) -> str:
+    """``training``: the run's main settings by the keys of TRAINING_FACTS (a missing one is left
+    out), and ``settings_file``, the run-settings file beside the adapter, if the run wrote one."""
     method = ("GRPO (TRL 1.15) with HRPO's hybrid rollouts and replay" if thinking is not None else
               "plain GRPO (TRL 1.15)")
-    return "\n".join(["## Training", "",
-                      f"- Task: `{task}`" if task else "- Task: not recorded",
-                      f"- Data: `{dataset}`" if dataset else "- Data: not recorded",
-                      f"- Method: {method}"])
+    training = training or {}
+    lines = ["## Training", "",
+             f"- Task: `{task}`" if task else "- Task: not recorded",
+             f"- Data: `{dataset}`" if dataset else "- Data: not recorded",
+             f"- Method: {method}"]
+    lines += [f"- {label}: `{training[key]}`" for key, label in TRAINING_FACTS if training.get(key) is not None]
+    if training.get("settings_file"):
+        lines.append(f"- Every setting of the run: `{training['settings_file']}`, beside the adapter (in each "
+                     f"checkpoint-N, and in the output folder once training ends); `--resume` and "
+                     f"`eval_gsm8k.py` read it")
+    return "\n".join(lines)
 
 
 def table_cell(value) -> str:
@@ -154,15 +175,24 @@ def install_note(thinking: dict | None) -> str:
             "transformers cannot load this folder. In a clone of that repository, install them with:")
 
 
+def where_to_run() -> str:
+    return (f"Then run the following with that environment's Python (`{REPOSITORY_PLACEHOLDER}/.venv/bin/python`, "
+            f"or the environment `./setup.sh --no-venv` installed into), from any folder. It needs the "
+            f"repository's root on the import path, because `hrpo` is not an installable package yet: replace "
+            f"`{REPOSITORY_PLACEHOLDER}` with where the clone is.")
+
+
 def loading_snippet(hub_model_id: str | None) -> list[str]:
-    """Five lines: the imports, where the folder is, the loader."""
+    """The import path, the imports, where the folder is, the loader."""
+    path = ["import sys", "",
+            f'sys.path.insert(0, "{REPOSITORY_PLACEHOLDER}")  # the HRPO repository\'s root (the clone ./setup.sh '
+            f'ran in)']
+    load = "model, tokenizer = load_checkpoint(folder)  # base model, saved config (thinking fields), adapter"
     if hub_model_id:
-        return ["from huggingface_hub import snapshot_download", "from hrpo.checkpoint import load_checkpoint", "",
-                f'folder = snapshot_download("{hub_model_id}")',
-                "model, tokenizer = load_checkpoint(folder)  # base model, saved config (thinking fields), adapter"]
-    return ["from hrpo.checkpoint import load_checkpoint", "",
-            'folder = "path/to/this/folder"  # the run\'s output folder, or a checkpoint-N in it',
-            "model, tokenizer = load_checkpoint(folder)  # base model, saved config (thinking fields), adapter"]
+        return [*path, "from huggingface_hub import snapshot_download", "from hrpo.checkpoint import load_checkpoint",
+                "", f'folder = snapshot_download("{hub_model_id}")', load]
+    return [*path, "from hrpo.checkpoint import load_checkpoint", "",
+            f'folder = "{FOLDER_PLACEHOLDER}"  # the run\'s output folder, or a checkpoint-N in it', load]
 
 
 def usage_section(thinking: dict | None, hub_model_id: str | None) -> str:
@@ -172,8 +202,8 @@ def usage_section(thinking: dict | None, hub_model_id: str | None) -> str:
     return "\n".join([
         "## How to load it", "", install_note(thinking), "",
         "```bash", f"{INSTALL_LINE}  # .venv with the pinned requirements and both forks", "```", "",
-        "Then, in that environment:", "", "```python", *loading_snippet(hub_model_id), "```", "", decoding, "",
-        "Held-out accuracy, decoding as trained (writes `eval_<data>_<split>.json` into the folder):", "",
+        where_to_run(), "", "```python", *loading_snippet(hub_model_id), "```", "", decoding, "",
+        "Held-out accuracy, decoding as trained, in the clone (writes `eval_<data>_<split>.json` into the folder):", "",
         "```bash", EVAL_COMMAND.format(folder="FOLDER"), "```"])
 
 
@@ -183,12 +213,13 @@ def citation_section() -> str:
 
 
 def model_card_text(*, base_model: str, task: str | None, dataset: str | None, thinking: dict | None,
-                    evaluation: dict | None, hub_model_id: str | None = None) -> str:
+                    evaluation: dict | None, hub_model_id: str | None = None, training: dict | None = None) -> str:
     """The README.md of an HRPO output folder (``thinking`` None: a plain-GRPO run;
-    ``evaluation``: the JSON of eval_final.json / eval_<data>_<split>.json)."""
+    ``evaluation``: the JSON of eval_final.json / eval_<data>_<split>.json; ``training``: the
+    run's main settings, see ``training_section``)."""
     sections = [front_matter(base_model, dataset), title(base_model, hub_model_id, thinking),
                 summary(base_model, thinking), base_model_section(base_model),
-                training_section(task, dataset, thinking), thinking_section(thinking),
+                training_section(task, dataset, thinking, training), thinking_section(thinking),
                 evaluation_section(evaluation), usage_section(thinking, hub_model_id),
                 citation_section()]
     return "\n\n".join(s for s in sections if s) + "\n"
