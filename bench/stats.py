@@ -12,6 +12,17 @@ Every record is one run (one arm, one seed) with, at step 0 ("problems_start") a
 ("problems_end"), 1/0 per held-out problem: "correct" and "answered". A problem's gain is its
 correctness at the end minus at step 0 (-1, 0 or 1); a run's gain is the mean over its problems
 (its accuracy at the end minus at step 0); an arm's gain is the mean of its runs' gains.
+
+Every seed is scored on the same held-out problems: the gains form a crossed seeds x problems
+table, in which a problem that is hard is hard for every seed. The intervals come from a
+bootstrap that resamples both at once (Owen's "pigeonhole" bootstrap): each replicate draws seeds
+with replacement and one set of problems with replacement, the same set for every drawn seed.
+Resampling problems independently within each seed, as this module did before, lets the
+problems' share of the variance average out over seeds as if each seed had its own problems.
+With 5 seeds a percentile interval is also too narrow on its own (a bootstrap keeps (n - 1) / n
+of the variance, and a mean of few seeds has t tails), so the interval is widened for the
+number of seeds (crossed_interval). tests/test_stats.py measures the coverage of both methods
+on simulated crossed data.
 All resampling uses a fixed random seed: the same records give the same numbers.
 """
 from __future__ import annotations
@@ -21,19 +32,25 @@ import json
 import math
 import sys
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
-RESAMPLES = 2000
+RESAMPLES = 10000
 PERMUTATIONS = 10000
 RANDOM_SEED = 0
 CONFIDENCE = 0.95
 DEFINITIONS = {
     "gain": "per problem: correct at the end minus correct at step 0; per run: mean over problems; "
             "per arm: mean over seeds",
-    "gain_ci95": "two-level percentile bootstrap: resample seeds, then problems within each resampled seed",
+    "gain_ci95": "crossed bootstrap of the seeds x problems table of gains: each replicate draws seeds with "
+                 "replacement and one set of problems with replacement, shared by every drawn seed; the "
+                 "percentile interval widened for few seeds (expanded percentile: the percentiles at "
+                 "+-t_df(0.975)/sqrt(shrink) normal deviations, df by Welch-Satterthwaite from the seeds' and "
+                 "the problems' parts of the variance, shrink = the share of it a bootstrap keeps)",
     "difference": "arm's gain minus the baseline's gain, paired by seed and problem",
-    "difference_ci95": "two-level percentile bootstrap of the per-(seed, problem) differences",
+    "difference_ci95": "the same interval from the table of per-(seed, problem) differences: one draw of seeds "
+                       "and problems serves both arms",
     "sign_test_p": "two-sided exact binomial test (p=1/2) on the signs of the per-seed differences; ties dropped",
     "permutation_p": "two-sided paired permutation test: random sign flips of the per-(seed, problem) "
                      "differences; (1 + #(|mean| >= observed)) / (1 + permutations); treats problems as "
@@ -58,17 +75,98 @@ def mean_of_seed_means(rows: list[np.ndarray]) -> float:
     return float(np.mean([row.mean() for row in rows]))
 
 
-def two_level_bootstrap(rows: list[np.ndarray], resamples: int = RESAMPLES, seed: int = RANDOM_SEED) -> np.ndarray:
-    """Bootstrap replicates of mean_of_seed_means: each replicate draws as many seeds as there
-    are, with replacement, and for each drawn seed as many of its problems, with replacement."""
+def crossed_table(rows: list[np.ndarray]) -> np.ndarray:
+    """The per-seed rows as one seeds x problems table; every seed must have been scored on the
+    same number of problems (the same held-out problems, in the same order)."""
+    lengths = sorted({len(row) for row in rows})
+    if len(lengths) != 1:
+        raise ValueError(f"seeds scored on different numbers of problems ({lengths}): not a crossed design")
+    return np.vstack(rows).astype(float)
+
+
+def draw_counts(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray:
+    """(resamples, n): how often each of n items is drawn in each of `resamples` draws of n with
+    replacement."""
+    drawn = rng.integers(n, size=(resamples, n)) + n * np.arange(resamples)[:, None]
+    return np.bincount(drawn.ravel(), minlength=resamples * n).reshape(resamples, n)
+
+
+def crossed_bootstrap(rows: list[np.ndarray], resamples: int = RESAMPLES, seed: int = RANDOM_SEED) -> np.ndarray:
+    """Bootstrap replicates of the mean of a crossed seeds x problems table: each replicate draws
+    as many seeds as there are and as many problems as there are, both with replacement, and
+    takes the mean of the table's cells at (drawn seed, drawn problem), every drawn seed on the
+    same drawn problems. With the draw counts w (seeds) and v (problems) that mean is
+    w @ table @ v / (seeds * problems)."""
+    table = crossed_table(rows)
     rng = np.random.default_rng(seed)
-    drawn_seeds = rng.integers(len(rows), size=(resamples, len(rows)))
-    slot_means = np.empty(drawn_seeds.shape)
-    for index, row in enumerate(rows):
-        slots = drawn_seeds == index
-        drawn_problems = rng.integers(len(row), size=(int(slots.sum()), len(row)))
-        slot_means[slots] = row[drawn_problems].mean(axis=1)
-    return slot_means.mean(axis=1)
+    seeds, problems = table.shape
+    seed_counts = draw_counts(rng, seeds, resamples)
+    problem_counts = draw_counts(rng, problems, resamples)
+    return ((seed_counts @ table) * problem_counts).sum(axis=1) / (seeds * problems)
+
+
+def student_t_quantile(q: float, df: float) -> float:
+    """The q-quantile (1/2 < q < 1) of Student's t distribution with df > 0 degrees of freedom
+    (not necessarily whole): Newton's method on the CDF, 1/2 + the density integrated from 0 by
+    Simpson's rule. It starts at the normal quantile, left of the root, where the CDF is concave,
+    so it converges monotonically."""
+    if not 0.5 < q < 1:
+        raise ValueError(f"q = {q}: only upper quantiles (1/2 < q < 1)")
+    if df > 1e7:
+        return NormalDist().inv_cdf(q)
+    scale = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def density(x):
+        return scale * (1 + np.square(x) / df) ** (-(df + 1) / 2)
+
+    def cdf(x: float) -> float:
+        grid = np.linspace(0.0, x, 2001)
+        weights = np.ones(len(grid))
+        weights[1:-1:2], weights[2:-1:2] = 4, 2
+        return 0.5 + float((density(grid) * weights).sum()) * x / (len(grid) - 1) / 3
+
+    x = NormalDist().inv_cdf(q)
+    for _ in range(200):
+        step = (q - cdf(x)) / float(density(x))
+        x += step
+        if abs(step) < 1e-12 * max(1.0, x):
+            break
+    return x
+
+
+def crossed_interval(rows: list[np.ndarray], replicates: np.ndarray, confidence: float = CONFIDENCE) -> list[float]:
+    """The percentile interval of crossed-bootstrap replicates, widened for few seeds
+    (Hesterberg's "expanded percentile" interval, here with two resampled dimensions).
+
+    A percentile interval from 5 seeds is too narrow twice over: a bootstrap keeps (n - 1) / n of
+    the plug-in variance in each resampled dimension, and a mean over few seeds has t tails, not
+    normal ones. So the percentiles taken are those at -z and +z standard normal deviations, with
+    z = t_df((1 + confidence) / 2) / sqrt(shrink): the mean's variance is estimated as
+    var(seed means) / seeds + var(problem means) / problems (each var with n - 1), df is the
+    Welch-Satterthwaite degrees of freedom of that sum, and shrink is the share of it a bootstrap
+    keeps ((seeds - 1) / seeds of the first part, (problems - 1) / problems of the second). With
+    many seeds z -> 1.96: the plain percentile interval. With one seed only the problems vary
+    (the seeds' spread is unknown)."""
+    table = crossed_table(rows)
+    seeds, problems = table.shape
+    seed_part = float(table.mean(axis=1).var(ddof=1)) / seeds if seeds > 1 else 0.0
+    problem_part = float(table.mean(axis=0).var(ddof=1)) / problems if problems > 1 else 0.0
+    variance = seed_part + problem_part
+    if variance <= 0.0:
+        return percentile_interval(replicates, confidence)
+    df = variance ** 2 / sum(part ** 2 / (n - 1) for part, n in ((seed_part, seeds), (problem_part, problems))
+                             if n > 1)
+    shrink = (seed_part * (seeds - 1) / seeds + problem_part * (problems - 1) / problems) / variance
+    z = student_t_quantile((1 + confidence) / 2, df) / math.sqrt(shrink)
+    tail = NormalDist().cdf(-z) * 100
+    return [float(np.percentile(replicates, tail)), float(np.percentile(replicates, 100 - tail))]
+
+
+def estimate(rows: list[np.ndarray], resamples: int = RESAMPLES, seed: int = RANDOM_SEED) -> dict:
+    """The mean over seeds of the per-seed means of `rows` (one array per seed, one value per
+    problem), the per-seed means, and the 95% crossed-bootstrap interval (crossed_interval)."""
+    return {"mean": mean_of_seed_means(rows), "per_seed": [float(row.mean()) for row in rows],
+            "ci95": crossed_interval(rows, crossed_bootstrap(rows, resamples, seed))}
 
 
 def percentile_interval(replicates: np.ndarray, confidence: float = CONFIDENCE) -> list[float]:
@@ -117,19 +215,18 @@ def by_seed(records: list[dict]) -> dict[int, dict]:
 
 def arm_gain(records: list[dict], resamples: int = RESAMPLES, seed: int = RANDOM_SEED) -> dict:
     """One arm's held-out accuracy gain: the mean over seeds of (accuracy at the end - at step 0),
-    the per-seed gains, and a 95% two-level bootstrap interval (seeds, then problems)."""
+    the per-seed gains, and a 95% interval from the crossed bootstrap (seeds and problems jointly)."""
     runs = by_seed(records)
     rows = [problem_gains(record) for record in runs.values()]
-    return {"seeds": list(runs), "mean": mean_of_seed_means(rows),
-            "per_seed": [float(row.mean()) for row in rows],
-            "ci95": percentile_interval(two_level_bootstrap(rows, resamples, seed))}
+    return {"seeds": list(runs), **estimate(rows, resamples, seed)}
 
 
 def paired_difference(records_a: list[dict], records_b: list[dict], resamples: int = RESAMPLES,
                       permutations: int = PERMUTATIONS, seed: int = RANDOM_SEED) -> dict:
     """Arm A's gain minus arm B's on the seeds both ran, paired by seed and by problem (the
-    same held-out problems): the mean difference, a 95% two-level bootstrap interval, the exact
-    sign test over the per-seed differences and the paired permutation test over seeds x problems."""
+    same held-out problems): the mean difference, a 95% crossed-bootstrap interval (one draw of
+    seeds and problems for both arms), the exact sign test over the per-seed differences and the
+    paired permutation test over seeds x problems."""
     runs_a, runs_b = by_seed(records_a), by_seed(records_b)
     seeds = sorted(set(runs_a) & set(runs_b))
     if not seeds:
@@ -140,10 +237,8 @@ def paired_difference(records_a: list[dict], records_b: list[dict], resamples: i
         if gains_a.shape != gains_b.shape:
             raise ValueError(f"seed {s}: {len(gains_a)} problems against {len(gains_b)}: not paired")
         rows.append(gains_a - gains_b)
-    per_seed = [float(row.mean()) for row in rows]
-    return {"seeds": seeds, "mean": mean_of_seed_means(rows), "per_seed": per_seed,
-            "ci95": percentile_interval(two_level_bootstrap(rows, resamples, seed)),
-            "sign_test": sign_test(per_seed),
+    difference = estimate(rows, resamples, seed)
+    return {"seeds": seeds, **difference, "sign_test": sign_test(difference["per_seed"]),
             "permutation_p": paired_permutation_test(rows, permutations, seed)}
 
 
