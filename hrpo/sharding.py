@@ -88,6 +88,27 @@ def shard_thinking_modules(model: nn.Module, *, mesh=None, reshard_after_forward
     return modules
 
 
+def shard_input_embeddings_whole_after_forward(model: nn.Module, *, mp_policy, mesh=None,
+                                               offload_policy=None) -> nn.Module | None:
+    """``fully_shard`` the input embedding as a unit that stays whole after its forward
+    (``reshard_after_forward=False``, as the root unit does), before accelerate would make it a unit
+    that reshards after its forward. Hybrid thinking reads the embedding matrix outside the
+    embedding's own forward: generation forms the embedding-method latent between forwards, and
+    ``--thinking_latent_scale embedding`` reads the mean row norm inside the base forward. From a
+    resharded unit those reads got a DTensor shard ("got mixed torch.Tensor and DTensor"), or a
+    collective entered on some ranks only. The matrix is frozen, so a whole copy is never stale.
+    None when the embedding is tied to the head (accelerate then keeps it whole with the head)."""
+    from torch.distributed.fsdp import FSDPModule, OffloadPolicy, fully_shard
+
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embed is None or isinstance(embed, FSDPModule) or getattr(head, "weight", None) is embed.weight:
+        return None
+    fully_shard(embed, mesh=mesh, reshard_after_forward=False, offload_policy=offload_policy or OffloadPolicy(),
+                mp_policy=mp_policy)
+    return embed
+
+
 def accelerate_fsdp2_settings(accelerator) -> dict:
     """The mesh, resharding and offload that accelerate's ``fsdp2_prepare_model`` gives the
     units it makes, for the thinking unit."""
@@ -120,7 +141,8 @@ DEEPSPEED_HALF_WARNING = (
 
 def keep_thinking_modules_float32(accelerator, model: nn.Module, optimizer=None) -> list[nn.Module]:
     """Before ``accelerator.prepare``: under accelerate's FSDP2, shard the thinking modules as
-    their own float32 unit (a no-op for DDP and a single process). An optimizer made before
+    their own float32 unit, and the input embedding as a unit that stays whole after its forward
+    (``shard_input_embeddings_whole_after_forward``); a no-op for DDP and a single process. An optimizer made before
     (the trainer makes its six groups first) is pointed at the sharded parameters, as accelerate
     then maps every parameter it holds to its shard. Under DeepSpeed in bf16 or fp16, which
     cannot keep them float32, a warning says so and what it does to them."""
@@ -136,7 +158,14 @@ def keep_thinking_modules_float32(accelerator, model: nn.Module, optimizer=None)
                          "supported with HRPO's thinking modules, which are sharded as a float32 unit of their own "
                          "before accelerate's loading; set it to false (configs/fsdp.yaml)")
     before = dict(model.named_parameters())
-    modules = shard_thinking_modules(model, **accelerate_fsdp2_settings(accelerator))
+    settings = accelerate_fsdp2_settings(accelerator)
+    modules = shard_thinking_modules(model, **settings)
+    if modules:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        shard_input_embeddings_whole_after_forward(
+            model, mesh=settings["mesh"], offload_policy=settings["offload_policy"],
+            mp_policy=accelerator.state.fsdp_plugin.mixed_precision_policy or MixedPrecisionPolicy())
     if modules and optimizer is not None:
         if optimizer.state:
             raise RuntimeError("the optimizer has state before the model is sharded: the thinking modules must be "

@@ -107,15 +107,16 @@ def fsdp2(work: Path, source: str, scale: str) -> bool:
     return ok
 
 
-def fsdp2_bf16(work: Path) -> bool:
-    """The thinking modules' forward under FSDP2 bf16 (tests/test_sharded_precision.py runs the same)."""
+def fsdp2_bf16(work: Path, source: str, scale: str) -> bool:
+    """The thinking modules' forward under FSDP2 bf16 (tests/test_sharded_precision.py runs
+    embedding_plus_projection)."""
     from testing.processes import run_child
 
-    out = work / "fsdp2-bf16"
+    out = work / f"fsdp2-bf16-{source}-{scale}"
     out.mkdir(parents=True, exist_ok=True)
     run_child([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "testing.fsdp2_precision", str(work), str(out)], timeout=600,
-              what="torchrun of FSDP2 bf16", cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+               str(free_port()), "-m", "testing.fsdp2_precision", str(work), str(out), source, scale], timeout=600,
+              what=f"torchrun of FSDP2 bf16 {source}", cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     ok = True
     for r in ranks:
@@ -124,7 +125,7 @@ def fsdp2_bf16(work: Path) -> bool:
             ok &= all(got["dtype"] == "float32" and got["first"] == master[m][name]["first"]
                       for m in r["modules"] for name, got in seen[m].items())
     lam = ranks[0]["lambda_module"]
-    print(f"fsdp2 bf16: {'PASS' if ok else 'FAIL'}  decoder layers in {ranks[0]['layer_dtype']}; Lambda[:2] read by the "
+    print(f"fsdp2 bf16 {source} (scale {scale}): {'PASS' if ok else 'FAIL'}  decoder layers in {ranks[0]['layer_dtype']}; Lambda[:2] read by the "
           f"forward: {ranks[0]['before']['seen'][lam]['Lambda']['dtype']} {ranks[0]['before']['seen'][lam]['Lambda']['first'][:2]}"
           f" -> {ranks[0]['after']['seen'][lam]['Lambda']['first'][:2]} after an AdamW step (master "
           f"{ranks[0]['after']['master'][lam]['Lambda']['first'][:2]})", flush=True)
@@ -225,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         for source in args.sources:
             results[f"fsdp2 {source}"] = fsdp2(work, source, "embedding" if source == "projection" else "unit")
     if "fsdp2_bf16" in args.only:
-        results["fsdp2 bf16: thinking modules read float32"] = fsdp2_bf16(work)
+        for source in args.sources:
+            scale = "embedding" if source == "projection" else "unit"
+            results[f"fsdp2 bf16 {source}: thinking modules read float32"] = fsdp2_bf16(work, source, scale)
     if "ds_bf16" in args.only:
         for stage in (2, 3):
             results[f"zero{stage} bf16: thinking modules read bf16, as documented"] = deepspeed_bf16(work, stage)

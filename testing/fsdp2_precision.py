@@ -1,9 +1,12 @@
 """One rank of the FSDP2 mixed-precision check (tests/test_sharded_precision.py), run by torch.distributed.run:
 
-    python -m torch.distributed.run --nproc_per_node 2 -m testing.fsdp2_precision WORKSPACE OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 -m testing.fsdp2_precision WORKSPACE OUT_DIR \
+        [SOURCE [SCALE]]
 
 The model as a training run builds it (``hrpo.training.load_model``, --backend transformers,
-bf16 weights as on CUDA: LoRA, the projection source's thinking copies in float32), sharded
+bf16 weights as on CUDA: LoRA, the thinking copies in float32; latent source SOURCE, default
+embedding_plus_projection, whose sampling reads the embedding matrix between forwards, and
+latent scale SCALE, default unit; "projection embedding" reads it inside the forward), sharded
 as a trainer under ``accelerate launch --config_file configs/fsdp.yaml`` shards it:
 ``HRPOTrainer``'s step (``hrpo.sharding.keep_thinking_modules_float32``), then
 accelerate's own ``fsdp2_prepare_model`` with that config's FSDP2 plugin and its bf16 mixed
@@ -83,7 +86,7 @@ def master_values(model, names: list[str]) -> dict:
             for name in names}
 
 
-def main(workspace: Path, out: Path) -> None:
+def main(workspace: Path, out: Path, source: str = "embedding_plus_projection", scale: str = "unit") -> None:
     import torch
     import torch.distributed as dist
     from accelerate.utils.fsdp_utils import (fsdp2_canonicalize_names, fsdp2_prepare_model,
@@ -101,7 +104,8 @@ def main(workspace: Path, out: Path) -> None:
     rank = dist.get_rank()
     torch.set_num_threads(1)
     settings = parse_settings(tiny_training_argv(workspace, out / "run", "--backend", "transformers",
-                                                 "--thinking_latent_source", "projection", "--dtype", "bfloat16"))
+                                                 "--thinking_latent_source", source, "--thinking_latent_scale", scale,
+                                                 "--dtype", "bfloat16"))
     model, tokenizer = training.load_model(settings, cuda=False)
     lambda_copy = next(m for n, m in model.named_modules() if n.endswith(f"{LAMBDA_MODULE}.modules_to_save.default"))
     with torch.no_grad():
@@ -160,7 +164,8 @@ def main(workspace: Path, out: Path) -> None:
     with torch.no_grad():
         forward()
     after = {"seen": json.loads(json.dumps(seen)), "master": master_values(model, names)}
-    result = {"rank": rank, "world": dist.get_world_size(), "mixed_precision": mixed_precision,
+    result = {"rank": rank, "world": dist.get_world_size(), "mixed_precision": mixed_precision, "source": source,
+              "scale": scale,
               "completion_length": completion_length, "modules": names, "layer_dtype": layer_dtype.get("q_proj"),
               "lambda_module": next(n for n in names if LAMBDA_MODULE in n), "before": before, "after": after}
     (out / f"rank{rank}.json").write_text(json.dumps(result, indent=2))
@@ -169,4 +174,4 @@ def main(workspace: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:])

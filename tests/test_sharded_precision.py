@@ -43,11 +43,14 @@ def assert_forward_saw_the_float32_masters(record: dict, when: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp2_bf16_mixed_precision_runs_the_thinking_modules_in_float32(tmp_path):
-    """2 gloo processes: the training loader's model (bf16 weights, LoRA, float32 thinking copies)
-    sharded as the trainer and accelerate's FSDP2 path shard it under configs/fsdp.yaml (bf16).
-    The decoder layers compute in bf16; the thinking modules' forward reads float32, the master
-    values exactly, before and after an AdamW step; synced sampling where one rank finishes after
-    one token and the other after 12 enters the same collectives on both."""
+    """2 gloo processes: the training loader's model (bf16 weights, LoRA, float32 thinking copies,
+    the embedding_plus_projection source) sharded as the trainer and accelerate's FSDP2 path shard
+    it under configs/fsdp.yaml (bf16). The decoder layers compute in bf16; the thinking modules'
+    forward reads float32, the master values exactly, before and after an AdamW step; synced
+    sampling where one rank finishes after one token and the other after 12 enters the same
+    collectives on both (the thinking unit), and forms the embedding-method latent between
+    forwards from the whole embedding matrix (accelerate's own embedding unit resharded it:
+    "got mixed torch.Tensor and DTensor")."""
     from testing.fsdp2_precision import LAMBDA_PROBE, MAX_NEW_TOKENS
 
     workspace = save_training_workspace(tmp_path / "workspace", problems=8)
@@ -61,6 +64,7 @@ def test_fsdp2_bf16_mixed_precision_runs_the_thinking_modules_in_float32(tmp_pat
     assert ranks[0]["completion_length"] == 1 and ranks[1]["completion_length"] == MAX_NEW_TOKENS
     for record in ranks:
         assert record["world"] == 2 and record["mixed_precision"] == "bf16"
+        assert record["source"] == "embedding_plus_projection"
         assert record["layer_dtype"] == "bfloat16"  # the policy is in force for the rest of the model
         assert len(record["modules"]) == 4  # the gates, Lambda and the projection: PEFT's trained copies
         assert all(".modules_to_save.default" in m for m in record["modules"])
