@@ -22,6 +22,11 @@ the unit is gathered and released around every forward of the model that holds i
 base model, which every rank runs in every forward): one all-gather per forward on every
 rank, whether the forward calls the thinking modules or not, as the root unit was before.
 
+accelerate also makes the input embedding a unit that reshards after its forward, while hybrid
+thinking reads the embedding matrix outside that forward (the embedding-method latent between
+decoding steps, the embedding latent scale): ``shard_input_embeddings_whole_after_forward``
+makes it first, as a unit that stays whole after its forward, as the root unit does.
+
 DeepSpeed's bf16 (and fp16) mode casts every parameter, the thinking modules included, and
 has no setting that keeps a parameter in float32; ``keep_thinking_modules_float32`` warns,
 naming what that does (measured in docs/scaling.md, "Mixed precision").
