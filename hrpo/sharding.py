@@ -146,11 +146,12 @@ DEEPSPEED_HALF_WARNING = (
 
 def keep_thinking_modules_float32(accelerator, model: nn.Module, optimizer=None) -> list[nn.Module]:
     """Before ``accelerator.prepare``: under accelerate's FSDP2, shard the thinking modules as
-    their own float32 unit, and the input embedding as a unit that stays whole after its forward
-    (``shard_input_embeddings_whole_after_forward``); a no-op for DDP and a single process. An optimizer made before
-    (the trainer makes its six groups first) is pointed at the sharded parameters, as accelerate
-    then maps every parameter it holds to its shard. Under DeepSpeed in bf16 or fp16, which
-    cannot keep them float32, a warning says so and what it does to them."""
+    their own float32 unit, and the input embedding as a unit that stays whole after its
+    forward (``shard_input_embeddings_whole_after_forward``); a no-op for DDP and a single
+    process. An optimizer made before (the trainer makes its six groups first) is pointed at the
+    sharded parameters, as accelerate then maps every parameter it holds to its shard. Under
+    DeepSpeed in bf16 or fp16, which cannot keep them float32, a warning says so and what it
+    does to them."""
     mode = deepspeed_half_precision(accelerator)
     if mode is not None and trainable_thinking_modules(model):
         import warnings
