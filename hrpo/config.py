@@ -64,6 +64,7 @@ VALUE_RANGES = {
     "vllm_server_port": "[1, 65535]", "vllm_group_port": "[1, 65535]",
     # TRL's ModelConfig
     "lora_r": "> 0", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
+    "loss_temperature": "> 0",
 }
 
 
@@ -333,6 +334,33 @@ def check_hub_access() -> None:
                          "push would fail after training; log in, or leave the flag out")
 
 
+def loss_temperature(args) -> float:
+    """The temperature the loss scores log-probs at: ``--loss_temperature``, by default the
+    sampling temperature (``--temperature``)."""
+    value = getattr(args, "loss_temperature", None)
+    if value is None:
+        return args.temperature
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UsageError(f"--loss_temperature {value}: expected a value > 0")
+    return float(value)
+
+
+def refuse_unsupported_loss_temperature(args, unsloth_rewrite: bool) -> None:
+    """A loss temperature other than the sampling one where it would not be honoured is an
+    error naming it: unsloth's GRPO rewrite scores at ``args.temperature`` in a loss of its own,
+    and vLLM's importance-sampling correction compares its sampling log-probs with the loss's."""
+    if args is None or loss_temperature(args) == args.temperature:
+        return
+    flag = f"--loss_temperature {args.loss_temperature} (--temperature {args.temperature})"
+    if unsloth_rewrite:
+        raise UsageError(f"{flag}: unsloth's GRPO rewrite (the unsloth backend on CUDA) scores the current, old and "
+                         f"reference log-probs at --temperature in a loss of its own; use --backend transformers, "
+                         f"or leave --loss_temperature out")
+    if getattr(args, "use_vllm", False):
+        raise UsageError(f"{flag}: with --use_vllm, TRL's importance-sampling correction compares vLLM's sampling "
+                         f"log-probs with the loss's, which must then be at one temperature; leave one of them out")
+
+
 # ---------------------------------------------------------------- parsing
 
 # Flags whose value may be left out: the value they then take.
@@ -561,6 +589,7 @@ def check_settings(settings: Settings) -> None:
                          f"with graphs of its own, which hybrid steps do not use")
     if training.push_to_hub:
         check_hub_access()
+    refuse_unsupported_loss_temperature(training, unsloth_rewrite=not training.use_cpu and training.backend != "transformers")
     if (model.load_in_4bit or model.load_in_8bit) and training.use_cpu:
         raise UsageError("--load_in_4bit / --load_in_8bit: bitsandbytes quantization needs CUDA")
     try:

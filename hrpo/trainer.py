@@ -28,7 +28,6 @@ from it (``PatchFastRL``), whose loss (``grpo_accumulated_loss``) makes its own 
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 
 import torch
@@ -41,7 +40,7 @@ from trl import GRPOTrainer
 from .checkpoint import (RUN_SETTINGS, load_trained_adapter, save_complete_checkpoint,
                          trained_adapter_only_under_zero3, write_run_settings)
 from .compiled_rollouts import compile_rollouts, fixed_length_prompts
-from .config import UsageError
+from .config import loss_temperature, refuse_unsupported_loss_temperature
 from .optimizer import patch_trainer_optimizer
 from .evaluation import HeldOutEvaluation
 from .model_card import latest_evaluation, write_model_card
@@ -189,33 +188,6 @@ def thinking_settings(config) -> dict | None:
 
 # ---------------------------------------------------------------- the loss temperature
 
-def loss_temperature(args) -> float:
-    """The temperature the loss scores log-probs at: ``--loss_temperature``, by default the
-    sampling temperature (``--temperature``)."""
-    value = getattr(args, "loss_temperature", None)
-    if value is None:
-        return args.temperature
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise UsageError(f"--loss_temperature {value}: expected a value > 0")
-    return float(value)
-
-
-def refuse_unsupported_loss_temperature(trainer_class: type, args) -> None:
-    """A loss temperature other than the sampling one where it would not be honoured is an
-    error naming it: unsloth's GRPO rewrite scores at ``args.temperature`` in a loss of its own,
-    and vLLM's importance-sampling correction compares its sampling log-probs with the loss's."""
-    if args is None or loss_temperature(args) == args.temperature:
-        return
-    flag = f"--loss_temperature {args.loss_temperature} (--temperature {args.temperature})"
-    if any(cls.__name__ == "UnslothGRPOTrainer" for cls in trainer_class.__mro__):
-        raise UsageError(f"{flag}: unsloth's GRPO rewrite (the unsloth backend on CUDA) scores the current, old and "
-                         f"reference log-probs at --temperature in a loss of its own; use --backend transformers, "
-                         f"or leave --loss_temperature out")
-    if getattr(args, "use_vllm", False):
-        raise UsageError(f"{flag}: with --use_vllm, TRL's importance-sampling correction compares vLLM's sampling "
-                         f"log-probs with the loss's, which must then be at one temperature; leave one of them out")
-
-
 @contextlib.contextmanager
 def fused_head_temperature(temperature: float):
     """TRL's GRPOTrainer builds, when it is made, the fused LM head through which it scores every
@@ -341,7 +313,8 @@ class GRPOTrainerWithCompleteCheckpoints(HeldOutEvaluation, HRPOModelCardMixin, 
 
     def __init__(self, *args, **kwargs):
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
-        refuse_unsupported_loss_temperature(type(self), config)
+        refuse_unsupported_loss_temperature(
+            config, any(cls.__name__ == "UnslothGRPOTrainer" for cls in type(self).__mro__))
         # the temperature of every log-prob TRL scores (the sampling one unless --loss_temperature)
         self.loss_temperature = None if config is None else loss_temperature(config)
         other = config is not None and self.loss_temperature != config.temperature

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from hrpo import training
-from hrpo.trainer import HRPOTrainer, loss_temperature, refuse_unsupported_loss_temperature
+from hrpo.config import loss_temperature, refuse_unsupported_loss_temperature
+from hrpo.trainer import HRPOTrainer
 from testing.training import length_reward, save_training_workspace, tiny_training_args
 
 SAMPLING = 0.5
@@ -101,20 +102,12 @@ def test_the_loss_temperature_defaults_to_the_sampling_one_and_must_be_positive(
 
 
 def test_a_path_that_would_not_honour_it_refuses_it_by_name():
-    class UnslothGRPOTrainer:  # the name of the class unsloth's PatchFastRL generates
-        pass
-
-    class OnUnslothsRewrite(UnslothGRPOTrainer):
-        pass
-
     other = types.SimpleNamespace(temperature=0.5, loss_temperature=1.0, use_vllm=False)
     with pytest.raises(ValueError, match=r"--loss_temperature 1.0 \(--temperature 0.5\): unsloth's GRPO rewrite.*"
                                          r"--backend transformers"):
-        refuse_unsupported_loss_temperature(OnUnslothsRewrite, other)
+        refuse_unsupported_loss_temperature(other, unsloth_rewrite=True)
     with pytest.raises(ValueError, match=r"--loss_temperature 1.0 .*--use_vllm"):
-        refuse_unsupported_loss_temperature(object, types.SimpleNamespace(**{**vars(other), "use_vllm": True}))
+        refuse_unsupported_loss_temperature(types.SimpleNamespace(**{**vars(other), "use_vllm": True}), False)
     # the default, or a loss temperature equal to the sampling one, is what every path does
-    refuse_unsupported_loss_temperature(OnUnslothsRewrite, types.SimpleNamespace(**{**vars(other),
-                                                                                    "loss_temperature": None}))
-    refuse_unsupported_loss_temperature(OnUnslothsRewrite, types.SimpleNamespace(**{**vars(other),
-                                                                                    "loss_temperature": 0.5}))
+    refuse_unsupported_loss_temperature(types.SimpleNamespace(**{**vars(other), "loss_temperature": None}), True)
+    refuse_unsupported_loss_temperature(types.SimpleNamespace(**{**vars(other), "loss_temperature": 0.5}), True)
