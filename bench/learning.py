@@ -22,13 +22,17 @@ Flags after "--" go to every hrpo_gsm8k.py run, after the demo's and the held-ou
 one wins): `-- --dataset_path generated:3` is the multi-step setting of
 bench/results/learning_arith3, `-- --eval_samples 64` the demo's own scoring (bench/results/demo_seeds).
 
-Writes OUT/learning.json (per run: reward per step, held-out accuracy at step 0 and at the
-end, seconds per step; per arm: mean and spread over seeds; "statistics": bench/stats.py's gain
-intervals, paired differences to plain GRPO with sign and permutation tests, answered shares) and
-OUT/learning.png. Each finished run also leaves OUT/records/<arm>-seed<seed>.json (small, kept
-in the repository): its summary, per-problem correctness and whether an answer was given, at
-step 0 and at the end, and the thread count and machine it ran on (runs are bit-reproducible
-only for a fixed thread count). A run with a record is done, also where its run folder is gone.
+Writes OUT/learning.json (the bench.learning commands that ran the runs, the model and the
+settings every run got, which --report keeps; per run: its command, reward per step, held-out
+accuracy at step 0 and at the end, seconds per step; per arm: mean and spread over seeds;
+"statistics": bench/stats.py's gain intervals, paired differences to plain GRPO with sign and
+permutation tests, answered shares) and OUT/learning.png. Each finished run also leaves
+OUT/records/<arm>-seed<seed>.json (small, kept in the repository): its summary, its command
+(paths relative to the checkout, where runs start; older records name their checkout's absolute
+paths, which are read as relative to it), the bench.learning command that ran it, per-problem
+correctness and whether an answer was given, at step 0 and at the end, and the thread count and
+machine it ran on (runs are bit-reproducible only for a fixed thread count). A run with a record
+is done, also where its run folder is gone.
 """
 from __future__ import annotations
 
@@ -118,27 +122,42 @@ def script_index(command: list[str]) -> int:
     return next(i for i, token in enumerate(command) if token.endswith("hrpo_gsm8k.py"))
 
 
-def in_this_checkout(command: list[str]) -> list[str]:
-    """A recorded command with the paths inside the checkout it ran in (the recipe, the model
-    folder under .cache) moved to this checkout, so a run kept from another clone compares equal."""
-    root = str(Path(command[script_index(command)]).parent) + os.sep
+def checkout_relative(command: list[str]) -> list[str]:
+    """A run's command with the paths inside the checkout it ran in (the interpreter of its venv,
+    the script, the recipe, the model folder under .cache, the output folder) relative to that
+    checkout, which is where runs start (cwd): what records keep, so that they name no machine's
+    folders. Old records name the checkout absolutely; its root is the script's folder. A command
+    already relative is returned as it is."""
+    script = command[script_index(command)]
+    if not os.path.isabs(script):
+        return list(command)
+    root = str(Path(script).parent) + os.sep
+    return [token[len(root):] if token.startswith(root) else token for token in command]
+
+
+def relative_to_repo(tokens: list[str]) -> list[str]:
+    """Tokens naming a path inside this checkout, relative to it (others as they are)."""
     here = str(REPO) + os.sep
-    return [here + token[len(root):] if token.startswith(root) else token for token in command]
+    return [token[len(here):] if token.startswith(here) else token for token in tokens]
 
 
 def changed_settings(recorded: str, wanted: list[str]) -> dict:
     """The training settings in which a finished run's recorded command differs from the one
     wanted now, as {field: (recorded, wanted)}: both parsed by the training parser, so
     the order of flags and repeated flags (the last one wins) do not matter. Where the run
-    is written is not a setting, nor which checkout it ran in."""
+    is written is not a setting, nor which checkout it ran in: both commands are compared
+    relative to their checkouts (a recipe named relatively is read from this one)."""
     from hrpo.config import parse_settings
 
     def parsed(command: list[str]) -> dict:
-        values = parse_settings(command[script_index(command) + 1:]).flat()
+        flags = checkout_relative(command)[script_index(command) + 1:]
+        flags = [str(REPO / token) if before == "--config" and not os.path.isabs(token) else token
+                 for before, token in zip([None, *flags], flags)]
+        values = parse_settings(flags).flat()
         values.pop("output_dir", None)
         return values
 
-    before, now = parsed(in_this_checkout(shlex.split(recorded))), parsed(wanted)
+    before, now = parsed(shlex.split(recorded)), parsed(wanted)
     return {key: (before.get(key), now.get(key)) for key in sorted(set(before) | set(now))
             if before.get(key) != now.get(key)}
 
@@ -173,8 +192,11 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def run_arm(arm: str, seed: int, model: str, settings: list[str], folder: Path, threads: int | None) -> None:
-    """One arm and seed in its own process; its output goes to <folder>.log, shown on failure."""
+def run_arm(arm: str, seed: int, model: str, settings: list[str], folder: Path, threads: int | None,
+            invocation: str | None = None) -> None:
+    """One arm and seed in its own process; its output goes to <folder>.log, shown on failure.
+    Its bench_run.json (and so its record) keeps the command relative to the checkout, and the
+    bench.learning invocation that ran it."""
     if folder.exists():
         subprocess.run(["rm", "-rf", str(folder)], check=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -188,7 +210,8 @@ def run_arm(arm: str, seed: int, model: str, settings: list[str], folder: Path, 
         tail = log.read_text(errors="replace")[-6000:]
         raise RuntimeError(f"{arm} seed {seed} failed (exit {proc.returncode}): {shlex.join(command)}\n{tail}")
     (folder / "bench_run.json").write_text(json.dumps({
-        "arm": arm, "seed": seed, "command": shlex.join(command), "wall_seconds": round(time.time() - start, 1),
+        "arm": arm, "seed": seed, "command": shlex.join(checkout_relative(command)), "invocation": invocation,
+        "wall_seconds": round(time.time() - start, 1),
         "threads": threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(), "machine": machine()}))
 
 
@@ -298,12 +321,57 @@ def kept_records(out: Path) -> list[dict]:
             for record in sorted(grouped[arm], key=lambda r: r["seed"])]
 
 
-def write_report(out: Path, records: list[dict], command: str, extra: dict) -> None:
-    """OUT/learning.json, OUT/learning.png and the printed tables, from run records."""
+def invocation_of(argv: list[str]) -> str:
+    """A bench.learning command line as one would type it in the checkout: paths relative to it."""
+    return shlex.join(["python", "-m", "bench.learning", *relative_to_repo(argv)])
+
+
+def run_settings(command: str) -> list[str]:
+    """The flags a run's recorded command gave before its model (command_for's order): the
+    comparison's settings, relative to the checkout."""
+    tokens = checkout_relative(shlex.split(command))
+    flags = tokens[script_index(tokens) + 1:]
+    return flags[:flags.index("--model_name")] if "--model_name" in flags else flags
+
+
+def provenance(out: Path, records: list[dict]) -> dict:
+    """What learning.json says about how its runs were made, kept across rebuilds: the
+    bench.learning invocations that ran them ("commands"; from the records that name theirs and
+    from the learning.json there was, where an older one kept a single "command"), the model
+    and the settings every run got. Where no learning.json said which settings, they are read
+    from the records' commands, when all runs got the same."""
+    before = json.loads((out / "learning.json").read_text()) if (out / "learning.json").exists() else {}
+    commands = list(before.get("commands", []))
+    if not commands and before.get("command") and "--report" not in shlex.split(before["command"]):
+        old = shlex.split(before["command"])  # an older file: "learning.py ARGS", the last run's
+        commands = [invocation_of(old[1:] if old and old[0].endswith("learning.py") else old)]
+    commands += [record["invocation"] for record in records if record.get("invocation")]
+    kept = {"commands": list(dict.fromkeys(commands))}
+    if "model" in before:
+        kept["model"] = before["model"]
+    if "settings" in before:
+        kept["settings"] = relative_to_repo(before["settings"])
+    else:
+        distinct = {tuple(run_settings(record["command"])) for record in records if record.get("command")}
+        if len(distinct) == 1:
+            kept["settings"] = list(distinct.pop())
+    return kept
+
+
+def write_report(out: Path, records: list[dict], extra: dict) -> None:
+    """OUT/learning.json, OUT/learning.png and the printed tables, from run records; what the
+    learning.json there was said about the commands and settings is kept (provenance), `extra`
+    added over it."""
     runs = [{k: v for k, v in run.items() if not k.startswith("problems_")} for run in records]
+    for run in runs:
+        if run.get("command"):
+            run["command"] = shlex.join(checkout_relative(shlex.split(run["command"])))
     arms = summarise(runs)
     comparison = summarize({arm: [r for r in records if r["arm"] == arm] for arm in arms})
-    result = {"command": command, **extra, "arms": arms, "statistics": comparison, "runs": runs,
+    described = provenance(out, records)
+    described.update(extra)
+    described["commands"] = list(dict.fromkeys(described["commands"]))
+    result = {**described, "arms": arms, "statistics": comparison, "runs": runs,
               "cpu_seconds_all_runs": round(sum(run["wall_seconds"] for run in runs), 1)}
     (out / "learning.json").write_text(json.dumps(result, indent=2))
     plot(arms, comparison, out / "learning.png")
@@ -332,13 +400,13 @@ def main(argv=None) -> int:
                              "record kept in OUT/records")
     args = parser.parse_args(argv)
     args.arms = expand_arms(args.arms)
-    command = shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    command = invocation_of(list(argv if argv is not None else sys.argv[1:]))
     if args.report:
         records = kept_records(args.out)
         if not records:
             print(f"[learning] error: --report: no records under {args.out / 'records'}", file=sys.stderr)
             return 1
-        write_report(args.out, records, command, {})
+        write_report(args.out, records, {"rebuilt_by": command})
         return 0
 
     settings = comparison_settings(args.training_flags)
@@ -359,7 +427,7 @@ def main(argv=None) -> int:
             continue
         print(f"[learning] {arm} seed {seed}: running", flush=True)
         try:
-            run_arm(arm, seed, model, settings, folder, args.threads)
+            run_arm(arm, seed, model, settings, folder, args.threads, command)
         except RuntimeError as err:
             print(f"[learning] error: {err}", file=sys.stderr)
             return 1
@@ -367,8 +435,10 @@ def main(argv=None) -> int:
         print(f"[learning] {arm} seed {seed}: accuracy {run['accuracy_start']:.3f} -> {run['accuracy_end']:.3f}, "
               f"{run['wall_seconds']:.0f} s", flush=True)
     records = [json.loads(record_path(args.out, arm, seed).read_text()) for seed, arm in plan]
-    write_report(args.out, records, command, {"model": args.model, "settings": settings,
-                                              "this_invocation_seconds": round(time.time() - started, 1)})
+    described = provenance(args.out, records)
+    write_report(args.out, records, {"commands": described["commands"] + [command], "model": args.model,
+                                     "settings": relative_to_repo(settings),
+                                     "this_invocation_seconds": round(time.time() - started, 1)})
     return 0
 
 

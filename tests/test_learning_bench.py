@@ -170,3 +170,89 @@ def test_report_rebuilds_the_table_and_plot_from_the_records_alone(tmp_path, cap
     assert result["statistics"]["versus_baseline"]["projection"]["mean"] == pytest.approx(0.5)
     assert (tmp_path / "learning.png").stat().st_size > 0
     assert "| projection | 2 | +0.500" in capsys.readouterr().out
+
+
+def test_report_keeps_the_commands_and_settings_the_runs_were_made_with(tmp_path):
+    bench = _learning_bench()
+    model, settings = str(tmp_path / "model"), bench.comparison_settings(["--dataset_path", "generated:3"])
+    for arm, end in (("grpo", [1, 0, 0, 1]), ("projection", [1, 1, 1, 1])):
+        folder = bench.run_folder(tmp_path, arm, 1)
+        _fake_record(bench.record_path(tmp_path, arm, 1), bench.command_for(arm, 1, model, settings, folder), end)
+    ran = ["--model", model, "--seeds", "1", "--arms", "grpo", "projection", "--out", str(tmp_path), "--",
+           "--dataset_path", "generated:3"]
+    assert bench.main(ran) == 0  # every run kept: nothing trains
+    made = json.loads((tmp_path / "learning.json").read_text())
+    assert bench.main(["--report", "--out", str(tmp_path)]) == 0
+    rebuilt = json.loads((tmp_path / "learning.json").read_text())
+    assert rebuilt.get("settings") == made.get("settings") and rebuilt.get("model") == made.get("model") == model
+    assert made["commands"] == rebuilt["commands"] == ["python -m bench.learning " + shlex.join(ran)]
+    assert made["settings"] == ["--config", "configs/recipes/cpu_demo.yaml", "--eval_samples", "200",
+                                "--dataset_path", "generated:3"]
+    assert rebuilt["rebuilt_by"] == f"python -m bench.learning --report --out {tmp_path}"
+    assert rebuilt["statistics"] == made["statistics"]
+
+
+def test_report_reads_an_older_summary_and_records_from_another_checkout(tmp_path):
+    """An older learning.json kept one "command" ("learning.py ARGS") and absolute settings;
+    older records name the checkout they ran in. The report keeps the command and the settings
+    and writes every path relative to the checkout."""
+    bench = _learning_bench()
+    settings = ["--config", "/elsewhere/hrpo/configs/recipes/cpu_demo.yaml", "--eval_samples", "200"]
+    command = ["/elsewhere/hrpo/.venv/bin/python", "/elsewhere/hrpo/hrpo_gsm8k.py", *settings, "--model_name",
+               "/elsewhere/hrpo/.cache/SmolLM2-135M-Instruct", "--output_dir",
+               "/elsewhere/hrpo/bench/results/x/runs/grpo-seed1", "--seed", "1", "--hybrid_thinking", "off"]
+    _fake_record(tmp_path / "records" / "grpo-seed1.json", command, [1, 0, 0, 1])
+    (tmp_path / "learning.json").write_text(json.dumps({
+        "command": "learning.py --arms grpo --seeds 1 --threads 1", "model": "smollm2",
+        "settings": [token.replace("/elsewhere/hrpo", str(bench.REPO)) for token in settings]}))
+    assert bench.main(["--report", "--out", str(tmp_path)]) == 0
+    rebuilt = json.loads((tmp_path / "learning.json").read_text())
+    assert rebuilt.get("settings") == ["--config", "configs/recipes/cpu_demo.yaml", "--eval_samples", "200"]
+    assert rebuilt.get("commands") == ["python -m bench.learning --arms grpo --seeds 1 --threads 1"]
+    assert rebuilt["model"] == "smollm2"
+    assert rebuilt["runs"][0]["command"] == (
+        ".venv/bin/python hrpo_gsm8k.py --config configs/recipes/cpu_demo.yaml --eval_samples 200 --model_name "
+        ".cache/SmolLM2-135M-Instruct --output_dir bench/results/x/runs/grpo-seed1 --seed 1 --hybrid_thinking off")
+    (tmp_path / "learning.json").unlink()  # no summary at all: the settings come from the records
+    assert bench.main(["--report", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "learning.json").read_text())["settings"] == [
+        "--config", "configs/recipes/cpu_demo.yaml", "--eval_samples", "200"]
+
+
+def test_a_run_records_its_command_relative_to_the_checkout(tmp_path, monkeypatch):
+    """The run starts in the checkout with its absolute command; bench_run.json (so the record)
+    keeps it relative, and a later comparison finds the same settings in it, or a change."""
+    import subprocess
+
+    bench = _learning_bench()
+    started = []
+
+    def fake_run(command, cwd=None, **kwargs):
+        if command[0] == "rm":  # run_arm clears the run folder first
+            return real_run(command, **kwargs)
+        started.append((command, cwd))
+        bench.run_folder(tmp_path, "projection", 1).mkdir(parents=True)
+        return subprocess.CompletedProcess(command, 0)
+
+    real_run = subprocess.run
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    model = str(bench.REPO / ".cache" / "SmolLM2-135M-Instruct")
+    folder = bench.REPO / "bench" / "results" / "x" / "runs" / "projection-seed1"
+    settings = bench.comparison_settings([])
+    wanted = bench.command_for("projection", 1, model, settings, folder)
+    monkeypatch.setattr(bench, "command_for", lambda *args: wanted)
+    bench.run_arm("projection", 1, model, settings, bench.run_folder(tmp_path, "projection", 1), 1)
+    assert started == [(wanted, bench.REPO)]
+    kept = json.loads((bench.run_folder(tmp_path, "projection", 1) / "bench_run.json").read_text())
+    assert str(bench.REPO) not in kept["command"]
+    assert shlex.split(kept["command"])[1:] == [
+        "hrpo_gsm8k.py", "--config", "configs/recipes/cpu_demo.yaml", "--eval_samples", "200", "--model_name",
+        ".cache/SmolLM2-135M-Instruct", "--output_dir", "bench/results/x/runs/projection-seed1", "--seed", "1",
+        "--thinking_latent_source", "projection"]
+    assert bench.changed_settings(kept["command"], wanted) == {}
+    assert bench.changed_settings(kept["command"] + " --lr 1e-3", wanted) == {"learning_rate": (1e-3, 5e-4)}
+    bench.run_arm("projection", 1, model, settings, bench.run_folder(tmp_path, "projection", 1), 1,
+                  invocation="python -m bench.learning --arms projection --seeds 1")
+    kept = json.loads((bench.run_folder(tmp_path, "projection", 1) / "bench_run.json").read_text())
+    assert kept["invocation"] == "python -m bench.learning --arms projection --seeds 1"
