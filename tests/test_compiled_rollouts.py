@@ -9,6 +9,7 @@ from torch._dynamo.utils import counters
 from transformers import BatchEncoding, CompileConfig
 
 from hrpo.compiled_rollouts import drop_left_columns, pad_prompts_left
+from testing.graph_replay import decoding_steps_replayed_from_static_outputs
 from testing.host_syncs import counted_host_syncs
 from testing.rollouts import hybrid_rollout, replay_difference
 from testing.tiny import QUESTIONS, encode_prompts, tiny_model, tiny_tokenizer
@@ -93,6 +94,51 @@ def test_inductor_compiled_hybrid_decoding_matches_eager(fresh_dynamo):
     assert sampled.thinking_mask.any()
     assert replay_difference(model, tokenizer, enc, sampled)[0] <= 1e-4
     assert not counters["graph_break"]
+
+
+# ---------------------------------------------------------------- outputs overwritten by the next step
+
+RECORDED = ("thinking_mask", "thinking_latents", "thinking_hidden", "thinking_noise", "thinking_gate_ratio",
+            "thinking_hidden_ratio", "thinking_latent_left_out_mass", "sampled_token_logprobs")
+
+
+def recorded_differences(first, second) -> dict:
+    """max |first - second| of each recorded per-position field and of each step's hidden states and attentions."""
+    out = {}
+    for key in RECORDED:
+        a, b = getattr(first, key), getattr(second, key)
+        assert (a is None) == (b is None), key
+        if a is not None:
+            out[key] = (a.float() - b.float()).abs().max().item()
+    for key in ("hidden_states", "attentions"):
+        a, b = getattr(first, key), getattr(second, key)
+        assert len(a) == len(b) and all(len(x) == len(y) for x, y in zip(a, b)), key
+        out[key] = max((x - y).abs().max().item() for step_a, step_b in zip(a, b) for x, y in zip(step_a, step_b))
+    return out
+
+
+@pytest.mark.parametrize("source, noise", [("projection", "gaussian"), ("embedding_plus_projection", "none"),
+                                           ("embedding", "gumbel")])
+def test_what_the_loop_keeps_from_a_step_survives_the_next_step_overwriting_its_outputs(source, noise):
+    """CUDA-graph replay (reduce-overhead) hands every decoding step its outputs in the same
+    storage. Stand-in on the CPU (testing/graph_replay.py): the eager forward, its outputs copied
+    into buffers allocated once. The recorded thinking data, the per-step hidden states and the
+    replay must be those of the same rollout decoded without the stand-in."""
+    tokenizer = tiny_tokenizer()
+    model = options_model("qwen2", tokenizer, source, None, noise)
+    model.set_attn_implementation("eager")  # which returns the attentions
+    enc = encode_prompts(tokenizer, QUESTIONS[:4])
+    kwargs = dict(output_scores=True, output_hidden_states=True, output_attentions=True, cache_implementation="static")
+    eager = hybrid_rollout(model, tokenizer, enc, 1, 0.5, 20, **kwargs)
+    with decoding_steps_replayed_from_static_outputs(model) as buffers:
+        replayed = hybrid_rollout(model, tokenizer, enc, 1, 0.5, 20, compile_config=compile_config(), **kwargs)
+    assert buffers  # the decoding steps went through the stand-in
+    assert torch.equal(replayed.sequences, eager.sequences)
+    assert torch.equal(replayed.thinking_mask, eager.thinking_mask) and eager.thinking_mask.any()
+    differences = recorded_differences(replayed, eager)
+    assert max(differences.values()) <= 1e-5, differences
+    gap = replay_difference(model, tokenizer, enc, replayed)[0]
+    assert gap <= 1e-4, gap
 
 
 # ---------------------------------------------------------------- host syncs
@@ -213,3 +259,30 @@ def test_cuda_graph_hybrid_step_syncs_like_plain_sampling(fresh_dynamo):
         syncs(8, hybrid), syncs(24, hybrid)  # compiled before counting
         per_step[hybrid] = (syncs(24, hybrid) - syncs(8, hybrid)) / 16
     assert per_step[True] <= per_step[False], per_step
+
+
+@pytest.mark.gpu
+def test_cuda_graph_hybrid_rollouts_record_each_steps_own_data(fresh_dynamo):
+    """On a GPU, upstream's default compile (inductor, mode="reduce-overhead": CUDA graphs, whose
+    replays return every step's outputs in the same storage): greedy decoding records the thinking
+    data eager decoding records, and a sampled rollout replays to its sampling log-probs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: CUDA graphs (mode='reduce-overhead') replay on a GPU only")
+    tokenizer = tiny_tokenizer()
+    model = options_model("qwen2", tokenizer, "projection", None, "gaussian").cuda()
+    enc = fixed_length(tokenizer, QUESTIONS[:4]).to("cuda")
+    config = CompileConfig()
+    assert config.mode == "reduce-overhead"
+    kwargs = dict(output_scores=True, cache_implementation="static")
+    greedy_eager = hybrid_rollout(model, tokenizer, enc, 1, 0.5, 24, is_inference=True, **kwargs)
+    greedy_graphs = hybrid_rollout(model, tokenizer, enc, 1, 0.5, 24, is_inference=True, compile_config=config,
+                                   **kwargs)
+    assert torch.equal(greedy_graphs.sequences, greedy_eager.sequences)
+    assert torch.equal(greedy_graphs.thinking_mask, greedy_eager.thinking_mask) and greedy_eager.thinking_mask.any()
+    for key in ("thinking_hidden", "thinking_gate_ratio", "thinking_hidden_ratio", "sampled_token_logprobs"):
+        difference = (getattr(greedy_graphs, key) - getattr(greedy_eager, key)).abs().max().item()
+        assert difference <= 1e-3, (key, difference)  # inductor's kernels round differently; the bug is O(1)
+    sampled = hybrid_rollout(model, tokenizer, enc, 2, 0.5, 24, compile_config=config, **kwargs)
+    assert sampled.thinking_mask.any()
+    gap = replay_difference(model, tokenizer, enc, sampled)[0]
+    assert gap <= 1e-3, gap

@@ -179,6 +179,18 @@ def _stack_records(records: list[dict], key: str, batch: int, prompt_len: int, t
     return _pad_to_sequence(values, batch, prompt_len, total_len, tail, dtype, device)
 
 
+def _kept_past_the_step(value):
+    """A copy of what the loop keeps from a step's outputs past that step (a tensor, or nested
+    tuples of them). The compiled forward of the decoding steps may hand every step its outputs in
+    the same storage (CUDA-graph replay under mode="reduce-overhead" does): a view kept across
+    steps would hold a later step's values. Upstream's ``_sample`` copies its logits for the same reason."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return tuple(_kept_past_the_step(item) for item in value)
+    return value.clone()
+
+
 def hybrid_sample(model, *args, **kwargs):
     """See ``_hybrid_sample``; the projection runs deterministically (eval mode) throughout."""
     with deterministic_projection(thinking_base_model(model)):
@@ -228,7 +240,11 @@ def _hybrid_sample(
     criteria (``_valid_auto_compile_criteria``: a compileable cache on an accelerator); the
     thinking inputs then have a fixed shape at every step, the forward mixes with ``torch.where``
     (``_mix_every_row``) and the marker automaton runs on the device, so one graph serves every
-    step and a step waits for the host only at upstream's stopping check.
+    step and a step waits for the host only at upstream's stopping check. Everything the loop keeps
+    from a step's outputs past that step (the hidden state the projection is applied to, the gate
+    and hidden ratios, and the attentions and hidden states when asked for, which upstream keeps
+    as they are) is copied (``_kept_past_the_step``): a CUDA-graph replay (mode="reduce-overhead")
+    returns every step's outputs in the same storage.
 
     Left out: ``_optimize_model_for_decode``, ``DeferredStopCheck`` and
     ``_undo_generation_steps`` (the stop is checked at every step), encoder-decoder models and
@@ -321,8 +337,8 @@ def _hybrid_sample(
                 hiddens.append(pending["thinking_hidden"])
                 noises.append(pending["thinking_noise"])
                 left_outs.append(pending_left_out)
-                gates.append(outputs.thinking_gate_ratio[:, -1])
-                hidden_ratios.append(outputs.thinking_hidden_ratio[:, -1])
+                gates.append(_kept_past_the_step(outputs.thinking_gate_ratio[:, -1]))
+                hidden_ratios.append(_kept_past_the_step(outputs.thinking_hidden_ratio[:, -1]))
             pending = None
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
         if synced_gpus and this_peer_finished:
@@ -343,9 +359,9 @@ def _hybrid_sample(
         if raw_logits is not None:
             raw_logits += (logits,)
         if attentions is not None:
-            attentions += (outputs.attentions,)
+            attentions += (_kept_past_the_step(outputs.attentions),)
         if hidden_states is not None:
-            hidden_states += (outputs.hidden_states,)
+            hidden_states += (_kept_past_the_step(outputs.hidden_states),)
         if return_thinking_embeds:
             step_logprobs = torch.log_softmax(next_scores, dim=-1).gather(-1, next_tokens[:, None]).squeeze(-1)
             token_logprobs.append(step_logprobs)
@@ -365,7 +381,7 @@ def _hybrid_sample(
             pending = {
                 "thinking_mask": unfinished.bool() & ~automaton.found(marker_state),
                 "thinking_latents": latent,
-                "thinking_hidden": outputs.last_hidden_state[:, -1] if use_hidden else None,
+                "thinking_hidden": _kept_past_the_step(outputs.last_hidden_state[:, -1]) if use_hidden else None,
                 "thinking_noise": gaussian_draws(noise_keys, d) * noise_std if noise_std is not None else None,
             }
         outputs = None
