@@ -18,9 +18,11 @@ A unit of their own is also a collective of their own, and the thinking modules 
 in every forward of every rank: under ``synced_gpus`` a rank whose rows are finished keeps
 making forwards without thinking inputs (no thinking module runs) while its peers make
 forwards with them. A per-module all-gather would then be entered by some ranks only. So
-the unit is gathered and released around every forward of the model that holds it (the
-base model, which every rank runs in every forward): one all-gather per forward on every
-rank, whether the forward calls the thinking modules or not, as the root unit was before.
+the unit is gathered before every forward of the model that holds it (the base model, which
+every rank runs in every forward; a no-op while it is whole), whether the forward calls the
+thinking modules or not, and released after a forward with gradients: it stays whole through
+generation and scoring (as the root unit did), so that code outside a forward, on some ranks
+only (the trainer's metrics), reads it without a collective.
 
 accelerate also makes the input embedding a unit that reshards after its forward, while hybrid
 thinking reads the embedding matrix outside that forward (the embedding-method latent between
@@ -65,8 +67,7 @@ def float32_policy():
     return MixedPrecisionPolicy(param_dtype=FLOAT32, reduce_dtype=FLOAT32)
 
 
-def shard_thinking_modules(model: nn.Module, *, mesh=None, reshard_after_forward: bool = True,
-                           offload_policy=None) -> list[nn.Module]:
+def shard_thinking_modules(model: nn.Module, *, mesh=None, offload_policy=None) -> list[nn.Module]:
     """``fully_shard`` the trainable thinking modules of ``model`` as one float32 unit (see the
     module docstring), before the rest of the model is sharded. Returns the modules sharded
     (none when already done, or when the model has no trainable thinking module)."""
@@ -77,15 +78,20 @@ def shard_thinking_modules(model: nn.Module, *, mesh=None, reshard_after_forward
         return []
     for module in modules:
         module.to(FLOAT32)  # the master weights too: training.py makes the copies float32 already
-    fully_shard(modules, mesh=mesh, reshard_after_forward=reshard_after_forward,
-                offload_policy=offload_policy or OffloadPolicy(), mp_policy=float32_policy())
+    # resharded by the hooks below, not after each module's own forward
+    fully_shard(modules, mesh=mesh, reshard_after_forward=False, offload_policy=offload_policy or OffloadPolicy(),
+                mp_policy=float32_policy())
     unit = modules[0]  # the modules of one fully_shard call share its state: one unshard gathers all
 
     def gather(module, args):
-        unit.unshard()
+        unit.unshard()  # a no-op while it is whole
 
     def release(module, args, output):
-        unit.reshard()
+        # after a forward with gradients (before its backward, which gathers again, and the step);
+        # after generation and scoring (no gradients) it stays whole, so that code outside a forward
+        # (the trainer's metrics) reads the modules without a collective of its own
+        if torch.is_grad_enabled():
+            unit.reshard()
 
     for base in thinking_bases(model):
         base.register_forward_pre_hook(gather)
@@ -115,14 +121,12 @@ def shard_input_embeddings_whole_after_forward(model: nn.Module, *, mp_policy, m
 
 
 def accelerate_fsdp2_settings(accelerator) -> dict:
-    """The mesh, resharding and offload that accelerate's ``fsdp2_prepare_model`` gives the
-    units it makes, for the thinking unit."""
+    """The mesh and offload that accelerate's ``fsdp2_prepare_model`` gives the units it makes."""
     plugin = accelerator.state.fsdp_plugin
     mesh = getattr(accelerator, "torch_device_mesh", None)
     if mesh is not None:
         mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
-    return {"mesh": mesh, "reshard_after_forward": plugin.reshard_after_forward,
-            "offload_policy": plugin.cpu_offload}
+    return {"mesh": mesh, "offload_policy": plugin.cpu_offload}
 
 
 def deepspeed_half_precision(accelerator) -> str | None:
