@@ -190,7 +190,7 @@ def test_synced_sampling_steps_every_rank_until_all_are_done(tmp_path):
     # which thinking modules each forward ran, per rank: the finished rank's extra forwards run none
     # of them (no thinking inputs), so a unit of their own must not be gathered by their own
     # pre-forward during generation (docs/scaling.md: TRL gathers the whole model for generation
-    # under ZeRO-3; under FSDP2 hrpo.sharding gathers the thinking unit around every base forward,
+    # under ZeRO-3; under FSDP2 hrpo.sharding gathers the thinking unit at every base forward,
     # tests/test_sharded_precision.py)
     extra = r0["thinking_modules_per_forward"][r0["forwards_alone"]:]
     print(f"forwards: rank 0 {r0['forwards_alone']} alone, {r0['forwards_synced']} synced; rank 1 "
