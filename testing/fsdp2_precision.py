@@ -20,7 +20,7 @@ dtype and the first values of its parameters, before and after an AdamW step, an
 master values they should be. It also samples in hybrid mode with ``synced_gpus`` while its
 peer's rows finish at another step (rank 0 after one token, rank 1 after 12): a rank
 without thinking inputs must enter the same collectives as one with them; then rank 1 alone
-applies the projection outside a forward, as the trainer's metrics do on ranks with thinking
+applies a thinking module outside a forward, as the trainer's metrics do on ranks with thinking
 positions.
 """
 from __future__ import annotations
@@ -145,11 +145,13 @@ def main(workspace: Path, out: Path, source: str = "embedding_plus_projection", 
                                  sequence_bias={(eos,): 50.0 if rank == 0 else -50.0},
                                  return_dict_in_generate=True)
     completion_length = rollout.sequences.shape[1] - enc.input_ids.shape[1]
-    # the trainer's metrics apply the projection outside a forward, on ranks with thinking positions
-    # only: here rank 1 alone (a gather of its own would wait for rank 0 in vain)
+    # the trainer's metrics apply the thinking modules outside a forward, on ranks with thinking
+    # positions only: here rank 1 alone (a gather of its own would wait for rank 0 in vain); a gate,
+    # which every source has
     if rank == 1:
         with torch.no_grad():
-            model.get_base_model().model.thinking_projection(torch.ones(1, model.get_base_model().config.hidden_size))
+            base = model.get_base_model().model
+            base.thinking_residual_gate_r(torch.ones(1, base.config.hidden_size))
     dist.barrier()  # rank 0's next collective: a gather entered by rank 1 alone would meet this
 
     # a replay-shaped forward on every rank (thinking positions), a loss, a backward and a step

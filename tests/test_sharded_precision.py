@@ -48,7 +48,7 @@ def test_fsdp2_bf16_mixed_precision_runs_the_thinking_modules_in_float32(tmp_pat
     it under configs/fsdp.yaml (bf16). The decoder layers compute in bf16; the thinking modules'
     forward reads float32, the master values exactly, before and after an AdamW step; synced
     sampling where one rank finishes after one token and the other after 12 enters the same
-    collectives on both (the thinking unit), then one rank alone applies the projection outside a
+    collectives on both (the thinking unit), then one rank alone applies a thinking module outside a
     forward (as the trainer's metrics do) without a collective, and sampling forms the
     embedding-method latent between
     forwards from the whole embedding matrix (accelerate's own embedding unit resharded it:
