@@ -1,28 +1,46 @@
 """Finding the answer marker in a completion: on the device, one gather per decoding step.
 
-A row is in its thinking phase until the answer marker has appeared in its completion.
-``AnswerMarkerAutomaton`` follows that on the device without decoding anything while
-sampling: a state per row (how many bytes of the marker's UTF-8 the completion's text ends
+A row is in its thinking phase until the answer marker has appeared in its completion's text,
+the text the reward reads: ``tokenizer.decode(completion_ids, skip_special_tokens=True)``, as
+TRL decodes completions. ``AnswerMarkerAutomaton`` follows that on the device without decoding
+anything while sampling: a state per row (how many bytes of the marker's UTF-8 the text ends
 with, Knuth-Morris-Pratt style, or "found", which is final), advanced by a table lookup
-``table[state, token]`` built once per tokenizer and marker. The step has no host sync and
-a fixed shape, so the sampling loop stays compileable.
+``table[state, token]`` built once per tokenizer and marker. The step has no host sync and a
+fixed shape, so the sampling loop stays compileable.
 
-The table runs the bytes each token adds to the text (``token_bytes``) through the marker's
-KMP automaton from every state. Separators a decoder puts between tokens (a word-level
-decoder's space, a SentencePiece word boundary) count as the characters they are; a byte-level
-token that holds part of a character counts as its bytes. A token that adds no text leaves
-the state as it is.
+What each token adds to the text (``token_texts``), as that decode writes it:
 
-``AnswerMarkerDetector`` is the reference it replaces in the loop: it decodes a window of
-each row's last tokens and looks for the marker in the text (``tests/`` compares the two on
-random token streams).
+- a token the decode skips (a special token, an id beyond the tokenizer) adds nothing;
+- a byte-level BPE token adds its bytes, which can be part of a character that only the next
+  token completes;
+- any other token adds what it adds after another token, ``decode([x, t])`` minus
+  ``decode([x])`` (separators a decoder puts between tokens included), and as the text's first
+  token ``decode([t])`` (decoders strip a leading space there): a state "no text yet" tells
+  the two apart;
+- a byte-fallback token (``<0xNN>``, tokenizers' ByteFallback decoder) adds its byte to a run of
+  such tokens. The decoder writes a run as its UTF-8 text when the whole run is valid UTF-8 and as
+  one U+FFFD per byte otherwise, so a later byte of a run can turn text that a shorter prefix
+  showed into U+FFFD. The automaton counts a run once it is closed (by the next token that is
+  neither a byte token nor skipped): meanwhile its state follows the run's bytes through the
+  marker's automaton and their UTF-8 validity, and reports nothing of them. So it never reports a
+  marker that the text of a longer completion lacks, and it reports the marker as soon as the
+  text before the open run holds it.
+
+``AnswerMarkerDetector`` is the incremental detector on the host that the automaton replaced
+in the loop: it decodes a window of each row's last tokens.
 """
 from __future__ import annotations
 
 import json
 import re
+from typing import NamedTuple
 
 import torch
+
+REPLACEMENT_CHARACTER = "\ufffd"
+# clean_up_tokenization (a decode option) deletes spaces next to these characters
+_CLEANUP_CHARACTERS = set(".?!,'")
+
 
 def _failure(marker: bytes) -> list[int]:
     """KMP failure function: fail[i] = length of the longest proper border of marker[:i]."""
@@ -51,16 +69,55 @@ def _advance(marker: bytes, fail: list[int], state: int, text: bytes) -> int:
     return state
 
 
-def _neutral_prefix(tokenizer, marker: str) -> int:
-    """A token to decode each token after: ASCII text, none of the marker's characters, not special."""
-    special = set(tokenizer.all_special_ids)
+# Strict UTF-8 (Rust's String::from_utf8, which the ByteFallback decoder uses, and Python's
+# decoder agree): the validity of a run of bytes so far is one of these classes. 0: at a
+# character boundary; 1-7: inside a character, (bytes still to come, the range the next one must be in).
+_INSIDE = {1: (1, 0x80, 0xBF), 2: (2, 0x80, 0xBF), 3: (2, 0xA0, 0xBF), 4: (2, 0x80, 0x9F),
+           5: (3, 0x80, 0xBF), 6: (3, 0x90, 0xBF), 7: (3, 0x80, 0x8F)}
+UTF8_CLASSES = 1 + len(_INSIDE)
+UTF8_INVALID = -1
+
+
+def utf8_next(utf8_class: int, byte: int) -> int:
+    """The class of a run of bytes after one more byte, or UTF8_INVALID: no continuation of the
+    run is valid UTF-8 any more."""
+    if utf8_class == 0:
+        if byte < 0x80:
+            return 0
+        if 0xC2 <= byte <= 0xDF:
+            return 1
+        if byte == 0xE0:
+            return 3
+        if byte == 0xED:
+            return 4
+        if 0xE1 <= byte <= 0xEF:
+            return 2
+        if byte == 0xF0:
+            return 6
+        if 0xF1 <= byte <= 0xF3:
+            return 5
+        if byte == 0xF4:
+            return 7
+        return UTF8_INVALID  # a continuation byte, C0, C1, F5-FF
+    remaining, low, high = _INSIDE[utf8_class]
+    if not low <= byte <= high:
+        return UTF8_INVALID
+    return {1: 0, 2: 1, 3: 2}[remaining]
+
+
+def _neutral_prefix(tokenizer, marker: str, skipped: set[int]) -> int:
+    """A token to decode each token after: ASCII text, none of the marker's characters, neither
+    skipped by the decode nor a byte-fallback token."""
+    def neutral(token_id: int, text: str) -> bool:
+        return (token_id not in skipped and bool(text) and text.isascii() and not set(text) & set(marker)
+                and _byte_fallback_byte(tokenizer.convert_ids_to_tokens(token_id)) is None)
+
     for text in ("a", "x", "0", "1", "e"):
         ids = tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) == 1 and ids[0] not in special and not set(text) & set(marker):
+        if len(ids) == 1 and tokenizer.decode(ids) == text and neutral(ids[0], text):
             return ids[0]
     for token_id in range(len(tokenizer)):
-        text = tokenizer.decode([token_id])
-        if token_id not in special and text and text.isascii() and not set(text) & set(marker):
+        if neutral(token_id, tokenizer.decode([token_id])):
             return token_id
     raise ValueError("no token of the tokenizer can serve as a neutral prefix for the answer-marker table")
 
@@ -81,54 +138,146 @@ def _decoder_kinds(tokenizer) -> set[str]:
     return {d.get("type") for d in decoder.get("decoders", [decoder])}
 
 
-def token_bytes(tokenizer, marker: str, vocab_size: int) -> list[bytes]:
-    """The UTF-8 bytes each token id adds to a text (ids beyond the tokenizer add none).
+def _byte_fallback_byte(piece: str | None) -> int | None:
+    """The byte of a byte-fallback token as the ByteFallback decoder reads it (six characters,
+    ``<0x``, two hexadecimal digits as Rust's u8::from_str_radix takes them, ``>``), else None."""
+    if piece is None:
+        return None
+    match = re.fullmatch(r"<0x(\+[0-9A-Fa-f]|[0-9A-Fa-f]{2})>", piece)
+    return int(match.group(1), 16) if match else None
 
-    Bytes, not characters: a byte-level BPE token can hold part of a character, which only the
-    next token completes. A byte-level token's bytes come from its byte alphabet, a
-    byte-fallback token (``<0xNN>``) is its byte; any other token adds the text it adds after
-    another token, ``decode([x, t])`` minus ``decode([x])``.
+
+def decode_cleans_up_spaces(tokenizer) -> bool:
+    """Whether ``tokenizer.decode`` applies clean_up_tokenization by default (the fast tokenizer's
+    ``_decode``: on when asked for, but not for a BPE model unless forced)."""
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    is_bpe = backend is not None and type(backend.model).__name__ == "BPE"
+    forced = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
+    return not is_bpe or bool(getattr(tokenizer, forced, False))
+
+
+def check_marker(tokenizer, marker: str) -> None:
+    """A marker whose presence in the decoded text the automaton can follow exactly."""
+    if not marker:
+        raise ValueError("answer_marker must be a non-empty string")
+    if REPLACEMENT_CHARACTER in marker:
+        raise ValueError("answer_marker cannot hold U+FFFD, which decoding writes for invalid bytes")
+    if decode_cleans_up_spaces(tokenizer) and (set(marker) & _CLEANUP_CHARACTERS or marker != marker.strip(" ")):
+        raise ValueError(f"answer_marker {marker!r}: this tokenizer's decode cleans up tokenization spaces "
+                         f"(clean_up_tokenization_spaces=True), which deletes spaces next to "
+                         f"{''.join(sorted(_CLEANUP_CHARACTERS))}; a marker holding one of these characters or "
+                         f"starting or ending with a space would appear or vanish with it")
+
+
+class TextToken(NamedTuple):
+    after: bytes  # what the token adds to the text after another token
+    first: bytes  # and as the text's first token
+
+
+class ByteToken(NamedTuple):
+    byte: int  # a byte-fallback token's byte
+    first: bytes  # what it adds as the text's first token when it is ASCII (a decoder may strip it)
+
+
+def token_texts(tokenizer, marker: str, vocab_size: int) -> list[TextToken | ByteToken | None]:
+    """What each token id adds to the decoded text (``decode(ids, skip_special_tokens=True)``):
+    None for nothing, the decode skips it (special tokens; ids the tokenizer does not have); a
+    ``ByteToken`` for a byte-fallback token (``<0xNN>`` with a ByteFallback decoder); else a
+    ``TextToken``.
+
+    Bytes, not characters: a byte-level BPE token (every character in the byte alphabet) is its
+    bytes, which can hold part of a character. Any other token adds ``decode([x, t])`` minus
+    ``decode([x])``, and ``decode([t])`` first. Computed without clean_up_tokenization
+    (``check_marker`` refuses the markers it could change).
     """
     kinds = _decoder_kinds(tokenizer)
     alphabet = _byte_level_alphabet() if "ByteLevel" in kinds else None
-    special = set(tokenizer.all_special_ids)
-    prefix = _neutral_prefix(tokenizer, marker)
-    head = tokenizer.decode([prefix])
+    byte_fallback = "ByteFallback" in kinds
     known = min(vocab_size, len(tokenizer))
-    pairs = tokenizer.batch_decode([[prefix, token_id] for token_id in range(known)])
+    options = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
     pieces = tokenizer.convert_ids_to_tokens(list(range(known)))
-    out = []
-    for token_id, (pair, piece) in enumerate(zip(pairs, pieces)):
-        if alphabet is not None and token_id not in special and piece and all(c in alphabet for c in piece):
-            out.append(bytes(alphabet[c] for c in piece))
-        elif "ByteFallback" in kinds and piece and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
-            out.append(bytes([int(piece[3:5], 16)]))
+    alone = tokenizer.batch_decode([[token_id] for token_id in range(known)], **options)
+    skipped = {token_id for token_id, (piece, text) in enumerate(zip(pieces, alone))  # no text with, some without
+               if piece is None or (not text and tokenizer.decode([token_id], clean_up_tokenization_spaces=False))}
+    prefix = _neutral_prefix(tokenizer, marker, skipped)
+    head = tokenizer.decode([prefix], **options)
+    pairs = tokenizer.batch_decode([[prefix, token_id] for token_id in range(known)], **options)
+    out: list[TextToken | ByteToken | None] = []
+    for token_id, (piece, first, pair) in enumerate(zip(pieces, alone, pairs)):
+        byte = _byte_fallback_byte(piece) if byte_fallback else None
+        if token_id in skipped:
+            out.append(None)
+        elif byte is not None:
+            out.append(ByteToken(byte, first.encode("utf-8") if byte < 0x80 else bytes([byte])))
+        elif alphabet is not None and piece and all(c in alphabet for c in piece):
+            text = bytes(alphabet[c] for c in piece)
+            out.append(TextToken(text, text))
         else:
-            text = pair[len(head):] if pair.startswith(head) else tokenizer.decode([token_id])
-            out.append(text.encode("utf-8"))
-    return out + [b""] * (vocab_size - known)
+            after = pair[len(head):] if pair.startswith(head) else first
+            out.append(TextToken(after.encode("utf-8"), first.encode("utf-8")))
+    return out + [None] * (vocab_size - known)
 
 
 class AnswerMarkerAutomaton:
-    """The answer marker's KMP automaton over token ids: ``table[state, token]`` (int64, on the device)."""
+    """The answer marker's automaton over token ids: ``table[state, token]`` (int64, on the device).
+
+    States, with F the marker's length in UTF-8 bytes: 0..F, how many bytes of the marker the
+    text ends with (F: found, final); F + 1, no text yet (``start``); and, for a tokenizer with
+    byte-fallback tokens, an open run of them: (the state through the run's bytes, their UTF-8
+    class) or invalid.
+    """
 
     def __init__(self, tokenizer, marker: str, vocab_size: int, device=None):
-        if not marker:
-            raise ValueError("answer_marker must be a non-empty string")
+        check_marker(tokenizer, marker)
         self.marker = marker
         pattern = marker.encode("utf-8")
-        self.final = len(pattern)
+        final = self.final = len(pattern)
+        start = self.start_state = final + 1
         fail = _failure(pattern)
         marker_bytes = set(pattern)
-        rows = []
-        for text in token_bytes(tokenizer, marker, vocab_size):
+        no_marker_bytes = [0] * final + [final]
+
+        def advanced(text: bytes) -> list[int]:
+            """The state after ``text`` from each of 0..F."""
             if not text:
-                rows.append(range(self.final + 1))  # no text: the state stays
-            elif not marker_bytes & set(text):
-                rows.append([0] * self.final + [self.final])  # none of the marker's bytes: back to the start
-            else:
-                rows.append([_advance(pattern, fail, state, text) for state in range(self.final + 1)])
-        self.table = torch.tensor(rows, dtype=torch.int64, device=device).T.contiguous()
+                return list(range(final + 1))
+            if not marker_bytes & set(text):
+                return no_marker_bytes
+            return [_advance(pattern, fail, state, text) for state in range(final + 1)]
+
+        texts = token_texts(tokenizer, marker, vocab_size)
+        has_runs = any(isinstance(text, ByteToken) for text in texts)
+        run_base = final + 2
+        invalid = run_base + (final + 1) * UTF8_CLASSES
+        states = invalid + 1 if has_runs else run_base
+        runs = [(v, utf8) for v in range(final + 1) for utf8 in range(UTF8_CLASSES)] if has_runs else []
+        # The state a token other than a byte continues from. A run it closes is its bytes when
+        # they are valid and complete UTF-8, one U+FFFD per byte otherwise (after which a marker
+        # without U+FFFD has not begun: state 0).
+        continues_from = [*range(final + 1), 0, *(v if utf8 == 0 else 0 for v, utf8 in runs)]
+        continues_from += [0] if has_runs else []
+
+        def run_state(v: int, utf8: int) -> int:
+            return invalid if utf8 == UTF8_INVALID else run_base + v * UTF8_CLASSES + utf8
+
+        columns = []
+        for text in texts:
+            if text is None:  # skipped: every state stays
+                columns.append(list(range(states)))
+            elif isinstance(text, TextToken):
+                after = advanced(text.after)
+                column = [after[state] for state in continues_from]
+                column[start] = advanced(text.first)[0]
+                columns.append(column)
+            else:  # a byte: opens a run (from 0..F-1 and from no text yet) or goes on with one
+                through, opened = advanced(bytes([text.byte])), utf8_next(0, text.byte)
+                column = [run_state(through[v], opened) for v in range(final)] + [final]
+                column.append(run_state(advanced(text.first)[0], opened))
+                column += [run_state(through[v], utf8_next(utf8, text.byte)) for v, utf8 in runs]
+                columns.append(column + [invalid])
+        self.table = torch.tensor(columns, dtype=torch.int64, device=device).T.contiguous()
 
     @classmethod
     def cached(cls, tokenizer, marker: str, vocab_size: int, device) -> "AnswerMarkerAutomaton":
@@ -140,7 +289,7 @@ class AnswerMarkerAutomaton:
         return tables[key]
 
     def start(self, batch: int, device) -> torch.Tensor:
-        return torch.zeros(batch, dtype=torch.int64, device=device)
+        return torch.full((batch,), self.start_state, dtype=torch.int64, device=device)
 
     def step(self, state: torch.Tensor, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Each active row's state after its token; rows not active keep theirs."""
@@ -151,11 +300,19 @@ class AnswerMarkerAutomaton:
 
 
 class AnswerMarkerDetector:
-    """Tells, per row, whether the answer marker has appeared in the completion so far.
+    """Tells, per row, whether the answer marker has appeared in the completion's text so far
+    (``decode(ids, skip_special_tokens=True)``, as the reward reads it), on the host.
 
-    The reference detector, on the host: a row's check decodes only a window of its last few
-    tokens, and only when the newest token's text holds the marker's last character. A
-    marker split over several tokens is found at the token that completes it.
+    The incremental detector the automaton replaced in the sampling loop (``bench/marker.py``
+    times both): a row's check decodes a window of its last tokens that add text (the special
+    tokens the decode skips are left out), and only when the newest token may end the marker
+    (its text holds the marker's last character, or is part of a character). The window holds
+    as many tokens as the marker has UTF-8 bytes, plus two: a byte-level token can add a single
+    byte, so a marker of n bytes can take n tokens.
+
+    Exact where the decode of a window ends as the decode of the whole completion does: not
+    where a window starts inside a run of byte-fallback tokens (the run decodes as a whole),
+    nor for a marker that starts with whitespace (a decoder strips it at a window's start).
     """
 
     def __init__(self, tokenizer, marker: str, batch_size: int):
@@ -163,19 +320,20 @@ class AnswerMarkerDetector:
             raise ValueError("answer_marker must be a non-empty string")
         self.tokenizer = tokenizer
         self.marker = marker
-        # Every token adds at least one character, but special tokens can add none: keep
-        # a margin so that one whole occurrence always fits in the window.
-        self.window_size = len(marker) + 2
+        self.window_size = len(marker.encode("utf-8")) + 2
         self.windows: list[list[int]] = [[] for _ in range(batch_size)]
         self.found = [False] * batch_size
-        self._piece_cache: dict[int, bool] = {}
+        self._token_cache: dict[int, tuple[bool, bool]] = {}
 
-    def _may_end_marker(self, token_id: int) -> bool:
-        hit = self._piece_cache.get(token_id)
-        if hit is None:
-            hit = self.marker[-1] in self.tokenizer.decode([token_id])
-            self._piece_cache[token_id] = hit
-        return hit
+    def _skipped_and_may_end(self, token_id: int) -> tuple[bool, bool]:
+        """(whether the decode skips the token, whether its text may end the marker)."""
+        cached = self._token_cache.get(token_id)
+        if cached is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=True)
+            skipped = not text and bool(self.tokenizer.decode([token_id]))
+            cached = (skipped, self.marker[-1] in text or REPLACEMENT_CHARACTER in text)
+            self._token_cache[token_id] = cached
+        return cached
 
     def update(self, token_ids: list[int], active: list[bool]) -> list[bool]:
         """Add one token per row (rows not active are skipped); return ``found`` per row."""
@@ -183,14 +341,17 @@ class AnswerMarkerDetector:
         for row, (token_id, is_active) in enumerate(zip(token_ids, active)):
             if not is_active or self.found[row]:
                 continue
+            skipped, may_end = self._skipped_and_may_end(token_id)
+            if skipped:
+                continue
             window = self.windows[row]
             window.append(token_id)
             if len(window) > self.window_size:
                 del window[0]
-            if self._may_end_marker(token_id):
+            if may_end:
                 to_check.append(row)
         if to_check:
-            texts = self.tokenizer.batch_decode([self.windows[row] for row in to_check])
+            texts = self.tokenizer.batch_decode([self.windows[row] for row in to_check], skip_special_tokens=True)
             for row, text in zip(to_check, texts):
                 if self.marker in text:
                     self.found[row] = True
