@@ -79,17 +79,18 @@ def code_state() -> dict:
 
 
 def traced_run(arm: str, seed: int, model: str, out: Path, flags: list[str]) -> Path:
-    """hrpo_gsm8k.py's run (hrpo.training.train) with the trace attached; writes the trace file."""
+    """hrpo_gsm8k.py's run (hrpo.run.train) with the trace attached; writes the trace file."""
     import torch
 
-    from hrpo.backend import import_unsloth, requested_backend
+    from hrpo.backend import import_unsloth
+    from hrpo.command_line import requested_backend
 
     argv = training_argv(arm, seed, model, out / "runs" / run_name(arm, seed), flags)
     if requested_backend(argv) != "transformers":
         import_unsloth(torch.cuda.is_available())  # first, as hrpo.train does
     from hrpo.collapse_trace import attach
-    from hrpo.config import settings_parser
-    from hrpo.training import build_trainer, prepare
+    from hrpo.run import build_trainer, prepare
+    from hrpo.settings_parser import settings_parser
 
     start, code = time.time(), code_state()
     settings = prepare(argv, settings_parser(task="gsm8k"))  # hrpo_gsm8k.py's parser

@@ -147,7 +147,7 @@ def changed_settings(recorded: str, wanted: list[str]) -> dict:
     the order of flags and repeated flags (the last one wins) do not matter. Where the run
     is written is not a setting, nor which checkout it ran in: both commands are compared
     relative to their checkouts (a recipe named relatively is read from this one)."""
-    from hrpo.config import parse_settings
+    from hrpo.settings_parser import parse_settings
 
     def parsed(command: list[str]) -> dict:
         flags = checkout_relative(command)[script_index(command) + 1:]

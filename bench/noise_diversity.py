@@ -185,7 +185,7 @@ def main() -> None:
             parser.error(f"--references {reference}: a reference has no noise")
     json_path = args.json or (DEFAULT_JSON if args.model == "smollm2" else None)
 
-    from hrpo.evaluation import decoding_config, trainer_stop_ids
+    from hrpo.held_out import decoding_config, trainer_stop_ids
     from hrpo.tasks import get_task
 
     conditions = []  # (name, variant, independent)

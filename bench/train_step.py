@@ -68,8 +68,8 @@ def run_variant(variant: str, model: str, data: Path, steps: int, new_tokens: in
     from hrpo.backend import import_unsloth
 
     import_unsloth(torch.cuda.is_available())
-    from hrpo.config import parse_settings
-    from hrpo.training import build_trainer
+    from hrpo.settings_parser import parse_settings
+    from hrpo.run import build_trainer
 
     source = {"plain_grpo": "embedding", "hrpo_embedding": "embedding", "hrpo_projection": "projection"}[variant]
     out = Path(tempfile.mkdtemp()) / "out"

@@ -23,19 +23,23 @@ def import_unsloth(cuda: bool) -> None:
         PatchFastRL("GRPO", FastLanguageModel)
 
 
-def requested_backend(argv: list[str]) -> str:
-    """--backend as given on the command line or in the --config file, read before anything parses it."""
-    for i, token in enumerate(argv):
-        if token == "--backend" and i + 1 < len(argv):
-            return argv[i + 1]
-        if token.startswith("--backend="):
-            return token.split("=", 1)[1]
-    if "--config" in argv and argv.index("--config") + 1 < len(argv):
-        import yaml
+UNSLOTH_GRPO_TRAINER = "UnslothGRPOTrainer"  # the class unsloth's PatchFastRL generates from TRL's
 
-        try:
-            with open(argv[argv.index("--config") + 1]) as file:
-                return str((yaml.safe_load(file) or {}).get("backend", "auto"))
-        except (OSError, yaml.YAMLError, AttributeError):
-            return "auto"  # the parser reports it
-    return "auto"
+
+def grpo_trainer_base(backend: str, cuda: bool) -> type:
+    """The GRPOTrainer a run's trainer derives from, chosen by the backend, never by what was
+    imported first: unsloth's rewrite of TRL's on CUDA with the unsloth backend (``PatchFastRL``,
+    run by ``import_unsloth``), else TRL's own (unsloth's CPU mode leaves TRL alone). Either
+    one found in its place is an error naming what was found."""
+    rewrite = backend == "unsloth" and cuda
+    if rewrite:
+        import_unsloth(cuda)
+    import trl
+
+    if (trl.GRPOTrainer.__name__ == UNSLOTH_GRPO_TRAINER) != rewrite:
+        found = f"{trl.GRPOTrainer.__module__}.{trl.GRPOTrainer.__name__}"
+        wanted = "unsloth's rewrite of TRL's GRPOTrainer" if rewrite else "TRL's own GRPOTrainer"
+        raise RuntimeError(f"--backend {backend}{' on CUDA' if cuda else ''} trains on {wanted}, but trl.GRPOTrainer "
+                           f"is {found} in this process (unsloth imported and patched before?); start a fresh "
+                           f"process")
+    return trl.GRPOTrainer

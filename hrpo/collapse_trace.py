@@ -1,7 +1,7 @@
 """Per-step traces of a GRPO / HRPO training run, to see how a run stops answering
 (``bench/collapse.py``).
 
-``attach(trainer)`` hooks a trainer built by ``hrpo.training.build_trainer`` and records, for each
+``attach(trainer)`` hooks a trainer built by ``hrpo.run.build_trainer`` and records, for each
 optimizer step (the step whose rollouts were sampled after ``step - 1`` updates):
 
 - ``logs``: what the trainer logged for the step (reward, ``frac_reward_zero_std``, TRL's

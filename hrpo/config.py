@@ -21,27 +21,20 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from trl import GRPOConfig, ModelConfig, TrlParser
+from trl import GRPOConfig, ModelConfig
 
 from . import LORA_TARGETS
+from .errors import UsageError
 from .tasks import SYSTEM_PROMPTS, TASK_NAMES
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 HYBRID_MODEL_TYPES = ("qwen2", "llama")  # the architectures the transformers fork wires hybrid thinking into
-# HRPOConfig fields that only matter to hybrid thinking (with --hybrid_thinking off they are an error)
-HYBRID_ONLY = ("lr_residual_gate", "lr_residual_Lambda", "lr_thinking_projection", "thinking_monitor_every")
 
 
-class UsageError(ValueError):
-    """Bad input, reported before any training starts."""
-
-
-# The valid range of each numeric setting whose range is known (None: not set, always allowed).
+# The valid range of each numeric setting of TRL and transformers whose range is known (None:
+# not set, always allowed); HRPO's own fields declare theirs in their metadata ("range").
 # "> 0", ">= 0", ">= 1": a bound; "[a, b)" and the like: an interval; "-1 or > 0": max_steps.
 VALUE_RANGES = {
-    # HRPOConfig's own
-    **dict.fromkeys(("lr_residual_gate", "lr_residual_Lambda", "lr_thinking_projection", "max_prompt_length"), "> 0"),
-    **dict.fromkeys(("eval_samples", "thinking_monitor_every"), ">= 0"),
     # transformers' TrainingArguments
     **dict.fromkeys(("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "num_train_epochs", "save_steps", "logging_steps", "eval_steps",
@@ -64,8 +57,12 @@ VALUE_RANGES = {
     "vllm_server_port": "[1, 65535]", "vllm_group_port": "[1, 65535]",
     # TRL's ModelConfig
     "lora_r": "> 0", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
-    "loss_temperature": "> 0",
 }
+# What the metadata of HRPO's own fields may say besides "help", "choices" and "aliases":
+#   "range": its valid range (as in VALUE_RANGES);
+#   "hybrid_only": it matters only to hybrid thinking (given with --hybrid_thinking off: an error);
+#   "resume_may_change": a resumed run may set it anew (every other setting comes from the checkpoint).
+FIELD_MARKS = {"range", "hybrid_only", "resume_may_change"}
 
 
 def in_range(value, rule: str) -> bool:
@@ -76,7 +73,8 @@ def in_range(value, rule: str) -> bool:
         return value == -1 or value > 0
     if rule[0] in "[(":
         low, high = (float(x) for x in rule[1:-1].split(","))
-        return (low <= value if rule[0] == "[" else low < value) and (value <= high if rule[-1] == "]" else value < high)
+        above = low <= value if rule[0] == "[" else low < value
+        return above and (value <= high if rule[-1] == "]" else value < high)
     op, bound = rule.split()
     return value > float(bound) if op == ">" else value >= float(bound)
 
@@ -84,7 +82,7 @@ def in_range(value, rule: str) -> bool:
 def check_ranges(obj) -> None:
     """Every numeric field of ``obj`` with a known range, against it (a UsageError naming the flag)."""
     for f in fields(obj):
-        value, rule = getattr(obj, f.name, None), VALUE_RANGES.get(f.name)
+        value, rule = getattr(obj, f.name, None), f.metadata.get("range", VALUE_RANGES.get(f.name))
         if rule is not None and value is not None and not in_range(value, rule):
             expected = f"a value in {rule}" if rule[0] in "[(" else "-1 or a value > 0" if rule[0] == "-" else \
                 f"a value {rule}"
@@ -108,15 +106,18 @@ class TaskArguments:
         "help": f"one of {sorted(SYSTEM_PROMPTS)} (hrpo: the paper's prompt format) or a prompt text containing "
                 f"the answer marker"})
     reward_funcs: list[str] | None = field(default=None, metadata={
+        "resume_may_change": True,
         "help": "reward functions by import path (package.module.function, TRL's signature: "
                 "f(completions, **columns) -> list[float]); default: the task's correctness reward. Weights: "
                 "--reward_weights"})
     eval_dataset_path: str | None = field(default=None, metadata={
+        "resume_may_change": True,
         "help": "held-out data for --eval_samples (default: the held-out split --eval_split of --dataset_path's "
                 "source; a single local training file has none: name a held-out file here, or pass "
                 "--eval_on_train_data)"})
-    eval_split: str = field(default="test", metadata={"aliases": ["--dataset_test_split"],
-                                                       "help": "the held-out split of the data source"})
+    eval_split: str = field(default="test", metadata={
+        "resume_may_change": True,
+        "aliases": ["--dataset_test_split"], "help": "the held-out split of the data source"})
 
     def __post_init__(self):
         if self.task not in TASK_NAMES:
@@ -200,6 +201,7 @@ class HRPOConfig(GRPOConfig):
     temperature: float = field(default=HRPO_RECIPE["temperature"], metadata={
         "help": "sampling temperature of the rollouts (and of the latent's softmax)"})
     loss_temperature: float | None = field(default=None, metadata={
+        "range": "> 0",
         "help": "the temperature of the log-probs the loss scores (current, old-policy and reference). Default: "
                 "--temperature, the policy that sampled the rollouts, as on-policy GRPO needs. 1.0: as HRPO's code "
                 "(it samples at --temperature but scores the logits at 1; docs/design.md). Not with unsloth's GRPO "
@@ -223,37 +225,49 @@ class HRPOConfig(GRPOConfig):
         "help": "on: HRPO (hybrid rollouts, thinking modules trained); off: plain GRPO with TRL's own trainer on the "
                 "same model, LoRA, data, prompts and optimizer (the baseline)"})
     lr_residual_gate: float = field(default=1e-4, metadata={
+        "hybrid_only": True, "range": "> 0",
         "help": "learning rate of thinking_residual_gate_r/_i"})
-    lr_residual_Lambda: float = field(default=1e-3, metadata={"help": "learning rate of thinking_residual_Lambda"})
+    lr_residual_Lambda: float = field(default=1e-3, metadata={
+        "hybrid_only": True, "range": "> 0",
+        "help": "learning rate of thinking_residual_Lambda"})
     lr_thinking_projection: float = field(default=1e-4, metadata={
+        "hybrid_only": True, "range": "> 0",
         "help": "learning rate of thinking_projection (the learnable latent this project adds to HRPO)"})
     thinking_monitor_every: int | None = field(default=None, metadata={
+        "hybrid_only": True, "range": ">= 0", "resume_may_change": True,
         "help": "every N optimizer steps, also compute HRPO's embedding latent on the rollouts and log its cosine "
                 "to the projection latent (thinking_projection/cosine_to_embedding_latent); it costs a vocabulary "
                 "x hidden product per decoding step of those rollouts. Default: every 10 x --logging_steps; 0: "
                 "never"})
     max_prompt_length: int = field(default=1024, metadata={
+        "range": "> 0",
         "help": "prompts longer than this (tokens) are left out"})
     compile_rollouts: bool = field(default=False, metadata={
+        "resume_may_change": True,
         "help": "sample the rollouts with a static KV cache through transformers' compiled decoding step "
                 "(torch.compile; CUDA graphs on a GPU), the prompts left-padded to --max_prompt_length so that one "
                 "graph serves every batch; the first rollouts wait for the compilation. --backend transformers only"})
     eval_samples: int = field(default=0, metadata={
+        "range": ">= 0", "resume_may_change": True,
         "help": "held-out problems evaluated (greedy, decoding as trained) after training, and before the first "
                 "step with --eval_on_start, every --eval_steps with --eval_strategy steps; 0: none"})
     eval_on_train_data: bool = field(default=False, metadata={
+        "resume_may_change": True,
         "help": "let the held-out evaluation read a single local training file (it then scores training rows, and "
                 "records the split as train)"})
     backend: str = field(default="auto", metadata={
+        "resume_may_change": True,
         "choices": ["auto", "unsloth", "transformers"],
         "help": "how the model is loaded and trained: unsloth (FastLanguageModel; on CUDA its fast forward paths "
                 "and GRPO rewrite, forked for HRPO), or transformers + PEFT with TRL's own GRPOTrainer (the "
                 "reference path; unsloth is then not imported). auto: unsloth, on CPU too (its CPU mode runs the "
                 "fork's own forward under TRL's own trainer; the path the test suite covers)"})
     resume: str | None = field(default=None, metadata={
+        "resume_may_change": True,
         "help": "continue from the newest complete checkpoint in --output_dir (--resume alone), or from the "
                 "checkpoint-N folder given; a finished run is reported and left as it is"})
     extend_lr_schedule: bool = field(default=False, metadata={
+        "resume_may_change": True,
         "help": "with --resume and another run length (--max_steps, --num_train_epochs) than the checkpoint's: "
                 "rebuild the learning-rate schedule (and a warmup ratio) over the new length, so the multiplier "
                 "jumps at the step resumed from (printed). Without it such a resume is an error"})
@@ -361,112 +375,6 @@ def refuse_unsupported_loss_temperature(args, unsloth_rewrite: bool) -> None:
                          f"log-probs with the loss's, which must then be at one temperature; leave one of them out")
 
 
-# ---------------------------------------------------------------- parsing
-
-# Flags whose value may be left out: the value they then take.
-BARE_FLAG_VALUES = {"--resume": "latest"}
-# Values of earlier versions' flags, as the dataclass field takes them now.
-LEGACY_VALUES = {"--gradient_checkpointing": {"on": "true", "off": "false", "auto": None}}
-
-
-def normalized_argv(argv: list[str]) -> list[str]:
-    """argv with a bare ``--resume`` given its value, and earlier versions' values translated."""
-    out: list[str] = []
-    for i, token in enumerate(argv):
-        if token in LEGACY_VALUES and i + 1 < len(argv) and argv[i + 1] in LEGACY_VALUES[token]:
-            continue  # handled with its value
-        if i and argv[i - 1] in LEGACY_VALUES and token in LEGACY_VALUES[argv[i - 1]]:
-            value = LEGACY_VALUES[argv[i - 1]][token]
-            if value is not None:
-                out += [argv[i - 1], value]
-            continue
-        out.append(token)
-        next_token = argv[i + 1] if i + 1 < len(argv) else None
-        if token in BARE_FLAG_VALUES and (next_token is None or next_token.startswith("--")):
-            out.append(BARE_FLAG_VALUES[token])
-    return out
-
-
-def config_file(argv: list[str]) -> tuple[dict, list[str]]:
-    """The ``--config`` YAML file's settings ({} without one) and argv without the option: the
-    one reader of the file. A file that cannot be read, or whose top level is not a mapping of
-    settings, is a UsageError."""
-    import yaml
-
-    if "--config" not in argv:
-        return {}, list(argv)
-    i = argv.index("--config")
-    if i + 1 >= len(argv):
-        raise UsageError("--config: expected a YAML file after it")
-    path = argv[i + 1]
-    try:
-        with open(path) as file:
-            values = yaml.safe_load(file)
-    except (OSError, yaml.YAMLError) as err:
-        raise UsageError(f"--config {path}: cannot read it ({err})") from None
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise UsageError(f"--config {path}: its top level is a {type(values).__name__}; expected a mapping of "
-                         f"settings (key: value lines, e.g. `learning_rate: 5.0e-6`)")
-    return values, argv[:i] + argv[i + 2:]
-
-
-class SettingsParser(TrlParser):
-    """TrlParser over the four dataclasses; a YAML key may be a flag's alias (``lr``, ``group_size``)."""
-
-    def field_names(self) -> dict[str, str]:
-        """Every flag name and alias, without dashes, to the field it sets."""
-        return {option.lstrip("-"): action.dest for action in self._actions for option in action.option_strings}
-
-    def set_defaults_with_config(self, **kwargs) -> list[str]:
-        names = self.field_names()
-        return super().set_defaults_with_config(**{names.get(key, key): value for key, value in kwargs.items()})
-
-    def check_aliases(self, argv: list[str], config: dict) -> None:
-        """A setting given twice under two of its names (``--lr`` and ``--learning_rate`` on the
-        command line, or ``lr`` and ``learning_rate`` in the YAML) with different values is an
-        error naming both (argparse and the YAML reader would silently keep the last)."""
-        names = self.field_names()
-        flags = []
-        for i, token in enumerate(argv):
-            option, eq, value = token.partition("=")
-            if option.startswith("--") and option[2:] in names:
-                if not eq:
-                    value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
-                flags.append((option[2:], value))
-        for pairs, where in ((flags, ""), ([(k, v) for k, v in config.items() if k in names], " in --config")):
-            first: dict[str, tuple[str, object]] = {}
-            for key, value in pairs:
-                name = names[key]
-                if name in first and first[name][0] != key and not _same_value(first[name][1], value):
-                    raise UsageError(f"--{first[name][0]} {first[name][1]} and --{key} {value}{where} both set "
-                                     f"{name}: give it once")
-                first.setdefault(name, (key, value))
-
-
-def _same_value(a, b) -> bool:
-    try:
-        return float(a) == float(b)
-    except (TypeError, ValueError):
-        return str(a) == str(b)
-
-
-def settings_parser(description: str | None = None, **task_defaults) -> SettingsParser:
-    """The parser of a training run (``task_defaults``: a task script's defaults, e.g. --task math)."""
-    import argparse
-
-    from transformers.hybrid_thinking.config import ThinkingConfig
-
-    parser = SettingsParser((TaskArguments, HRPOModelConfig, HRPOConfig, ThinkingConfig), description=description,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    # read by config_file() before parsing; declared so that --help lists it (never parsed into a dataclass)
-    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="RECIPE.yaml",
-                        help="a YAML file of settings (any flag's name as a key); flags given on the command line win")
-    parser.set_defaults(**task_defaults)
-    return parser
-
-
 @dataclass
 class Settings:
     """A run's settings: the four dataclasses, and which fields the user gave (flags and the YAML)."""
@@ -488,60 +396,6 @@ class Settings:
             out.update({f.name: getattr(part, f.name) for f in fields(part) if f.init})
         out.update(self.training.to_dict())
         return out
-
-
-def given_fields(parser: SettingsParser, argv: list[str]) -> set[str]:
-    """The fields set on the command line or in the ``--config`` file."""
-    import argparse
-
-    config, argv = config_file(argv)
-    saved, parser_defaults = [(action, action.default) for action in parser._actions], parser._defaults
-    try:
-        parser._defaults = {}  # set_defaults() values would count as given
-        for action in parser._actions:
-            action.default = argparse.SUPPRESS
-        namespace, _ = parser.parse_known_args(argv)
-    finally:
-        parser._defaults = parser_defaults
-        for action, default in saved:
-            action.default = default
-    names = parser.field_names()
-    return {names.get(key, key) for key in config} | set(vars(namespace))
-
-
-def parse_settings(argv: list[str] | None = None, parser: SettingsParser | None = None) -> Settings:
-    """The run's settings from the command line (and ``--config``), each dataclass checked; a
-    bad value is a UsageError naming the flag."""
-    import sys
-
-    from .tasks import get_task
-
-    argv = normalized_argv(list(sys.argv[1:] if argv is None else argv))
-    parser = parser or settings_parser()
-    parser.check_aliases(*reversed(config_file(argv)))
-    try:
-        task, model, training, thinking = parser.parse_args_and_config(argv)
-        given = given_fields(parser, argv)
-    except UsageError:
-        raise
-    except (ValueError, OSError) as err:
-        raise UsageError(str(err)) from None
-    task.dataset_path = task.dataset_path or get_task(task.task).default_dataset
-    try:
-        thinking = thinking.with_answer_marker(get_task(task.task).answer_marker)
-    except ValueError as err:
-        raise UsageError(f"the thinking options: {err}") from None
-    return Settings(task, model, training, thinking, frozenset(given))
-
-
-def raw_values(parser: SettingsParser, argv: list[str]):
-    """The values the command line and ``--config`` give, as an argparse namespace, before any
-    dataclass is made (nothing checked yet: what --resume needs to find its checkpoint)."""
-    config, argv = config_file(normalized_argv(list(argv)))
-    parser.set_defaults_with_config(**{k: v for k, v in config.items() if k != "env"})
-    values = parser.parse_known_args(argv)[0]
-    values.resume = resume_request(values.resume, values.resume_from_checkpoint)
-    return values
 
 
 def resume_request(resume: str | None, resume_from_checkpoint: str | None) -> str | None:
@@ -569,7 +423,7 @@ def check_settings(settings: Settings) -> None:
 
     task, model, training, given = settings.task, settings.model, settings.training, settings.given
     if not settings.hybrid:
-        ignored = sorted(given & ({f.name for f in fields(ThinkingConfig)} | set(HYBRID_ONLY)))
+        ignored = sorted(given & ({f.name for f in fields(ThinkingConfig)} | marked_fields("hybrid_only")))
         if ignored:
             raise UsageError(f"{', '.join('--' + name for name in ignored)}: no effect with --hybrid_thinking off "
                              f"(plain GRPO builds no thinking modules); leave them out, or use --hybrid_thinking on")
@@ -598,7 +452,7 @@ def check_settings(settings: Settings) -> None:
         raise UsageError(str(err)) from None
     if training.eval_samples:
         from .data import DataError
-        from .evaluation import held_out_source
+        from .held_out import held_out_source
 
         try:
             held_out_source(task.eval_dataset_path, task.eval_split, training_path=task.dataset_path,
@@ -609,3 +463,16 @@ def check_settings(settings: Settings) -> None:
         raise UsageError(f"--model_name_or_path {model.model_name_or_path}: no such model folder")
     if not math.isfinite(training.learning_rate):
         raise UsageError(f"--learning_rate {training.learning_rate}: expected a finite value")
+
+
+def marked_fields(mark: str) -> set[str]:
+    """The fields of the run's dataclasses whose metadata says ``mark`` ("hybrid_only",
+    "resume_may_change")."""
+    return {f.name for cls in (TaskArguments, HRPOModelConfig, HRPOConfig) for f in fields(cls)
+            if f.metadata.get(mark)}
+
+
+def hrpo_setting(args, name: str):
+    """An HRPO setting of a trainer's ``args``: its value in an HRPOConfig, HRPO's default in a plain
+    GRPOConfig (so a trainer built on one never trains the thinking modules at the LoRA rate)."""
+    return getattr(args, name) if hasattr(args, name) else HRPOConfig.__dataclass_fields__[name].default

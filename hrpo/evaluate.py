@@ -57,7 +57,7 @@ def resolved(args) -> argparse.Namespace:
     run = run_settings(args.checkpoint_path)
     out = argparse.Namespace(**vars(args))
     out.task = args.task or run.get("task", "gsm8k")
-    from hrpo.evaluation import held_out_source
+    from hrpo.held_out import held_out_source
 
     out.dataset_path, out.split = held_out_source(
         args.dataset_path, args.split, training_path=run.get("dataset_path") or get_task(out.task).default_dataset,
@@ -74,7 +74,7 @@ def evaluate(args) -> dict:
     from tqdm import tqdm
 
     from hrpo.checkpoint import load_checkpoint
-    from hrpo.evaluation import evaluate_rows, result_file_name
+    from hrpo.held_out import evaluate_rows, result_file_name
     from hrpo.tasks import get_task
 
     args = resolved(args)

@@ -17,6 +17,8 @@ import json
 import re
 from pathlib import Path
 
+from .checkpoint import RUN_SETTINGS
+
 CARD_NAME = "README.md"
 TAGS = ("hrpo", "grpo", "trl", "latent-reasoning")
 # The latent sources that feed the learnable projection of the last hidden state.
@@ -197,7 +199,7 @@ def loading_snippet(hub_model_id: str | None) -> list[str]:
 
 def usage_section(thinking: dict | None, hub_model_id: str | None) -> str:
     decoding = ("Hybrid decoding takes `processing_class=tokenizer` in `model.generate` (and `is_inference=True` for "
-                "greedy), as `hrpo/evaluation.py` passes them." if thinking is not None else
+                "greedy), as `hrpo/held_out.py` passes them." if thinking is not None else
                 "It decodes tokens only, like any causal LM.")
     return "\n".join([
         "## How to load it", "", install_note(thinking), "",
@@ -246,3 +248,63 @@ def latest_evaluation(output_dir) -> dict | None:
         if isinstance(metrics, dict) and metrics.get("step") != UNTRAINED_STEP:
             found.append((path.stat().st_mtime_ns, path.name, result))
     return max(found, key=lambda item: item[:2])[2] if found else None
+
+
+# ---------------------------------------------------------------- the trainers' card
+
+def base_model_name(model) -> str | None:
+    """The base model an adapter goes on: what the adapter config records (the loader reads
+    it), else the base model config's ``_name_or_path``."""
+    adapter = getattr(model, "peft_config", {}).get("default")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(adapter, "base_model_name_or_path", None) or getattr(base.config, "_name_or_path", None) or None
+
+
+def thinking_settings(config) -> dict | None:
+    """Every hybrid-thinking field of a model config, or None for upstream's plain model."""
+    from transformers.hybrid_thinking.config import ThinkingConfig, thinking_enabled
+
+    return ThinkingConfig.from_config(config).to_dict() if thinking_enabled(config) else None
+
+
+class HRPOModelCardMixin:
+    """Our model card (``hrpo.model_card``) wherever TRL or transformers would write theirs:
+    ``create_model_card`` (TRL calls it before each checkpoint, ``push_to_hub`` before the
+    upload) and after ``save_model``, whose PEFT ``save_pretrained`` rewrites a folder's
+    README.md (its own template, or our card with its tags replaced). The main process writes."""
+
+    hrpo_task: str | None = None  # set by whoever builds the trainer
+    hrpo_dataset: str | None = None
+
+    def model_card_facts(self, folder) -> dict:
+        model = self.accelerator.unwrap_model(self.model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return {"base_model": base_model_name(model) or "unknown", "task": getattr(self, "hrpo_task", None),
+                "dataset": getattr(self, "hrpo_dataset", None), "thinking": thinking_settings(base.config),
+                "evaluation": latest_evaluation(folder),
+                "hub_model_id": getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+                "training": self.training_facts(model)}
+
+    def training_facts(self, model) -> dict:
+        """The run's main settings as this trainer runs them (``hrpo.model_card.TRAINING_FACTS``):
+        the optimizer steps taken so far, the adapter's rank, and the run-settings file when the run
+        writes one beside its checkpoints."""
+        args, adapter = self.args, getattr(model, "peft_config", {}).get("default")
+        temperature = getattr(self, "loss_temperature", None)
+        return {"learning_rate": args.learning_rate, "steps": self.state.global_step,
+                "lora_r": getattr(adapter, "r", None), "lora_alpha": getattr(adapter, "lora_alpha", None),
+                "beta": args.beta, "num_generations": args.num_generations, "temperature": args.temperature,
+                "loss_temperature": temperature if temperature not in (None, args.temperature) else None,
+                "settings_file": RUN_SETTINGS if getattr(self, "run_settings", None) is not None else None}
+
+    def write_hrpo_model_card(self, folder) -> None:
+        if self.is_world_process_zero():
+            write_model_card(folder, **self.model_card_facts(folder))
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        """In place of TRL's card (its arguments are not used: the card describes the run)."""
+        self.write_hrpo_model_card(self.args.output_dir)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        self.write_hrpo_model_card(self.args.output_dir if output_dir is None else output_dir)

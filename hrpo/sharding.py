@@ -77,7 +77,7 @@ def shard_thinking_modules(model: nn.Module, *, mesh=None, offload_policy=None) 
     if not modules:
         return []
     for module in modules:
-        module.to(FLOAT32)  # the master weights too: training.py makes the copies float32 already
+        module.to(FLOAT32)  # the master weights too: loading.py makes the copies float32 already
     # resharded by the hooks below, not after each module's own forward
     fully_shard(modules, mesh=mesh, reshard_after_forward=False, offload_policy=offload_policy or OffloadPolicy(),
                 mp_policy=float32_policy())

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import sys
 
-from .backend import import_unsloth, requested_backend
+from .backend import import_unsloth
+from .command_line import requested_backend
 
 
 def main(argv=None, description: str | None = None, **task_defaults) -> int:
@@ -25,9 +26,12 @@ def main(argv=None, description: str | None = None, **task_defaults) -> int:
         import torch
 
         import_unsloth(torch.cuda.is_available())
-    from .config import UsageError, settings_parser
+    from .errors import UsageError
+    from .settings_parser import settings_parser
     from .data import DataError
-    from .training import close_process_group, finished_run, prepare, train
+    from .distributed import close_process_group
+    from .run import prepare, train
+    from .resume import finished_run
 
     parser = settings_parser(description or __doc__, **task_defaults)
 

@@ -1,8 +1,12 @@
 """The HRPO trainer: GRPO with hybrid rollouts and a hybrid replay.
 
-It subclasses whatever ``trl.GRPOTrainer`` is when it is imported: TRL 1.15's own class,
-or, on CUDA after ``import unsloth``, the ``UnslothGRPOTrainer`` that unsloth generates
-from it (``PatchFastRL``), whose loss (``grpo_accumulated_loss``) makes its own forwards.
+The trainers are mixins put on the GRPOTrainer that the run's backend chooses
+(``trainer_class``, ``hrpo.backend.grpo_trainer_base``): TRL 1.15's own, or, on CUDA with the
+unsloth backend, the ``UnslothGRPOTrainer`` that unsloth generates from it (``PatchFastRL``),
+whose loss (``grpo_accumulated_loss``) makes its own forwards. ``HRPOTrainer`` and
+``GRPOTrainerWithCompleteCheckpoints`` are the two on ``trl.GRPOTrainer`` as imported. Every HRPO
+setting comes from the trainer's ``args``: an ``HRPOConfig``, or a plain ``GRPOConfig`` with
+HRPO's defaults (``hrpo.config.hrpo_setting``).
 
 - Rollouts: the trainer's own generation path, with the model's ``generate`` wrapped for
   the call so that it samples in hybrid mode (``processing_class``,
@@ -28,22 +32,26 @@ from it (``PatchFastRL``), whose loss (``grpo_accumulated_loss``) makes its own 
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers.hybrid_thinking.config import ThinkingConfig, thinking_enabled
 from transformers.hybrid_thinking.generation import deterministic_projection
-from transformers.hybrid_thinking.modeling import PROJECTION_MODULE, THINKING_INPUTS, HybridThinkingMixin
-from trl import GRPOTrainer
+from transformers.hybrid_thinking.modeling import PROJECTION_MODULE, THINKING_INPUTS
+import trl
 
-from .checkpoint import (RUN_SETTINGS, load_trained_adapter, save_complete_checkpoint,
+from .backend import UNSLOTH_GRPO_TRAINER
+from .checkpoint import (load_trained_adapter, save_complete_checkpoint,
                          trained_adapter_only_under_zero3, write_run_settings)
 from .compiled_rollouts import compile_rollouts, fixed_length_prompts
-from .config import loss_temperature, refuse_unsupported_loss_temperature
+from .config import hrpo_setting, loss_temperature, refuse_unsupported_loss_temperature
 from .optimizer import patch_trainer_optimizer
-from .evaluation import HeldOutEvaluation
-from .model_card import latest_evaluation, write_model_card
+from .held_out import HeldOutEvaluation
+from .distributed import full_tensor
+from .loss_temperature import fused_head_temperature, log_probs_also_at
+from .model_card import HRPOModelCardMixin
+from .model_checks import check_rollout_source, find_thinking_base, verify_hybrid_forward
 from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
 from .sampling import check_sampling_distribution, distribution_changes, generate_replaced
 from .sharding import keep_thinking_modules_float32
@@ -56,252 +64,17 @@ REPLAY_GAP_BOUND_FLOAT32 = 1e-3
 REPLAY_GAP_BOUND_HALF = 1.0
 
 
-def find_thinking_base(model) -> HybridThinkingMixin:
-    for module in model.modules():
-        if isinstance(module, HybridThinkingMixin):
-            if not module.has_thinking_modules:
-                raise ValueError(f"{type(model).__name__} was built without hybrid thinking: set the thinking fields "
-                                 f"(thinking_latent_source, ...) on the config before the model is built "
-                                 f"(hrpo_gsm8k.py does), or load an HRPO checkpoint")
-            return module
-    raise ValueError(f"{type(model).__name__} has no HRPO thinking modules: load the model with the "
-                     f"transformers fork (Qwen2 or Llama)")
-
-
-def gathered_parameters(model):
-    """A context in which a model sharded by DeepSpeed ZeRO-3 (built under ``zero.Init``, before
-    the engine exists) holds its whole parameters, for a forward outside the engine; any other
-    model as it is. A collective: every rank enters it at the same point."""
-    parameters = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    if not parameters:
-        return contextlib.nullcontext()
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    parameters = [p for p in parameters if p.ds_status != ZeroParamStatus.AVAILABLE]
-
-    return deepspeed.zero.GatheredParameters(parameters)
-
-
-def verify_hybrid_forward(model, base) -> None:
-    """Refuse a model whose forward ignores the thinking inputs (for instance a forward
-    replaced by a fast path that does not know them): it would train plain GRPO while
-    logging HRPO."""
-    with gathered_parameters(model):
-        _verify_hybrid_forward(model, base)
-
-
-@torch.no_grad()
-def _verify_hybrid_forward(model, base) -> None:
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([[1, 2, 3, 4]], device=device)
-    mask = torch.tensor([[False, False, True, True]], device=device)
-    generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG stream alone
-    latents = torch.randn(1, 4, base.config.hidden_size, device=device, generator=generator) * 10
-    was_training = model.training
-    model.eval()
-    try:
-        plain = model(input_ids=input_ids).logits
-        mixed = model(input_ids=input_ids, thinking_mask=mask, thinking_latents=latents,
-                      thinking_hidden=latents).logits
-        noisy = model(input_ids=input_ids, thinking_mask=mask, thinking_latents=latents, thinking_hidden=latents,
-                      thinking_noise=latents).logits if base.config.thinking_latent_noise == "gaussian" else None
-    finally:
-        model.train(was_training)
-    if torch.equal(plain[:, 2:], mixed[:, 2:]):
-        raise RuntimeError(f"{type(model).__name__}'s forward does not apply the HRPO thinking inputs: a forward "
-                           f"that does not know them is active (unsloth without the HRPO fork's series? run "
-                           f"./setup.sh), or use hrpo_gsm8k.py --backend transformers")
-    if noisy is not None and torch.equal(noisy[:, 2:], mixed[:, 2:]):
-        raise RuntimeError(f"{type(model).__name__}'s forward ignores thinking_noise (Gaussian latent noise is "
-                           f"configured): the replay would not feed the noise that sampling fed. Run ./setup.sh "
-                           f"(both forks of one version), or use hrpo_gsm8k.py --backend transformers")
-    verify_hidden_state_handover(model, base, input_ids)
-
-
-@torch.no_grad()
-def verify_hidden_state_handover(model, base, input_ids) -> None:
-    """A projection source needs the forward to hand generation the last position's hidden
-    state (``return_last_hidden_state``); without it generation falls back to the embedding
-    method and the projection never gets a gradient."""
-    source = base.config.thinking_latent_source
-    if source == "embedding":
-        return
-    was_training = model.training
-    model.eval()
-    try:
-        out = model(input_ids=input_ids, return_last_hidden_state=True)
-    finally:
-        model.train(was_training)
-    if getattr(out, "last_hidden_state", None) is None:
-        raise RuntimeError(f"thinking_latent_source={source!r} needs the last hidden state, but "
-                           f"{type(model).__name__}'s forward returned no last_hidden_state when asked "
-                           f"(return_last_hidden_state=True): a forward without the HRPO fork's hand-over is "
-                           f"active (run ./setup.sh), or use hrpo_gsm8k.py --backend transformers")
-
-
-def check_rollout_source(out, base) -> None:
-    """Refuse rollouts sampled with another latent source than the model's (generation fell
-    back to the embedding method because the forward returned no hidden state): training
-    on them would leave the projection without a gradient."""
-    wanted = base.config.thinking_latent_source
-    if out.thinking_latent_source != wanted:
-        raise RuntimeError(f"the rollouts were sampled with thinking_latent_source={out.thinking_latent_source!r}, "
-                           f"but the model is configured for {wanted!r}: generation fell back because the forward "
-                           f"returned no last hidden state; training on them would not train the projection")
-
-
-def full_tensor(param) -> torch.Tensor:
-    """A parameter's whole value on every rank, for metrics: an FSDP2 shard is a DTensor, a
-    DeepSpeed ZeRO-3 parameter a partition (gathered here: a collective, so every rank calls
-    this for the same parameters in the same order, as the metrics do)."""
-    if hasattr(param, "full_tensor"):
-        return param.full_tensor().detach()
-    if hasattr(param, "ds_id"):
-        import deepspeed
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        if param.ds_status == ZeroParamStatus.AVAILABLE:  # already gathered (TRL's generation context)
-            return param.detach().clone()
-        with deepspeed.zero.GatheredParameters([param]):
-            return param.detach().clone()
-    return param.detach()
-
-
 def default_monitor_every(args) -> int:
     """The thinking monitor's default period: every 10 logging steps."""
     return 10 * max(1, int(args.logging_steps or 1))
 
 
-def base_model_name(model) -> str | None:
-    """The base model an adapter goes on: what the adapter config records (the loader reads
-    it), else the base model config's ``_name_or_path``."""
-    adapter = getattr(model, "peft_config", {}).get("default")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(adapter, "base_model_name_or_path", None) or getattr(base.config, "_name_or_path", None) or None
-
-
-def thinking_settings(config) -> dict | None:
-    """Every hybrid-thinking field of a model config, or None for upstream's plain model."""
-    return ThinkingConfig.from_config(config).to_dict() if thinking_enabled(config) else None
-
-
-# ---------------------------------------------------------------- the loss temperature
-
-@contextlib.contextmanager
-def fused_head_temperature(temperature: float):
-    """TRL's GRPOTrainer builds, when it is made, the fused LM head through which it scores every
-    log-prob (the loss's, the old policy's, the reference's, the entropy), at its sampling
-    temperature. Made inside this context, the head divides the logits by ``temperature``
-    instead; sampling keeps the trainer's temperature. A trainer that builds no head is an error."""
-    import trl.trainer.grpo_trainer as grpo_module
-
-    original = grpo_module.add_fused_lm_head
-    built = []
-
-    def add_fused_lm_head(model, *args, **kwargs):
-        kwargs["temperature"] = temperature
-        built.append(model)
-        return original(model, *args, **kwargs)
-
-    grpo_module.add_fused_lm_head = add_fused_lm_head
-    try:
-        yield
-    finally:
-        grpo_module.add_fused_lm_head = original
-    if not built:
-        raise RuntimeError(f"--loss_temperature {temperature}: TRL's GRPOTrainer built no fused LM head, so the loss "
-                           f"temperature could not be applied (a TRL other than 1.15?)")
-
-
-class LogProbsAlsoAt:
-    """Stands in TRL's fused-LM-head kernel slot during one scoring call: the kernel's own results,
-    and besides, without gradient, the log-probs of the same hidden states and tokens at
-    ``temperature`` (one more pass through the LM head), in ``found``, in the order of the
-    scored tokens."""
-
-    def __init__(self, kernel, temperature: float):
-        self.kernel, self.temperature, self.found = kernel, temperature, []
-
-    def apply(self, hidden, weight, bias, targets, temperature, chunk_size, *rest):
-        with torch.no_grad():
-            again = self.kernel.apply(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
-                                      targets, self.temperature, chunk_size, *rest[:2], ("log_probs",))
-        self.found.append(again[0].detach().float())
-        return self.kernel.apply(hidden, weight, bias, targets, temperature, chunk_size, *rest)
-
-    def per_token(self, scored: torch.Tensor) -> torch.Tensor:
-        """The values in ``found`` in place: ``scored`` marks the tokens the head scored
-        (rows x completion positions), in the order it scored them; zero elsewhere."""
-        values = torch.cat(self.found) if self.found else torch.zeros(0)
-        if values.numel() != int(scored.sum()):
-            raise RuntimeError(f"the on-policy check at the sampling temperature: TRL's fused LM head scored "
-                               f"{values.numel()} tokens, the completion mask has {int(scored.sum())}")
-        out = torch.zeros(scored.shape, dtype=torch.float32, device=scored.device)
-        out[scored] = values.to(scored.device)
-        return out
-
-
-@contextlib.contextmanager
-def log_probs_also_at(temperature: float):
-    from trl.trainer import utils as trl_utils
-
-    kernel = trl_utils._ChunkedLogProbFunction
-    also = LogProbsAlsoAt(kernel, temperature)
-    trl_utils._ChunkedLogProbFunction = also
-    try:
-        yield also
-    finally:
-        trl_utils._ChunkedLogProbFunction = kernel
-
-
-class HRPOModelCardMixin:
-    """Our model card (``hrpo.model_card``) wherever TRL or transformers would write theirs:
-    ``create_model_card`` (TRL calls it before each checkpoint, ``push_to_hub`` before the
-    upload) and after ``save_model``, whose PEFT ``save_pretrained`` rewrites a folder's
-    README.md (its own template, or our card with its tags replaced). The main process writes."""
-
-    hrpo_task: str | None = None  # set by whoever builds the trainer
-    hrpo_dataset: str | None = None
-
-    def model_card_facts(self, folder) -> dict:
-        model = self.accelerator.unwrap_model(self.model)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return {"base_model": base_model_name(model) or "unknown", "task": getattr(self, "hrpo_task", None),
-                "dataset": getattr(self, "hrpo_dataset", None), "thinking": thinking_settings(base.config),
-                "evaluation": latest_evaluation(folder),
-                "hub_model_id": getattr(self, "hub_model_id", None) or self.args.hub_model_id,
-                "training": self.training_facts(model)}
-
-    def training_facts(self, model) -> dict:
-        """The run's main settings as this trainer runs them (``hrpo.model_card.TRAINING_FACTS``):
-        the optimizer steps taken so far, the adapter's rank, and the run-settings file when the run
-        writes one beside its checkpoints."""
-        args, adapter = self.args, getattr(model, "peft_config", {}).get("default")
-        temperature = getattr(self, "loss_temperature", None)
-        return {"learning_rate": args.learning_rate, "steps": self.state.global_step,
-                "lora_r": getattr(adapter, "r", None), "lora_alpha": getattr(adapter, "lora_alpha", None),
-                "beta": args.beta, "num_generations": args.num_generations, "temperature": args.temperature,
-                "loss_temperature": temperature if temperature not in (None, args.temperature) else None,
-                "settings_file": RUN_SETTINGS if getattr(self, "run_settings", None) is not None else None}
-
-    def write_hrpo_model_card(self, folder) -> None:
-        if self.is_world_process_zero():
-            write_model_card(folder, **self.model_card_facts(folder))
-
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
-        """In place of TRL's card (its arguments are not used: the card describes the run)."""
-        self.write_hrpo_model_card(self.args.output_dir)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        super().save_model(output_dir, _internal_call)
-        self.write_hrpo_model_card(self.args.output_dir if output_dir is None else output_dir)
-
-
-class GRPOTrainerWithCompleteCheckpoints(HeldOutEvaluation, HRPOModelCardMixin, GRPOTrainer):
-    """The plain-GRPO baseline: the trainer itself, with kill-safe checkpoints and a resume
-    that restores the trained adapter (``hrpo.checkpoint``), refusing a sampling distribution
-    that the loss does not score (``hrpo.sampling``), writing our model card."""
+class RunTrainerMixin(HeldOutEvaluation, HRPOModelCardMixin):
+    """What every trainer of a run adds to its GRPOTrainer: kill-safe checkpoints and a resume
+    that restores the trained adapter (``hrpo.checkpoint``), the six parameter groups, refusing
+    a sampling distribution that the loss does not score (``hrpo.sampling``), the loss
+    temperature, held-out evaluation and our model card. On its own (with a GRPOTrainer) it is
+    the plain-GRPO baseline."""
 
     run_settings: dict | None = None  # the run-settings file's content, written beside each checkpoint
 
@@ -314,7 +87,7 @@ class GRPOTrainerWithCompleteCheckpoints(HeldOutEvaluation, HRPOModelCardMixin, 
     def __init__(self, *args, **kwargs):
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         refuse_unsupported_loss_temperature(
-            config, any(cls.__name__ == "UnslothGRPOTrainer" for cls in type(self).__mro__))
+            config, any(cls.__name__ == UNSLOTH_GRPO_TRAINER for cls in type(self).__mro__))
         # the temperature of every log-prob TRL scores (the sampling one unless --loss_temperature)
         self.loss_temperature = None if config is None else loss_temperature(config)
         other = config is not None and self.loss_temperature != config.temperature
@@ -337,14 +110,15 @@ class GRPOTrainerWithCompleteCheckpoints(HeldOutEvaluation, HRPOModelCardMixin, 
                                   tokenizer.pad_token_id):
             return super()._generate_and_score_completions(inputs)
 
-    thinking_learning_rates: tuple[float, float, float] | None = None  # gate, Lambda, projection (build_trainer)
-
     def create_optimizer(self, model=None):
-        """The six parameter groups (``hrpo.optimizer``) whenever the trainer creates its optimizer:
-        also when DeepSpeed's init drops one made before (it sets ``trainer.optimizer = None``, and
-        its default groups gave the thinking modules the main rate and decayed Lambda)."""
-        if self.optimizer is None and self.thinking_learning_rates is not None:
-            patch_trainer_optimizer(self, *self.thinking_learning_rates, model=model)
+        """The six parameter groups (``hrpo.optimizer``, the thinking modules at their own rates from
+        ``args``) whenever the trainer creates its optimizer: also when DeepSpeed's init drops one
+        made before (it sets ``trainer.optimizer = None``, and its default groups gave the thinking
+        modules the main rate and decayed Lambda)."""
+        if self.optimizer is None:
+            rates = (hrpo_setting(self.args, name) for name in
+                     ("lr_residual_gate", "lr_residual_Lambda", "lr_thinking_projection"))
+            patch_trainer_optimizer(self, *rates, model=model)
         return super().create_optimizer(model)
 
     def _save_checkpoint(self, model, trial):
@@ -359,12 +133,12 @@ class GRPOTrainerWithCompleteCheckpoints(HeldOutEvaluation, HRPOModelCardMixin, 
         load_trained_adapter(self, resume_from_checkpoint, model)
 
 
-class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
-    """GRPOTrainer with HRPO hybrid latent reasoning (see the module docstring), with the
+class HybridThinkingTrainerMixin(RunTrainerMixin):
+    """HRPO hybrid latent reasoning on a GRPOTrainer (see the module docstring), with the
     baseline's kill-safe checkpoints and a resume that restores the trained adapter and
     thinking modules."""
 
-    def __init__(self, *args, thinking_monitor_every: int | None = None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.use_vllm:
             raise ValueError("HRPOTrainer samples with the fork's hybrid generate(); use_vllm is not supported")
@@ -372,8 +146,8 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
             raise ValueError("HRPOTrainer does not support tool calling (multi-turn rollouts)")
         self.thinking_base = find_thinking_base(self.model)
         verify_hybrid_forward(self.model, self.thinking_base)
-        self.thinking_monitor_every = default_monitor_every(self.args) if thinking_monitor_every is None \
-            else thinking_monitor_every
+        every = hrpo_setting(self.args, "thinking_monitor_every")
+        self.thinking_monitor_every = default_monitor_every(self.args) if every is None else every
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         self.replay_index = ReplayIndex(tokenizer.pad_token_id, self._stop_token_ids(tokenizer))
         self._generating = False
@@ -618,3 +392,22 @@ class HRPOTrainer(GRPOTrainerWithCompleteCheckpoints):
                 fed = self.thinking_base.thinking_latent(embedding_latent, hidden[:, prompt_len:][mask], noise)
             cosine = torch.nn.functional.cosine_similarity(embedding_latent.float(), fed.float(), dim=-1)
             metrics["thinking_projection/cosine_to_embedding_latent"].append(cosine.mean().item())
+
+
+def trainer_class(hybrid: bool, base: type) -> type:
+    """The trainer of a run on the GRPOTrainer ``base`` that its backend chose
+    (``hrpo.backend.grpo_trainer_base``: TRL's own, or unsloth's rewrite of it): ``HRPOTrainer``
+    (``hybrid``) or the plain-GRPO baseline, ``GRPOTrainerWithCompleteCheckpoints``."""
+    return _on_base(HybridThinkingTrainerMixin if hybrid else RunTrainerMixin, base)
+
+
+@functools.cache
+def _on_base(mixin: type, base: type) -> type:
+    name = "HRPOTrainer" if mixin is HybridThinkingTrainerMixin else "GRPOTrainerWithCompleteCheckpoints"
+    return type(name, (mixin, base), {"__module__": __name__, "__doc__": mixin.__doc__})
+
+
+# On trl.GRPOTrainer as this module finds it, for building a trainer directly; a run builds its
+# trainer on the base its backend chooses (trainer_class).
+GRPOTrainerWithCompleteCheckpoints = trainer_class(False, trl.GRPOTrainer)
+HRPOTrainer = trainer_class(True, trl.GRPOTrainer)

@@ -16,8 +16,8 @@ import torch
 from hrpo.backend import import_unsloth
 
 import_unsloth(torch.cuda.is_available())  # first: it patches transformers and TRL
-from hrpo.config import parse_settings  # noqa: E402
-from hrpo.training import build_trainer  # noqa: E402
+from hrpo.settings_parser import parse_settings  # noqa: E402
+from hrpo.run import build_trainer  # noqa: E402
 
 
 def length_reward(completions, **_):

@@ -4,7 +4,7 @@ torch.distributed.run with DeepSpeed's CPU accelerator:
     DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 -m testing.deepspeed_precision \\
         WORKSPACE OUT_DIR STAGE [STEPS]
 
-The model as a training run builds it (``hrpo.training.load_model``, --backend transformers, bf16
+The model as a training run builds it (``hrpo.loading.load_model``, --backend transformers, bf16
 weights as on CUDA, the projection source's thinking copies in float32), given to
 ``deepspeed.initialize`` with bf16 on and ZeRO stage STAGE (2 or 3), as ``configs/zero2.yaml`` /
 ``zero3.yaml`` with ``mixed_precision: bf16`` make it, and an AdamW whose thinking group has
@@ -32,8 +32,8 @@ def main(workspace: Path, out: Path, stage: str, steps: str = "40") -> None:
     from deepspeed.utils import safe_get_full_fp32_param
     from transformers.hybrid_thinking.modeling import LAMBDA_MODULE
 
-    from hrpo import training
-    from hrpo.config import parse_settings
+    from hrpo import loading
+    from hrpo.settings_parser import parse_settings
     from hrpo.sharding import trainable_thinking_modules
     from testing.training import tiny_training_argv
 
@@ -42,7 +42,7 @@ def main(workspace: Path, out: Path, stage: str, steps: str = "40") -> None:
     torch.set_num_threads(1)
     settings = parse_settings(tiny_training_argv(workspace, out / "run", "--backend", "transformers",
                                                  "--thinking_latent_source", "projection", "--dtype", "bfloat16"))
-    model, _ = training.load_model(settings, cuda=False)
+    model, _ = loading.load_model(settings, cuda=False)
     lam = next(m for n, m in model.named_modules() if n.endswith(f"{LAMBDA_MODULE}.modules_to_save.default"))
     with torch.no_grad():
         lam.Lambda[:2] = torch.tensor(LAMBDA_START)

@@ -3,7 +3,7 @@
     python -m torch.distributed.run --nproc_per_node 2 -m testing.fsdp2_precision WORKSPACE OUT_DIR \
         [SOURCE [SCALE]]
 
-The model as a training run builds it (``hrpo.training.load_model``, --backend transformers,
+The model as a training run builds it (``hrpo.loading.load_model``, --backend transformers,
 bf16 weights as on CUDA: LoRA, the thinking copies in float32; latent source SOURCE, default
 embedding_plus_projection, whose sampling reads the embedding matrix between forwards, and
 latent scale SCALE, default unit; "projection embedding" reads it inside the forward), sharded
@@ -96,8 +96,8 @@ def main(workspace: Path, out: Path, source: str = "embedding_plus_projection", 
     from torch.distributed.fsdp import register_fsdp_forward_method
     from transformers.hybrid_thinking.modeling import LAMBDA_MODULE
 
-    from hrpo import training
-    from hrpo.config import parse_settings
+    from hrpo import loading
+    from hrpo.settings_parser import parse_settings
     from hrpo.sharding import keep_thinking_modules_float32
     from testing.tiny import encode_prompts
     from testing.training import tiny_training_argv
@@ -108,7 +108,7 @@ def main(workspace: Path, out: Path, source: str = "embedding_plus_projection", 
     settings = parse_settings(tiny_training_argv(workspace, out / "run", "--backend", "transformers",
                                                  "--thinking_latent_source", source, "--thinking_latent_scale", scale,
                                                  "--dtype", "bfloat16"))
-    model, tokenizer = training.load_model(settings, cuda=False)
+    model, tokenizer = loading.load_model(settings, cuda=False)
     lambda_copy = next(m for n, m in model.named_modules() if n.endswith(f"{LAMBDA_MODULE}.modules_to_save.default"))
     with torch.no_grad():
         lambda_copy.Lambda[:2] = torch.tensor(LAMBDA_PROBE)

@@ -56,7 +56,7 @@ def recorder(trainer, folder: Path):
 
     trainer._generate_and_score_completions = generate_and_score
 
-    from hrpo.trainer import full_tensor
+    from hrpo.distributed import full_tensor
     from testing.fsdp2_precision import record_thinking_forward
 
     thinking_forward, _ = record_thinking_forward(trainer.model)  # what the last forward of a step read
@@ -115,9 +115,9 @@ def main() -> int:
     ours, rest = parser.parse_known_args()
     flags = rest[1:] if rest[:1] == ["--"] else rest
 
-    from hrpo import train, training
+    from hrpo import run as hrpo_run, train
 
-    build = training.build_trainer
+    build = hrpo_run.build_trainer
 
     def build_trainer(settings, reward_funcs=None):
         from transformers import Trainer, TrainerCallback
@@ -143,7 +143,7 @@ def main() -> int:
             trainer.add_callback(recorder(trainer, ours.record))
         return trainer
 
-    training.build_trainer = build_trainer
+    hrpo_run.build_trainer = build_trainer
     return train.main(flags)
 
 

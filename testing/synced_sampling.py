@@ -74,13 +74,13 @@ def main(out: Path) -> None:
 
 
 def sharded_metric_check(model, world: int) -> bool:
-    """The trainer's metrics read the projection whole (hrpo.trainer.full_tensor) also when
+    """The trainer's metrics read the projection whole (hrpo.distributed.full_tensor) also when
     FSDP2 has sharded it into a DTensor."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from hrpo.trainer import full_tensor
+    from hrpo.distributed import full_tensor
 
     weight = model.model.thinking_projection.weight.detach()
     shard = torch.nn.Parameter(distribute_tensor(weight, init_device_mesh("cpu", (world,)), [Shard(0)]))

@@ -33,7 +33,7 @@ def tiny_training_argv(workspace: Path, out: Path, *extra: str) -> list[str]:
 
 def tiny_training_args(workspace: Path, out: Path, *extra: str):
     """The settings (``hrpo.config.Settings``) of one training step on ``workspace``."""
-    from hrpo.config import parse_settings
+    from hrpo.settings_parser import parse_settings
 
     return parse_settings(tiny_training_argv(workspace, out, *extra))
 

@@ -5,8 +5,8 @@
 (a latent variant: a source, optionally with top-k and noise, testing/variants.py)
 
 Importing unsloth's GPU model code (testing/unsloth_cpu.py) runs PatchFastRL, which replaces
-trl.GRPOTrainer by the generated UnslothGRPOTrainer; HRPOTrainer, imported after it,
-subclasses that. Its loss (grpo_accumulated_loss) makes its own forwards over left-packed,
+trl.GRPOTrainer by the generated UnslothGRPOTrainer; the trainer is put on it as the unsloth
+backend does on CUDA (``hrpo.trainer.trainer_class`` with that base). Its loss (grpo_accumulated_loss) makes its own forwards over left-packed,
 sequence-packed (or padded) chunks of the rollouts. A forward hook on the base model
 records every forward: whether it got thinking inputs, whether it was the reference pass,
 and for policy forwards the log-probs of the completion tokens computed from its output
@@ -34,7 +34,7 @@ def main(arch: str, source: str, packing: str, out_path: str) -> None:
 
     from hrpo.tasks import get_task
     from hrpo.tasks.arith import make_problems
-    from hrpo.trainer import HRPOTrainer
+    from hrpo.trainer import trainer_class
     from testing.tiny import PLAIN_CHAT_TEMPLATE, tiny_model, tiny_tokenizer
     from testing.training import length_reward, module_of
     from testing.variants import latent_variant
@@ -53,7 +53,8 @@ def main(arch: str, source: str, packing: str, out_path: str) -> None:
         per_device_train_batch_size=4, gradient_accumulation_steps=2, max_completion_length=10, max_steps=1,
         temperature=temperature, top_k=0, top_p=1.0, use_cpu=True, report_to="none", logging_steps=1,
         remove_unused_columns=False, save_strategy="no", lr_scheduler_type="constant", warmup_steps=0)
-    trainer = HRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[length_reward], args=config,
+    trainer = trainer_class(True, trl.GRPOTrainer)(
+        model=model, processing_class=tokenizer, reward_funcs=[length_reward], args=config,
                           train_dataset=dataset)
     # unsloth's loss scores under autocast (fp16 for a float32 model where it finds no bf16, as on
     # this CPU), which puts ~1e-4 between scoring and sampling on this tiny model. Its latch, set

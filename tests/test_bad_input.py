@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from hrpo import train, training
+from hrpo import loading, train
 from testing.training import save_training_workspace
 
 
@@ -100,8 +100,8 @@ def test_bad_input_is_named_before_the_model_loads_and_writes_nothing(workspace,
     def no_weights(*args, **kwargs):
         raise AssertionError("the model's weights were loaded")
 
-    monkeypatch.setattr(training, "load_with_unsloth", no_weights)
-    monkeypatch.setattr(training, "load_with_transformers", no_weights)
+    monkeypatch.setattr(loading, "load_with_unsloth", no_weights)
+    monkeypatch.setattr(loading, "load_with_transformers", no_weights)
     monkeypatch.chdir(workspace.parent)
     (workspace.parent / "ws").mkdir(exist_ok=True)  # "ws/..." starts like a folder here: a local path
     out = tmp_path / "out"
@@ -118,7 +118,7 @@ def test_bad_input_is_named_before_the_model_loads_and_writes_nothing(workspace,
 def test_push_to_hub_without_a_token_is_refused_before_the_model_loads(workspace, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no token file there
-    monkeypatch.setattr(training, "load_with_unsloth", None)
+    monkeypatch.setattr(loading, "load_with_unsloth", None)
     argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
             "--output_dir", str(tmp_path / "out"), "--push_to_hub"]
     assert train.main(argv) == 2

@@ -204,18 +204,19 @@ def test_left_padding_changes_neither_the_tokens_nor_the_replay():
 
 @pytest.mark.parametrize("hybrid", ["on", "off"])
 def test_training_with_compile_rollouts_samples_compiled_and_replays_exactly(fresh_dynamo, tmp_path, hybrid):
-    from hrpo import training
-    from hrpo.config import HYBRID_ONLY, parse_settings
+    from hrpo import run as hrpo_run
+    from hrpo.config import marked_fields
+    from hrpo.settings_parser import parse_settings
     from testing.training import length_reward, save_training_workspace, tiny_training_argv
 
     workspace = save_training_workspace(tmp_path / "ws")
     argv = tiny_training_argv(workspace, tmp_path / "out", "--backend", "transformers", "--compile_rollouts",
                               "--hybrid_thinking", hybrid)
     if hybrid == "off":  # plain GRPO: without the thinking modules' rates
-        drop = {i for i, flag in enumerate(argv) if flag.lstrip("-") in HYBRID_ONLY}
+        drop = {i for i, flag in enumerate(argv) if flag.lstrip("-") in marked_fields("hybrid_only")}
         argv = [flag for i, flag in enumerate(argv) if i not in drop and i - 1 not in drop]
     args = parse_settings(argv)
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     config = trainer.generation_config
     assert config.cache_implementation == "static" and not config.disable_compile
     assert config.compile_config._compile_all_devices  # on this CPU: compiled because asked for

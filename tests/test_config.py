@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from trl import GRPOConfig, ModelConfig
 
-from hrpo.config import UsageError, normalized_argv, parse_settings, settings_parser
+from hrpo.command_line import normalized_argv
+from hrpo.errors import UsageError
+from hrpo.settings_parser import parse_settings, settings_parser
 
 REPO = Path(__file__).resolve().parent.parent
 

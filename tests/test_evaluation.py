@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from hrpo.evaluation import decoding_config, evaluate_rows, trainer_stop_ids
+from hrpo.held_out import decoding_config, evaluate_rows, trainer_stop_ids
 from hrpo.tasks import get_task
 from testing.tiny import tiny_model, tiny_tokenizer
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hrpo import train, training
+from hrpo import run as hrpo_run, train
 from hrpo.checkpoint import (COMPLETE_MARKER, discard_checkpoint, incomplete_reason, latest_complete_checkpoint,
                              mark_complete, rotate_checkpoints)
 from testing.processes import run_child
@@ -113,11 +113,11 @@ def test_resume_loads_the_trained_adapter_and_thinking_modules_into_the_optimize
     on resume, loaded only the subfolders: LoRA and the thinking modules restarted from their
     initial weights while the optimizer state and step counter came back."""
     workspace = save_training_workspace(tmp_path / "ws")
-    trained = training.build_trainer(tiny_training_args(workspace, tmp_path / "out"), reward_funcs=[length_reward])
+    trained = hrpo_run.build_trainer(tiny_training_args(workspace, tmp_path / "out"), reward_funcs=[length_reward])
     trained.train()
     checkpoint = tmp_path / "out" / "checkpoint-1"
     assert (checkpoint / "ref" / "adapter_config.json").exists() and incomplete_reason(checkpoint) is None
-    resumed = training.build_trainer(tiny_training_args(workspace, tmp_path / "out2"), reward_funcs=[length_reward])
+    resumed = hrpo_run.build_trainer(tiny_training_args(workspace, tmp_path / "out2"), reward_funcs=[length_reward])
     resumed._load_from_checkpoint(str(checkpoint))
     want, got = trainable(trained.model), trainable(resumed.model)
     assert want.keys() == got.keys() and {module_of(n) for n in got} >= {"lora", "thinking_projection"}

@@ -246,7 +246,7 @@ def gumbel_weights_latents(model, out, prompt_len, temperature):
 
 
 def test_greedy_gumbel_run_feeds_what_sampling_fed_minus_the_noise(monkeypatch):
-    """Training mixes w = softmax((log p + g) / T); greedy evaluation (hrpo.evaluation's
+    """Training mixes w = softmax((log p + g) / T); greedy evaluation (hrpo.held_out's
     is_inference) drops g and keeps T, as sampling does when every draw is 0."""
     from transformers.hybrid_thinking import exploration
 
@@ -438,11 +438,11 @@ def workspace(tmp_path_factory):
 def test_training_step_with_the_options_replays_exactly_and_saves_them(workspace, tmp_path, source, flags):
     import json
 
-    from hrpo import training
+    from hrpo import run as hrpo_run
     from testing.training import length_reward, tiny_training_args
 
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", source, *flags)
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     trainer.train()
     assert len(trainer.replay_logprob_diffs) == 2 and max(trainer.replay_logprob_diffs) <= 1e-4
     logged = trainer.state.log_history[0]
@@ -470,7 +470,7 @@ def test_bad_option_flags_are_named_before_training(workspace, tmp_path, capsys,
 
 
 def test_trainer_refuses_a_forward_that_drops_the_noise(monkeypatch):
-    from hrpo.trainer import verify_hybrid_forward
+    from hrpo.model_checks import verify_hybrid_forward
 
     tokenizer = tiny_tokenizer()
     model = options_model("llama", tokenizer, "projection", None, "gaussian")
@@ -488,14 +488,14 @@ def test_resuming_a_checkpoint_from_before_the_options_keeps_their_defaults(work
     flag that sets them conflicts with the checkpoint instead of changing the run midway."""
     import json
 
-    from hrpo import train, training
+    from hrpo import run as hrpo_run, train
     from hrpo.checkpoint import RUN_SETTINGS, mark_complete, write_run_settings
     from testing.training import tiny_training_args
 
     out = tmp_path / "out"
     args = tiny_training_args(workspace, out, "--thinking_latent_source", "embedding")
     model = tiny_model("qwen2", hidden_size=32, **args.thinking.to_dict())
-    write_run_settings(model, training.run_settings_record(args), out / "checkpoint-1")
+    write_run_settings(model, hrpo_run.run_settings_record(args), out / "checkpoint-1")
     options = ("thinking_latent_topk", "thinking_latent_noise", "thinking_latent_noise_scale")
     path = out / "checkpoint-1" / "config.json"  # as written before the options existed
     path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k not in options}))
@@ -505,7 +505,7 @@ def test_resuming_a_checkpoint_from_before_the_options_keeps_their_defaults(work
     saved["given"] = [k for k in saved["given"] if k not in options]
     path.write_text(json.dumps(saved))
     mark_complete(out / "checkpoint-1")
-    monkeypatch.setattr(training, "train", lambda settings: None)
+    monkeypatch.setattr(hrpo_run, "train", lambda settings: None)
     argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
             "--output_dir", str(out), "--resume"]
     assert train.main(argv) == 0

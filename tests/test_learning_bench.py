@@ -93,7 +93,7 @@ def test_a_run_kept_from_another_checkout_has_the_same_settings(tmp_path):
 
 
 def test_the_comparison_scores_every_held_out_problem():
-    from hrpo.config import parse_settings
+    from hrpo.settings_parser import parse_settings
     from hrpo.tasks.arith import SPLIT_SIZES
 
     bench = _learning_bench()

@@ -2,7 +2,7 @@
 the old policy's, the reference's). By default the sampling temperature (the policy that sampled
 the rollouts); 1.0 is HRPO's code (sampling at 0.5, scoring the untempered logits).
 
-One real training step (a tiny model, float32, CPU) through hrpo.training on both backends
+One real training step (a tiny model, float32, CPU) through hrpo.run on both backends
 (transformers; unsloth, here in its CPU mode with TRL's own trainer): every scoring call the
 trainer makes is compared with a hand computation from the model's own logits,
 log_softmax(logits / T)[token], at the expected T, and is far from the other temperature's. With
@@ -16,7 +16,7 @@ import types
 import pytest
 import torch
 
-from hrpo import training
+from hrpo import run as hrpo_run
 from hrpo.config import loss_temperature, refuse_unsupported_loss_temperature
 from hrpo.trainer import HRPOTrainer
 from testing.training import length_reward, save_training_workspace, tiny_training_args
@@ -36,7 +36,7 @@ def scored_step(workspace, out, backend: str, *flags: str):
     for the same inputs (same forward hooks: the hybrid replay's thinking inputs, adapters as set)."""
     settings = tiny_training_args(workspace, out, "--backend", backend, "--temperature", str(SAMPLING),
                                   "--beta", "0.04", "--num_iterations", "2", *flags)  # 2 iterations: old log-probs
-    trainer = training.build_trainer(settings, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(settings, reward_funcs=[length_reward])
     score, calls = trainer._get_per_token_logps_and_entropies, []
 
     def spy(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):

@@ -184,7 +184,7 @@ def test_push_to_hub_uploads_our_card(tmp_path, hub_calls):
 
     out = tmp_path / "out"
     trainer = tiny_trainer(out, hybrid=True)
-    trainer.run_settings = {"settings": {}}  # as hrpo.training sets it: the run writes hrpo_run.json
+    trainer.run_settings = {"settings": {}}  # as hrpo.run sets it: the run writes hrpo_run.json
     out.mkdir(parents=True, exist_ok=True)
     final = write_evaluation(out / "eval_step1.json", step=1, correct=6, mtime=100)
     write_evaluation(out / "eval_step0.json", step=0, correct=2, mtime=200)
@@ -210,7 +210,7 @@ def test_save_model_leaves_our_card_after_peft_rewrote_it(tmp_path, hub_calls):
     trainer.save_model(str(tmp_path / "saved"))
     card = (tmp_path / "saved" / "README.md").read_text()
     training = {"learning_rate": 1e-6, "steps": 0, "lora_r": 4, "lora_alpha": 8, "beta": 0.0, "num_generations": 4,
-                "temperature": 0.5}  # no run-settings file: the trainer was not made by hrpo.training
+                "temperature": 0.5}  # no run-settings file: the trainer was not made by hrpo.run
     assert card == model_card_text(base_model=BASE_MODEL, task="arith", dataset="generated", thinking=None,
                                    evaluation=None, hub_model_id=HUB_MODEL_ID, training=training)
     assert front_matter(card)["tags"] == ["hrpo", "grpo", "trl", "latent-reasoning"]

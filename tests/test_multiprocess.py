@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
-from hrpo import training
-from hrpo.config import parse_settings
+from hrpo import run as hrpo_run
+from hrpo.settings_parser import parse_settings
 from testing import module_env
 from testing.processes import run_child
 from testing.training import length_reward, module_of, save_training_workspace
@@ -129,7 +129,7 @@ def test_accumulation_over_two_ranks_gives_one_processs_update_on_the_same_rollo
 
     root, records = ddp
     args = parse_settings(flags(root, tmp_path / "one", accumulation=4) + ["--max_steps", "1"])
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     pad_id = trainer.processing_class.pad_token_id
     rollouts = merged_rollouts([records[0, 1]["generations"][0], records[1, 1]["generations"][0]], pad_id)
     prompt_mask = rollouts.pop("prompt_mask")

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from hrpo import training
+from hrpo import run as hrpo_run
 from hrpo.no_signal import NO_SIGNAL_LOGS, NoSignalWarning
 from testing.training import length_reward, save_training_workspace, tiny_training_args
 
@@ -68,7 +68,7 @@ def test_a_training_run_reads_trls_own_metric_names(workspace, tmp_path, reward,
     """End to end: the trainer carries the callback and TRL logs the metrics it reads."""
     args = tiny_training_args(workspace, tmp_path / "out", "--max_steps", "2", "--logging_steps", "1",
                               "--hybrid_thinking", "off", "--save_steps", "10")
-    trainer = training.build_trainer(args, reward_funcs=[reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[reward])
     watch = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, NoSignalWarning))
     watch.patience = 2
     with warnings.catch_warnings(record=True) as caught:

@@ -12,7 +12,7 @@ from pathlib import Path
 from hrpo import evaluate as evaluation_cli
 from hrpo import train
 from hrpo.checkpoint import RUN_SETTINGS
-from hrpo.evaluation import result_file_name
+from hrpo.held_out import result_file_name
 from hrpo.data import write_jsonl
 from testing.task_rows import ARC_ROWS, MMLU_ROWS, OBQA_ROWS, PROBLEMS, REFERENCES, write_math_folder
 from testing.tiny import PLAIN_CHAT_TEMPLATE, save_tiny_chat_model
@@ -47,7 +47,7 @@ def run_script(name: str, argv: list[str]) -> int:
 
 
 def test_the_task_scripts_only_change_defaults(monkeypatch):
-    from hrpo.config import parse_settings, settings_parser
+    from hrpo.settings_parser import parse_settings, settings_parser
 
     seen = {}
     monkeypatch.setattr(train, "main", lambda argv=None, description=None, **defaults: seen.update(

@@ -82,7 +82,7 @@ def test_make_arith_data_script_writes_the_generated_splits(tmp_path):
 def test_the_training_defaults_are_hrpos_recipe(tmp_path):
     """loss aggregation per sequence ("grpo", TRL 1.15 defaults to "dapo"), Adam betas
     (0.9, 0.99), HRPO's prompt; each a flag."""
-    from hrpo.config import parse_settings
+    from hrpo.settings_parser import parse_settings
 
     settings = parse_settings(["--output_dir", str(tmp_path)])
     config = settings.training

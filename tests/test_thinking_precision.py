@@ -14,9 +14,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
-from hrpo import training
+from hrpo import loading
 from hrpo.backend import import_unsloth
-from hrpo.config import parse_settings
+from hrpo.settings_parser import parse_settings
 from hrpo import LORA_TARGETS
 from testing import module_env
 from testing.tiny import encode_prompts, tiny_model, tiny_tokenizer
@@ -114,7 +114,7 @@ def test_load_model_gives_float32_copies_for_a_bf16_checkpoint(backend, bf16_che
     args = parse_settings([
         "--model_name", str(bf16_checkpoint), "--output_dir", str(tmp_path / "out"), "--backend", backend,
         "--lora_rank", "4", "--max_prompt_length", "64", "--max_completion_length", "16"])
-    model, tokenizer = training.load_model(args, cuda=False)
+    model, tokenizer = loading.load_model(args, cuda=False)
     copies = thinking_copies(model)
     assert_float32_copies(model, next(copies["thinking_projection"][1].parameters()).dtype)
     model.train()

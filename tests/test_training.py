@@ -1,4 +1,4 @@
-"""GRPO training through the training code path (hrpo.training) on a tiny model (CPU, unsloth's CPU mode)."""
+"""GRPO training through the training code path (hrpo.run) on a tiny model (CPU, unsloth's CPU mode)."""
 import copy
 import json
 import types
@@ -8,11 +8,13 @@ import pytest
 import torch
 from transformers.hybrid_thinking.modeling import THINKING_MODULES
 
-from hrpo import config as hrpo_config
+from hrpo import settings_parser as hrpo_settings
+from hrpo.errors import UsageError
 from hrpo import evaluate as evaluation_cli
 from hrpo import train as hrpo_train
-from hrpo import training
-from hrpo.evaluation import result_file_name
+from hrpo import loading, resume
+from hrpo import run as hrpo_run
+from hrpo.held_out import result_file_name
 from hrpo.checkpoint import latest_complete_checkpoint, mark_complete, write_run_settings
 from hrpo.data import write_jsonl
 from hrpo.tasks.arith import make_problems
@@ -92,7 +94,7 @@ def test_one_training_step_trains_every_thinking_module_and_lora(workspace, tmp_
                                                                  checkpointing):
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", source, "--backend", backend,
                     "--gradient_checkpointing", checkpointing)
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     recorder = GradientRecorder()
     trainer.add_callback(recorder.callback(trainer))
     before = {n: p.detach().clone() for n, p in trainable(trainer.model).items()}
@@ -122,7 +124,7 @@ def test_the_six_groups_survive_an_engine_that_makes_the_optimizer_again(workspa
     """DeepSpeed's init sets trainer.optimizer = None and calls create_optimizer(); the trainer's
     default groups would give the thinking modules the main rate and decay Lambda."""
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     before = {g["name"]: (g["lr"], g["weight_decay"], len(g["params"])) for g in trainer.optimizer.param_groups}
     trainer.optimizer = None  # what transformers.integrations.deepspeed.deepspeed_init does
     optimizer = trainer.create_optimizer()
@@ -135,7 +137,7 @@ def test_checkpoint_reloads_and_reproduces_logits(workspace, tmp_path):
     from hrpo.checkpoint import load_checkpoint
 
     args = tiny_training_args(workspace, tmp_path / "out")
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     trainer.train()
     checkpoint = tmp_path / "out" / "checkpoint-1"
     assert (checkpoint / "adapter_model.safetensors").exists() and (checkpoint / "config.json").exists()
@@ -160,7 +162,7 @@ def test_resume_continues_step_counter_and_optimizer_state(workspace, tmp_path):
 
     args = tiny_training_args(workspace, out, "--resume")
     args.training.max_steps = 2
-    trainer = training.build_trainer(args)
+    trainer = hrpo_run.build_trainer(args)
     seen = {}
     from transformers import TrainerCallback
 
@@ -236,7 +238,7 @@ def test_group_size_and_model_path_errors(workspace, tmp_path, capsys):
 
 def test_eval_writes_results_next_to_checkpoint(workspace, tmp_path, capsys):
     args = tiny_training_args(workspace, tmp_path / "out")
-    training.build_trainer(args, reward_funcs=[length_reward]).train()
+    hrpo_run.build_trainer(args, reward_funcs=[length_reward]).train()
     checkpoint = tmp_path / "out" / "checkpoint-1"
     write_jsonl(make_problems(5, seed=3, difficulty=3), tmp_path / "test.jsonl")
     for thinking in ("on", "off"):
@@ -280,7 +282,7 @@ def test_trainer_refuses_a_forward_that_ignores_the_thinking_inputs(workspace, t
     monkeypatch.setattr(HybridThinkingMixin, "mix_thinking_inputs",
                         lambda self, embeds, *a, **k: (embeds, None))
     with pytest.raises(RuntimeError, match="does not apply the HRPO thinking inputs"):
-        training.build_trainer(tiny_training_args(workspace, tmp_path / "out"))
+        hrpo_run.build_trainer(tiny_training_args(workspace, tmp_path / "out"))
 
 
 def test_long_prompts_are_left_out_and_all_too_long_is_an_error(workspace, tmp_path, capsys):
@@ -295,12 +297,12 @@ def test_long_prompts_are_left_out_and_all_too_long_is_an_error(workspace, tmp_p
                              add_special_tokens=False).input_ids) for p in dataset["prompt"]]
     cut = sorted(lengths)[len(lengths) // 2]
     args = tiny_training_args(workspace, tmp_path / "out", "--max_prompt_length", str(cut))
-    kept = training.filter_long_prompts(args, dataset, tokenizer)
+    kept = hrpo_run.filter_long_prompts(args, dataset, tokenizer)
     assert len(kept) == sum(n <= cut for n in lengths) < len(dataset)
     assert "left out" in capsys.readouterr().out
     args.training.max_prompt_length = min(lengths) - 1
     with pytest.raises(DataError, match="--max_prompt_length"):
-        training.filter_long_prompts(args, dataset, tokenizer)
+        hrpo_run.filter_long_prompts(args, dataset, tokenizer)
 
 
 def test_unreachable_hub_dataset_is_a_clear_error(monkeypatch):
@@ -323,18 +325,18 @@ def test_the_answer_marker_reaches_the_model_config_from_the_task(workspace, tmp
     import hrpo.tasks
 
     monkeypatch.setattr(hrpo.tasks, "get_task", lambda name: task)  # what parsing reads
-    monkeypatch.setattr(training, "get_task", lambda name: task)
+    monkeypatch.setattr(hrpo_run, "get_task", lambda name: task)
     args = tiny_training_args(workspace, tmp_path / "out", "--task", "arith")
     assert args.thinking.answer_marker == "ANSWER:"
-    model, _ = training.load_model(args, cuda=False)
+    model, _ = loading.load_model(args, cuda=False)
     base = model.get_base_model()
     assert base.config.answer_marker == "ANSWER:" and base.model.answer_marker == "ANSWER:"
 
 
 def test_a_resumed_run_does_not_announce_new_thinking_modules(workspace, tmp_path, capsys):
-    training.load_model(tiny_training_args(workspace, tmp_path / "out"), cuda=False)
+    loading.load_model(tiny_training_args(workspace, tmp_path / "out"), cuda=False)
     assert "new thinking modules, trained from here" in capsys.readouterr().out
-    training.load_model(tiny_training_args(workspace, tmp_path / "out", "--resume", "latest"), cuda=False)
+    loading.load_model(tiny_training_args(workspace, tmp_path / "out", "--resume", "latest"), cuda=False)
     out = capsys.readouterr().out
     assert "new thinking modules" not in out and "restored from the checkpoint when training starts" in out
 
@@ -342,9 +344,9 @@ def test_a_resumed_run_does_not_announce_new_thinking_modules(workspace, tmp_pat
 def test_a_loader_that_drops_the_thinking_config_is_named(workspace, tmp_path):
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
     model = tiny_model("qwen2", hidden_size=32)  # built with the default source, "embedding"
-    with pytest.raises(hrpo_config.UsageError, match="thinking_latent_source='embedding'.*'projection'"):
-        training.check_thinking_config(model, args)
-    training.check_thinking_config(tiny_model("qwen2", hidden_size=32, **args.thinking.to_dict()), args)
+    with pytest.raises(UsageError, match="thinking_latent_source='embedding'.*'projection'"):
+        loading.check_thinking_config(model, args)
+    loading.check_thinking_config(tiny_model("qwen2", hidden_size=32, **args.thinking.to_dict()), args)
 
 
 def test_transformers_backend_trains_with_trls_own_trainer_and_no_unsloth(workspace, tmp_path):
@@ -355,11 +357,11 @@ def test_transformers_backend_trains_with_trls_own_trainer_and_no_unsloth(worksp
 
     script = f"""
 import sys
-from hrpo import training
+from hrpo import run as hrpo_run
 from pathlib import Path
 from testing.training import length_reward, tiny_training_args
 args = tiny_training_args(Path({str(workspace)!r}), Path({str(tmp_path / "out")!r}), "--backend", "transformers")
-trainer = training.build_trainer(args, reward_funcs=[length_reward])
+trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
 print("unsloth imported:", any(m == "unsloth" or m.startswith("unsloth.") for m in sys.modules))
 grpo_bases = [c for c in type(trainer).__mro__ if c.__name__.endswith("GRPOTrainer") and not c.__module__.startswith("hrpo")]
 print("base:", grpo_bases[0].__module__)
@@ -405,7 +407,7 @@ def test_same_seed_gives_the_same_thinking_modules(workspace, model_without_thin
         torch.randn(17)  # the global RNG stream moves on between loads, as it does in a process
         args = tiny_training_args(workspace, tmp_path / run, "--seed", str(seed), "--backend", backend,
                         "--thinking_latent_source", "projection", "--model_name", str(model_without_thinking_weights))
-        model, _ = training.load_model(args, cuda=False)
+        model, _ = loading.load_model(args, cuda=False)
         loads[run] = thinking_parameters(model)
     assert loads["a"] and loads["a"].keys() == loads["b"].keys() == loads["c"].keys()
     assert all(torch.equal(loads["a"][n], loads["b"][n]) for n in loads["a"])
@@ -448,7 +450,7 @@ def test_every_stop_id_ends_a_completion_in_the_replay_and_the_metrics(workspace
 
     args = tiny_training_args(workspace, tmp_path / "out", "--model_name", str(two_stop_model),
                     "--thinking_latent_source", "projection")
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     second = trainer.processing_class.convert_tokens_to_ids(SECOND_STOP)
     assert second in trainer.eos_token_ids
     favour_token(trainer, second, 2.0)  # stop early on the second id, often
@@ -484,14 +486,14 @@ def test_start_up_check_refuses_a_forward_without_the_hidden_state(workspace, tm
     drop_last_hidden_state(monkeypatch)
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
     with pytest.raises(RuntimeError, match="returned no last_hidden_state"):
-        training.build_trainer(args, reward_funcs=[length_reward])
+        hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     embedding = tiny_training_args(workspace, tmp_path / "out2", "--thinking_latent_source", "embedding")
-    training.build_trainer(embedding, reward_funcs=[length_reward])  # needs no hidden state
+    hrpo_run.build_trainer(embedding, reward_funcs=[length_reward])  # needs no hidden state
 
 
 def test_a_rollout_that_fell_back_to_the_embedding_method_stops_training(workspace, tmp_path, monkeypatch):
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     drop_last_hidden_state(monkeypatch)  # after the start-up check: generation falls back
     with pytest.raises(RuntimeError, match="sampled with thinking_latent_source='embedding'.*'projection'"):
         trainer.train()
@@ -504,7 +506,7 @@ def test_a_rollout_that_fell_back_to_the_embedding_method_stops_training(workspa
 def test_thinking_monitor_runs_occasionally_by_default(workspace, tmp_path, flag, logged):
     extra = ["--thinking_monitor_every", flag] if flag is not None else []
     args = tiny_training_args(workspace, tmp_path / "out", "--max_steps", "2", "--thinking_latent_source", "projection", *extra)
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     trainer.train()
     rows = [row for row in trainer.state.log_history if "reward" in row]
     assert [COSINE in row for row in rows] == logged
@@ -517,7 +519,7 @@ def test_cosine_metric_compares_the_embedding_latent_with_the_latent_fed(workspa
     extra = ["--thinking_latent_noise", noise, "--thinking_latent_noise_scale", "0.5"] if noise != "none" else []
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "embedding_plus_projection",
                               "--backend", "transformers", *extra)
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     trainer.train()
     base = trainer.thinking_base
     tokenizer = trainer.processing_class
@@ -543,14 +545,14 @@ def test_cosine_metric_compares_the_embedding_latent_with_the_latent_fed(workspa
 
 
 def test_help_says_how_often_the_thinking_monitor_runs():
-    text = " ".join(hrpo_config.settings_parser().format_help().split())
+    text = " ".join(hrpo_settings.settings_parser().format_help().split())
     assert "--thinking_monitor_every" in text and "every 10 x --logging_steps; 0: never" in text
 
 
 def test_replay_check_is_recorded_on_the_first_iteration_only(workspace, tmp_path):
     """With num_iterations 2 the second pass over a generation batch is off-policy."""
     args = tiny_training_args(workspace, tmp_path / "out", "--max_steps", "2", "--thinking_latent_source", "projection")
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     trainer.args.num_iterations = trainer.num_iterations = 2
     trainer.train()
     assert len(trainer.replay_logprob_diffs) == 2 and max(trainer.replay_logprob_diffs) <= 1e-4  # 2 micro-batches
@@ -578,7 +580,7 @@ def test_a_models_own_sampling_settings_do_not_reach_the_rollouts(workspace, tmp
     leaky = workspace_with_generation_config(workspace, tmp_path / "ws", min_p=0.2, no_repeat_ngram_size=2,
                                              repetition_penalty=1.3, top_k=3)
     args = tiny_training_args(leaky, tmp_path / "out", "--hybrid_thinking", hybrid)
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     model = trainer.accelerator.unwrap_model(trainer.model)
     merged, _ = model._prepare_generation_config(trainer.generation_config)  # what generate() will use
     assert (merged.min_p, merged.no_repeat_ngram_size, merged.repetition_penalty, merged.top_k) == (0.0, 0, 1.0, 0)
@@ -592,14 +594,14 @@ def test_a_sampling_setting_without_a_neutral_value_stops_the_run_before_trainin
     leaky = workspace_with_generation_config(workspace, tmp_path / "ws", suppress_tokens=[5, 6])
     args = tiny_training_args(leaky, tmp_path / "out", "--hybrid_thinking", hybrid)
     with pytest.raises(ValueError, match=r"suppress_tokens=\[5, 6\].*generation_config.json.*off-policy"):
-        training.build_trainer(args, reward_funcs=[length_reward])
+        hrpo_run.build_trainer(args, reward_funcs=[length_reward])
 
 
 def test_off_policy_sampling_in_float32_fails_the_first_step(workspace, tmp_path):
     """A leak that gets past the start-up check (here a top-k set on the trainer's own
     generation config) shows up as a replay gap, an error before the first update."""
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     before = {n: p.detach().clone() for n, p in trainable(trainer.model).items()}
     trainer.generation_config.top_k = 3
     with pytest.raises(RuntimeError, match=r"on-policy check.*step 0.*float32.*top_k': 3"):
@@ -609,7 +611,7 @@ def test_off_policy_sampling_in_float32_fails_the_first_step(workspace, tmp_path
 
 def test_off_policy_sampling_in_half_precision_warns_above_its_bound(workspace, tmp_path):
     args = tiny_training_args(workspace, tmp_path / "out", "--thinking_latent_source", "projection")
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     trainer.args.bf16 = True  # judged as half precision; the gap itself is made by hand
     trainer._first_checked_step = None
     with pytest.warns(UserWarning, match="half precision"):
@@ -623,13 +625,13 @@ def fake_checkpoint(workspace, out, *flags):
     """A checkpoint folder as the trainer writes it, for a run started with ``flags``."""
     args = tiny_training_args(workspace, out, *flags)
     model = tiny_model("qwen2", hidden_size=32, **args.thinking.to_dict())
-    write_run_settings(model, training.run_settings_record(args), out / "checkpoint-1")
+    write_run_settings(model, hrpo_run.run_settings_record(args), out / "checkpoint-1")
     mark_complete(out / "checkpoint-1")
 
 
 def resumed_args(monkeypatch, argv):
     seen = {}
-    monkeypatch.setattr(training, "train", lambda settings: seen.setdefault("args", settings))
+    monkeypatch.setattr(hrpo_run, "train", lambda settings: seen.setdefault("args", settings))
     code = hrpo_train.main(argv)
     return code, seen.get("args")
 
@@ -672,9 +674,9 @@ def test_resume_takes_every_saved_setting_also_entry_script_and_changed_defaults
     generic command continues as MATH; a default that changed since (here the temperature,
     recorded as 0.7 and not typed) is the checkpoint's, not today's."""
     out = tmp_path / "out"
-    parser = hrpo_config.settings_parser(task="math", max_completion_length=2048)
-    args = hrpo_config.parse_settings(tiny_training_argv(workspace, out)[:4] + ["--output_dir", str(out)], parser)
-    record = training.run_settings_record(args)
+    parser = hrpo_settings.settings_parser(task="math", max_completion_length=2048)
+    args = hrpo_settings.parse_settings(tiny_training_argv(workspace, out)[:4] + ["--output_dir", str(out)], parser)
+    record = hrpo_run.run_settings_record(args)
     assert "task" not in record["given"] and "temperature" not in record["given"]
     record["settings"]["temperature"] = 0.7  # as an earlier version's default
     model = tiny_model("qwen2", hidden_size=32, **args.thinking.to_dict())
@@ -695,7 +697,7 @@ def test_resume_from_a_given_checkpoint_and_a_finished_run(workspace, tmp_path, 
     argv = ["--model_name", str(workspace / "model"), "--dataset_path", str(workspace / "train.jsonl"),
             "--output_dir", str(out), "--max_steps", "5", "--extend_lr_schedule", "--resume"]
     code, args = resumed_args(monkeypatch, argv + ["checkpoint-1"])
-    assert code == 0 and args.model.lora_r == 8 and training.resume_checkpoint(args) == out / "checkpoint-1"
+    assert code == 0 and args.model.lora_r == 8 and resume.resume_checkpoint(args) == out / "checkpoint-1"
     code, _ = resumed_args(monkeypatch, argv + ["checkpoint-7"])
     assert code == 2 and "--resume checkpoint-7: no such checkpoint folder" in capsys.readouterr().err
     (out / "log_history.json").write_text(json.dumps([{"step": 5, "loss": 0.1}]))
@@ -739,13 +741,13 @@ def test_an_epoch_based_resume_is_finished_only_after_its_epochs(workspace, tmp_
     out = tmp_path / "out"
     args = tiny_training_args(workspace, out, "--max_steps", "5")
     model = tiny_model("qwen2", hidden_size=32, **args.thinking.to_dict())
-    write_run_settings(model, training.run_settings_record(args), out)
+    write_run_settings(model, hrpo_run.run_settings_record(args), out)
     (out / "log_history.json").write_text(json.dumps([{"step": 5, "loss": 0.1}]))
     epochs = tiny_training_args(workspace, out, "--max_steps", "-1", "--num_train_epochs", "1", "--resume", "latest")
-    assert training.finished_run(epochs) is None
-    write_run_settings(model, training.run_settings_record(epochs), out)
-    assert "finished its 1 epoch(s) at step 5" in training.finished_run(epochs)
-    assert training.finished_run(tiny_training_args(workspace, out, "--max_steps", "-1", "--num_train_epochs", "2",
+    assert resume.finished_run(epochs) is None
+    write_run_settings(model, hrpo_run.run_settings_record(epochs), out)
+    assert "finished its 1 epoch(s) at step 5" in resume.finished_run(epochs)
+    assert resume.finished_run(tiny_training_args(workspace, out, "--max_steps", "-1", "--num_train_epochs", "2",
                                                     "--resume", "latest")) is None
 
 
@@ -754,7 +756,7 @@ def test_rollouts_are_sampled_under_the_trainers_autocast(workspace, tmp_path):
     under the same context so that the on-policy check compares like with like."""
     import contextlib
 
-    trainer = training.build_trainer(tiny_training_args(workspace, tmp_path / "out"), reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(tiny_training_args(workspace, tmp_path / "out"), reward_funcs=[length_reward])
     inside = []
     original_autocast = trainer.accelerator.autocast
 
@@ -791,7 +793,7 @@ def test_plain_grpo_arm_trains_lora_only_and_evaluates_without_thinking(workspac
     from hrpo.trainer import HRPOTrainer
 
     args = tiny_training_args(workspace, tmp_path / "out", "--hybrid_thinking", "off")
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     assert isinstance(trainer, GRPOTrainer) and not isinstance(trainer, HRPOTrainer)
     assert {module_of(n) for n in trainable(trainer.model)} == {"lora"}
     trainer.train()
@@ -805,7 +807,7 @@ def test_plain_grpo_arm_trains_lora_only_and_evaluates_without_thinking(workspac
 
 
 def test_every_optimiser_and_schedule_flag_reaches_trls_config(tmp_path):
-    config = hrpo_config.parse_settings([
+    config = hrpo_settings.parse_settings([
         "--lr", "3e-4", "--beta", "0.02", "--weight_decay", "0.05", "--warmup_ratio", "0.2",
         "--lr_scheduler_type", "constant_with_warmup", "--max_grad_norm", "0.5", "--adam_beta1", "0.8",
         "--adam_beta2", "0.95", "--loss_type", "dr_grpo", "--temperature", "0.7", "--group_size", "2",
@@ -822,7 +824,7 @@ def test_an_evaluation_between_logging_steps_leaves_the_pending_training_metrics
     write_jsonl(make_problems(2, seed=5, difficulty=3), tmp_path / "test.jsonl")
     args = tiny_training_args(workspace, tmp_path / "out", "--eval_samples", "2", "--eval_dataset_path",
                               str(tmp_path / "test.jsonl"), "--max_completion_length", "4")
-    trainer = training.build_trainer(args, reward_funcs=[length_reward])
+    trainer = hrpo_run.build_trainer(args, reward_funcs=[length_reward])
     trainer.model.train()
     trainer._metrics["train"]["reward"].append(0.75)
     metrics = trainer.evaluate()

@@ -36,8 +36,8 @@ def run(request, tmp_path_factory):
 
 def test_hrpo_trainer_subclasses_the_unsloth_rewrite(run):
     _, result = run
-    ours = ["HRPOTrainer", "GRPOTrainerWithCompleteCheckpoints", "HeldOutEvaluation", "HRPOModelCardMixin"]
-    assert result["mro"][:5] == [*ours, "UnslothGRPOTrainer"]  # our classes, then unsloth's rewrite
+    ours = ["HRPOTrainer", "HybridThinkingTrainerMixin", "RunTrainerMixin", "HeldOutEvaluation", "HRPOModelCardMixin"]
+    assert result["mro"][:6] == [*ours, "UnslothGRPOTrainer"]  # our classes, then unsloth's rewrite
 
 
 def test_every_policy_scoring_forward_gets_the_thinking_inputs(run):
