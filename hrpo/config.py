@@ -423,7 +423,8 @@ def check_settings(settings: Settings) -> None:
 
     task, model, training, given = settings.task, settings.model, settings.training, settings.given
     if not settings.hybrid:
-        ignored = sorted(given & ({f.name for f in fields(ThinkingConfig)} | marked_fields("hybrid_only")))
+        hybrid_only = {f.name for part in (task, model, training) for f in fields(part) if f.metadata.get("hybrid_only")}
+        ignored = sorted(given & ({f.name for f in fields(ThinkingConfig)} | hybrid_only))
         if ignored:
             raise UsageError(f"{', '.join('--' + name for name in ignored)}: no effect with --hybrid_thinking off "
                              f"(plain GRPO builds no thinking modules); leave them out, or use --hybrid_thinking on")

@@ -69,17 +69,22 @@ def parameter_groups(model, learning_rate: float, weight_decay: float, lr_residu
     return [{"name": key, **value} for key, value in groups.items()]
 
 
-def patch_trainer_optimizer(trainer, lr_residual_gate: float, lr_residual_Lambda: float,
-                            lr_thinking_projection: float, model=None):
+def patch_trainer_optimizer(trainer, lr_residual_gate: float | None = None, lr_residual_Lambda: float | None = None,
+                            lr_thinking_projection: float | None = None, model=None):
     """Give ``trainer`` an optimizer with the six groups over ``model`` (default: the trainer's),
-    of the class its args choose."""
+    of the class its args choose; a rate not given is the trainer's args' (HRPO's default where
+    the args are a plain GRPOConfig)."""
     from transformers import Trainer
+
+    from .config import hrpo_setting
 
     args = trainer.args
     model = trainer.model if model is None else model
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-    groups = parameter_groups(model, args.learning_rate, args.weight_decay, lr_residual_gate,
-                              lr_residual_Lambda, lr_thinking_projection)
+    rates = {"lr_residual_gate": lr_residual_gate, "lr_residual_Lambda": lr_residual_Lambda,
+             "lr_thinking_projection": lr_thinking_projection}
+    rates = {name: hrpo_setting(args, name) if rate is None else rate for name, rate in rates.items()}
+    groups = parameter_groups(model, args.learning_rate, args.weight_decay, **rates)
     optimizer_kwargs.pop("lr", None)
     optimizer_kwargs.pop("weight_decay", None)
     trainer.optimizer = optimizer_cls(groups, **optimizer_kwargs)

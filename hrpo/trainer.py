@@ -116,9 +116,7 @@ class RunTrainerMixin(HeldOutEvaluation, HRPOModelCardMixin):
         made before (it sets ``trainer.optimizer = None``, and its default groups gave the thinking
         modules the main rate and decayed Lambda)."""
         if self.optimizer is None:
-            rates = (hrpo_setting(self.args, name) for name in
-                     ("lr_residual_gate", "lr_residual_Lambda", "lr_thinking_projection"))
-            patch_trainer_optimizer(self, *rates, model=model)
+            patch_trainer_optimizer(self, model=model)
         return super().create_optimizer(model)
 
     def _save_checkpoint(self, model, trial):
