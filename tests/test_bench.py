@@ -225,3 +225,13 @@ def test_sharded_cpu_checks_script_smoke(tmp_path):
                            "embedding", "--work", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PASS  fsdp2 embedding" in proc.stdout and "1 passed, 0 failed" in proc.stdout
+
+
+def test_cut_share_bench(tmp_path):
+    out = run_bench("cut_share", "--model", "tiny", "--prompts", "2", "--group", "2", "--max-tokens", "8",
+                    "--json", str(tmp_path / "r.json"))
+    import json
+
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["completions"] == 4 and list(result["cut_share"]) == ["8"]
+    assert 0 <= result["cut_share"]["8"] <= 1 and "cut at    8 tokens" in out
