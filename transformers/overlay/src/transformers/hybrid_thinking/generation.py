@@ -36,7 +36,7 @@ from ..generation.configuration_utils import GenerationMode
 from ..generation.utils import GenerateDecoderOnlyOutput
 from .exploration import advance_keys, gaussian_draws, initial_keys
 from .marker import AnswerMarkerAutomaton
-from .modeling import PROJECTION_MODULE, HybridThinkingMixin
+from .modeling import PROJECTION_MODULE, THINKING_INPUTS, HybridThinkingMixin
 
 # generate() kwargs that belong to hybrid sampling; generate() pops them before it
 # validates the model kwargs and hands them to _sample.
@@ -145,14 +145,6 @@ def thinking_base_model(model: nn.Module) -> HybridThinkingMixin:
     return base
 
 
-def _pad_to_sequence(records: list[torch.Tensor | None], batch: int, prompt_len: int, total_len: int,
-                     tail: tuple, dtype, device) -> torch.Tensor:
-    out = torch.zeros((batch, total_len, *tail), dtype=dtype, device=device)
-    if records:
-        out[:, prompt_len:prompt_len + len(records)] = torch.stack(records, dim=1).to(dtype)
-    return out
-
-
 @contextlib.contextmanager
 def deterministic_projection(base: HybridThinkingMixin):
     """``thinking_projection`` (with its PEFT copies) in eval mode; each module's mode restored after.
@@ -170,15 +162,6 @@ def deterministic_projection(base: HybridThinkingMixin):
             module.training = training
 
 
-def _stack_records(records: list[dict], key: str, batch: int, prompt_len: int, total_len: int, tail: tuple, dtype):
-    """The full-length (batch, total_len, *tail) thinking input from the per-step records."""
-    values = [record[key] for record in records]
-    if values and values[0] is None:
-        return None
-    device = records[0]["thinking_mask"].device if records else None
-    return _pad_to_sequence(values, batch, prompt_len, total_len, tail, dtype, device)
-
-
 def _kept_past_the_step(value):
     """A copy of what the loop keeps from a step's outputs past that step (a tensor, or nested
     tuples of them). The compiled forward of the decoding steps may hand every step its outputs in
@@ -189,6 +172,123 @@ def _kept_past_the_step(value):
     if isinstance(value, tuple):
         return tuple(_kept_past_the_step(item) for item in value)
     return value.clone()
+
+
+class HybridRecorder:
+    """What the hybrid loop keeps of each completion position, and the output fields it makes of it.
+
+    Position p of the completion holds the p-th token sampled. At the step that samples it the
+    loop hands over the token's log-prob under the sampling distribution (``sampled``) and, for
+    every token but the last (which is never fed), the thinking inputs the next forward feeds with
+    it and the probability mass its top-k latent left out (``to_be_fed``); at that forward, the
+    gate and hidden ratios of its position (``forwarded``). ``padded`` stacks a field's values
+    along the positions and pads them with zeros to (batch, length, ...), prompt and last positions
+    included: what ``finish`` sets on the output and, without a cache (``every_position``), what
+    each forward feeds (``forward_inputs``).
+
+    ``fields``: the output fields of this run, each with its dtype (None: that of the first
+    value, the embedding dtype without one) and its shape per position after the batch.
+    """
+
+    def __init__(self, batch: int, prompt_len: int, device, embed_dtype, fields: dict, *,
+                 keep: bool, every_position: bool):
+        self.batch, self.prompt_len, self.device, self.embed_dtype = batch, prompt_len, device, embed_dtype
+        self.fields = fields
+        self.keep = keep  # return_thinking_embeds: every field is returned
+        self.keep_inputs = keep or every_position
+        self.every_position = every_position
+        self.values: dict[str, list[torch.Tensor]] = {key: [] for key in fields}
+        self.pending: dict | None = None  # the thinking inputs of the token sampled last, not yet fed
+
+    @classmethod
+    def for_run(cls, batch: int, prompt_len: int, device, hidden_size: int, embed_dtype, *, latents: bool,
+                hidden: bool, noise: bool, keep: bool, every_position: bool) -> "HybridRecorder":
+        """The fields of a run: the mask, ratios and log-probs always; the embedding-method latent
+        (and its left-out mass), the hidden state and the noise when the run forms them."""
+        f32, d = torch.float32, (hidden_size,)
+        fields = {"thinking_mask": (torch.bool, ()), "thinking_gate_ratio": (f32, ()),
+                  "thinking_hidden_ratio": (f32, ()), "sampled_token_logprobs": (f32, ())}
+        if latents:
+            fields.update(thinking_latents=(embed_dtype, d), thinking_latent_left_out_mass=(f32, ()))
+        if hidden:
+            fields["thinking_hidden"] = (None, d)
+        if noise:
+            fields["thinking_noise"] = (f32, d)
+        return cls(batch, prompt_len, device, embed_dtype, fields, keep=keep, every_position=every_position)
+
+    def sampled(self, scores: torch.Tensor, tokens: torch.Tensor) -> None:
+        """A step's tokens, with ``scores`` the logits after the logits processors."""
+        if self.keep:
+            logprobs = torch.log_softmax(scores, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+            self.values["sampled_token_logprobs"].append(logprobs)
+
+    def to_be_fed(self, inputs: dict, left_out_mass: torch.Tensor | None) -> None:
+        """The thinking inputs (``THINKING_INPUTS``, None where not formed) that the next forward
+        feeds with the token just sampled, and the mass its top-k latent left out."""
+        self.pending = inputs
+        if self.keep_inputs:
+            for key, value in inputs.items():
+                if key in self.values:
+                    self.values[key].append(value)
+        if self.keep and "thinking_latent_left_out_mass" in self.fields:
+            self.values["thinking_latent_left_out_mass"].append(left_out_mass)
+
+    def forward_inputs(self, length: int) -> dict:
+        """The thinking inputs of the next forward: with a cache those of the token it feeds (none
+        when there is none: a finished peer keeps stepping), without one those of every completion
+        position so far, as ``length`` positions."""
+        if not self.every_position:
+            return self.pending or {}
+        if not self.values["thinking_mask"]:
+            return {}
+        return {key: self.padded(key, length) if key in self.fields else None for key in THINKING_INPUTS}
+
+    def forwarded(self, outputs) -> None:
+        """The forward that fed the pending inputs: the gate and hidden ratios of their position
+        (copied: see ``_kept_past_the_step``)."""
+        if self.pending is not None and self.keep:
+            self.values["thinking_gate_ratio"].append(_kept_past_the_step(outputs.thinking_gate_ratio[:, -1]))
+            self.values["thinking_hidden_ratio"].append(_kept_past_the_step(outputs.thinking_hidden_ratio[:, -1]))
+        self.pending = None
+
+    def padded(self, key: str, length: int) -> torch.Tensor:
+        """The values of ``key``, position by position from the prompt's end, as (batch, length, ...)."""
+        values = self.values[key]
+        dtype, tail = self.fields[key]
+        if dtype is None:
+            dtype = values[0].dtype if values else self.embed_dtype
+        out = torch.zeros((self.batch, length, *tail), dtype=dtype, device=self.device)
+        if values:
+            out[:, self.prompt_len:self.prompt_len + len(values)] = torch.stack(values, dim=1).to(dtype)
+        return out
+
+    def finish(self, result: HybridGenerateOutput) -> HybridGenerateOutput:
+        """Every field of the run, as long as the output's sequences."""
+        for key in self.fields:
+            setattr(result, key, self.padded(key, result.sequences.shape[1]))
+        return result
+
+
+def _thinking_source(model, base: HybridThinkingMixin, outputs, thinking_monitor: bool,
+                     require_thinking_source: bool) -> tuple[bool, bool, str]:
+    """(whether the latent uses the forward's last hidden state, whether the embedding-method
+    latent is formed, the source used). A projection source whose forward (here the prefill's
+    ``outputs``) returned no hidden state falls back to the embedding method, with a warning, or
+    raises with ``require_thinking_source``."""
+    source = base.config.thinking_latent_source
+    wants_hidden = source != "embedding"
+    use_hidden = wants_hidden and getattr(outputs, "last_hidden_state", None) is not None
+    if wants_hidden and not use_hidden and require_thinking_source:
+        raise RuntimeError(f"thinking_latent_source={source!r} needs the last hidden state, but "
+                           f"{type(model).__name__}'s forward returned none (require_thinking_source=True: "
+                           f"no fallback to the embedding method). The forward must accept "
+                           f"return_last_hidden_state=True and return last_hidden_state")
+    if wants_hidden and not use_hidden:
+        warnings.warn(f"thinking_latent_source={source!r} needs the last hidden state, but "
+                      f"{type(model).__name__}'s forward returned none: falling back to the embedding "
+                      f"method for this generation", stacklevel=4)
+    use_latents = source != "projection" or not use_hidden or thinking_monitor
+    return use_hidden, use_latents, source if use_hidden else "embedding"
 
 
 def hybrid_sample(model, *args, **kwargs):
@@ -234,7 +334,8 @@ def _hybrid_sample(
     for greedy decoding too (the embedding latent needs it) and ``is_inference`` forces greedy;
     the answer-marker automaton (``marker``) ends a row's thinking phase at the marker; without a
     cache each step feeds the whole sequence; the per-position thinking data, the noise fed
-    and the sampled tokens' log-probs are recorded and returned in a ``HybridGenerateOutput``.
+    and the sampled tokens' log-probs are recorded (``HybridRecorder``) and returned in a
+    ``HybridGenerateOutput``.
 
     Also kept: the compiled forward of the decoding steps (``get_compiled_call``) under upstream's
     criteria (``_valid_auto_compile_criteria``: a compileable cache on an accelerator); the
@@ -251,7 +352,6 @@ def _hybrid_sample(
     assistant models.
     """
     base = thinking_base_model(model)
-    source = base.config.thinking_latent_source
     marker = answer_marker if answer_marker is not None else base.answer_marker
     pad_token_id = generation_config._pad_token_tensor
     has_eos_stopping_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
@@ -264,11 +364,10 @@ def _hybrid_sample(
     hidden_states = () if return_dict and generation_config.output_hidden_states else None
     if pad_token_id is not None:
         pad_token_id = pad_token_id.to(input_ids.device)
-
     batch, prompt_len = input_ids.shape
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
+    this_peer_finished = False
 
-    wants_hidden = source != "embedding"
     use_cache = model_kwargs.get("use_cache", True) is not False
     # as upstream's _sample: the decoding steps (not the prefill) through the compiled forward when the
     # cache is compileable (a static cache) on an accelerator, or anywhere with _compile_all_devices
@@ -276,70 +375,31 @@ def _hybrid_sample(
     if model._valid_auto_compile_criteria(model_kwargs, generation_config):
         base.embedding_latent_scale()  # computed here, read as a constant inside the compiled forward
         model_forward = model.get_compiled_call(generation_config.compile_config)
-    model_kwargs["return_last_hidden_state"] = wants_hidden
+    model_kwargs["return_last_hidden_state"] = base.config.thinking_latent_source != "embedding"
     outputs = model._prefill(input_ids, generation_config, model_kwargs)
     automaton = AnswerMarkerAutomaton.cached(processing_class, marker, outputs.logits.shape[-1], input_ids.device)
     marker_state = automaton.start(batch, input_ids.device)
-    use_hidden = wants_hidden and getattr(outputs, "last_hidden_state", None) is not None
-    if wants_hidden and not use_hidden and require_thinking_source:
-        raise RuntimeError(f"thinking_latent_source={source!r} needs the last hidden state, but "
-                           f"{type(model).__name__}'s forward returned none (require_thinking_source=True: "
-                           f"no fallback to the embedding method). The forward must accept "
-                           f"return_last_hidden_state=True and return last_hidden_state")
-    if wants_hidden and not use_hidden:
-        warnings.warn(f"thinking_latent_source={source!r} needs the last hidden state, but "
-                      f"{type(model).__name__}'s forward returned none: falling back to the embedding "
-                      f"method for this generation", stacklevel=3)
-    use_latents = source != "projection" or not use_hidden or thinking_monitor
-    used_source = source if use_hidden else "embedding"
+    use_hidden, use_latents, used_source = _thinking_source(model, base, outputs, thinking_monitor,
+                                                            require_thinking_source)
     noise_kind = base.config.thinking_latent_noise if do_sample else "none"
     noise_keys = None
     if noise_kind != "none":  # one seed per call from torch's RNG; then a function of each row's tokens
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
         noise_keys = initial_keys(seed, input_ids, model_kwargs.get("attention_mask"))
     noise_std = base.latent_noise_std(used_source) if noise_kind == "gaussian" else None
-
-    masks, latents, hiddens, noises, left_outs = [], [], [], [], []
-    gates, hidden_ratios, token_logprobs = [], [], []
-    this_peer_finished = False
-    pending = None  # the thinking inputs of the token sampled last, fed at the next forward
-    pending_left_out = None  # and the probability mass its top-k latent left out
-    fed = []  # without a cache: the thinking inputs of every completion token fed so far
     d = base.config.hidden_size
-    embed_dtype = base.get_input_embeddings().weight.dtype
+    recorder = HybridRecorder.for_run(batch, prompt_len, input_ids.device, d, base.get_input_embeddings().weight.dtype,
+                                  latents=use_latents, hidden=use_hidden, noise=noise_std is not None,
+                                  keep=return_thinking_embeds, every_position=not use_cache)
     # Shaped like upstream's loop: with synced_gpus every peer calls _has_unfinished_sequences
     # (a collective) and runs a forward each iteration until all peers are done.
     while model._has_unfinished_sequences(this_peer_finished, synced_gpus, device=input_ids.device):
         if outputs is None:
             model_inputs = model.prepare_inputs_for_generation(
                 input_ids, next_sequence_length=1 if use_cache else None, **model_kwargs)
-            if use_cache:
-                model_inputs.update(pending or {})
-            else:  # the whole sequence is fed: thinking inputs for every position of it
-                if pending is not None:
-                    fed.append(pending)
-                total = input_ids.shape[1]
-                if fed:
-                    hidden_dtype = fed[0]["thinking_hidden"].dtype if use_hidden else embed_dtype
-                    model_inputs.update(
-                        thinking_mask=_stack_records(fed, "thinking_mask", batch, prompt_len, total, (), torch.bool),
-                        thinking_latents=_stack_records(fed, "thinking_latents", batch, prompt_len, total, (d,),
-                                                        embed_dtype),
-                        thinking_hidden=_stack_records(fed, "thinking_hidden", batch, prompt_len, total, (d,),
-                                                       hidden_dtype),
-                        thinking_noise=_stack_records(fed, "thinking_noise", batch, prompt_len, total, (d,),
-                                                      torch.float32),
-                    )
+            model_inputs.update(recorder.forward_inputs(input_ids.shape[1]))
             outputs = model_forward(**model_inputs, return_dict=True)
-            if pending is not None and return_thinking_embeds:
-                masks.append(pending["thinking_mask"])
-                latents.append(pending["thinking_latents"])
-                hiddens.append(pending["thinking_hidden"])
-                noises.append(pending["thinking_noise"])
-                left_outs.append(pending_left_out)
-                gates.append(_kept_past_the_step(outputs.thinking_gate_ratio[:, -1]))
-                hidden_ratios.append(_kept_past_the_step(outputs.thinking_hidden_ratio[:, -1]))
-            pending = None
+            recorder.forwarded(outputs)
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
         if synced_gpus and this_peer_finished:
             outputs = None  # keep stepping for the other peers; nothing is recorded
@@ -347,13 +407,6 @@ def _hybrid_sample(
 
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
         next_scores = logits_processor(input_ids, logits)
-        probs = nn.functional.softmax(next_scores, dim=-1)
-        if do_sample:
-            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
-        else:
-            next_tokens = torch.argmax(next_scores, dim=-1)
-        if has_eos_stopping_criteria:
-            next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
         if scores is not None:
             scores += (next_scores,)
         if raw_logits is not None:
@@ -362,9 +415,14 @@ def _hybrid_sample(
             attentions += (_kept_past_the_step(outputs.attentions),)
         if hidden_states is not None:
             hidden_states += (_kept_past_the_step(outputs.hidden_states),)
-        if return_thinking_embeds:
-            step_logprobs = torch.log_softmax(next_scores, dim=-1).gather(-1, next_tokens[:, None]).squeeze(-1)
-            token_logprobs.append(step_logprobs)
+        probs = nn.functional.softmax(next_scores, dim=-1)
+        if do_sample:
+            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+        else:
+            next_tokens = torch.argmax(next_scores, dim=-1)
+        if has_eos_stopping_criteria:
+            next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+        recorder.sampled(next_scores, next_tokens)
 
         marker_state = automaton.step(marker_state, next_tokens, unfinished.bool())
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
@@ -376,43 +434,21 @@ def _hybrid_sample(
             # The token just sampled is fed next; it is mixed while its row is still thinking.
             if noise_keys is not None:
                 noise_keys = advance_keys(noise_keys, next_tokens)
-            latent, pending_left_out = (base.embedding_method_latent(probs, noise_keys) if use_latents
-                                        else (None, None))
-            pending = {
+            latent, left_out = base.embedding_method_latent(probs, noise_keys) if use_latents else (None, None)
+            recorder.to_be_fed({
                 "thinking_mask": unfinished.bool() & ~automaton.found(marker_state),
                 "thinking_latents": latent,
                 "thinking_hidden": _kept_past_the_step(outputs.last_hidden_state[:, -1]) if use_hidden else None,
                 "thinking_noise": gaussian_draws(noise_keys, d) * noise_std if noise_std is not None else None,
-            }
+            }, left_out)
         outputs = None
 
     if streamer is not None:
         streamer.end()
-
     if not (return_thinking_embeds or return_dict):
         return input_ids
     result = HybridGenerateOutput(sequences=input_ids, scores=scores, logits=raw_logits, attentions=attentions,
                                   hidden_states=hidden_states, thinking_latent_source=used_source)
     if return_dict:
         result.past_key_values = model_kwargs.get("past_key_values")
-    if return_thinking_embeds:
-        total = input_ids.shape[1]
-        dtype = embed_dtype
-        device = input_ids.device
-        result.thinking_mask = _pad_to_sequence(masks, batch, prompt_len, total, (), torch.bool, device)
-        result.thinking_gate_ratio = _pad_to_sequence(gates, batch, prompt_len, total, (), torch.float32, device)
-        result.thinking_hidden_ratio = _pad_to_sequence(hidden_ratios, batch, prompt_len, total, (), torch.float32,
-                                                        device)
-        result.sampled_token_logprobs = _pad_to_sequence(token_logprobs, batch, prompt_len, total, (),
-                                                         torch.float32, device)
-        if use_latents:
-            result.thinking_latents = _pad_to_sequence(latents, batch, prompt_len, total, (d,), dtype, device)
-        if use_hidden:
-            result.thinking_hidden = _pad_to_sequence(hiddens, batch, prompt_len, total, (d,),
-                                                      hiddens[0].dtype if hiddens else dtype, device)
-        if noise_std is not None:
-            result.thinking_noise = _pad_to_sequence(noises, batch, prompt_len, total, (d,), torch.float32, device)
-        if use_latents:
-            result.thinking_latent_left_out_mass = _pad_to_sequence(left_outs, batch, prompt_len, total, (),
-                                                                    torch.float32, device)
-    return result
+    return recorder.finish(result) if return_thinking_embeds else result
