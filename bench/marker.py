@@ -52,7 +52,9 @@ def time_steps(update, stream, batch: int) -> list[float]:
 
 def main() -> None:
     import torch
-    from transformers.hybrid_thinking.marker import AnswerMarkerAutomaton, AnswerMarkerDetector
+    from transformers.hybrid_thinking.marker import AnswerMarkerAutomaton
+
+    from testing.marker_reference import AnswerMarkerDetector
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=2048)

@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 import transformers.hybrid_thinking.marker as answer_marker
-from transformers.hybrid_thinking.marker import AnswerMarkerAutomaton, AnswerMarkerDetector
+from transformers.hybrid_thinking.marker import AnswerMarkerAutomaton
 
 from hrpo.rewards import ANSWER_MARKER
+from testing.marker_reference import AnswerMarkerDetector
 from testing.tiny import tiny_tokenizer
 
 CORPUS = ["So 3 + 4 = 7 apples.\n#### 7", "The total is 12.\n####12", "## not yet # nor this ###",

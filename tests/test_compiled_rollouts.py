@@ -11,9 +11,9 @@ from transformers import BatchEncoding, CompileConfig
 from hrpo.compiled_rollouts import drop_left_columns, pad_prompts_left
 from testing.graph_replay import decoding_steps_replayed_from_static_outputs
 from testing.host_syncs import counted_host_syncs
+from testing.latent_options import option_combinations, options_model
 from testing.rollouts import hybrid_rollout, replay_difference
 from testing.tiny import QUESTIONS, encode_prompts, tiny_model, tiny_tokenizer
-from tests.test_latent_options import option_combinations, options_model
 
 
 def compile_config(backend: str = "eager") -> CompileConfig:

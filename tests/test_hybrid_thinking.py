@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers.hybrid_thinking.marker import AnswerMarkerDetector
 from transformers.hybrid_thinking.modeling import ThinkingResidualLambda
 
+from testing.marker_reference import AnswerMarkerDetector
 from testing.rollouts import generate_hybrid, replay_difference, replay_logprobs, sampling_logprobs
 from testing.tiny import QUESTIONS, encode_prompts, tiny_model, tiny_tokenizer
 from testing.upstream import run_upstream

@@ -17,26 +17,11 @@ from transformers.hybrid_thinking.exploration import (
     uniform_from_bits,
 )
 
+from testing.latent_options import option_combinations, options_model
 from testing.rollouts import generate_hybrid, hybrid_rollout, replay_difference, replay_logprobs, sampling_logprobs, thinking_inputs
 from testing.tiny import QUESTIONS, encode_prompts, tiny_model, tiny_tokenizer
 
 ARCHS = ["llama", "qwen2"]
-NOISE_SCALES = {"none": 0.0, "gaussian": 0.5, "gumbel": 0.1}
-
-
-def option_combinations():
-    """Every source x top-k x noise the config allows."""
-    for source, topk, noise in itertools.product(["embedding", "projection", "embedding_plus_projection"],
-                                                 [None, 5], list(NOISE_SCALES)):
-        if source == "projection" and (topk is not None or noise == "gumbel"):
-            continue
-        yield source, topk, noise
-
-
-def options_model(arch, tokenizer, source, topk=None, noise="none", scale=None, **kw):
-    return tiny_model(arch, tokenizer, thinking_latent_source=source, thinking_latent_topk=topk,
-                      thinking_latent_noise=noise,
-                      thinking_latent_noise_scale=NOISE_SCALES[noise] if scale is None else scale, **kw)
 
 
 # ---------------------------------------------------------------- formulas

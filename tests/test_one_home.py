@@ -42,6 +42,22 @@ def test_no_module_imports_an_entry_script():
     assert not found, found
 
 
+def test_no_module_imports_a_test_module():
+    """What tests share lives in testing/: no module imports tests/ or one of its modules."""
+    import ast
+
+    test_modules = {path.stem for path in (REPO / "tests").glob("*.py")}
+    found = []
+    for path in sorted(REPO.glob("*.py")) + sorted(p for d in ("hrpo", "testing", "tests", "bench", "scripts")
+                                                   for p in (REPO / d).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            found += [f"{path.relative_to(REPO)}: {name}" for name in names
+                      if name.split(".")[0] in ("tests", *test_modules)]
+    assert not found, found
+
+
 def test_the_entry_scripts_are_thin():
     for name in ENTRY_SCRIPTS:
         lines = (REPO / f"{name}.py").read_text().splitlines()
