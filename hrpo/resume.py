@@ -16,8 +16,10 @@ from .settings_parser import SettingsParser
 # Fields a resumed run may change: where and how often it logs, saves and evaluates, how long it
 # runs, where it reports; HRPO's own say so in their metadata. Every other saved setting comes
 # from the checkpoint.
-RESUME_MAY_CHANGE = {"output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "report_to", "run_name",
-                     "push_to_hub", "disable_tqdm", *marked_fields("resume_may_change")}
+RESUME_MAY_CHANGE = {"output_dir", "resume_from_checkpoint", "report_to", "run_name", "push_to_hub", "disable_tqdm",
+                     *marked_fields("resume_may_change")}
+# The run's length: the checkpoint's unless given; given otherwise, check_run_length says what it does.
+RUN_LENGTH = {"max_steps", "num_train_epochs"}
 RESUME_MAY_CHANGE_PREFIXES = ("eval_", "logging_", "save_", "hub_", "log_", "dataloader_", "num_completions")
 # Resolved when not given, from the machine (hrpo.config.HRPOConfig) or from other fields (TRL's GRPOConfig,
 # transformers' TrainingArguments): restored only where the run set them.
@@ -116,7 +118,7 @@ def take_checkpoint_settings(values, given: set[str], output_dir: Path, parser: 
     if folder is None:
         return  # check_output_dir says so
     effective, restore = saved_settings(folder, parser)
-    for name in sorted(given & set(effective)):
+    for name in sorted((given & set(effective)) - RUN_LENGTH):
         current = getattr(values, name, None)
         if _comparable(current) != _comparable(effective[name]):
             raise UsageError(f"--{name} {current!r} conflicts with the checkpoint being resumed ({folder}): "

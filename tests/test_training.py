@@ -733,6 +733,8 @@ def test_another_run_length_on_resume_is_an_error_unless_the_schedule_is_extende
     assert f"0.000 -> {expected:.3f}" in capsys.readouterr().out
     code, args = resumed_args(monkeypatch, argv + ["--max_steps", "1"])  # the same length
     assert code == 0
+    code, args = resumed_args(monkeypatch, argv)  # no length given: the checkpoint's
+    assert code == 0 and args.training.max_steps == 1
 
 
 def test_an_epoch_based_resume_is_finished_only_after_its_epochs(workspace, tmp_path):
