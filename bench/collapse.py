@@ -37,19 +37,24 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "results" / "collapse"
 
 
-def parse_run(text: str) -> tuple[str, int]:
-    arm, _, seed = text.partition(":")
-    if arm not in ARMS or not seed.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected ARM:SEED with ARM one of {', '.join(ARMS)}")
-    return arm, int(seed)
+VARIANTS = ("", "hold")  # hold: the counterfactual of HoldWithoutSignal
 
 
-def run_name(arm: str, seed: int) -> str:
-    return f"{arm}-seed{seed}"
+def parse_run(text: str) -> tuple[str, int, str]:
+    arm, _, rest = text.partition(":")
+    seed, _, variant = rest.partition(":")
+    if arm not in ARMS or not seed.isdigit() or variant not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ARM:SEED or ARM:SEED:hold with ARM one of "
+                                         f"{', '.join(ARMS)}")
+    return arm, int(seed), variant
 
 
-def trace_path(out: Path, arm: str, seed: int) -> Path:
-    return out / "traces" / f"{run_name(arm, seed)}.json"
+def run_name(arm: str, seed: int, variant: str = "") -> str:
+    return f"{arm}-seed{seed}" + (f"-{variant}" if variant else "")
+
+
+def trace_path(out: Path, arm: str, seed: int, variant: str = "") -> Path:
+    return out / "traces" / f"{run_name(arm, seed, variant)}.json"
 
 
 def training_argv(arm: str, seed: int, model: str, folder: Path, flags: list[str]) -> list[str]:
@@ -78,14 +83,75 @@ def code_state() -> dict:
     return {"commit": git("rev-parse", "HEAD"), "uncommitted": changed.splitlines()}
 
 
-def traced_run(arm: str, seed: int, model: str, out: Path, flags: list[str]) -> Path:
+class HoldWithoutSignal:
+    """A counterfactual for this report, not a training option: on a step whose gradient is exactly
+    zero in every parameter (no group's rewards differed, and the demo has no KL term), AdamW's
+    step is undone (weights, moments and step count restored), so the policy stays where the last
+    step with a signal left it instead of moving on its moments. Add it before the trace, so that
+    the trace records the step as it was kept."""
+
+    def __init__(self, trainer):
+        from transformers import TrainerCallback
+
+        self.trainer, self.saved, self.held = trainer, None, []
+        hold = self
+
+        class Callback(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, **kwargs):
+                hold.before_step()
+
+            def on_optimizer_step(self, args, state, control, **kwargs):
+                hold.after_step()
+
+        self.callback = Callback()
+
+    def _params(self):
+        return [p for group in self.trainer.optimizer.param_groups for p in group["params"]]
+
+    def _inner(self):
+        optimizer = self.trainer.optimizer
+        return getattr(optimizer, "optimizer", optimizer)
+
+    def before_step(self) -> None:
+        params = self._params()
+        if any(p.grad is not None and bool(p.grad.any()) for p in params):
+            self.saved = None
+            return
+        state = self._inner().state
+        self.saved = ([p.detach().clone() for p in params],
+                      [{k: v.clone() if hasattr(v, "clone") else v for k, v in state[p].items()} if p in state else None
+                       for p in params])
+
+    def after_step(self) -> None:
+        if self.saved is None:
+            return
+        import torch
+
+        weights, states = self.saved
+        inner = self._inner()
+        with torch.no_grad():
+            for p, weight, saved in zip(self._params(), weights, states):
+                p.copy_(weight)
+                if saved is None:
+                    inner.state.pop(p, None)
+                    continue
+                for key, value in saved.items():
+                    if hasattr(inner.state[p][key], "copy_"):
+                        inner.state[p][key].copy_(value)
+                    else:
+                        inner.state[p][key] = value
+        self.held.append(self.trainer.state.global_step + 1)
+        self.saved = None
+
+
+def traced_run(arm: str, seed: int, model: str, out: Path, flags: list[str], variant: str = "") -> Path:
     """hrpo_gsm8k.py's run (hrpo.run.train) with the trace attached; writes the trace file."""
     import torch
 
     from hrpo.backend import import_unsloth
     from hrpo.command_line import requested_backend
 
-    argv = training_argv(arm, seed, model, out / "runs" / run_name(arm, seed), flags)
+    argv = training_argv(arm, seed, model, out / "runs" / run_name(arm, seed, variant), flags)
     if requested_backend(argv) != "transformers":
         import_unsloth(torch.cuda.is_available())  # first, as hrpo.train does
     from hrpo.collapse_trace import attach
@@ -96,20 +162,25 @@ def traced_run(arm: str, seed: int, model: str, out: Path, flags: list[str]) -> 
     settings = prepare(argv, settings_parser(task="gsm8k"))  # hrpo_gsm8k.py's parser
     folder = Path(settings.training.output_dir)
     trainer = build_trainer(settings)
+    hold = HoldWithoutSignal(trainer) if variant == "hold" else None
+    if hold is not None:
+        trainer.add_callback(hold.callback)  # before the trace's callback: it records the step as kept
     trace = attach(trainer)
     trainer.train()
     (folder / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     trainer.evaluate(file_name="eval_final.json")
     record = {
-        "arm": arm, "seed": seed, "command": shlex.join(["hrpo_gsm8k.py", *argv]),
+        "arm": arm, "seed": seed, "variant": variant, "command": shlex.join(["hrpo_gsm8k.py", *argv]),
+        "held_steps": hold.held if hold is not None else None,
         "threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(), "machine": machine(),
         "wall_seconds": round(time.time() - start, 1), "code": code,
         "max_completion_length": settings.training.max_completion_length,
+        "num_generations": settings.training.num_generations,
         "eval_start": evaluation_summary(folder / "eval_step0.json") if (folder / "eval_step0.json").exists() else None,
         "eval_end": evaluation_summary(folder / "eval_final.json") if (folder / "eval_final.json").exists() else None,
         "steps": trace.to_json(),
     }
-    target = trace_path(out, arm, seed)
+    target = trace_path(out, arm, seed, variant)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(compact(record), separators=(",", ":")))
     return target
@@ -135,22 +206,23 @@ def compact(value, digits: int = 5):
     return value
 
 
-def run_child(arm: str, seed: int, model: str, out: Path, flags: list[str], threads: int | None) -> None:
+def run_child(arm: str, seed: int, variant: str, model: str, out: Path, flags: list[str], threads: int | None) -> None:
     """One traced run in its own process; its output goes to OUT/runs/<run>.log, shown on failure."""
-    log = out / "runs" / f"{run_name(arm, seed)}.log"
-    folder = out / "runs" / run_name(arm, seed)
+    name = run_name(arm, seed, variant)
+    log = out / "runs" / f"{name}.log"
+    folder = out / "runs" / name
     if folder.exists():
         subprocess.run(["rm", "-rf", str(folder)], check=True)
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "bench.collapse", "--one", f"{arm}:{seed}", "--model", model, "--out", str(out),
-               "--", *flags]
+    spec = f"{arm}:{seed}" + (f":{variant}" if variant else "")
+    command = [sys.executable, "-m", "bench.collapse", "--one", spec, "--model", model, "--out", str(out), "--", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     with log.open("w") as handle:
         proc = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env,
                               start_new_session=True)
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-6000:]
-        raise RuntimeError(f"{run_name(arm, seed)} failed (exit {proc.returncode}): {shlex.join(command)}\n{tail}")
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}): {shlex.join(command)}\n{tail}")
 
 
 # ---------------------------------------------------------------- reading the traces
@@ -164,16 +236,43 @@ def mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+MARKER = "####"
+
+
+def markers(row: dict) -> int:
+    return row.get("text", "").count(MARKER) if "text" in row else int(bool(row["marker"]))
+
+
+def one_clean_answer(row: dict) -> bool:
+    """The format a correct completion has: the marker once, an answer after it, ended before the limit."""
+    return markers(row) == 1 and row["answered"] and not row["cut"]
+
+
+def groups(trace: dict, completions: list[dict]) -> list[list[dict]]:
+    size = trace.get("num_generations") or 4  # the demo's group size (traces before it was recorded are demo runs)
+    return [completions[i:i + size] for i in range(0, len(completions), size)]
+
+
+def varies(group: list[dict], test) -> bool:
+    return len({bool(test(row)) for row in group}) > 1
+
+
 def per_step(trace: dict) -> list[dict]:
     """One flat row per step: the figures the report and the plot use."""
     rows = []
     for step in trace["steps"]:
         logs, completions = step.get("logs", {}), step.get("completions", [])
         thinking, optimizer = step.get("thinking", {}), step.get("optimizer", {})
+        flat = [{"repeats": markers(c) >= 2, "clean": one_clean_answer(c)} for c in completions]
+        parts = groups(trace, completions)
         row = {"step": step["step"], "reward": logs.get("reward"),
                "no_signal": logs.get("frac_reward_zero_std") is not None and logs["frac_reward_zero_std"] >= 1.0,
                "cut": logs.get("completions/clipped_ratio"), "cut_traced": share(completions, "cut"),
                "marker": share(completions, "marker"), "answered": share(completions, "answered"),
+               "marker_repeated": share(flat, "repeats"), "one_clean_answer": share(flat, "clean"),
+               "groups": len(parts),
+               "groups_cut_varies": sum(varies(g, lambda r: r["cut"]) for g in parts),
+               "groups_clean_varies": sum(varies(g, one_clean_answer) for g in parts),
                "length": logs.get("completions/mean_length"), "entropy": logs.get("entropy"),
                "clip_ratio": logs.get("clip_ratio/region_mean"), "grad_norm_logged": logs.get("grad_norm"),
                "distinct_4gram": mean(c["distinct_4gram"] for c in completions),
@@ -206,7 +305,8 @@ def summarize_trace(trace: dict) -> dict:
     last_signal = last_true(rows, lambda r: not r["no_signal"])
     last_marker = last_true(rows, lambda r: (r["marker"] or 0) > 0)
     summary = {
-        "arm": trace["arm"], "seed": trace["seed"], "steps": last_step, "wall_seconds": trace["wall_seconds"],
+        "arm": trace["arm"], "seed": trace["seed"], "variant": trace.get("variant", ""),
+        "held_steps": trace.get("held_steps"), "steps": last_step, "wall_seconds": trace["wall_seconds"],
         "threads": trace["threads"], "machine": trace["machine"],
         "accuracy_start": (trace.get("eval_start") or {}).get("accuracy"),
         "accuracy_end": (trace.get("eval_end") or {}).get("accuracy"),
@@ -218,12 +318,38 @@ def summarize_trace(trace: dict) -> dict:
         "last_step_with_signal": last_signal,
         "last_step_with_marker": last_marker,
         "marker_gone_from_step": None if last_marker == last_step else (last_marker or 0) + 1,
+        # from this step on, at most one completion in eight (or none) writes the marker, on every step
+        "marker_rare_from_step": next((r["step"] for i, r in enumerate(rows)
+                                       if all((later["marker"] or 0) <= 0.125 for later in rows[i:])), None),
         "cut_share_last_10": mean(r["cut"] for r in rows[-10:]),
         "marker_share_first_5": mean(r["marker"] for r in rows[:5]),
         "marker_share_last_10": mean(r["marker"] for r in rows[-10:]),
+        "marker_repeated_share_first_5": mean(r["marker_repeated"] for r in rows[:5]),
+        "marker_repeated_share_last_10": mean(r["marker_repeated"] for r in rows[-10:]),
+        "one_clean_answer_share_first_5": mean(r["one_clean_answer"] for r in rows[:5]),
+        "one_clean_answer_share_last_10": mean(r["one_clean_answer"] for r in rows[-10:]),
+        "first_step_marker_repeated_in_most": next((r["step"] for r in rows if (r["marker_repeated"] or 0) > 0.5),
+                                                   None),
+        "length_first_5": mean(r["length"] for r in rows[:5]), "length_last_10": mean(r["length"] for r in rows[-10:]),
+        "distinct_4gram_first_5": mean(r["distinct_4gram"] for r in rows[:5]),
+        "distinct_4gram_last_10": mean(r["distinct_4gram"] for r in rows[-10:]),
+        # the groups whose correctness rewards were all equal (no signal), and among them those in which a
+        # reward that also scored the format (one answer, ended) or the length (cut or not) would have differed
+        "groups_without_signal": sum(r["groups"] for r in rows if r["no_signal"]),
+        "of_which_one_clean_answer_varies": sum(r["groups_clean_varies"] for r in rows if r["no_signal"]),
+        "of_which_cut_varies": sum(r["groups_cut_varies"] for r in rows if r["no_signal"]),
     }
-    summary["collapsed"] = summary["marker_gone_from_step"] is not None and \
-        last_step - summary["marker_gone_from_step"] + 1 >= 5
+    # how often the reward paid for a repeated marker (identical repeated answers count once), before
+    # repetition took over and over the whole run: [rewarded completions that repeat it, rewarded completions]
+    took_over = summary["first_step_marker_repeated_in_most"] or last_step + 1
+    rewarded = [(step["step"], c) for step in trace["steps"] for c in step.get("completions", [])
+                if (c.get("reward") or 0) > 0]
+    summary["rewarded_repeating_marker_before_it_took_over"] = [
+        sum(markers(c) >= 2 for n, c in rewarded if n < took_over), sum(n < took_over for n, _ in rewarded)]
+    summary["rewarded_repeating_marker"] = [sum(markers(c) >= 2 for _, c in rewarded), len(rewarded)]
+    tail = [r["reward"] for r in rows[-20:]]
+    summary["zero_reward_share_last_20"] = sum(r == 0 for r in tail) / len(tail)
+    summary["collapsed"] = summary["zero_reward_share_last_20"] >= 0.9  # stopped earning: reward 0 on 18 of the last 20
     for group in ("main_decay", "projection"):
         key = f"{group}/update_norm"
         if key not in rows[0]:
@@ -249,95 +375,115 @@ def summarize_trace(trace: dict) -> dict:
 def read_traces(out: Path) -> list[dict]:
     order = {arm: index for index, arm in enumerate(ARMS)}
     traces = [json.loads(path.read_text()) for path in sorted((out / "traces").glob("*.json"))]
-    return sorted(traces, key=lambda t: (order.get(t["arm"], len(order)), t["seed"]))
+    return sorted(traces, key=lambda t: (order.get(t["arm"], len(order)), t["seed"], t.get("variant", "")))
 
 
 # ---------------------------------------------------------------- the report
 
 def print_report(summaries: list[dict]) -> None:
     print(f"\n{'run':32s} {'acc start->end':>15s} {'answered':>10s} {'no-signal':>9s} {'last signal':>11s} "
-          f"{'marker gone':>11s} {'cut last10':>10s} {'LoRA moved after':>16s} {'proj moved after':>16s}")
+          f"{'marker gone':>11s} {'cut last10':>10s} {'LoRA path, 0 grad':>17s} {'proj path, 0 grad':>17s}")
     for s in summaries:
         acc = f"{s['accuracy_start']:.3f}->{s['accuracy_end']:.3f}" if s["accuracy_end"] is not None else "-"
         answered = f"{s['answered_start']}->{s['answered_end']}" if s["answered_end"] is not None else "-"
         lora, proj = s.get("main_decay", {}), s.get("projection", {})
 
-        def moved(group):
-            value = group.get("share_of_path_after_last_signal")
-            return f"{value:.0%}" if value is not None else "-"
+        def moved(group):  # the share of the group's path (sum of update norms) taken on zero-gradient steps
+            if not group.get("path_length"):
+                return "-"
+            return f"{group['moved_with_zero_gradient'] / group['path_length']:.0%}"
 
-        print(f"{run_name(s['arm'], s['seed']):32s} {acc:>15s} {answered:>10s} {s['steps_without_signal']:9d} "
+        print(f"{run_name(s['arm'], s['seed'], s['variant']):32s} {acc:>15s} {answered:>10s} {s['steps_without_signal']:9d} "
               f"{str(s['last_step_with_signal']):>11s} {str(s['marker_gone_from_step']):>11s} "
-              f"{s['cut_share_last_10'] or 0:10.2f} {moved(lora):>16s} {moved(proj):>16s}")
+              f"{s['cut_share_last_10'] or 0:10.2f} {moved(lora):>17s} {moved(proj):>17s}")
 
 
 def plot(traces: list[dict], target: Path) -> None:
-    """One column per run; rows: what the completions do, what the optimizer does, the mixing."""
+    """One column per run. Rows: what the completions do (reward, the answer marker once and
+    repeated, one clean answer, cut at the limit); their length and repetition; the optimizer
+    (the update applied per step against the gradient it stepped on); where the weights went
+    (distance from the start, and how much of the way was covered on steps without a gradient).
+    Steps without reward signal are shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     columns = len(traces)
-    fig, axes = plt.subplots(4, columns, figsize=(4.2 * columns, 12.5), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(4, columns, figsize=(3.9 * columns, 12.5), sharex=True, squeeze=False)
     for column, trace in enumerate(traces):
         rows, summary = per_step(trace), summarize_trace(trace)
         steps = [r["step"] for r in rows]
-        title = (f"{trace['arm']} seed {trace['seed']}\nheld-out {summary['accuracy_start']:.3f} -> "
-                 f"{summary['accuracy_end']:.3f}" if summary["accuracy_end"] is not None
-                 else f"{trace['arm']} seed {trace['seed']}")
-        top = axes[0][column]
+        title = f"{trace['arm']} seed {trace['seed']}" + (
+            ", steps without gradient undone" if trace.get("variant") == "hold" else "")
+        if summary["accuracy_end"] is not None:
+            title += (f"\nheld-out {summary['accuracy_start']:.3f} -> {summary['accuracy_end']:.3f}, "
+                      f"answered {summary['answered_start']} -> {summary['answered_end']} of {summary['eval_total']}")
+        top, lengths, optimizer, distance = (axes[i][column] for i in range(4))
         top.set_title(title, fontsize=9)
-        top.plot(steps, [r["reward"] for r in rows], "o-", ms=3, label="reward", color="tab:green")
-        top.plot(steps, [r["marker"] for r in rows], "s-", ms=3, label="share with ####", color="tab:blue")
-        top.plot(steps, [r["cut"] for r in rows], "^-", ms=3, label="share cut at 64 tokens", color="tab:red")
+        top.plot(steps, [r["reward"] for r in rows], "o-", ms=3, color="tab:green", label="reward")
+        top.plot(steps, [r["marker"] for r in rows], "-", lw=0.8, color="tab:cyan", label="#### at least once")
+        top.plot(steps, [r["marker_repeated"] for r in rows], "s-", ms=3, color="tab:purple",
+                 label="#### twice or more")
+        top.plot(steps, [r["one_clean_answer"] for r in rows], "d-", ms=3, color="tab:blue",
+                 label="#### once, answer, ended")
+        top.plot(steps, [r["cut"] for r in rows], "^-", ms=3, color="tab:red", label="cut at the length limit")
         top.set_ylim(-0.05, 1.05)
-        lengths = axes[1][column]
-        lengths.plot(steps, [r["length"] for r in rows], "o-", ms=3, color="tab:purple", label="mean length (tokens)")
+        top.set_ylabel("share of the step's completions" if column == 0 else "")
+        lengths.plot(steps, [r["length"] for r in rows], "o-", ms=3, color="tab:brown", label="mean length, tokens")
         lengths.set_ylim(0, (trace.get("max_completion_length") or 64) * 1.1)
-        share_axis = lengths.twinx()
-        share_axis.plot(steps, [r["distinct_4gram"] for r in rows], "-", color="tab:orange",
-                        label="distinct 4-gram share (right)")
-        share_axis.plot(steps, [r["entropy"] for r in rows], "--", color="tab:gray", label="entropy, nats (right)")
-        share_axis.set_ylim(0, 1.6)
-        optimizer = axes[2][column]
-        for group, color in (("main_decay", "tab:blue"), ("projection", "tab:red")):
+        right = lengths.twinx()
+        right.plot(steps, [r["distinct_4gram"] for r in rows], "-", color="tab:orange",
+                   label="distinct 4-gram share (right)")
+        right.plot(steps, [r["entropy"] for r in rows], "--", color="tab:gray", label="entropy, nats (right)")
+        right.set_ylim(0, 1.1)
+        for group, name, color in (("main_decay", "LoRA", "tab:blue"), ("projection", "projection", "tab:red")):
             if f"{group}/update_norm" not in rows[0]:
                 continue
-            name = "LoRA" if group == "main_decay" else "projection"
             grad = [r[f"{group}/grad_norm"] for r in rows]
-            optimizer.plot(steps, [r[f"{group}/update_norm"] for r in rows], "-", color=color,
-                           label=f"{name}: update applied")
+            update = [r[f"{group}/update_norm"] or float("nan") for r in rows]  # an undone step (hold) is a gap
+            optimizer.plot(steps, update, ".-", ms=4, color=color, label=f"{name}: update applied")
             optimizer.plot(steps, [g if g else float("nan") for g in grad], ":", color=color,
                            label=f"{name}: gradient (clipped)")
-            optimizer.scatter([s for s, g in zip(steps, grad) if not g], [r[f"{group}/update_norm"] for r, g
-                                                                         in zip(rows, grad) if not g],
+            optimizer.scatter([s for s, g in zip(steps, grad) if not g], [u for u, g in zip(update, grad) if not g],
                               marker="x", color=color, s=22, zorder=3)
         optimizer.set_yscale("log")
-        drift = axes[3][column]
-        for group, color in (("main_decay", "tab:blue"), ("projection", "tab:red")):
-            key = f"{group}/drift_from_start"
-            if key in rows[0]:
-                first = max(r[key] for r in rows) or 1.0
-                drift.plot(steps, [r[key] / first for r in rows], "-", color=color,
-                           label=f"{'LoRA' if group == 'main_decay' else 'projection'}: distance from start / max")
-        if rows[0]["input_change"] is not None or any(r["input_change"] for r in rows):
-            drift.plot(steps, [r["input_change"] for r in rows], "--", color="tab:brown",
-                       label="|mixed input - e| / |e|")
-        drift.set_ylim(-0.02, 1.05)
-        for axis in (top, lengths, optimizer, drift):
+        optimizer.set_ylabel("norm per step (x: zero gradient)" if column == 0 else "")
+        lora = [r["main_decay/drift_from_start"] for r in rows]
+        coasted, total = [], 0.0
+        for r in rows:
+            total += r["main_decay/update_norm"] if not r["main_decay/grad_norm"] else 0.0
+            coasted.append(total)
+        distance.plot(steps, lora, "-", color="tab:blue", label="LoRA: distance from start")
+        distance.plot(steps, coasted, "--", color="tab:blue", label="LoRA: sum of updates with zero gradient")
+        distance.set_ylabel("LoRA weights (L2)" if column == 0 else "")
+        if rows[0].get("projection_drift") is not None:
+            drift = distance.twinx()
+            drift.plot(steps, [r["projection_drift"] for r in rows], "-", color="tab:red",
+                       label="projection: drift / initial norm (right)")
+            drift.set_ylim(0, 0.6)
+            if column == 0:
+                drift.legend(fontsize=7, loc="center right")
+        gates = [r["gate_a"] for r in rows if r["gate_a"] is not None]
+        if gates:
+            change = [r["input_change"] for r in rows if r["input_change"] is not None]
+            distance.text(0.03, 0.97, f"gate a {min(gates):.4f}-{max(gates):.4f}\n|mixed input - e| / |e| "
+                          f"{min(change):.3f}-{max(change):.3f}", transform=distance.transAxes, fontsize=7, va="top")
+        else:
+            distance.text(0.03, 0.97, "no hybrid mixing (plain GRPO)", transform=distance.transAxes, fontsize=7,
+                          va="top")
+        for axis in (top, lengths, optimizer, distance):
             axis.grid(alpha=0.3)
-            last_signal = summary["last_step_with_signal"]
-            if last_signal is not None and last_signal < steps[-1]:
-                axis.axvspan(last_signal + 0.5, steps[-1] + 0.5, color="grey", alpha=0.12)
-        drift.set_xlabel("optimizer step (shaded: after the last step with any reward signal)")
+            for r in rows:
+                if r["no_signal"]:
+                    axis.axvspan(r["step"] - 0.5, r["step"] + 0.5, color="grey", alpha=0.13, lw=0)
+        distance.set_xlabel("optimizer step (shaded: no reward signal)")
         if column == 0:
-            top.legend(fontsize=7, loc="upper right")
+            top.legend(fontsize=7, loc="center right")
             lengths.legend(fontsize=7, loc="lower left")
-            share_axis.legend(fontsize=7, loc="lower right")
+            right.legend(fontsize=7, loc="lower right")
             optimizer.legend(fontsize=7, loc="lower left")
-            drift.legend(fontsize=7, loc="lower right")
-            optimizer.set_ylabel("norm per step (x: zero gradient)")
+            distance.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(target, dpi=100)
     plt.close(fig)
@@ -350,16 +496,30 @@ def write_report(out: Path, command: str) -> int:
         return 1
     summaries = [summarize_trace(t) for t in traces]
     (out / "collapse.json").write_text(json.dumps({"command": command, "runs": summaries}, indent=2))
-    plot(traces, out / "collapse.png")
+    # the runs that kept learning first, then the collapsed ones, by seed
+    plain = sorted((t for t in traces if not t.get("variant")),
+                   key=lambda t: (summarize_trace(t)["collapsed"], t["seed"], list(ARMS).index(t["arm"])))
+    written = [out / "collapse.json"]
+    if plain:
+        plot(plain, out / "collapse.png")
+        written.append(out / "collapse.png")
+    held = [t for t in traces if t.get("variant") == "hold"]
+    if held:  # each counterfactual beside the run it changes
+        pairs = []
+        for trace in held:
+            pairs += [t for t in plain if (t["arm"], t["seed"]) == (trace["arm"], trace["seed"])] + [trace]
+        plot(pairs, out / "collapse_hold.png")
+        written.append(out / "collapse_hold.png")
     print_report(summaries)
-    print(f"\nwrote {out / 'collapse.json'} and {out / 'collapse.png'}")
+    print(f"\nwrote {', '.join(str(path) for path in written)}")
     return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", type=parse_run, default=[],
-                        help="ARM:SEED, ARM as in bench/learning.py (projection is the demo, grpo plain GRPO)")
+                        help="ARM:SEED, ARM as in bench/learning.py (projection is the demo, grpo plain GRPO); "
+                             "ARM:SEED:hold the counterfactual run in which steps without a gradient are undone")
     parser.add_argument("--model", default="smollm2", help="smollm2 (offline), tiny (smoke runs) or a model folder")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run")
@@ -369,7 +529,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     command = shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     if args.one:
-        traced_run(*args.one, args.model, args.out, args.training_flags)
+        arm, seed, variant = args.one
+        traced_run(arm, seed, args.model, args.out, args.training_flags, variant)
         return 0
     if args.report:
         return write_report(args.out, command)
@@ -377,18 +538,19 @@ def main(argv=None) -> int:
         parser.error("give --runs ARM:SEED ... or --report")
     args.out.mkdir(parents=True, exist_ok=True)
     model = prepare_model(args.model, args.out)
-    for arm, seed in args.runs:
-        if trace_path(args.out, arm, seed).exists():
-            print(f"[collapse] {run_name(arm, seed)}: traced before, kept", flush=True)
+    for arm, seed, variant in args.runs:
+        name = run_name(arm, seed, variant)
+        if trace_path(args.out, arm, seed, variant).exists():
+            print(f"[collapse] {name}: traced before, kept", flush=True)
             continue
-        print(f"[collapse] {run_name(arm, seed)}: running", flush=True)
+        print(f"[collapse] {name}: running", flush=True)
         started = time.time()
         try:
-            run_child(arm, seed, model, args.out, args.training_flags, args.threads)
+            run_child(arm, seed, variant, model, args.out, args.training_flags, args.threads)
         except RuntimeError as err:
             print(f"[collapse] error: {err}", file=sys.stderr)
             return 1
-        print(f"[collapse] {run_name(arm, seed)}: done in {time.time() - started:.0f} s", flush=True)
+        print(f"[collapse] {name}: done in {time.time() - started:.0f} s", flush=True)
     return write_report(args.out, command)
 
 

@@ -147,3 +147,43 @@ def test_completion_rows_and_repetition():
     assert [(r["cut"], r["marker"], r["answered"], r["tokens"]) for r in rows] == [
         (False, True, True, 3), (True, False, False, 4), (False, True, False, 2)]
     assert rows[0]["question"] == "1+2?"
+
+
+def test_the_counterfactual_hold_undoes_only_steps_without_gradient():
+    """bench.collapse's HoldWithoutSignal: a step on a zero gradient leaves weights and AdamW's state
+    exactly as they were (copied data); a step with a gradient is AdamW's own."""
+    from bench.collapse import HoldWithoutSignal
+
+    def run(hold: bool, grads):
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(3, 4))
+        optimizer = torch.optim.AdamW([{"params": [weight], "name": "main_decay", "lr": 1e-2, "weight_decay": 0.1}],
+                                      betas=(0.9, 0.99))
+        trainer = _fake_trainer(torch.nn.Linear(1, 1), optimizer)
+        keeper = HoldWithoutSignal(trainer) if hold else None
+        history = []
+        for grad in grads:
+            weight.grad = grad.clone()
+            if keeper:
+                keeper.before_step()
+            optimizer.step()
+            if keeper:
+                keeper.after_step()
+            trainer.state.global_step += 1
+            state = optimizer.state.get(weight, {})
+            history.append((weight.detach().clone(), {k: v.clone() for k, v in state.items()}))
+        return history, keeper
+
+    torch.manual_seed(1)
+    grads = [torch.zeros(3, 4), torch.randn(3, 4), torch.zeros(3, 4), torch.randn(3, 4)]
+    free, _ = run(False, grads)
+    held, keeper = run(True, grads)
+    assert keeper.held == [1, 3]
+    assert held[0][1] == {}  # the first step had no gradient: no state, as before it
+    torch.manual_seed(0)
+    assert torch.equal(held[0][0], torch.randn(3, 4))  # and the initial weights, not decayed
+    assert torch.equal(held[2][0], held[1][0])  # the zero-gradient step 3 kept step 2's weights ...
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(held[2][1][key], held[1][1][key])  # ... and AdamW's moments and count
+    assert not torch.equal(free[2][0], free[1][0])  # where AdamW alone moves on its moments
+    assert not torch.equal(held[3][0], held[2][0])  # a step with a gradient is taken
