@@ -15,8 +15,8 @@ the weight decay, the distance from the start). A traced run trains exactly as t
     python -m bench.collapse --model tiny --runs projection:1 --out /tmp/c -- --max_steps 2   # smoke run
 
 Flags after "--" go to every training run, after the demo's (the last one wins). Runs with a
-trace are done (resumable). Writes OUT/traces/<arm>-seed<seed>.json (small, kept in the
-repository) and, from all traces, OUT/collapse.json and OUT/collapse.png; the run folders and
+trace are done (resumable). Writes OUT/traces/<arm>-seed<seed>.json.gz (gzipped JSON, 10-25 kB,
+kept in the repository; `zcat` reads it) and, from all traces, OUT/collapse.json and OUT/collapse.png; the run folders and
 their logs go to OUT/runs/ (not kept).
 """
 from __future__ import annotations
@@ -54,7 +54,23 @@ def run_name(arm: str, seed: int, variant: str = "") -> str:
 
 
 def trace_path(out: Path, arm: str, seed: int, variant: str = "") -> Path:
-    return out / "traces" / f"{run_name(arm, seed, variant)}.json"
+    return out / "traces" / f"{run_name(arm, seed, variant)}.json.gz"
+
+
+def write_trace(path: Path, record: dict) -> None:
+    """Compact JSON, gzipped (a run's completions are most of it: 90-170 kB as text, 10-25 kB gzipped);
+    the same bytes for the same record (no time stamp in the gzip header). `zcat` reads it."""
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.GzipFile(path, "wb", mtime=0) as handle:
+        handle.write(json.dumps(compact(record), separators=(",", ":")).encode())
+
+
+def read_trace(path: Path) -> dict:
+    import gzip
+
+    return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
 
 
 def training_argv(arm: str, seed: int, model: str, folder: Path, flags: list[str]) -> list[str]:
@@ -181,8 +197,7 @@ def traced_run(arm: str, seed: int, model: str, out: Path, flags: list[str], var
         "steps": trace.to_json(),
     }
     target = trace_path(out, arm, seed, variant)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(compact(record), separators=(",", ":")))
+    write_trace(target, record)
     return target
 
 
@@ -365,16 +380,17 @@ def summarize_trace(trace: dict) -> dict:
             "drift_from_start_at_last_signal": next((r[f"{group}/drift_from_start"] for r in rows
                                                      if r["step"] == last_signal), None),
             "drift_from_start_at_end": rows[-1][f"{group}/drift_from_start"],
+            # None where nothing moved on those steps (the counterfactual undid them)
             "weight_decay_share_of_zero_gradient_moves": (
                 sum(r[f"{group}/weight_decay_step_norm"] or 0.0 for r in zero_grad)
-                / max(sum(r[key] or 0.0 for r in zero_grad), 1e-30)) if zero_grad else None,
+                / sum(r[key] or 0.0 for r in zero_grad)) if sum(r[key] or 0.0 for r in zero_grad) > 0 else None,
         }
     return summary
 
 
 def read_traces(out: Path) -> list[dict]:
     order = {arm: index for index, arm in enumerate(ARMS)}
-    traces = [json.loads(path.read_text()) for path in sorted((out / "traces").glob("*.json"))]
+    traces = [read_trace(path) for path in sorted((out / "traces").glob("*.json*"))]
     return sorted(traces, key=lambda t: (order.get(t["arm"], len(order)), t["seed"], t.get("variant", "")))
 
 
@@ -443,7 +459,7 @@ def plot(traces: list[dict], target: Path) -> None:
             grad = [r[f"{group}/grad_norm"] for r in rows]
             update = [r[f"{group}/update_norm"] or float("nan") for r in rows]  # an undone step (hold) is a gap
             optimizer.plot(steps, update, ".-", ms=4, color=color, label=f"{name}: update applied")
-            optimizer.plot(steps, [g if g else float("nan") for g in grad], ":", color=color,
+            optimizer.plot(steps, [g if g else float("nan") for g in grad], "o:", ms=2.5, color=color,
                            label=f"{name}: gradient (clipped)")
             optimizer.scatter([s for s, g in zip(steps, grad) if not g], [u for u, g in zip(update, grad) if not g],
                               marker="x", color=color, s=22, zorder=3)
@@ -485,8 +501,22 @@ def plot(traces: list[dict], target: Path) -> None:
             optimizer.legend(fontsize=7, loc="lower left")
             distance.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(target, dpi=100)
+    save_small_png(fig, target)
     plt.close(fig)
+
+
+def save_small_png(fig, target: Path, dpi: int = 90, colors: int = 64) -> None:
+    """The figure as a PNG of a few hundred kB: rendered, then reduced to a palette of ``colors``
+    (line plots need few) with PIL, which matplotlib depends on."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT).save(
+        target, optimize=True)
 
 
 def write_report(out: Path, command: str) -> int:

@@ -3,6 +3,7 @@ exactly as the same run untraced, the optimizer record against a hand-computed A
 a failing run's error shown."""
 import json
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -20,14 +21,17 @@ SMOKE_FLAGS = ["--max_steps", "2", "--eval_samples", "2", "--max_completion_leng
                "--reward_funcs", "testing.training.length_reward"]
 
 
-@pytest.mark.slow  # a traced and an untraced training process: about 35 s on 2 cores
+@pytest.mark.slow  # two traced and one untraced training process: about 50 s on 2 cores
 def test_a_traced_run_records_every_step_and_trains_as_the_untraced_one(tmp_path):
     out = tmp_path / "collapse"
-    command = [sys.executable, "-m", "bench.collapse", "--model", "tiny", "--runs", "projection:1", "--out", str(out),
-               "--threads", "1", "--", *SMOKE_FLAGS]
+    command = [sys.executable, "-m", "bench.collapse", "--model", "tiny", "--runs", "projection:1", "projection:1:hold",
+               "--out", str(out), "--threads", "1", "--", *SMOKE_FLAGS]
     proc = run_child(command, timeout=600, what="bench.collapse smoke run", cwd=REPO)
-    assert "projection-seed1" in proc.stdout and (out / "collapse.png").stat().st_size > 0
-    trace = json.loads((out / "traces" / "projection-seed1.json").read_text())
+    assert "projection-seed1-hold" in proc.stdout
+    assert (out / "collapse.png").stat().st_size > 0 and (out / "collapse_hold.png").stat().st_size > 0
+    from bench.collapse import compact, read_trace  # the trace keeps 5 significant digits
+
+    trace = read_trace(out / "traces" / "projection-seed1.json.gz")
     steps = trace["steps"]
     assert [s["step"] for s in steps] == [1, 2] and trace["threads"] == 1
     for step in steps:
@@ -55,10 +59,8 @@ def test_a_traced_run_records_every_step_and_trains_as_the_untraced_one(tmp_path
     plain_dir = tmp_path / "untraced"
     argv[argv.index("--output_dir") + 1] = str(plain_dir)
     run_child([sys.executable, str(REPO / "hrpo_gsm8k.py"), *argv], timeout=600, what="the untraced run", cwd=REPO,
-              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+              env={**os.environ, "OMP_NUM_THREADS": "1"})
     plain = [row for row in json.loads((plain_dir / "log_history.json").read_text()) if "reward" in row]
-    from bench.collapse import compact  # the trace keeps 5 significant digits
-
     assert compact([row["reward"] for row in plain]) == [s["logs"]["reward"] for s in steps]
     assert compact([row["completions/mean_length"] for row in plain]) == [
         s["logs"]["completions/mean_length"] for s in steps]
@@ -66,10 +68,15 @@ def test_a_traced_run_records_every_step_and_trains_as_the_untraced_one(tmp_path
         assert row["loss"] == pytest.approx(step["logs"]["loss"], rel=1e-4, abs=1e-7)
         assert row["grad_norm"] == pytest.approx(step["logs"]["grad_norm"], rel=1e-4)
 
+    # every step had a gradient: the counterfactual undid none and is the same run
+    held = read_trace(out / "traces" / "projection-seed1-hold.json.gz")
+    assert held["variant"] == "hold" and held["held_steps"] == []
+    assert [s["logs"]["reward"] for s in held["steps"]] == [s["logs"]["reward"] for s in steps]
+
     again = run_child(command, timeout=300, what="bench.collapse, again", cwd=REPO)
-    assert "traced before, kept" in again.stdout
-    report = json.loads((out / "collapse.json").read_text())["runs"][0]
-    assert report["arm"] == "projection" and len(report["reward"]) == 2
+    assert again.stdout.count("traced before, kept") == 2
+    report = {run["variant"]: run for run in json.loads((out / "collapse.json").read_text())["runs"]}
+    assert report[""]["arm"] == "projection" and len(report[""]["reward"]) == 2 and report["hold"]["held_steps"] == []
 
 
 def test_a_failing_run_shows_its_error(tmp_path):
