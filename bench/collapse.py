@@ -10,14 +10,20 @@ the token embedding's, how far the mixed input moved) and the optimizer (per par
 the gradient AdamW stepped on, its moments, the update applied, split into the moment step and
 the weight decay, the distance from the start). A traced run trains exactly as the untraced one.
 
-    python -m bench.collapse --runs projection:11 projection:12 grpo:12 projection:1 --threads 1
-    python -m bench.collapse --report            # collapse.json, collapse.png and the tables from the traces
+    python -m bench.collapse --runs projection:1 projection:11 grpo:11 projection:12 grpo:12 \
+        embedding_plus_projection:1 projection:12:hold projection:11:hold --threads 1    # bench/results/collapse
+    python -m bench.collapse --report            # collapse.json, the plots and the table from the kept traces
     python -m bench.collapse --model tiny --runs projection:1 --out /tmp/c -- --max_steps 2   # smoke run
 
+ARM:SEED:hold is a counterfactual of this bench, not a training option: after every step whose
+gradient is exactly zero (no group's rewards differed), the weights and AdamW's state are put
+back as they were (HoldWithoutSignal), so the policy does not move on AdamW's moments alone.
+
 Flags after "--" go to every training run, after the demo's (the last one wins). Runs with a
-trace are done (resumable). Writes OUT/traces/<arm>-seed<seed>.json.gz (gzipped JSON, 10-25 kB,
-kept in the repository; `zcat` reads it) and, from all traces, OUT/collapse.json and OUT/collapse.png; the run folders and
-their logs go to OUT/runs/ (not kept).
+trace are done (resumable). Writes OUT/traces/<run>.json.gz (gzipped JSON, 10-25 kB, kept in the
+repository; `zcat` reads it) and, from all traces, OUT/collapse.json, OUT/collapse.png (the runs)
+and OUT/collapse_hold.png (each counterfactual beside its run); the run folders and their logs
+go to OUT/runs/ (not kept). The reading: bench/README.md, "The collapse, explained".
 """
 from __future__ import annotations
 
@@ -409,7 +415,8 @@ def print_report(summaries: list[dict]) -> None:
                 return "-"
             return f"{group['moved_with_zero_gradient'] / group['path_length']:.0%}"
 
-        print(f"{run_name(s['arm'], s['seed'], s['variant']):32s} {acc:>15s} {answered:>10s} {s['steps_without_signal']:9d} "
+        name = run_name(s["arm"], s["seed"], s["variant"])
+        print(f"{name:32s} {acc:>15s} {answered:>10s} {s['steps_without_signal']:9d} "
               f"{str(s['last_step_with_signal']):>11s} {str(s['marker_gone_from_step']):>11s} "
               f"{s['cut_share_last_10'] or 0:10.2f} {moved(lora):>17s} {moved(proj):>17s}")
 

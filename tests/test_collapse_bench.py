@@ -148,7 +148,8 @@ def test_completion_rows_and_repetition():
     trace = CollapseTrace(_fake_trainer(model, optimizer))
     function = trace.wrap_reward(lambda completions, **_: [1.0 if "#### 3" in c else 0.0 for c in completions])
     rewards = function(prompts=[[{"role": "user", "content": "1+2?"}]] * 3,
-                       completions=["so #### 3", "1 + 2 is", "#### x"], completion_ids=[[5, 6, 1], [5, 6, 7, 8], [9, 1]])
+                       completions=["so #### 3", "1 + 2 is", "#### x"],
+                       completion_ids=[[5, 6, 1], [5, 6, 7, 8], [9, 1]])
     assert rewards == [1.0, 0.0, 0.0]
     rows = trace.steps[1]["completions"]
     assert [(r["cut"], r["marker"], r["answered"], r["tokens"]) for r in rows] == [
