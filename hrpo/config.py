@@ -354,8 +354,9 @@ def loss_temperature(args) -> float:
     value = getattr(args, "loss_temperature", None)
     if value is None:
         return args.temperature
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise UsageError(f"--loss_temperature {value}: expected a value > 0")
+    rule = HRPOConfig.__dataclass_fields__["loss_temperature"].metadata["range"]  # also for a plain GRPOConfig
+    if not in_range(value, rule):
+        raise UsageError(f"--loss_temperature {value}: expected a value {rule}")
     return float(value)
 
 

@@ -80,22 +80,19 @@ def settings_parser(description: str | None = None, **task_defaults) -> Settings
 
 
 def given_fields(parser: SettingsParser, argv: list[str]) -> set[str]:
-    """The fields set on the command line or in the ``--config`` file."""
-    import argparse
-
+    """The fields set on the command line (a flag, an alias or an unambiguous prefix of one, as
+    argparse takes them) or in the ``--config`` file."""
     config, argv = config_file(argv)
-    saved, parser_defaults = [(action, action.default) for action in parser._actions], parser._defaults
-    try:
-        parser._defaults = {}  # set_defaults() values would count as given
-        for action in parser._actions:
-            action.default = argparse.SUPPRESS
-        namespace, _ = parser.parse_known_args(argv)
-    finally:
-        parser._defaults = parser_defaults
-        for action, default in saved:
-            action.default = default
     names = parser.field_names()
-    return {names.get(key, key) for key in config} | set(vars(namespace))
+    given = {names.get(key, key) for key in config}
+    for token in argv:
+        option = token.partition("=")[0][2:] if token.startswith("--") else None
+        if option in names:
+            given.add(names[option])
+        elif option:
+            prefixed = {dest for name, dest in names.items() if name.startswith(option)}
+            given |= prefixed if len(prefixed) == 1 else set()
+    return given
 
 
 def parse_settings(argv: list[str] | None = None, parser: SettingsParser | None = None) -> Settings:
@@ -107,7 +104,8 @@ def parse_settings(argv: list[str] | None = None, parser: SettingsParser | None 
 
     argv = normalized_argv(list(sys.argv[1:] if argv is None else argv))
     parser = parser or settings_parser()
-    parser.check_aliases(*reversed(config_file(argv)))
+    config, flags = config_file(argv)
+    parser.check_aliases(flags, config)
     try:
         task, model, training, thinking = parser.parse_args_and_config(argv)
         given = given_fields(parser, argv)
