@@ -15,7 +15,7 @@ def resolve_backend(settings: Settings) -> str:
     return "unsloth" if settings.training.backend == "auto" else settings.training.backend
 
 
-def load_model(settings: Settings, cuda: bool):
+def load_model(settings: Settings, cuda: bool, config=None):
     """LoRA on the target modules, the thinking modules of the source trained in full.
 
     Hybrid thinking is opt-in by configuration: the thinking fields go onto the config before
@@ -24,7 +24,7 @@ def load_model(settings: Settings, cuda: bool):
     from transformers import set_seed
 
     set_seed(settings.training.seed)  # the thinking modules (gates, Lambda, projection) are drawn while the model is built
-    config = model_config(settings)
+    config = model_config(settings) if config is None else config
     loader = load_with_transformers if resolve_backend(settings) == "transformers" else load_with_unsloth
     model, tokenizer = loader(settings, config, cuda)
     if settings.hybrid and os.environ.get("LOCAL_RANK", "0") == "0":

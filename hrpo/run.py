@@ -98,9 +98,9 @@ def build_trainer(settings: Settings, reward_funcs=None):
     dataset = load_dataset(settings)  # data errors before the (slow) model load
     held_out = load_held_out(settings, dataset)
     rewards = reward_funcs or reward_functions(settings)
-    model_config(settings)  # its errors before the tokenizer's
+    config = model_config(settings)  # its errors before the tokenizer's
     dataset = filter_long_prompts(settings, dataset, load_tokenizer(settings))  # before the model loads
-    model, tokenizer = load_model(settings, cuda)
+    model, tokenizer = load_model(settings, cuda, config)
     check_thinking_config(model, settings)
     training = settings.training
     training.gradient_checkpointing = use_trainer_checkpointing(settings, cuda)
