@@ -27,9 +27,8 @@ def test_the_thinking_fields_are_declared_only_in_the_forks_thinking_config():
 ENTRY_SCRIPTS = ("hrpo_gsm8k", "hrpo_math", "hrpo_mmlu", "eval_gsm8k", "patch")
 
 
-def test_no_module_imports_an_entry_script():
-    """The top-level scripts are shims over hrpo/; the library, the tests, the benches and the
-    scripts import hrpo, never a script."""
+def absolute_imports() -> list[tuple[str, str]]:
+    """(module path, imported name) for every absolute import of the project's Python files."""
     import ast
 
     found = []
@@ -38,23 +37,21 @@ def test_no_module_imports_an_entry_script():
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
                      else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
-            found += [f"{path.relative_to(REPO)}: {name}" for name in names if name in ENTRY_SCRIPTS]
+            found += [(str(path.relative_to(REPO)), name) for name in names]
+    return found
+
+
+def test_no_module_imports_an_entry_script():
+    """The top-level scripts are shims over hrpo/; the library, the tests, the benches and the
+    scripts import hrpo, never a script."""
+    found = [f"{path}: {name}" for path, name in absolute_imports() if name in ENTRY_SCRIPTS]
     assert not found, found
 
 
 def test_no_module_imports_a_test_module():
     """What tests share lives in testing/: no module imports tests/ or one of its modules."""
-    import ast
-
     test_modules = {path.stem for path in (REPO / "tests").glob("*.py")}
-    found = []
-    for path in sorted(REPO.glob("*.py")) + sorted(p for d in ("hrpo", "testing", "tests", "bench", "scripts")
-                                                   for p in (REPO / d).rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
-            found += [f"{path.relative_to(REPO)}: {name}" for name in names
-                      if name.split(".")[0] in ("tests", *test_modules)]
+    found = [f"{path}: {name}" for path, name in absolute_imports() if name.split(".")[0] in ("tests", *test_modules)]
     assert not found, found
 
 
