@@ -18,6 +18,7 @@ aliases of TRL's names.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -239,6 +240,12 @@ class HRPOConfig(GRPOConfig):
                 "to the projection latent (thinking_projection/cosine_to_embedding_latent); it costs a vocabulary "
                 "x hidden product per decoding step of those rollouts. Default: every 10 x --logging_steps; 0: "
                 "never"})
+    skip_steps_without_signal: bool = field(default=False, metadata={
+        "help": "skip the optimizer step of a batch whose completions all have advantage 0 (every group earned "
+                "equal rewards): the weights, AdamW's moments and its step count stay as they are, the schedule "
+                "advances. Without it AdamW keeps moving the policy on its moments through such steps, where "
+                "the gradient is exactly 0 (bench/README.md, 'The collapse, explained'). Needs --beta 0 (a KL "
+                "term has a gradient on those steps) and no fp16 or DeepSpeed"})
     max_prompt_length: int = field(default=1024, metadata={
         "range": "> 0",
         "help": "prompts longer than this (tokens) are left out"})
@@ -415,6 +422,23 @@ def default_output_dir(values) -> Path:
     return Path("experiments") / f"{model}-{values.task}-{arm}-lr{values.lr_thinking_projection:g}"
 
 
+def refuse_unsupported_step_skipping(training, deepspeed: bool | None = None) -> None:
+    """--skip_steps_without_signal where skipping is not what happens: a KL term has a gradient on
+    steps without reward signal; fp16's loss scaler and DeepSpeed's engine step the optimizer on
+    buffers of their own. ``deepspeed``: known once the trainer has built its accelerator."""
+    if training.beta != 0:
+        raise UsageError(f"--skip_steps_without_signal: needs --beta 0 (got {training.beta}); with a KL term a step "
+                         f"without reward signal still has the KL's gradient, which pulls back toward the reference")
+    if training.fp16:
+        raise UsageError("--skip_steps_without_signal: not with fp16 (its loss scaler needs gradients on every "
+                         "step); use --bf16 or float32 (--fp16 false)")
+    if deepspeed is None:
+        deepspeed = bool(training.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    if deepspeed:
+        raise UsageError("--skip_steps_without_signal: not with DeepSpeed, whose engine steps the optimizer on its "
+                         "own gradient buffers; use DDP or FSDP2")
+
+
 def check_settings(settings: Settings) -> None:
     """What spans the dataclasses: settings another one makes meaningless (an error when
     given), the prompt, the held-out data and the model path."""
@@ -445,6 +469,8 @@ def check_settings(settings: Settings) -> None:
                          f"with graphs of its own, which hybrid steps do not use")
     if training.push_to_hub:
         check_hub_access()
+    if training.skip_steps_without_signal:
+        refuse_unsupported_step_skipping(training)
     refuse_unsupported_loss_temperature(training, unsloth_rewrite=not training.use_cpu and training.backend != "transformers")
     if (model.load_in_4bit or model.load_in_8bit) and training.use_cpu:
         raise UsageError("--load_in_4bit / --load_in_8bit: bitsandbytes quantization needs CUDA")

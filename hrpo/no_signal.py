@@ -45,3 +45,48 @@ class NoSignalWarning(TrainerCallback):
                 f"{logs.get('reward', float('nan')):.3g}){cause}. GRPO's advantages are all 0, so training "
                 f"cannot move by itself; a lower --learning_rate, a longer --max_completion_length or --resume "
                 f"from an earlier checkpoint may help")
+
+
+class SkipStepsWithoutSignal(TrainerCallback):
+    """``--skip_steps_without_signal``: the optimizer step of a batch in which no completion has a
+    nonzero advantage (on any process) is skipped. With no KL term its gradient is exactly 0, and
+    AdamW would still move every weight along its first moment (and decay it): in the demo's
+    collapsed runs most of LoRA's path was walked on such steps, after the answer format had
+    broken (bench/README.md, "The collapse, explained"). Skipping leaves the weights, AdamW's
+    moments and its step count as they are; the learning-rate schedule still advances, as the
+    step is counted.
+
+    The trainer reports each micro-batch's advantages (``saw``); before the optimizer steps, the
+    processes agree on whether any had signal, and without it every gradient is set to None, which
+    torch's and bitsandbytes' optimizers read as "leave this parameter alone"."""
+
+    def __init__(self, device):
+        self.device = device
+        self.signal = False
+        self.skipped = 0  # optimizer steps skipped in this run (since this process started)
+
+    def saw(self, advantages) -> None:
+        self.signal = self.signal or bool((advantages != 0).any())
+
+    def agreed_signal(self) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self.signal
+        flag = torch.tensor([float(self.signal)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        signal, self.signal = self.agreed_signal(), False
+        if not signal:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
+            self.skipped += 1
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            print(f"--skip_steps_without_signal: {self.skipped} optimizer step(s) skipped without reward signal "
+                  f"(weights and AdamW's state kept; up to step {state.global_step})")

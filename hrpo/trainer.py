@@ -45,12 +45,14 @@ from .backend import UNSLOTH_GRPO_TRAINER
 from .checkpoint import (load_trained_adapter, save_complete_checkpoint,
                          trained_adapter_only_under_zero3, write_run_settings)
 from .compiled_rollouts import compile_rollouts, fixed_length_prompts
-from .config import hrpo_setting, loss_temperature, refuse_unsupported_loss_temperature
+from .config import (hrpo_setting, loss_temperature, refuse_unsupported_loss_temperature,
+                     refuse_unsupported_step_skipping)
 from .optimizer import patch_trainer_optimizer
 from .held_out import HeldOutEvaluation
 from .distributed import full_tensor
 from .loss_temperature import fused_head_temperature, log_probs_also_at
 from .model_card import HRPOModelCardMixin
+from .no_signal import SkipStepsWithoutSignal
 from .model_checks import check_rollout_source, find_thinking_base, verify_hybrid_forward
 from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
 from .sampling import check_sampling_distribution, distribution_changes, generate_replaced
@@ -101,6 +103,18 @@ class RunTrainerMixin(HeldOutEvaluation, HRPOModelCardMixin):
             if getattr(self.args, "compile_rollouts", False):
                 compile_rollouts(generation_config, on_cuda=self.accelerator.device.type == "cuda")
                 self.generation_kwargs.update(cache_implementation="static")
+
+        self.step_skipper = None
+        if getattr(self.args, "skip_steps_without_signal", False):
+            refuse_unsupported_step_skipping(self.args, deepspeed=self.is_deepspeed_enabled)
+            self.step_skipper = SkipStepsWithoutSignal(self.accelerator.device)
+            self.add_callback(self.step_skipper)
+
+    def _prepare_inputs(self, generation_batch):
+        inputs = super()._prepare_inputs(generation_batch)
+        if self.step_skipper is not None and self.model.training:
+            self.step_skipper.saw(inputs["advantages"])
+        return inputs
 
     def _generate_and_score_completions(self, inputs):
         if not getattr(self.args, "compile_rollouts", False):

@@ -87,6 +87,7 @@ CASES = [
     (["--loss_temperature", "0"], "--loss_temperature 0.0: expected a value > 0"),
     (["--loss_temperature", "1.0", "--use_cpu", "false", "--backend", "transformers", "--use_vllm",
       "--hybrid_thinking", "off"], "--loss_temperature 1.0 (--temperature 0.5): with --use_vllm"),
+    (["--skip_steps_without_signal", "--beta", "0.04"], "--skip_steps_without_signal: needs --beta 0 (got 0.04)"),
     (["--report_to", "tensorboard"], "--report_to tensorboard: tensorboard is not installed"),
     (["--report_to", "wandb"], "--report_to wandb: wandb is not installed"),
     (["--max_prompt_length", "5"], "--max_prompt_length 5: every prompt of {ws}/train.jsonl is longer (the shortest "
