@@ -2,7 +2,8 @@
 # One command from a fresh checkout to a working environment (and, with --test, a test run).
 #
 #   ./setup.sh                 create .venv, install pinned requirements, materialize and
-#                              install the transformers and unsloth forks
+#                              install the transformers and unsloth forks, and this project
+#                              (editable: hrpo-train, hrpo-eval)
 #   ./setup.sh --test [ARGS]   the same, then run pytest (ARGS go to pytest)
 #   ./setup.sh --no-venv       install into the current python instead (e.g. a conda env
 #                              that already has your CUDA torch)
@@ -51,6 +52,8 @@ fi
 "$py" tools/forks.py install --no-deps
 "${pip[@]}" -r requirements.txt -r requirements-dev.txt
 "${pip[@]}" --no-deps -r requirements-nodeps.txt
+# the project itself (hrpo/, pyproject.toml): `import hrpo` and hrpo-train/hrpo-eval from any folder
+"${pip[@]}" --no-deps --no-build-isolation -e .
 if [ "$cuda" = 1 ]; then
   "${pip[@]}" -r requirements-cuda.txt
 fi
