@@ -179,21 +179,17 @@ def install_note(thinking: dict | None) -> str:
 
 def where_to_run() -> str:
     return (f"Then run the following with that environment's Python (`{REPOSITORY_PLACEHOLDER}/.venv/bin/python`, "
-            f"or the environment `./setup.sh --no-venv` installed into), from any folder. It needs the "
-            f"repository's root on the import path, because `hrpo` is not an installable package yet: replace "
-            f"`{REPOSITORY_PLACEHOLDER}` with where the clone is.")
+            f"where `{REPOSITORY_PLACEHOLDER}` is the clone, or the environment `./setup.sh --no-venv` installed "
+            f"into), from any folder: `./setup.sh` installs `hrpo` itself as a package.")
 
 
 def loading_snippet(hub_model_id: str | None) -> list[str]:
-    """The import path, the imports, where the folder is, the loader."""
-    path = ["import sys", "",
-            f'sys.path.insert(0, "{REPOSITORY_PLACEHOLDER}")  # the HRPO repository\'s root (the clone ./setup.sh '
-            f'ran in)']
+    """The imports, where the folder is, the loader."""
     load = "model, tokenizer = load_checkpoint(folder)  # base model, saved config (thinking fields), adapter"
     if hub_model_id:
-        return [*path, "from huggingface_hub import snapshot_download", "from hrpo.checkpoint import load_checkpoint",
+        return ["from huggingface_hub import snapshot_download", "from hrpo.checkpoint import load_checkpoint",
                 "", f'folder = snapshot_download("{hub_model_id}")', load]
-    return [*path, "from hrpo.checkpoint import load_checkpoint", "",
+    return ["from hrpo.checkpoint import load_checkpoint", "",
             f'folder = "{FOLDER_PLACEHOLDER}"  # the run\'s output folder, or a checkpoint-N in it', load]
 
 

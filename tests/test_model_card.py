@@ -9,7 +9,7 @@ import yaml
 
 from hrpo.model_card import (FOLDER_PLACEHOLDER, HRPO_BIBTEX, INSTALL_LINE, REPOSITORY_PLACEHOLDER, latest_evaluation,
                              model_card_text)
-from testing.processes import ChildFailed, run_child
+from testing.processes import run_child
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ def test_projection_card_names_the_run_its_settings_its_score_and_how_to_load_it
     assert "| training step | 30 |" in card
     assert f"```bash\n{INSTALL_LINE}  #" in card and INSTALL_LINE == "./setup.sh"
     assert 'folder = snapshot_download("someone/hrpo-qwen")\nmodel, tokenizer = load_checkpoint(folder)' in card
-    assert f'sys.path.insert(0, "{REPOSITORY_PLACEHOLDER}")' in card and "from any folder" in card
+    assert "sys.path" not in card and "from any folder" in card and f"`{REPOSITORY_PLACEHOLDER}/.venv/bin/python`" in card
     assert "python eval_gsm8k.py --checkpoint_path FOLDER --greedy" in card
     assert HRPO_BIBTEX in card and "arXiv:2505.18454" in HRPO_BIBTEX
     assert "arXiv:2402.03300" in card and "@software{vonwerra2020trl" in card
@@ -254,12 +254,12 @@ def python_block(card: str) -> str:
 
 
 def test_the_cards_loading_code_runs_from_another_folder(saved_checkpoint, tmp_path):
-    """The card's Python block, with the two paths it asks for filled in, run by the environment's
+    """The card's Python block, with the folder it asks for filled in, run by the environment's
     Python in a folder outside the repository, without PYTHONPATH: it loads the checkpoint."""
     card = projection_card(hub_model_id=None)
     code = python_block(card)
-    assert REPOSITORY_PLACEHOLDER in code and FOLDER_PLACEHOLDER in code
-    code = code.replace(REPOSITORY_PLACEHOLDER, str(REPO)).replace(FOLDER_PLACEHOLDER, str(saved_checkpoint))
+    assert REPOSITORY_PLACEHOLDER not in code and FOLDER_PLACEHOLDER in code
+    code = code.replace(FOLDER_PLACEHOLDER, str(saved_checkpoint))
     code += ("\nimport json, hrpo\nbase = model.get_base_model()\n"
              "print(json.dumps({'hrpo': hrpo.__file__, 'source': base.config.thinking_latent_source, "
              "'r': model.peft_config['default'].r, 'projection': type(base.model.thinking_projection).__name__, "
@@ -274,9 +274,7 @@ def test_the_cards_loading_code_runs_from_another_folder(saved_checkpoint, tmp_p
                       "projection": "ModulesToSaveWrapper", "pad": True}
 
 
-@pytest.mark.xfail(strict=True, raises=ChildFailed, reason="hrpo is not yet an installable package")
 def test_the_loader_imports_without_the_repository_on_the_import_path(tmp_path):
-    """Once hrpo is installable the card's sys.path line can go: then this passes (and, strict,
-    fails as an unexpected pass until the mark and the line are removed)."""
+    """./setup.sh installs hrpo as a package: it imports from any folder without PYTHONPATH."""
     run_child([sys.executable, "-c", "from hrpo.checkpoint import load_checkpoint"], cwd=tmp_path,
               env=without_pythonpath(), timeout=120, what="import hrpo from another folder")
