@@ -15,9 +15,12 @@ the weight decay, the distance from the start). A traced run trains exactly as t
     python -m bench.collapse --report            # collapse.json, the plots and the table from the kept traces
     python -m bench.collapse --model tiny --runs projection:1 --out /tmp/c -- --max_steps 2   # smoke run
 
-ARM:SEED:hold is a counterfactual of this bench, not a training option: after every step whose
-gradient is exactly zero (no group's rewards differed), the weights and AdamW's state are put
-back as they were (HoldWithoutSignal), so the policy does not move on AdamW's moments alone.
+The runs coast as the demo did when its runs collapsed (`--skip_steps_without_signal false`;
+flags after "--" can change that). ARM:SEED:hold is the counterfactual that made the case for that
+option: after every step whose gradient is exactly zero (no group's rewards differed), the weights
+and AdamW's state are put back as they were (HoldWithoutSignal), so the policy does not move on
+AdamW's moments alone; `--skip_steps_without_signal` gives the same weights
+(tests/test_skip_steps.py).
 
 Flags after "--" go to every training run, after the demo's (the last one wins). Runs with a
 trace are done (resumable). Writes OUT/traces/<run>.json.gz (gzipped JSON, 10-25 kB, kept in the
@@ -79,9 +82,15 @@ def read_trace(path: Path) -> dict:
     return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
 
 
+# The traced recipe is the demo's as it was when its runs collapsed: AdamW stepping on batches
+# without signal. "-- --skip_steps_without_signal true" traces the demo's recipe as it is now.
+COASTING = ["--skip_steps_without_signal", "false"]
+
+
 def training_argv(arm: str, seed: int, model: str, folder: Path, flags: list[str]) -> list[str]:
-    """The run's hrpo_gsm8k.py flags: the demo's recipe, the flags after "--", the model, the seed, the arm."""
-    return [*demo_settings(), *flags, "--model_name", model, "--output_dir", str(folder), "--seed", str(seed),
+    """The run's hrpo_gsm8k.py flags: the demo's recipe (coasting), the flags after "--", the model, the seed,
+    the arm."""
+    return [*demo_settings(), *COASTING, *flags, "--model_name", model, "--output_dir", str(folder), "--seed", str(seed),
             *ARMS[arm]]
 
 

@@ -41,10 +41,14 @@ class Snapshots(TrainerCallback):
         self.steps.append(sorted({int(s["step"]) for s in state.values() if "step" in s}))
 
 
-def run_three_steps(workspace, out, *flags):
+def run_three_steps(workspace, out, *flags, hold: bool = False):
     args = tiny_training_args(workspace, out, "--max_steps", "3", "--logging_steps", "1", "--save_steps", "10",
                               "--beta", "0", "--weight_decay", "0.1", *flags)
     trainer = hrpo_run.build_trainer(args, reward_funcs=[SignalOnce()])
+    if hold:
+        from bench.collapse import HoldWithoutSignal
+
+        trainer.add_callback(HoldWithoutSignal(trainer).callback)
     snapshots = Snapshots(trainer)
     trainer.add_callback(snapshots)
     trainer.train()
@@ -80,3 +84,13 @@ def test_refused_where_skipping_is_not_what_would_happen():
         refuse_unsupported_step_skipping(ok, deepspeed=True)
     with pytest.raises(UsageError, match="needs --beta 0"):
         refuse_unsupported_step_skipping(types.SimpleNamespace(beta=0.04, fp16=False, deepspeed=None))
+
+
+def test_the_same_weights_as_undoing_the_step_afterwards(workspace, tmp_path):
+    """bench.collapse's counterfactual (AdamW steps, then weights and state are put back) is the
+    independent reference: skipping the step must leave the same weights after every step."""
+    _, skipped = run_three_steps(workspace, tmp_path / "skip", "--skip_steps_without_signal")
+    _, held = run_three_steps(workspace, tmp_path / "hold", hold=True)
+    for after_skip, after_hold in zip(skipped.weights, held.weights):
+        assert moved(after_hold, after_skip) < 1e-7
+    assert skipped.steps == held.steps == [[1], [1], [1]]
