@@ -29,7 +29,8 @@ accuracy at step 0 and at the end, seconds per step; per arm: mean and spread ov
 permutation tests, answered shares) and OUT/learning.png. Each finished run also leaves
 OUT/records/<arm>-seed<seed>.json (small, kept in the repository): its summary, its command
 (paths relative to the checkout, where runs start; older records name their checkout's absolute
-paths, which are read as relative to it), the bench.learning command that ran it, per-problem
+paths, which are read as relative to it) and the text of its recipe (records made before that
+was kept are compared against the recipe as it is now), the bench.learning command that ran it, per-problem
 correctness and whether an answer was given, at step 0 and at the end, and the thread count and
 machine it ran on (runs are bit-reproducible only for a fixed thread count). A run with a record
 is done, also where its run folder is gone.
@@ -141,23 +142,38 @@ def relative_to_repo(tokens: list[str]) -> list[str]:
     return [token[len(here):] if token.startswith(here) else token for token in tokens]
 
 
-def changed_settings(recorded: str, wanted: list[str]) -> dict:
+def recipe_text(settings: list[str]) -> str | None:
+    """The content of the recipe (--config) a run's settings name, kept with its record: a recipe
+    edited later must not pass for the one the run was made with."""
+    config = next((token for before, token in zip([None, *settings], settings) if before == "--config"), None)
+    return None if config is None else (REPO / config).read_text()
+
+
+def changed_settings(recorded: str, wanted: list[str], recorded_recipe: str | None = None) -> dict:
     """The training settings in which a finished run's recorded command differs from the one
     wanted now, as {field: (recorded, wanted)}: both parsed by the training parser, so
     the order of flags and repeated flags (the last one wins) do not matter. Where the run
     is written is not a setting, nor which checkout it ran in: both commands are compared
-    relative to their checkouts (a recipe named relatively is read from this one)."""
+    relative to their checkouts (a recipe named relatively is read from this one, or, where the
+    record kept it, ``recorded_recipe`` is the recorded command's recipe)."""
+    import tempfile
+
     from hrpo.settings_parser import parse_settings
 
-    def parsed(command: list[str]) -> dict:
+    def parsed(command: list[str], recipe: str | None = None) -> dict:
         flags = checkout_relative(command)[script_index(command) + 1:]
-        flags = [str(REPO / token) if before == "--config" and not os.path.isabs(token) else token
+        flags = [(recipe or str(REPO / token)) if before == "--config" and not os.path.isabs(token) else token
                  for before, token in zip([None, *flags], flags)]
         values = parse_settings(flags).flat()
         values.pop("output_dir", None)
         return values
 
-    before, now = parsed(shlex.split(recorded)), parsed(wanted)
+    with tempfile.TemporaryDirectory() as tmp:
+        kept = None
+        if recorded_recipe is not None:
+            kept = Path(tmp) / "recorded_recipe.yaml"
+            kept.write_text(recorded_recipe)
+        before, now = parsed(shlex.split(recorded), str(kept) if kept else None), parsed(wanted)
     return {key: (before.get(key), now.get(key)) for key in sorted(set(before) | set(now))
             if before.get(key) != now.get(key)}
 
@@ -171,8 +187,9 @@ def runs_with_other_settings(out: Path, plan: list[tuple[int, str]], model: str,
         if not record.exists() and run_is_complete(folder):  # finished before records were kept
             write_record(folder, record)
         if record.exists():
-            recorded = json.loads(record.read_text())["command"]
-            differences = changed_settings(recorded, command_for(arm, seed, model, settings, folder))
+            recorded = json.loads(record.read_text())
+            differences = changed_settings(recorded["command"], command_for(arm, seed, model, settings, folder),
+                                           recorded.get("recipe"))
             if differences:
                 changed[(arm, seed)] = differences
     return changed
@@ -211,7 +228,7 @@ def run_arm(arm: str, seed: int, model: str, settings: list[str], folder: Path, 
         raise RuntimeError(f"{arm} seed {seed} failed (exit {proc.returncode}): {shlex.join(command)}\n{tail}")
     (folder / "bench_run.json").write_text(json.dumps({
         "arm": arm, "seed": seed, "command": shlex.join(checkout_relative(command)), "invocation": invocation,
-        "wall_seconds": round(time.time() - start, 1),
+        "recipe": recipe_text(settings), "wall_seconds": round(time.time() - start, 1),
         "threads": threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(), "machine": machine()}))
 
 

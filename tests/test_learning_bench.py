@@ -80,6 +80,19 @@ def test_a_finished_run_is_kept_only_with_the_settings_asked_for_now(tmp_path):
     assert "hybrid_thinking" in bench.changed_settings(shlex.join(other_arm), wanted)
 
 
+def test_a_run_made_with_an_earlier_recipe_is_not_taken_for_the_recipe_now(tmp_path):
+    """The record keeps the recipe's text: the demo's recipe gained skip_steps_without_signal after
+    the first comparisons ran, and their commands name the same file."""
+    bench = _learning_bench()
+    settings = bench.comparison_settings([])
+    wanted = bench.command_for("projection", 1, "model", settings, tmp_path / "b")
+    recipe = bench.recipe_text(settings)
+    assert "skip_steps_without_signal: true" in recipe
+    assert bench.changed_settings(shlex.join(wanted), wanted, recipe) == {}
+    earlier = recipe.replace("skip_steps_without_signal: true", "skip_steps_without_signal: false")
+    assert bench.changed_settings(shlex.join(wanted), wanted, earlier) == {"skip_steps_without_signal": (False, True)}
+
+
 def test_a_run_kept_from_another_checkout_has_the_same_settings(tmp_path):
     """Records name the checkout they ran in (its recipe, its model folder): a clone elsewhere
     keeps them, and a real difference is still found."""
