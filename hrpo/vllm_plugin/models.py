@@ -1,0 +1,199 @@
+"""vLLM models that decode like the fork's hybrid sampling: Llama and Qwen2, subclassed.
+
+Each is the stock vLLM model plus ``HybridThinkingMixin``: the thinking modules (loaded from the
+fork checkpoint's ``model.thinking_*`` weights), a weightless state layer whose per-request slot
+holds the last final hidden state and the answer-marker automaton state, and a forward that,
+for each row that really decodes (``backend``), advances the marker automaton with the fed token
+and, while the marker has not been found, replaces the token's embedding by the gated mix with
+the latent of the previous step. Prompt tokens are never mixed, as in the fork.
+
+Declaring ``IsHybrid`` is what makes vLLM allocate the per-request state (and treat the model's
+KV cache as attention + "mamba"). ``ModelConfig.is_hybrid`` is also false when the config's
+``layer_types`` are all full attention (Qwen2's): ``engine_args`` renames them, and the model
+checks at start-up that vLLM did treat it as hybrid.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.models.interfaces import IsHybrid
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+
+from .backend import HybridThinkingStateError, HybridThinkingStateMetadata
+from .state import MARKER_SLOT, STATE_COPY_FUNCS, STATE_DTYPES, HybridThinkingState, state_layer_name, state_shapes
+from .thinking import CHECKPOINT_PREFIX, HybridThinkingModules
+
+LATENT_TEMPERATURE_KEY = "hrpo_latent_temperature"
+DEFAULT_ANSWER_MARKER = "####"
+
+
+def _answer_marker_automaton(vllm_config: VllmConfig, config):
+    """The fork's answer-marker automaton for this model's tokenizer and marker (a CPU table)."""
+    from transformers import AutoTokenizer
+    from transformers.hybrid_thinking.marker import AnswerMarkerAutomaton
+
+    model_config = vllm_config.model_config
+    tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer, revision=model_config.tokenizer_revision,
+                                              trust_remote_code=model_config.trust_remote_code)
+    marker = getattr(config, "answer_marker", None) or DEFAULT_ANSWER_MARKER
+    return AnswerMarkerAutomaton(tokenizer, marker, config.vocab_size, device="cpu")
+
+
+class HybridThinkingMixin:
+    """The hybrid-thinking part of a vLLM causal LM (placed before the vLLM class in the bases)."""
+
+    is_hybrid = True
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
+        return state_shapes(vllm_config.model_config.hf_config.hidden_size)
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig):
+        return STATE_DTYPES
+
+    @classmethod
+    def get_mamba_state_copy_func(cls):
+        return STATE_COPY_FUNCS
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = vllm_config.model_config.hf_config
+        self._check_engine(vllm_config)
+        self.hybrid = HybridThinkingModules(config)
+        self.thinking_state = HybridThinkingState(config.hidden_size, state_layer_name(config.num_hidden_layers))
+        automaton = _answer_marker_automaton(vllm_config, config)
+        self.register_buffer("marker_table", automaton.table, persistent=False)
+        self.marker_start, self.marker_final = automaton.start_state, automaton.final
+        self.vocab_size = config.vocab_size
+        self.latent_temperature = float(getattr(config, LATENT_TEMPERATURE_KEY, 1.0) or 1.0)
+        # Rows seen, for tests and diagnostics: decode rows, of which mixed and past the marker;
+        # prompt chunks, of which one-token chunks (those the stock Mamba builder calls decodes).
+        self.row_stats = dict.fromkeys(("decode_rows", "mixed", "marker_found", "prompt_chunks",
+                                        "one_token_prompt_chunks"), 0)
+
+    @staticmethod
+    def _check_engine(vllm_config: VllmConfig) -> None:
+        """Refuse engine settings under which the decoded tokens would silently differ from the fork's."""
+        if not vllm_config.model_config.is_hybrid:
+            raise ValueError("vLLM does not treat the hybrid-thinking model as hybrid (ModelConfig.is_hybrid is "
+                             "False), so it would keep no per-request state: a config whose layer_types are all "
+                             "full attention needs them renamed (hrpo.vllm_plugin.engine_args.hybrid_llm_kwargs "
+                             "does it through hf_overrides)")
+        if vllm_config.cache_config.enable_prefix_caching:
+            raise ValueError("hybrid thinking needs enable_prefix_caching=False: a cached prefix would skip the "
+                             "step-by-step mixing of completion tokens")
+        if vllm_config.parallel_config.pipeline_parallel_size != 1:
+            raise NotImplementedError("hybrid thinking in vLLM supports no pipeline parallelism")
+        if vllm_config.speculative_config is not None:
+            raise NotImplementedError("hybrid thinking in vLLM supports no speculative decoding")
+
+    # --- weights
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """The stock loader for the stock weights; the fork's ``model.thinking_*`` to ``hybrid``."""
+        thinking: dict[str, torch.Tensor] = {}
+
+        def stock():
+            for name, tensor in weights:
+                if name.startswith(CHECKPOINT_PREFIX + "thinking_"):
+                    thinking[name] = tensor
+                else:
+                    yield name, tensor
+
+        loaded = set(super().load_weights(stock()))
+        return loaded | self.hybrid.load(thinking)
+
+    # --- the forward
+
+    def _state_metadata(self) -> HybridThinkingStateMetadata | None:
+        """This step's metadata of the state layer; None in vLLM's profiling and dummy runs."""
+        attn_metadata = get_forward_context().attn_metadata
+        if attn_metadata is None:
+            return None
+        if not isinstance(attn_metadata, dict):
+            raise HybridThinkingStateError(f"unexpected attention metadata {type(attn_metadata).__name__} "
+                                           f"(micro-batching is not supported)")
+        metadata = attn_metadata.get(self.thinking_state.prefix)
+        if metadata is not None and not isinstance(metadata, HybridThinkingStateMetadata):
+            raise HybridThinkingStateError(f"the state layer got {type(metadata).__name__}, not "
+                                           f"HybridThinkingStateMetadata: is the hrpo plugin's backend registered?")
+        return metadata
+
+    def _latent_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits over the vocabulary, as vLLM's sampler sees them."""
+        return self.compute_logits(hidden)[:, :self.vocab_size].float()
+
+    def _embedding_matrix(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight[:self.vocab_size]
+
+    def _mix_decode_inputs(self, input_ids: torch.Tensor | None, embeds: torch.Tensor,
+                           metadata: HybridThinkingStateMetadata) -> torch.Tensor:
+        """Reset the marker of prompt rows; advance it for decode rows and mix their (single) token
+        with the latent of the hidden state their previous step left in the slot."""
+        ints = self.thinking_state.ints
+        prompt_slots = metadata.row_slots[metadata.row_prefilling]
+        if prompt_slots.numel():
+            ints[prompt_slots, MARKER_SLOT] = self.marker_start
+            query_lens = torch.diff(metadata.row_query_start_loc)[metadata.row_prefilling]
+            self.row_stats["prompt_chunks"] += prompt_slots.numel()
+            self.row_stats["one_token_prompt_chunks"] += int((query_lens == 1).sum())
+        rows = metadata.row_decoding.nonzero().squeeze(1)
+        self.row_stats["decode_rows"] += rows.numel()
+        if rows.numel() == 0:
+            return embeds
+        if input_ids is None:
+            raise HybridThinkingStateError("decode steps need token ids (prompt embeddings are not supported)")
+        tokens = metadata.row_query_start_loc[rows]
+        slots = metadata.row_slots[rows]
+        marker = self.marker_table[ints[slots, MARKER_SLOT], input_ids[tokens].long()]
+        ints[slots, MARKER_SLOT] = marker
+        thinking = marker != self.marker_final
+        mixed = int(thinking.sum())
+        self.row_stats["mixed"] += mixed
+        self.row_stats["marker_found"] += rows.numel() - mixed
+        if not mixed:
+            return embeds
+        tokens, slots = tokens[thinking], slots[thinking]
+        latent = self.hybrid.latent(self.thinking_state.hidden[slots], self._latent_logits,
+                                    self._embedding_matrix(), self.latent_temperature)
+        embeds = embeds.clone()
+        embeds[tokens] = self.hybrid.mix(embeds[tokens], latent)
+        return embeds
+
+    def _keep_last_hidden(self, hidden: torch.Tensor, metadata: HybridThinkingStateMetadata) -> None:
+        """Each row's last final hidden state into its slot (a prompt chunk's is overwritten by the
+        next chunk's; the last chunk's feeds the first decode step)."""
+        rows = (metadata.row_decoding | metadata.row_prefilling).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        last = metadata.row_query_start_loc[rows + 1] - 1
+        self.thinking_state.hidden[metadata.row_slots[rows]] = hidden[last].float()
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs):
+        metadata = self._state_metadata()
+        if metadata is None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_input_ids(input_ids)
+        inputs_embeds = self._mix_decode_inputs(input_ids, inputs_embeds, metadata)
+        hidden = super().forward(None, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        if not isinstance(hidden, torch.Tensor):
+            raise HybridThinkingStateError(f"the base model returned {type(hidden).__name__}, expected the final "
+                                           f"hidden states (no pipeline parallelism, no auxiliary hidden states)")
+        self._keep_last_hidden(hidden, metadata)
+        return hidden
+
+
+class HybridThinkingLlamaForCausalLM(HybridThinkingMixin, LlamaForCausalLM, IsHybrid):
+    """vLLM's Llama with hybrid thinking (a fork checkpoint with ``thinking_latent_source``)."""
+
+
+class HybridThinkingQwen2ForCausalLM(HybridThinkingMixin, Qwen2ForCausalLM, IsHybrid):
+    """vLLM's Qwen2 with hybrid thinking (a fork checkpoint with ``thinking_latent_source``)."""

@@ -1,0 +1,87 @@
+"""The per-request state of hybrid thinking, kept in vLLM's state cache (as Mamba layers keep theirs).
+
+A decoding step mixes the token it feeds with a latent of the PREVIOUS step, so each running
+request carries from one step to the next:
+
+- ``hidden``: float32 (hidden_size,), the final (post-norm) hidden state of its last position: the
+  latent of every source is a function of it (the embedding latent through the LM head);
+- ``ints``: int64 (2,), [answer-marker automaton state after the tokens fed so far, reserved for
+  the noise key of a later milestone].
+
+vLLM allocates and frees one slot per request for layers derived from ``MambaBase``; this layer
+has no weights and does no computation (the model reads and writes ``kv_cache`` itself). It is
+registered in ``static_forward_context`` under a name with exactly one integer, because vLLM's
+cache binder derives a layer index from the name (``extract_layer_index``).
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.model_executor.layers.mamba.mamba_utils import MambaCopySpec
+from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+
+from . import STATE_BACKEND
+
+INT_SLOTS = 2  # [marker state, noise key (later)]
+MARKER_SLOT = 0
+
+
+def state_shapes(hidden_size: int) -> tuple[tuple[int, ...], ...]:
+    return (hidden_size,), (INT_SLOTS,)
+
+
+STATE_DTYPES = (torch.float32, torch.int64)
+
+
+def _whole_state_copy_spec(state: torch.Tensor, block_ids: list[int], cur_block_idx: int,
+                           num_accepted_tokens: int) -> MambaCopySpec:
+    """The whole slot of one block (what vLLM's prefix caching in align mode would copy). Prefix
+    caching is refused for hybrid thinking (a cached prefix cannot carry step-wise latents), so
+    this only satisfies ``IsHybrid``'s contract."""
+    src = state[block_ids[cur_block_idx]]
+    return MambaCopySpec(start_addr=src.data_ptr(), num_elements=src.numel())
+
+
+STATE_COPY_FUNCS = (_whole_state_copy_spec, _whole_state_copy_spec)
+
+
+def state_layer_name(num_hidden_layers: int) -> str:
+    """The layer name: one integer, past every decoder layer's index, so that it never shares an
+    index with an attention layer."""
+    return f"hrpo_thinking_state.{num_hidden_layers}"
+
+
+class HybridThinkingState(MambaBase):
+    """The weightless layer that owns the hybrid-thinking state slots (see the module docstring)."""
+
+    def __init__(self, hidden_size: int, prefix: str):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.prefix = prefix
+        context = get_current_vllm_config().compilation_config.static_forward_context
+        if prefix in context:
+            raise ValueError(f"duplicate layer name {prefix!r} in vLLM's static forward context")
+        context[prefix] = self
+        self.kv_cache = (torch.tensor([]), torch.tensor([]))
+
+    def get_state_shape(self):
+        return state_shapes(self.hidden_size)
+
+    def get_state_dtype(self):
+        return STATE_DTYPES
+
+    @property
+    def mamba_type(self) -> MambaAttentionBackendEnum:
+        return MambaAttentionBackendEnum[STATE_BACKEND]
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """(slots, hidden_size) float32."""
+        return self.kv_cache[0]
+
+    @property
+    def ints(self) -> torch.Tensor:
+        """(slots, INT_SLOTS) int64."""
+        return self.kv_cache[1]

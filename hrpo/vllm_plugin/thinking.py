@@ -1,0 +1,142 @@
+"""The thinking modules inside a vLLM model, and the latent and the mix they compute.
+
+This mirrors, for inference only, the fork's ``transformers.hybrid_thinking.modeling``
+(``HybridThinkingMixin.thinking_residual``, ``embedding_method_latent``, ``projection_latent``,
+``_source_latent``), so that vLLM feeds the same inputs as the fork's ``generate``:
+
+    r = sigmoid(gate_r(e)), i = sigmoid(gate_i(e)), a = exp(-8 softplus(-Lambda) r)
+    input = a e + sqrt(1 - a^2 + 1e-8) (i h~)            (float32 gate arithmetic)
+
+with h~ from the previous step's final hidden state h:
+
+    embedding                  softmax(lm_head(h) / T) @ E / ||p||_2
+    projection                 P(h) / (||P(h)|| + 1e-8)  (times the mean embedding norm if scale="embedding")
+    embedding_plus_projection  the embedding latent + P(h)
+
+The module names under ``HybridThinkingModules`` are the fork's, so a fork checkpoint's
+``model.<name>.*`` weights load as ``hybrid.<name>.*``. Projection dropout is not applied (the
+fork samples with the projection in eval mode). Top-k latents and noise are later milestones:
+a config that asks for them is refused here rather than decoded differently.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAMBDA_C = 8.0
+RESIDUAL_EPS = 1e-8
+PROJECTION_NORM_EPS = 1e-8
+SOURCES = ("embedding", "projection", "embedding_plus_projection")
+# The checkpoint prefix of the fork's thinking modules (they live on the base model).
+CHECKPOINT_PREFIX = "model."
+MODULE_PREFIX = "hybrid."
+THINKING_NAMES = ("thinking_residual_gate_r", "thinking_residual_gate_i", "thinking_residual_Lambda",
+                  "thinking_projection")
+
+
+def check_supported(config) -> None:
+    """Refuse a config whose decoding this plugin would get wrong (a later milestone's options)."""
+    source = getattr(config, "thinking_latent_source", None)
+    if source not in SOURCES:
+        raise ValueError(f"the hybrid-thinking vLLM model needs config.thinking_latent_source in {SOURCES}, "
+                         f"got {source!r}: is this a hybrid-thinking checkpoint?")
+    if getattr(config, "thinking_latent_topk", None) is not None:
+        raise NotImplementedError("thinking_latent_topk is not supported by the vLLM plugin yet")
+    if getattr(config, "thinking_latent_noise", "none") not in (None, "none"):
+        raise NotImplementedError("thinking_latent_noise is not supported by the vLLM plugin yet")
+
+
+class _Lambda(nn.Module):
+    """Holds Lambda (the fork's ``thinking_residual_Lambda.Lambda``)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.Lambda = nn.Parameter(torch.zeros(hidden_size), requires_grad=False)
+
+
+class _Projection(nn.Module):
+    """The fork's ``thinking_projection``: Linear d->d without bias, or a 2-layer MLP (GELU), with an
+    optional LayerNorm; same parameter names."""
+
+    def __init__(self, hidden_size: int, layers: int, layernorm: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size, hidden_size), requires_grad=False)
+        self.output_weight = (nn.Parameter(torch.zeros(hidden_size, hidden_size), requires_grad=False)
+                              if layers == 2 else None)
+        self.norm = nn.LayerNorm(hidden_size) if layernorm else None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = F.linear(hidden.to(self.weight.dtype), self.weight)
+        if self.output_weight is not None:
+            x = F.linear(F.gelu(x), self.output_weight)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+
+class HybridThinkingModules(nn.Module):
+    """The gates, Lambda and (projection sources) the projection, with the fork's names."""
+
+    def __init__(self, config):
+        super().__init__()
+        check_supported(config)
+        d = config.hidden_size
+        self.source = config.thinking_latent_source
+        self.scale = getattr(config, "thinking_latent_scale", "unit") or "unit"
+        self.thinking_residual_gate_r = nn.Linear(d, d, bias=True)
+        self.thinking_residual_gate_i = nn.Linear(d, d, bias=True)
+        self.thinking_residual_Lambda = _Lambda(d)
+        if self.source != "embedding":
+            self.thinking_projection = _Projection(d, int(getattr(config, "thinking_projection_layers", 1) or 1),
+                                                   bool(getattr(config, "thinking_projection_layernorm", False)))
+        for param in self.parameters():
+            param.requires_grad_(False)
+
+    def load(self, weights: dict[str, torch.Tensor]) -> set[str]:
+        """Copy the fork checkpoint's ``model.thinking_*`` tensors in; returns the loaded parameter
+        names as the vLLM model names them (``hybrid.*``). Every parameter must be given."""
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, tensor in weights.items():
+            local = name[len(CHECKPOINT_PREFIX):]
+            if local not in params:
+                raise ValueError(f"unexpected hybrid-thinking weight {name!r} for source {self.source!r}")
+            params[local].data.copy_(tensor.to(params[local].dtype))
+            loaded.add(MODULE_PREFIX + local)
+        missing = sorted(set(params) - {n[len(MODULE_PREFIX):] for n in loaded})
+        if missing:
+            raise ValueError(f"the checkpoint lacks the hybrid-thinking weights {missing}: save the fork's model "
+                             f"(built with thinking_latent_source set) with save_pretrained")
+        return loaded
+
+    def embedding_latent(self, logits: torch.Tensor, embedding: torch.Tensor, temperature: float) -> torch.Tensor:
+        """softmax(logits / T) @ E / ||p||_2, in the embedding dtype (the fork's
+        ``embedding_method_latent`` over the whole vocabulary). ``logits`` (rows, V) float32."""
+        scores = logits.float() if temperature == 1.0 else logits.float() / temperature
+        probs = torch.softmax(scores, dim=-1)
+        latent = probs.to(embedding.dtype) @ embedding
+        return (latent.float() / probs.float().norm(dim=-1, keepdim=True)).to(embedding.dtype)
+
+    def latent(self, hidden: torch.Tensor, logits_fn, embedding: torch.Tensor, temperature: float) -> torch.Tensor:
+        """h~ of the configured source from the previous step's final hidden states ``hidden`` (rows, d).
+        ``logits_fn(hidden)`` gives the LM head's logits over the vocabulary (only called when needed)."""
+        if self.source == "embedding":
+            return self.embedding_latent(logits_fn(hidden), embedding, temperature)
+        projected = self.thinking_projection(hidden).float()
+        if self.source == "projection":
+            latent = projected / (projected.norm(dim=-1, keepdim=True) + PROJECTION_NORM_EPS)
+            if self.scale == "embedding":
+                latent = latent * embedding.detach().float().norm(dim=-1).mean()
+            return latent
+        return self.embedding_latent(logits_fn(hidden), embedding, temperature).float() + projected
+
+    def mix(self, embeds: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """The gated mix of token embeddings (rows, d) and latents (the fork's ``thinking_residual``)."""
+        r = torch.sigmoid(F.linear(embeds.to(self.thinking_residual_gate_r.weight.dtype),
+                                   self.thinking_residual_gate_r.weight, self.thinking_residual_gate_r.bias).float())
+        i = torch.sigmoid(F.linear(embeds.to(self.thinking_residual_gate_i.weight.dtype),
+                                   self.thinking_residual_gate_i.weight, self.thinking_residual_gate_i.bias).float())
+        a = torch.exp(-LAMBDA_C * F.softplus(-self.thinking_residual_Lambda.Lambda.float()) * r)
+        mixed = a * embeds.float() + torch.sqrt(1.0 - a * a + RESIDUAL_EPS) * (i * latent.float())
+        return mixed.to(embeds.dtype)

