@@ -97,12 +97,14 @@ class TaskArguments:
     task: str = field(default="gsm8k", metadata={
         "choices": list(TASK_NAMES),
         "help": "gsm8k: GSM8K word problems; arith: generated arithmetic problems in GSM8K's format (offline); "
-                "math: MATH (hrpo_math.py); mmlu: multiple-choice STEM questions (hrpo_mmlu.py)"})
+                "math: MATH (hrpo_math.py); mmlu: multiple-choice STEM questions (hrpo_mmlu.py); reasoning_gym: a "
+                "reasoning-gym generator by name (offline)"})
     dataset_path: str | None = field(default=None, metadata={
         "aliases": ["--dataset_name"],
         "help": "hub dataset name or local .jsonl/.json/.parquet in the task's format (default: the task's, "
                 "openai/gsm8k for gsm8k; for arith 'generated' or 'generated:D' with difficulty D in 1-3; "
-                "EleutherAI/hendrycks_math or a MATH folder for math; cais/mmlu for mmlu)"})
+                "EleutherAI/hendrycks_math or a MATH folder for math; cais/mmlu for mmlu; for reasoning_gym a "
+                "generator's name, NAME or NAME:SIZE, default gsm_symbolic)"})
     system_prompt: str = field(default="hrpo", metadata={
         "help": f"one of {sorted(SYSTEM_PROMPTS)} (hrpo: the paper's prompt format) or a prompt text containing "
                 f"the answer marker"})

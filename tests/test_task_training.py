@@ -115,3 +115,17 @@ def test_bad_data_stops_the_task_scripts_before_training(model_dir, tmp_path, ca
     assert run_script("hrpo_mmlu.py", tiny_argv(model_dir, tmp_path / "bad_mc.jsonl", tmp_path / "out")) == 2
     assert "bad_mc.jsonl, row 0: 1 choice(s)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_reasoning_gym_one_step_and_held_out_evaluation_offline(model_dir, tmp_path):
+    """hrpo-train's command line on a reasoning-gym generator: trains, then the run's own
+    held-out evaluation draws the generator's test split (no file, no network)."""
+    out = tmp_path / "out"
+    argv = tiny_argv(model_dir, "gsm_symbolic:16", out, "--task", "reasoning_gym", "--eval_samples", "3")
+    assert train.main(argv) == 0
+    run = json.loads((out / RUN_SETTINGS).read_text())
+    assert run["task"] == "reasoning_gym" and run["dataset_path"] == "gsm_symbolic:16"
+    logged = json.loads((out / "log_history.json").read_text())[0]
+    assert "rewards/reasoning_gym_reward/mean" in logged
+    result = json.loads(next(out.glob("eval_*.json")).read_text())
+    assert result["metrics"]["total"] == 3 and len(result["examples"]) == 3
