@@ -152,12 +152,12 @@ def test_preemption_is_refused(tmp_path):
     from hrpo.vllm_plugin.scheduler import HybridThinkingPreemptionError
 
     _save_hybrid_model(tmp_path, "llama", "embedding", 1)
-    llm = LLM(**hybrid_llm_kwargs(tmp_path, enforce_eager=True, max_model_len=256, max_num_seqs=8,
-                                  max_num_batched_tokens=256, num_gpu_blocks_override=6, seed=0))
+    llm = LLM(**hybrid_llm_kwargs(tmp_path, enforce_eager=True, max_model_len=384, max_num_seqs=8,
+                                  max_num_batched_tokens=384, num_gpu_blocks_override=8, seed=0))
     try:
         with pytest.raises(HybridThinkingPreemptionError, match="preempt"):
-            llm.generate([{"prompt_token_ids": [3] * 100}] * 8,
-                         SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True), use_tqdm=False)
+            llm.generate([{"prompt_token_ids": [3 + i] * 10} for i in range(8)],
+                         SamplingParams(temperature=0.0, max_tokens=370, ignore_eos=True), use_tqdm=False)
     finally:
         _shutdown(llm)
 
@@ -219,7 +219,7 @@ def test_vllm_internals_pinned():
     for name in ("query_start_loc", "query_start_loc_cpu", "block_table_tensor", "seq_lens", "num_reqs"):
         assert has_field(CommonAttentionMetadata, name), f"CommonAttentionMetadata.{name} moved (backend.py)"
     assert has_field(BaseMambaAttentionMetadata, "num_decodes"), "BaseMambaAttentionMetadata changed (backend.py)"
-    assert {"build", "metadata_cls", "supports_update_block_table"} <= set(dir(BaseMambaAttentionMetadataBuilder)), \
+    assert {"build", "supports_update_block_table"} <= set(dir(BaseMambaAttentionMetadataBuilder)), \
         "BaseMambaAttentionMetadataBuilder changed (backend.py subclasses it)"
     assert hasattr(backend_utils, "mamba_get_block_table_tensor"), \
         "vllm.v1.attention.backends.utils.mamba_get_block_table_tensor moved (backend.py: state slots)"
