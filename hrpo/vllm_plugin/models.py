@@ -120,6 +120,10 @@ class HybridThinkingMixin:
             raise HybridThinkingStateError(f"unexpected attention metadata {type(attn_metadata).__name__} "
                                            f"(micro-batching is not supported)")
         metadata = attn_metadata.get(self.thinking_state.prefix)
+        if metadata is None and attn_metadata:  # a real step without our state: it would decode unmixed
+            raise HybridThinkingStateError(f"vLLM built no metadata for the state layer "
+                                           f"{self.thinking_state.prefix!r} (layers with metadata: "
+                                           f"{sorted(attn_metadata)[:4]}...)")
         if metadata is not None and not isinstance(metadata, HybridThinkingStateMetadata):
             raise HybridThinkingStateError(f"the state layer got {type(metadata).__name__}, not "
                                            f"HybridThinkingStateMetadata: is the hrpo plugin's backend registered?")
