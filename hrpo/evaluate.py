@@ -62,18 +62,33 @@ def resolved(args) -> argparse.Namespace:
     out.dataset_path, out.split = held_out_source(
         args.dataset_path, args.split, training_path=run.get("dataset_path") or get_task(out.task).default_dataset,
         allow_training_data=args.eval_on_train_data)
-    out.system_prompt = args.system_prompt or run.get("system_prompt", "tutor")
-    out.temperature = args.temperature if args.temperature is not None else run.get("temperature", 0.5)
-    out.thinking = args.thinking or run.get("hybrid_thinking", "on")
-    out.max_new_tokens = args.max_new_tokens or run.get("max_completion_length", 1024)
+    return decoding_settings(out, run)
+
+
+def decoding_settings(out: argparse.Namespace, run: dict) -> argparse.Namespace:
+    """The decoding flags given in ``out``, else the run's saved settings (``run``)."""
+    out.system_prompt = out.system_prompt or run.get("system_prompt", "tutor")
+    out.temperature = out.temperature if out.temperature is not None else run.get("temperature", 0.5)
+    out.thinking = out.thinking or run.get("hybrid_thinking", "on")
+    out.max_new_tokens = out.max_new_tokens or run.get("max_completion_length", 1024)
     return out
+
+
+def load_for_evaluation(checkpoint_path):
+    """The checkpoint's model and tokenizer: bf16 on a CUDA device that has it, else float32."""
+    import torch
+
+    from hrpo.checkpoint import load_checkpoint
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return load_checkpoint(checkpoint_path, dtype=dtype, device=device)
 
 
 def evaluate(args) -> dict:
     import torch
     from tqdm import tqdm
 
-    from hrpo.checkpoint import load_checkpoint
     from hrpo.held_out import evaluate_rows, result_file_name
     from hrpo.tasks import get_task
 
@@ -82,9 +97,7 @@ def evaluate(args) -> dict:
     dataset = task.load(args.dataset_path, args.split)
     if args.num_samples is not None:
         dataset = dataset.select(range(min(args.num_samples, len(dataset))))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model, tokenizer = load_checkpoint(args.checkpoint_path, dtype=dtype, device=device)
+    model, tokenizer = load_for_evaluation(args.checkpoint_path)
     torch.manual_seed(args.seed)
     bar = tqdm(total=len(dataset), desc="eval", unit="problem")
 

@@ -90,36 +90,54 @@ def decoding_config(model, tokenizer, *, temperature: float, greedy: bool, max_n
 
 
 @torch.no_grad()
-def evaluate_rows(model, tokenizer, task: Task, rows: list[dict], *, system_prompt: str, thinking: bool,
-                  greedy: bool, temperature: float, max_new_tokens: int, batch_size: int = 32,
-                  progress=None) -> dict:
-    """Accuracy over ``rows`` and every example ({question, completion, predicted, reference, correct})."""
+def complete_rows(model, tokenizer, task: Task, questions: list[str], *, system_prompt: str, thinking: bool,
+                  greedy: bool, temperature: float, max_new_tokens: int, batch_size: int = 32, done=None) -> list[str]:
+    """The completion of each question, decoded as trained (the module docstring), ``batch_size`` at a
+    time in order; ``done(completions of a batch)`` after each batch. What every evaluation decodes
+    with: ``evaluate_rows``, and lm-evaluation-harness's ``hrpo`` model (``hrpo.lm_eval_model``)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     config = decoding_config(model, tokenizer, temperature=temperature, greedy=greedy, max_new_tokens=max_new_tokens)
-    examples, start = [], time.time()
+    completions = []
     try:
-        for first in range(0, len(rows), batch_size):
-            batch = rows[first:first + batch_size]
-            texts = [tokenizer.apply_chat_template(task.to_prompt(row["question"], system_prompt), tokenize=False,
-                                                   add_generation_prompt=True) for row in batch]
+        for first in range(0, len(questions), batch_size):
+            batch = questions[first:first + batch_size]
+            texts = [tokenizer.apply_chat_template(task.to_prompt(question, system_prompt), tokenize=False,
+                                                   add_generation_prompt=True) for question in batch]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             hybrid = {"processing_class": tokenizer, "is_inference": greedy} if thinking else {}
             if greedy and not thinking:
                 config.do_sample = False
             out = model.generate(**enc, generation_config=config, **hybrid)
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
-            completions = tokenizer.batch_decode(sequences[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for row, completion in zip(batch, completions):
-                graded = task.grade(completion, row)
-                examples.append({"question": row["question"], "completion": completion,
-                                 "predicted": None if graded["predicted"] is None else str(graded["predicted"]),
-                                 "reference": str(graded["reference"]), "correct": graded["correct"]})
-            if progress is not None:
-                progress(len(examples), sum(e["correct"] for e in examples))
+            decoded = tokenizer.batch_decode(sequences[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            completions.extend(decoded)
+            if done is not None:
+                done(decoded)
     finally:
         model.train(was_training)
+    return completions
+
+
+def evaluate_rows(model, tokenizer, task: Task, rows: list[dict], *, system_prompt: str, thinking: bool,
+                  greedy: bool, temperature: float, max_new_tokens: int, batch_size: int = 32,
+                  progress=None) -> dict:
+    """Accuracy over ``rows`` and every example ({question, completion, predicted, reference, correct})."""
+    examples, start = [], time.time()
+
+    def graded(completions: list[str]) -> None:
+        for row, completion in zip(rows[len(examples):], completions):
+            grade = task.grade(completion, row)
+            examples.append({"question": row["question"], "completion": completion,
+                             "predicted": None if grade["predicted"] is None else str(grade["predicted"]),
+                             "reference": str(grade["reference"]), "correct": grade["correct"]})
+        if progress is not None:
+            progress(len(examples), sum(e["correct"] for e in examples))
+
+    complete_rows(model, tokenizer, task, [row["question"] for row in rows], system_prompt=system_prompt,
+                  thinking=thinking, greedy=greedy, temperature=temperature, max_new_tokens=max_new_tokens,
+                  batch_size=batch_size, done=graded)
     correct = sum(e["correct"] for e in examples)
     metrics = {"accuracy": correct / max(len(examples), 1), "correct": correct, "total": len(examples),
                "thinking": thinking, "greedy": greedy, "temperature": temperature, "max_new_tokens": max_new_tokens,
