@@ -6,7 +6,7 @@ optimizer step (the step whose rollouts were sampled after ``step - 1`` updates)
 
 - ``logs``: what the trainer logged for the step (reward, ``frac_reward_zero_std``, TRL's
   ``completions/clipped_ratio`` and lengths, ``entropy``, ``clip_ratio/*``, ``grad_norm`` before
-  clipping, ``embeds_ratio``, ``thinking/*``, ``thinking_projection/*``);
+  clipping, ``thinking/*``, ``thinking_projection/*``);
 - ``completions``: each rollout's text, reward, token count, whether it was cut at
   ``max_completion_length`` (no stop token), whether it holds the answer marker, whether an
   answer could be read, and the share of its token 4-grams that are distinct (low: repetition);

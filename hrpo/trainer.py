@@ -24,7 +24,7 @@ HRPO's defaults (``hrpo.config.hrpo_setting``).
   reference's) at the sampling temperature, the policy that sampled; ``--loss_temperature``
   builds TRL's fused LM head at another one (1.0: HRPO's code), and the on-policy check then
   scores the same hidden states once more at the sampling temperature, to compare like with like.
-- Metrics: the trainer's, plus ``embeds_ratio``, ``hidden_ratio``, ``thinking/*`` and
+- Metrics: the trainer's, plus ``thinking/*`` (``thinking/embeds_ratio``, ``thinking/hidden_ratio``, ...) and
   ``thinking_projection/*`` (weight norm; drift from the initial weights, absolute and, unless
   the projection starts at zero, relative; cosine between the embedding-method latent and the
   latent the source fed, on the same rollouts).
@@ -51,6 +51,7 @@ from .optimizer import patch_trainer_optimizer
 from .held_out import HeldOutEvaluation
 from .distributed import full_tensor
 from .loss_temperature import fused_head_temperature, log_probs_also_at
+from .metric_names import GATE_RATIO_METRIC, HIDDEN_RATIO_METRIC
 from .model_card import HRPOModelCardMixin
 from .no_signal import SkipStepsWithoutSignal
 from .model_checks import check_rollout_source, find_thinking_base, verify_hybrid_forward
@@ -381,8 +382,8 @@ class HybridThinkingTrainerMixin(RunTrainerMixin):
         count = mask.sum()
         metrics["thinking/positions_frac"].append((count / completion.sum().clamp(min=1)).item())
         if count > 0:
-            metrics["embeds_ratio"].append(out.thinking_gate_ratio[:, prompt_len:][mask].mean().item())
-            metrics["hidden_ratio"].append(out.thinking_hidden_ratio[:, prompt_len:][mask].mean().item())
+            metrics[GATE_RATIO_METRIC].append(out.thinking_gate_ratio[:, prompt_len:][mask].mean().item())
+            metrics[HIDDEN_RATIO_METRIC].append(out.thinking_hidden_ratio[:, prompt_len:][mask].mean().item())
         projection = self._projection_parameters()
         if projection:
             whole = {n: full_tensor(p).float() for n, p in projection}

@@ -15,10 +15,12 @@ import json
 import sys
 from pathlib import Path
 
+from hrpo.metric_names import GATE_RATIO_METRIC, HIDDEN_RATIO_METRIC, RENAMED_METRICS
+
 CURVES = [
     ("reward", "reward"),
-    ("embeds_ratio", "embeds_ratio (mean gate a)"),
-    ("hidden_ratio", "hidden_ratio (mean sqrt(1 - a^2))"),
+    (GATE_RATIO_METRIC, "embeds_ratio (mean gate a)"),
+    (HIDDEN_RATIO_METRIC, "hidden_ratio (mean sqrt(1 - a^2))"),
     ("completions/mean_length", "completion length (tokens)"),
     ("kl", "KL to the reference"),
     ("thinking_projection/drift", "projection drift ||W - W0|| / ||W0||"),
@@ -27,6 +29,11 @@ CURVES = [
 
 
 def log_history(run: Path) -> list[dict]:
+    """The run's logged rows, metrics of earlier runs under their current names."""
+    return [{RENAMED_METRICS.get(key, key): value for key, value in row.items()} for row in _logged_rows(run)]
+
+
+def _logged_rows(run: Path) -> list[dict]:
     direct = run / "log_history.json"
     if direct.exists():
         return json.loads(direct.read_text())

@@ -44,7 +44,7 @@ def test_a_traced_run_records_every_step_and_trains_as_the_untraced_one(tmp_path
         assert [r["reward"] for r in rows] == [len(r["text"]) / 10.0 for r in rows]
         thinking = step["thinking"]
         assert 0.9 < thinking["gate_a_mean"] < 1.0
-        assert thinking["gate_a_mean"] == pytest.approx(step["logs"]["embeds_ratio"], abs=1e-5)
+        assert thinking["gate_a_mean"] == pytest.approx(step["logs"]["thinking/embeds_ratio"], abs=1e-5)
         assert thinking["latent_norm"] == pytest.approx(1.0, abs=1e-4)  # the unit projection latent
         optimizer = step["optimizer"]
         assert {"main_decay", "gate", "lambda", "projection"} <= set(optimizer)

@@ -27,8 +27,8 @@ def test_learning_bench_smoke_run_and_resume(tmp_path):
     # the plain arm trains no thinking module; the HRPO arm's rollouts are hybrid
     grpo_history = json.loads((tmp_path / "runs" / "grpo-seed1" / "log_history.json").read_text())
     hrpo_history = json.loads((tmp_path / "runs" / "embedding_topk5_gumbel-seed1" / "log_history.json").read_text())
-    assert not any("embeds_ratio" in row for row in grpo_history)
-    assert any("embeds_ratio" in row for row in hrpo_history)
+    assert not any("thinking/embeds_ratio" in row for row in grpo_history)
+    assert any("thinking/embeds_ratio" in row for row in hrpo_history)
     assert any("thinking/latent_left_out_mass" in row for row in hrpo_history)  # a peer arm: top-k
     from hrpo.checkpoint import run_settings
 

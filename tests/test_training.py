@@ -108,9 +108,12 @@ def test_one_training_step_trains_every_thinking_module_and_lora(workspace, tmp_
     assert len(trainer.replay_logprob_diffs) == 2
     assert max(trainer.replay_logprob_diffs) <= 1e-4
     logged = trainer.state.log_history[0]
-    for key in ("reward", "kl", "embeds_ratio", "hidden_ratio", "thinking_projection/weight_norm",
+    for key in ("reward", "kl", "thinking/embeds_ratio", "thinking/hidden_ratio", "thinking_projection/weight_norm",
                 "thinking_projection/drift_abs", "completions/mean_length"):
         assert key in logged, key
+    from hrpo.metric_names import RENAMED_METRICS
+
+    assert not set(RENAMED_METRICS) & set(logged)  # every HRPO metric under a prefix
     assert logged["kl"] > 0  # policy (hybrid) vs reference (discrete tokens only)
     # relative drift only where the projection does not start at zero; sampled before any update,
     # the step's rollouts saw no drift at all
@@ -271,6 +274,7 @@ def test_plot_command_writes_png(tmp_path):
     history = [{"step": s, "reward": s / 10, "embeds_ratio": 0.99, "hidden_ratio": 0.1, "kl": 0.01 * s,
                 "completions/mean_length": 40 + s, "thinking_projection/drift": 0.001 * s} for s in range(1, 6)]
     (tmp_path / "log_history.json").write_text(json.dumps(history))
+    assert plot_run.log_history(tmp_path)[0]["thinking/embeds_ratio"] == 0.99  # logged before the prefix
     written = plot_run.plot(tmp_path)
     assert written[0].exists() and written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

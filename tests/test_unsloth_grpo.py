@@ -72,7 +72,7 @@ def test_step_trains_every_thinking_module_and_logs_hrpo_metrics(run):
     assert set(result["changed"]) >= set(THINKING_MODULES) | {"lora"}, result["changed"]
     assert all(result["grad_norms"].get(m, 0) > 0 for m in THINKING_MODULES), result["grad_norms"]
     logged = result["logged"]
-    for key in ("embeds_ratio", "hidden_ratio", "thinking/positions_frac", "thinking_projection/weight_norm",
+    for key in ("thinking/embeds_ratio", "thinking/hidden_ratio", "thinking/positions_frac", "thinking_projection/weight_norm",
                 "kl", "reward"):
         assert key in logged, key
-    assert 0.9 < logged["embeds_ratio"] < 1.0
+    assert 0.9 < logged["thinking/embeds_ratio"] < 1.0
