@@ -105,6 +105,10 @@ class TaskArguments:
                 "openai/gsm8k for gsm8k; for arith 'generated' or 'generated:D' with difficulty D in 1-3; "
                 "EleutherAI/hendrycks_math or a MATH folder for math; cais/mmlu for mmlu; for reasoning_gym a "
                 "generator's name, NAME or NAME:SIZE, default gsm_symbolic)"})
+    train_split: str = field(default="train", metadata={
+        "aliases": ["--dataset_train_split"],
+        "help": "the training split of the data source (a hub set's split; in a local folder, the files whose name "
+                "holds it)"})
     system_prompt: str = field(default="hrpo", metadata={
         "help": f"one of {sorted(SYSTEM_PROMPTS)} (hrpo: the paper's prompt format) or a prompt text containing "
                 f"the answer marker"})

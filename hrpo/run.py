@@ -20,7 +20,8 @@ from .tasks import get_task
 
 def load_dataset(settings: Settings):
     task = get_task(settings.task.task)
-    return task.with_prompts(task.load(settings.task.dataset_path, "train"), settings.task.system_prompt)
+    return task.with_prompts(task.load(settings.task.dataset_path, settings.task.train_split),
+                             settings.task.system_prompt)
 
 
 def load_held_out(settings: Settings, training_rows):

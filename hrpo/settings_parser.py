@@ -2,30 +2,51 @@
 dataclasses of ``hrpo.config`` (every field is a flag, ``--config recipe.yaml`` sets any of
 them, and flags given after it win). Flags of earlier versions and of HRPO's scripts (``--lr``,
 ``--group_size``, ``--lora_rank``, ``--model_name``, ...) are aliases of TRL's names; a setting
-given under two of its names with two values is an error."""
+given under two of its names with two values is an error. ``--help`` lists HRPO's own settings
+first, in a group of their own, then those of TRL, transformers and PEFT."""
 from __future__ import annotations
 
 import copy
+from dataclasses import fields
 from types import MappingProxyType
 
-from trl import TrlParser
+from trl import GRPOConfig, ModelConfig, TrlParser
 
 from .command_line import config_file, normalized_argv
 from .config import FIELD_MARKS, HRPOConfig, HRPOModelConfig, Settings, TaskArguments, resume_request
 from .errors import UsageError
 
 
+HRPO_GROUP = "HRPO's settings"
+LIBRARY_GROUP = "TRL's GRPOConfig and ModelConfig (transformers' TrainingArguments, PEFT's LoRA)"
+
+
 class SettingsParser(TrlParser):
     """TrlParser over the four dataclasses; a YAML key may be a flag's alias (``lr``, ``group_size``)."""
 
-    @staticmethod
-    def _parse_dataclass_field(parser, field):
+    _library_fields: frozenset = frozenset()
+
+    def _add_dataclass_arguments(self, dtype):
+        """Which of ``dtype``'s fields TRL declares (HRPOConfig and HRPOModelConfig extend TRL's two
+        dataclasses); the task's and the thinking dataclasses are all HRPO's."""
+        library = next((base for base in (GRPOConfig, ModelConfig) if issubclass(dtype, base)), None)
+        self._library_fields = frozenset(f.name for f in fields(library)) if library else frozenset()
+        super()._add_dataclass_arguments(dtype)
+
+    def _group(self, title: str):
+        groups = {group.title: group for group in self._action_groups}
+        return groups.get(title) or self.add_argument_group(title)
+
+    def _parse_dataclass_field(self, parser, field):
         """transformers' HfArgumentParser hands a field's metadata to argparse as keywords (its
-        documented extension point); HRPO's own marks (``hrpo.config.FIELD_MARKS``) are not argparse's."""
+        documented extension point); HRPO's own marks (``hrpo.config.FIELD_MARKS``) are not argparse's.
+        The flag goes into HRPO's group or the libraries' (the first dataclass, the task's, makes
+        HRPO's group first)."""
         if FIELD_MARKS & set(field.metadata):
             field = copy.copy(field)
             field.metadata = MappingProxyType({k: v for k, v in field.metadata.items() if k not in FIELD_MARKS})
-        return TrlParser._parse_dataclass_field(parser, field)
+        group = self._group(LIBRARY_GROUP if field.name in self._library_fields else HRPO_GROUP)
+        return TrlParser._parse_dataclass_field(group, field)
 
     def field_names(self) -> dict[str, str]:
         """Every flag name and alias, without dashes, to the field it sets."""

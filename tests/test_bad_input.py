@@ -88,6 +88,8 @@ CASES = [
     (["--loss_temperature", "1.0", "--use_cpu", "false", "--backend", "transformers", "--use_vllm",
       "--hybrid_thinking", "off"], "--loss_temperature 1.0 (--temperature 0.5): with --use_vllm"),
     (["--skip_steps_without_signal", "--beta", "0.04"], "--skip_steps_without_signal: needs --beta 0 (got 0.04)"),
+    (["--task", "arith", "--dataset_path", "generated", "--dataset_train_split", "validation"],
+     "the split 'validation': generated arith data has the splits ['test', 'train']"),
     (["--report_to", "tensorboard"], "--report_to tensorboard: tensorboard is not installed"),
     (["--report_to", "wandb"], "--report_to wandb: wandb is not installed"),
     (["--max_prompt_length", "5"], "--max_prompt_length 5: every prompt of {ws}/train.jsonl is longer (the shortest "
@@ -140,6 +142,14 @@ def test_help_lists_config_and_starts_with_the_usage(workspace):
     proc = run_child([sys.executable, str(script), "--help"], timeout=300, what="hrpo_gsm8k.py --help")
     assert proc.stdout.startswith("usage:"), proc.stdout[:500]
     assert "--config RECIPE.yaml" in proc.stdout and "--resume_from_checkpoint" in proc.stdout
+    # HRPO's own settings first, in their group; TRL's after, in theirs
+    from hrpo.settings_parser import HRPO_GROUP, LIBRARY_GROUP
+
+    text = proc.stdout
+    ours, theirs = text.index(f"\n{HRPO_GROUP}:\n"), text.index(f"\n{LIBRARY_GROUP}:\n")
+    listed = lambda flag: text.index(f"\n  --{flag} ", ours)  # noqa: E731  (the usage lines come first)
+    assert ours < listed("hybrid_thinking") < listed("thinking_latent_source") < theirs < listed("learning_rate")
+    assert theirs < listed("lora_r")
 
 
 def test_the_script_imports_unsloth_before_transformers_and_stops_before_the_model(workspace, tmp_path):

@@ -102,3 +102,14 @@ def test_a_new_thinking_option_is_its_field_and_where_it_is_used(tmp_path):
     off = parse_settings(["--thinking_dummy_rate", "0.25", "--hybrid_thinking", "off", *out], parser)
     with pytest.raises(UsageError, match=r"--thinking_dummy_rate: no effect with --hybrid_thinking off"):
         check_settings(off)
+
+
+def test_the_training_split_is_trls_dataset_train_split():
+    from hrpo.run import load_dataset
+    from hrpo.settings_parser import parse_settings
+    from hrpo.tasks.arith import SPLIT_SIZES
+
+    settings = parse_settings(["--task", "arith", "--dataset_path", "generated", "--dataset_train_split", "test"])
+    assert settings.task.train_split == "test"
+    assert len(load_dataset(settings)) == SPLIT_SIZES["test"]
+    assert len(load_dataset(parse_settings(["--task", "arith", "--dataset_name", "generated"]))) == SPLIT_SIZES["train"]

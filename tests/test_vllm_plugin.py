@@ -162,6 +162,28 @@ def test_preemption_is_refused(tmp_path):
         _shutdown(llm)
 
 
+@pytest.mark.parametrize("unsafe", [{"scheduler_cls": None, "async_scheduling": None},
+                                    {"enable_prefix_caching": True}], ids=["stock_scheduler", "prefix_caching"])
+def test_unsafe_engine_settings_refused(tmp_path, unsafe):
+    """Started without the helper's settings, the model refuses to run rather than decode differently."""
+    from vllm import LLM
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    from hrpo.vllm_plugin.engine_args import hybrid_llm_kwargs
+
+    _save_hybrid_model(tmp_path, "llama", "embedding", 1)
+    kwargs = hybrid_llm_kwargs(tmp_path, enforce_eager=True, max_model_len=256, max_num_seqs=4)
+    kwargs.update(unsafe)
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}
+    try:
+        with pytest.raises(Exception, match="scheduler_cls|prefix") as caught:
+            LLM(**kwargs)
+        print(f"\n{unsafe}: {type(caught.value).__name__}: {str(caught.value)[:200]}")
+    finally:
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
 def test_engine_args(tmp_path):
     from hrpo.vllm_plugin.engine_args import HYBRID_LAYER_TYPE, hybrid_llm_kwargs
 
@@ -203,11 +225,13 @@ def test_vllm_internals_pinned():
 
     from vllm.forward_context import ForwardContext
     from vllm.model_executor.layers.mamba.abstract import MambaBase
+    from vllm.model_executor.models.interfaces import IsHybrid
     from vllm.model_executor.models.utils import extract_layer_index
     from vllm.v1.attention.backend import CommonAttentionMetadata
     from vllm.v1.attention.backends import utils as backend_utils
     from vllm.v1.attention.backends.mamba_attn import BaseMambaAttentionMetadata, BaseMambaAttentionMetadataBuilder
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from hrpo.vllm_plugin.state import state_layer_name
 
@@ -229,7 +253,12 @@ def test_vllm_internals_pinned():
     assert "request" in inspect.signature(Scheduler._preempt_request).parameters, \
         "Scheduler._preempt_request's signature changed (scheduler.py)"
     assert has_field(ForwardContext, "attn_metadata"), "ForwardContext.attn_metadata moved (models.py)"
-    assert {"get_state_shape", "get_state_dtype", "mamba_type"} <= set(dir(MambaBase))
+    assert {"get_state_shape", "get_state_dtype", "mamba_type", "bind_kv_cache"} <= set(dir(MambaBase)), \
+        "MambaBase changed (state.py derives the state layer from it)"
+    assert {"get_mamba_state_shape_from_config", "get_mamba_state_dtype_from_config",
+            "get_mamba_state_copy_func"} <= set(dir(IsHybrid)), "IsHybrid changed (models.py implements it)"
+    assert "is_prefilling" in inspect.getsource(GPUModelRunner), \
+        "the model runner no longer fills CommonAttentionMetadata.is_prefilling (backend.py needs it)"
 
 
 SMOLLM2 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "SmolLM2-135M-Instruct")

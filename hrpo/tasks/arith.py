@@ -96,7 +96,7 @@ def make_problems(count: int, seed: int = 0, difficulty: int = CALIBRATED_DIFFIC
 def generated_split(split: str, difficulty: int = CALIBRATED_DIFFICULTY) -> list[dict]:
     """The generated ``train`` or ``test`` split; test questions never appear in train."""
     if split not in SPLIT_SIZES:
-        raise DataError(f"--split {split!r}: generated arith data has the splits {sorted(SPLIT_SIZES)}")
+        raise DataError(f"the split {split!r}: generated arith data has the splits {sorted(SPLIT_SIZES)}")
     exclude = set()
     if split != "train":
         exclude = {row["question"] for row in make_problems(SPLIT_SIZES["train"], SPLIT_SEEDS["train"], difficulty)}

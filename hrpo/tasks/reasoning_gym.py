@@ -54,7 +54,7 @@ def generated_rows(name: str, split: str, train_size: int | None = None) -> list
     is found again (``generator_entry``): the generator's own entry object is what its scorer reads,
     metadata of any type included. Held-out questions never appear in training."""
     if split not in SPLIT_SIZES:
-        raise DataError(f"--eval_split {split!r}: reasoning-gym data has the splits {sorted(SPLIT_SIZES)}")
+        raise DataError(f"the split {split!r}: reasoning-gym data has the splits {sorted(SPLIT_SIZES)}")
     sizes = {**SPLIT_SIZES, **({"train": train_size} if train_size else {})}
     training = set() if split == "train" else {entry["question"] for entry in _entries(name, "train", sizes["train"])}
     rows = [{"question": entry["question"],

@@ -25,6 +25,8 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from .backend import HybridThinkingStateError, HybridThinkingStateMetadata
+from .engine_args import SCHEDULER
+from .scheduler import HybridThinkingScheduler
 from .state import MARKER_SLOT, STATE_COPY_FUNCS, STATE_DTYPES, HybridThinkingState, state_layer_name, state_shapes
 from .thinking import CHECKPOINT_PREFIX, HybridThinkingModules
 
@@ -88,6 +90,10 @@ class HybridThinkingMixin:
         if vllm_config.cache_config.enable_prefix_caching:
             raise ValueError("hybrid thinking needs enable_prefix_caching=False: a cached prefix would skip the "
                              "step-by-step mixing of completion tokens")
+        scheduler = vllm_config.scheduler_config.get_scheduler_cls()
+        if not (isinstance(scheduler, type) and issubclass(scheduler, HybridThinkingScheduler)):
+            raise ValueError(f"hybrid thinking needs scheduler_cls={SCHEDULER!r} (got {scheduler!r}): vLLM's own "
+                             f"scheduler preempts when the KV cache runs out and recomputes the request unmixed")
         if vllm_config.parallel_config.pipeline_parallel_size != 1:
             raise NotImplementedError("hybrid thinking in vLLM supports no pipeline parallelism")
         if vllm_config.speculative_config is not None:

@@ -3,10 +3,13 @@
 A decoding step mixes the token it feeds with a latent of the PREVIOUS step, so each running
 request carries from one step to the next:
 
-- ``hidden``: float32 (hidden_size,), the final (post-norm) hidden state of its last position: the
-  latent of every source is a function of it (the embedding latent through the LM head);
 - ``ints``: int64 (2,), [answer-marker automaton state after the tokens fed so far, reserved for
-  the noise key of a later milestone].
+  the noise key of a later milestone];
+- ``hidden``: float32 (hidden_size,), the final (post-norm) hidden state of its last position: the
+  latent of every source is a function of it (the embedding latent through the LM head).
+
+In that order in each slot's bytes (vLLM packs a layer's states back to back in one page), so
+that the int64 view starts 8-byte aligned whatever the hidden size.
 
 vLLM allocates and frees one slot per request for layers derived from ``MambaBase``; this layer
 has no weights and does no computation (the model reads and writes ``kv_cache`` itself). It is
@@ -29,10 +32,10 @@ MARKER_SLOT = 0
 
 
 def state_shapes(hidden_size: int) -> tuple[tuple[int, ...], ...]:
-    return (hidden_size,), (INT_SLOTS,)
+    return (INT_SLOTS,), (hidden_size,)
 
 
-STATE_DTYPES = (torch.float32, torch.int64)
+STATE_DTYPES = (torch.int64, torch.float32)
 
 
 def _whole_state_copy_spec(state: torch.Tensor, block_ids: list[int], cur_block_idx: int,
@@ -79,9 +82,9 @@ class HybridThinkingState(MambaBase):
     @property
     def hidden(self) -> torch.Tensor:
         """(slots, hidden_size) float32."""
-        return self.kv_cache[0]
+        return self.kv_cache[1]
 
     @property
     def ints(self) -> torch.Tensor:
         """(slots, INT_SLOTS) int64."""
-        return self.kv_cache[1]
+        return self.kv_cache[0]
