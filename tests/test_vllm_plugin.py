@@ -226,6 +226,7 @@ def test_vllm_internals_pinned():
     from vllm.forward_context import ForwardContext
     from vllm.model_executor.layers.mamba.abstract import MambaBase
     from vllm.model_executor.models.interfaces import IsHybrid
+    from vllm.platforms import interface as platform_interface
     from vllm.model_executor.models.utils import extract_layer_index
     from vllm.v1.attention.backend import CommonAttentionMetadata
     from vllm.v1.attention.backends import utils as backend_utils
@@ -255,8 +256,10 @@ def test_vllm_internals_pinned():
     assert has_field(ForwardContext, "attn_metadata"), "ForwardContext.attn_metadata moved (models.py)"
     assert {"get_state_shape", "get_state_dtype", "mamba_type", "bind_kv_cache"} <= set(dir(MambaBase)), \
         "MambaBase changed (state.py derives the state layer from it)"
-    assert {"get_mamba_state_shape_from_config", "get_mamba_state_dtype_from_config",
-            "get_mamba_state_copy_func"} <= set(dir(IsHybrid)), "IsHybrid changed (models.py implements it)"
+    assert {"get_mamba_state_shape_from_config", "get_mamba_state_copy_func"} <= set(dir(IsHybrid)), \
+        "IsHybrid changed (models.py implements it)"
+    assert "get_mamba_state_dtype_from_config" in inspect.getsource(platform_interface), \
+        "vLLM no longer asks the model class for get_mamba_state_dtype_from_config (models.py)"
     assert "is_prefilling" in inspect.getsource(GPUModelRunner), \
         "the model runner no longer fills CommonAttentionMetadata.is_prefilling (backend.py needs it)"
 
