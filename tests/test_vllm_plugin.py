@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 
 from testing.tiny import QUESTIONS, encode_prompts, tiny_model, tiny_tokenizer  # noqa: E402
 
-SOURCES = ("embedding", "projection", "embedding_plus_projection")
+from transformers.hybrid_thinking.config import LATENT_SOURCES as SOURCES  # noqa: E402
 NEAR_TIE = 1e-4
 MAX_NEW = 40
 # Per prompt: different max lengths, so requests finish at different steps and the batch changes.
@@ -324,3 +324,17 @@ def test_smollm2_greedy_parity(tmp_path, source):
     found = sum("####" in t for t in tokenizer.batch_decode(reference, skip_special_tokens=True))
     print(f"\nSmolLM2 {source}: {counts}, marker written in {found}/{prompts_n} rows, vLLM rows {stats}")
     assert counts["near_tie"] <= max(1, prompts_n // 8), counts
+
+
+def test_hrpo_imports_no_vllm():
+    """hrpo.vllm_plugin and its engine-argument helper import without vLLM (it is imported only when
+    vLLM calls register() or loads the model), so hrpo works where vLLM is not installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['vllm'] = None\n"  # any import of vllm now fails
+            "import hrpo, hrpo.vllm_plugin, hrpo.vllm_plugin.engine_args\n"
+            "print('ok')")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]

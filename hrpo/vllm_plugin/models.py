@@ -31,12 +31,12 @@ from .state import MARKER_SLOT, STATE_COPY_FUNCS, STATE_DTYPES, HybridThinkingSt
 from .thinking import CHECKPOINT_PREFIX, HybridThinkingModules
 
 LATENT_TEMPERATURE_KEY = "hrpo_latent_temperature"
-DEFAULT_ANSWER_MARKER = "####"
 
 
 def _answer_marker_automaton(vllm_config: VllmConfig, config):
     """The fork's answer-marker automaton for this model's tokenizer and marker (a CPU table)."""
     from transformers import AutoTokenizer
+    from transformers.hybrid_thinking.config import DEFAULT_ANSWER_MARKER
     from transformers.hybrid_thinking.marker import AnswerMarkerAutomaton
 
     model_config = vllm_config.model_config

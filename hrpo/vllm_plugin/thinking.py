@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LAMBDA_C = 8.0
-RESIDUAL_EPS = 1e-8
-PROJECTION_NORM_EPS = 1e-8
-SOURCES = ("embedding", "projection", "embedding_plus_projection")
+# The constants and the sources have their one home in the fork.
+from transformers.hybrid_thinking.config import LATENT_SOURCES
+from transformers.hybrid_thinking.modeling import LAMBDA_C, PROJECTION_NORM_EPS, RESIDUAL_EPS
+
 # The checkpoint prefix of the fork's thinking modules (they live on the base model).
 CHECKPOINT_PREFIX = "model."
 MODULE_PREFIX = "hybrid."
@@ -38,8 +38,8 @@ THINKING_NAMES = ("thinking_residual_gate_r", "thinking_residual_gate_i", "think
 def check_supported(config) -> None:
     """Refuse a config whose decoding this plugin would get wrong (a later milestone's options)."""
     source = getattr(config, "thinking_latent_source", None)
-    if source not in SOURCES:
-        raise ValueError(f"the hybrid-thinking vLLM model needs config.thinking_latent_source in {SOURCES}, "
+    if source not in LATENT_SOURCES:
+        raise ValueError(f"the hybrid-thinking vLLM model needs config.thinking_latent_source in {LATENT_SOURCES}, "
                          f"got {source!r}: is this a hybrid-thinking checkpoint?")
     if getattr(config, "thinking_latent_topk", None) is not None:
         raise NotImplementedError("thinking_latent_topk is not supported by the vLLM plugin yet")
