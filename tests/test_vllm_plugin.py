@@ -37,16 +37,22 @@ MAX_TOKENS += [40, 21]
 # the thinking and the answering phase are decoded), with no near-tie on the way.
 SEEDS = {("llama", "embedding"): 1, ("llama", "projection"): 3, ("llama", "embedding_plus_projection"): 1,
          ("qwen2", "embedding"): 0, ("qwen2", "projection"): 2, ("qwen2", "embedding_plus_projection"): 0}
+# The projection's options (scale, MLP, LayerNorm) in one more case.
+PROJECTION_OPTIONS = {"thinking_latent_scale": "embedding", "thinking_projection_layers": 2,
+                      "thinking_projection_layernorm": True}
+CASES = [(arch, source, SEEDS[arch, source], {}) for source in SOURCES for arch in ("llama", "qwen2")]
+CASES += [("llama", "projection", 3, PROJECTION_OPTIONS)]
+CASE_IDS = [f"{arch}-{source}" + ("-options" if options else "") for arch, source, _, options in CASES]
 BUDGET = 16  # max_num_batched_tokens: every prompt (18-33 tokens) is split
 
 
-def _save_hybrid_model(folder, arch: str, source: str, seed: int):
+def _save_hybrid_model(folder, arch: str, source: str, seed: int, **options):
     """A tiny random hybrid model (hidden 128: head size 32, the CPU attention's smallest) with its
     tokenizer. embedding_plus_projection's projection starts at zero (identical to embedding), so it
     is drawn at random here to make that source's projection term count."""
     tokenizer = tiny_tokenizer()
     model = tiny_model(arch, tokenizer, seed=seed, hidden_size=128, thinking_latent_source=source,
-                       initializer_range=0.1)
+                       initializer_range=0.1, **options)
     if source == "embedding_plus_projection":
         with torch.no_grad():
             generator = torch.Generator().manual_seed(seed)
@@ -111,14 +117,13 @@ def _stats(llm) -> dict:
     return total
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("source", SOURCES)
-def test_greedy_parity_with_the_fork(tmp_path, arch, source):
+@pytest.mark.parametrize(("arch", "source", "seed", "options"), CASES, ids=CASE_IDS)
+def test_greedy_parity_with_the_fork(tmp_path, arch, source, seed, options):
     from vllm import LLM, SamplingParams
 
     from hrpo.vllm_plugin.engine_args import hybrid_llm_kwargs
 
-    model, tokenizer = _save_hybrid_model(tmp_path, arch, source, SEEDS[arch, source])
+    model, tokenizer = _save_hybrid_model(tmp_path, arch, source, seed, **options)
     prompts, reference, logits, plain = _fork_reference(model, tokenizer)
     texts = tokenizer.batch_decode(reference, skip_special_tokens=True)
     llm = LLM(**hybrid_llm_kwargs(tmp_path, enforce_eager=True, max_model_len=256, max_num_seqs=len(PROMPTS),
@@ -134,8 +139,10 @@ def test_greedy_parity_with_the_fork(tmp_path, arch, source):
     assert [len(ids) for ids in got] == MAX_TOKENS
     counts = compare(reference, logits, got)
     plain_equal = sum(a == b for ref, ids in zip(plain, got) for a, b in zip(ref, ids))
-    print(f"\n{arch} {source}: {counts}, marker written in {sum('####' in t for t in texts)}/{len(texts)} rows, "
-          f"unmixed decoding equal on {plain_equal}/{counts['compared']}, vLLM rows {stats}")
+    marker_rows = sum("####" in text for text in texts)
+    label = f"{arch} {source}" + (f" {options}" if options else "")
+    print(f"\n{label}: {counts}, marker written in {marker_rows}/{len(texts)} rows, unmixed decoding equal on "
+          f"{plain_equal}/{counts['compared']}, vLLM rows {stats}")
     assert counts["near_tie"] <= 1, counts
     assert stats["one_token_prompt_chunks"] > 0, "chunked prefill never made a one-token prompt chunk: retune BUDGET"
     assert stats["mixed"] > 0 and stats["marker_found"] > 0, stats
