@@ -345,3 +345,48 @@ def test_hrpo_imports_no_vllm():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_weight_updates_reach_the_thinking_modules(tmp_path):
+    """A trainer syncs weights with ``load_weights`` a few at a time (TRL's colocate mode): a thinking
+    module's update alone loads, and decoding changes with it."""
+    from vllm import LLM, SamplingParams
+
+    from hrpo.vllm_plugin.engine_args import hybrid_llm_kwargs
+
+    model, tokenizer = _save_hybrid_model(tmp_path, "llama", "projection", 3)
+    prompts, _, _, _ = _fork_reference(model, tokenizer)
+    llm = LLM(**hybrid_llm_kwargs(tmp_path, enforce_eager=True, max_model_len=256, max_num_seqs=len(PROMPTS), seed=0))
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    try:
+        before = [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                     params, use_tqdm=False)]
+        weight = torch.randn(128, 128, generator=torch.Generator().manual_seed(1))
+        loaded = llm.apply_model(lambda m: sorted(m.load_weights([("model.thinking_projection.weight", weight)])))
+        assert loaded == [["hybrid.thinking_projection.weight"]]
+        after = [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                    params, use_tqdm=False)]
+    finally:
+        _shutdown(llm)
+    assert before != after
+
+
+def test_a_checkpoint_without_a_thinking_weight_fails_to_load(tmp_path):
+    """vLLM's loader checks at start-up that every parameter was loaded (the thinking modules' too)."""
+    from safetensors.torch import load_file, save_file
+    from vllm import LLM
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    from hrpo.vllm_plugin.engine_args import hybrid_llm_kwargs
+
+    _save_hybrid_model(tmp_path, "llama", "embedding", 1)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.thinking_residual_gate_i.bias"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    try:
+        with pytest.raises(ValueError, match="thinking_residual_gate_i"):
+            LLM(**hybrid_llm_kwargs(tmp_path, enforce_eager=True, max_model_len=256, max_num_seqs=4))
+    finally:
+        gc.collect()
+        cleanup_dist_env_and_memory()
