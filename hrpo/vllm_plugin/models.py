@@ -75,7 +75,8 @@ class HybridThinkingMixin:
         self.vocab_size = config.vocab_size
         self.latent_temperature = float(getattr(config, LATENT_TEMPERATURE_KEY, 1.0) or 1.0)
         # Rows seen, for tests and diagnostics: decode rows, of which mixed and past the marker;
-        # prompt chunks, of which one-token chunks (those the stock Mamba builder calls decodes).
+        # prompt chunks, of which one-token chunks (after a first chunk, the stock Mamba builder
+        # would call them decodes; a one-token prompt counts here too).
         self.row_stats = dict.fromkeys(("decode_rows", "mixed", "marker_found", "prompt_chunks",
                                         "one_token_prompt_chunks"), 0)
 
