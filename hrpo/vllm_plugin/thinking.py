@@ -1,8 +1,9 @@
 """The thinking modules inside a vLLM model, and the latent and the mix they compute.
 
-This mirrors, for inference only, the fork's ``transformers.hybrid_thinking.modeling``
-(``HybridThinkingMixin.thinking_residual``, ``embedding_method_latent``, ``projection_latent``,
-``_source_latent``), so that vLLM feeds the same inputs as the fork's ``generate``:
+The modules are the fork's own (``transformers.hybrid_thinking.modeling``) and the mix is its
+``thinking_residual``; the latents mirror, for inference only, ``embedding_method_latent``,
+``projection_latent`` and ``_source_latent`` (which read the fork's model around them), so that
+vLLM feeds the same inputs as the fork's ``generate``:
 
     r = sigmoid(gate_r(e)), i = sigmoid(gate_i(e)), a = exp(-8 softplus(-Lambda) r)
     input = a e + sqrt(1 - a^2 + 1e-8) (i h~)            (float32 gate arithmetic)
@@ -21,12 +22,12 @@ a config that asks for them is refused here rather than decoded differently.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # The constants and the sources have their one home in the fork.
 from transformers.hybrid_thinking.config import LATENT_SOURCES
-from transformers.hybrid_thinking.modeling import LAMBDA_C, PROJECTION_NORM_EPS, RESIDUAL_EPS
+from transformers.hybrid_thinking.modeling import (PROJECTION_NORM_EPS, HybridThinkingMixin, ThinkingGate,
+                                                   ThinkingProjection, ThinkingResidualLambda)
 
 # The checkpoint prefix of the fork's thinking modules (they live on the base model).
 CHECKPOINT_PREFIX = "model."
@@ -47,34 +48,6 @@ def check_supported(config) -> None:
         raise NotImplementedError("thinking_latent_noise is not supported by the vLLM plugin yet")
 
 
-class _Lambda(nn.Module):
-    """Holds Lambda (the fork's ``thinking_residual_Lambda.Lambda``)."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.Lambda = nn.Parameter(torch.zeros(hidden_size), requires_grad=False)
-
-
-class _Projection(nn.Module):
-    """The fork's ``thinking_projection``: Linear d->d without bias, or a 2-layer MLP (GELU), with an
-    optional LayerNorm; same parameter names."""
-
-    def __init__(self, hidden_size: int, layers: int, layernorm: bool):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(hidden_size, hidden_size), requires_grad=False)
-        self.output_weight = (nn.Parameter(torch.zeros(hidden_size, hidden_size), requires_grad=False)
-                              if layers == 2 else None)
-        self.norm = nn.LayerNorm(hidden_size) if layernorm else None
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = F.linear(hidden.to(self.weight.dtype), self.weight)
-        if self.output_weight is not None:
-            x = F.linear(F.gelu(x), self.output_weight)
-        if self.norm is not None:
-            x = self.norm(x)
-        return x
-
-
 class HybridThinkingModules(nn.Module):
     """The gates, Lambda and (projection sources) the projection, with the fork's names."""
 
@@ -84,14 +57,17 @@ class HybridThinkingModules(nn.Module):
         d = config.hidden_size
         self.source = config.thinking_latent_source
         self.scale = getattr(config, "thinking_latent_scale", "unit") or "unit"
-        self.thinking_residual_gate_r = nn.Linear(d, d, bias=True)
-        self.thinking_residual_gate_i = nn.Linear(d, d, bias=True)
-        self.thinking_residual_Lambda = _Lambda(d)
+        # the fork's own modules (their math has one home); the checkpoint's weights replace their init
+        self.thinking_residual_gate_r = ThinkingGate(d, d, bias=True)
+        self.thinking_residual_gate_i = ThinkingGate(d, d, bias=True)
+        self.thinking_residual_Lambda = ThinkingResidualLambda(d)
         if self.source != "embedding":
-            self.thinking_projection = _Projection(d, int(getattr(config, "thinking_projection_layers", 1) or 1),
-                                                   bool(getattr(config, "thinking_projection_layernorm", False)))
+            self.thinking_projection = ThinkingProjection(
+                d, layers=int(getattr(config, "thinking_projection_layers", 1) or 1),
+                layernorm=bool(getattr(config, "thinking_projection_layernorm", False)))
         for param in self.parameters():
             param.requires_grad_(False)
+        self.eval()  # as the fork samples: no projection dropout (none is built here either)
 
     def load(self, weights: dict[str, torch.Tensor]) -> set[str]:
         """Copy the fork checkpoint's ``model.thinking_*`` tensors in; returns the loaded parameter
@@ -130,11 +106,7 @@ class HybridThinkingModules(nn.Module):
         return self.embedding_latent(logits_fn(hidden), embedding, temperature).float() + projected
 
     def mix(self, embeds: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """The gated mix of token embeddings (rows, d) and latents (the fork's ``thinking_residual``)."""
-        r = torch.sigmoid(F.linear(embeds.to(self.thinking_residual_gate_r.weight.dtype),
-                                   self.thinking_residual_gate_r.weight, self.thinking_residual_gate_r.bias).float())
-        i = torch.sigmoid(F.linear(embeds.to(self.thinking_residual_gate_i.weight.dtype),
-                                   self.thinking_residual_gate_i.weight, self.thinking_residual_gate_i.bias).float())
-        a = torch.exp(-LAMBDA_C * F.softplus(-self.thinking_residual_Lambda.Lambda.float()) * r)
-        mixed = a * embeds.float() + torch.sqrt(1.0 - a * a + RESIDUAL_EPS) * (i * latent.float())
-        return mixed.to(embeds.dtype)
+        """The gated mix of token embeddings (rows, d) and latents: the fork's ``thinking_residual``
+        itself, on these modules (it reads only the gates and Lambda)."""
+        mixed, _ = HybridThinkingMixin.thinking_residual(self, embeds, latent)
+        return mixed
