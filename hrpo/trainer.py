@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import tempfile
 import warnings
 
 import torch
@@ -58,6 +59,7 @@ from .model_checks import check_rollout_source, find_thinking_base, verify_hybri
 from .replay import ReplayIndex, ReplayMiss, completion_mask, position_ids_from_mask, stop_token_ids
 from .sampling import check_sampling_distribution, distribution_changes, generate_replaced
 from .sharding import keep_thinking_modules_float32
+from .vllm_rollouts import EngineRollouts, check_engine_settings, engine_dtype, replay_entries, write_engine_folder
 
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
 # The largest replay-vs-sampling log-prob gap of an on-policy step that is rounding, not a
@@ -80,6 +82,7 @@ class RunTrainerMixin(HeldOutEvaluation, HRPOModelCardMixin):
     the plain-GRPO baseline."""
 
     run_settings: dict | None = None  # the run-settings file's content, written beside each checkpoint
+    hybrid_rollouts = False  # whether rollouts mix latents (the vLLM engine then runs the plugin)
 
     def save_run_settings(self, folder) -> None:
         """The model config (with the thinking fields) and the run's settings, beside an adapter,
@@ -94,22 +97,58 @@ class RunTrainerMixin(HeldOutEvaluation, HRPOModelCardMixin):
         # the temperature of every log-prob TRL scores (the sampling one unless --loss_temperature)
         self.loss_temperature = None if config is None else loss_temperature(config)
         other = config is not None and self.loss_temperature != config.temperature
-        with fused_head_temperature(self.loss_temperature) if other else contextlib.nullcontext():
-            super().__init__(*args, **kwargs)
-        generation_config = getattr(self, "generation_config", None)  # TRL's, without vLLM
+        use_vllm = bool(getattr(config, "use_vllm", False))
+        if use_vllm:  # TRL starts no engine of its own: _start_engine starts ours (hrpo.vllm_rollouts)
+            check_engine_settings(config, self.hybrid_rollouts)
+            config.use_vllm = False
+        try:
+            with fused_head_temperature(self.loss_temperature) if other else contextlib.nullcontext():
+                super().__init__(*args, **kwargs)
+        finally:
+            if use_vllm:
+                config.use_vllm = True
+        generation_config = getattr(self, "generation_config", None)  # TRL's, from the sampling settings
         if generation_config is not None:
             model = self.accelerator.unwrap_model(self.model)
-            check_sampling_distribution(generation_config, getattr(model, "generation_config", None),
-                                        type(self).__name__)
+            # vLLM samples with TRL's settings only; generate() falls back on the model's for unset ones
+            fallback = None if use_vllm else getattr(model, "generation_config", None)
+            check_sampling_distribution(generation_config, fallback, type(self).__name__)
             if getattr(self.args, "compile_rollouts", False):
                 compile_rollouts(generation_config, on_cuda=self.accelerator.device.type == "cuda")
                 self.generation_kwargs.update(cache_implementation="static")
+        if use_vllm:
+            self._start_engine()
 
         self.step_skipper = None
         if getattr(self.args, "skip_steps_without_signal", False):
             refuse_unsupported_step_skipping(self.args, deepspeed=self.is_deepspeed_enabled)
             self.step_skipper = SkipStepsWithoutSignal(self.accelerator.device)
             self.add_callback(self.step_skipper)
+
+    def _start_engine(self) -> None:
+        """``--use_vllm``: TRL's colocated vLLM generation (the arguments trl 1.15's GRPOTrainer gives it),
+        started by ``hrpo.vllm_rollouts.EngineRollouts`` for both arms."""
+        args, model = self.args, self.accelerator.unwrap_model(self.model)
+        thinking = find_thinking_base(self.model).config if self.hybrid_rollouts else None
+        check_engine_settings(args, self.hybrid_rollouts, thinking, self.accelerator.num_processes)
+        self._engine_folder = tempfile.TemporaryDirectory(prefix="hrpo-vllm-engine-")  # removed with the trainer
+        self.use_vllm = True
+        self.vllm_generation = EngineRollouts(
+            model=self.model, accelerator=self.accelerator, processing_class=self.processing_class,
+            mode=args.vllm_mode, structured_outputs_regex=args.vllm_structured_outputs_regex,
+            server_base_url=args.vllm_server_base_url, server_host=args.vllm_server_host,
+            server_port=args.vllm_server_port, group_port=args.vllm_group_port,
+            server_timeout=args.vllm_server_timeout, tensor_parallel_size=args.vllm_tensor_parallel_size,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization, max_model_length=args.vllm_max_model_length,
+            max_num_seqs=args.per_device_train_batch_size * args.vllm_tensor_parallel_size * args.steps_per_generation,
+            enable_sleep_mode=args.vllm_enable_sleep_mode, model_impl=args.vllm_model_impl,
+            trust_remote_code=args.trust_remote_code, repetition_penalty=self.repetition_penalty,
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            max_completion_length=self.max_completion_length, logprobs=0, generation_kwargs=args.generation_kwargs,
+            engine_folder=write_engine_folder(model, self.processing_class, self._engine_folder.name),
+            dtype=engine_dtype(args, model), hybrid=self.hybrid_rollouts, latent_temperature=self.temperature,
+            on_rollouts=self._add_engine_rollouts if self.hybrid_rollouts else None)
+        self._last_loaded_step = -1  # TRL's tag: the first generation syncs every weight into the engine
 
     def _prepare_inputs(self, generation_batch):
         inputs = super()._prepare_inputs(generation_batch)
@@ -151,10 +190,10 @@ class HybridThinkingTrainerMixin(RunTrainerMixin):
     baseline's kill-safe checkpoints and a resume that restores the trained adapter and
     thinking modules."""
 
+    hybrid_rollouts = True
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.use_vllm:
-            raise ValueError("HRPOTrainer samples with the fork's hybrid generate(); use_vllm is not supported")
         if getattr(self, "tools", None):
             raise ValueError("HRPOTrainer does not support tool calling (multi-turn rollouts)")
         self.thinking_base = find_thinking_base(self.model)
@@ -220,6 +259,17 @@ class HybridThinkingTrainerMixin(RunTrainerMixin):
 
         with generate_replaced(model, generate):
             yield
+
+    def _add_engine_rollouts(self, prompt_ids, completion_ids, logprobs, recorded) -> None:
+        """vLLM's rollouts (``--use_vllm``) into the replay index, with the inputs the plugin recorded."""
+        mode = self._mode()
+        thinking = completion_tokens = 0
+        for tokens, mask, sampled, latents, prompt_len in replay_entries(
+                prompt_ids, completion_ids, logprobs, recorded, self.replay_index.eos_token_ids):
+            self.replay_index.add_rollout(tokens, mask, sampled, latents, group=mode)
+            thinking += int(mask.sum())
+            completion_tokens += len(tokens) - prompt_len
+        self._metrics[mode]["thinking/positions_frac"].append(thinking / max(completion_tokens, 1))
 
     def _thinking_monitor_due(self) -> bool:
         """Whether this generation also records the embedding-method latent (to compare it with

@@ -26,6 +26,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from .backend import HybridThinkingStateError, HybridThinkingStateMetadata
 from .engine_args import SCHEDULER
+from .recorder import RolloutRecorder
 from .scheduler import HybridThinkingScheduler
 from .state import MARKER_SLOT, STATE_COPY_FUNCS, STATE_DTYPES, HybridThinkingState, state_layer_name, state_shapes
 from .thinking import CHECKPOINT_PREFIX, HybridThinkingModules
@@ -79,6 +80,17 @@ class HybridThinkingMixin:
         # would call them decodes; a one-token prompt counts here too).
         self.row_stats = dict.fromkeys(("decode_rows", "mixed", "marker_found", "prompt_chunks",
                                         "one_token_prompt_chunks"), 0)
+        # What the trainer's replay needs, while a trainer asks for it (start_recording): off otherwise.
+        self.recorder: RolloutRecorder | None = None
+
+    def start_recording(self) -> None:
+        """Record the replay inputs of every request decoded from now on (``hrpo.vllm_plugin.recorder``)."""
+        self.recorder = RolloutRecorder()
+
+    def take_recording(self) -> list:
+        """The rollouts recorded since ``start_recording`` (CPU), and recording off."""
+        recorder, self.recorder = self.recorder, None
+        return [] if recorder is None else recorder.assemble()
 
     @staticmethod
     def _check_engine(vllm_config: VllmConfig) -> None:
@@ -143,7 +155,7 @@ class HybridThinkingMixin:
     def _embedding_matrix(self) -> torch.Tensor:
         return self.model.embed_tokens.weight[:self.vocab_size]
 
-    def _mix_decode_inputs(self, input_ids: torch.Tensor | None, embeds: torch.Tensor,
+    def _mix_decode_inputs(self, input_ids: torch.Tensor | None, positions: torch.Tensor, embeds: torch.Tensor,
                            metadata: HybridThinkingStateMetadata) -> torch.Tensor:
         """Reset the marker of prompt rows; advance it for decode rows and mix their (single) token
         with the latent of the hidden state their previous step left in the slot."""
@@ -156,25 +168,28 @@ class HybridThinkingMixin:
             self.row_stats["one_token_prompt_chunks"] += int((query_lens == 1).sum())
         rows = metadata.row_decoding.nonzero().squeeze(1)
         self.row_stats["decode_rows"] += rows.numel()
-        if rows.numel() == 0:
-            return embeds
-        if input_ids is None:
-            raise HybridThinkingStateError("decode steps need token ids (prompt embeddings are not supported)")
-        tokens = metadata.row_query_start_loc[rows]
-        slots = metadata.row_slots[rows]
-        marker = self.marker_table[ints[slots, MARKER_SLOT], input_ids[tokens].long()]
-        ints[slots, MARKER_SLOT] = marker
-        thinking = marker != self.marker_final
-        mixed = int(thinking.sum())
-        self.row_stats["mixed"] += mixed
-        self.row_stats["marker_found"] += rows.numel() - mixed
-        if not mixed:
-            return embeds
-        tokens, slots = tokens[thinking], slots[thinking]
-        latent = self.hybrid.latent(self.thinking_state.hidden[slots], self._latent_logits,
-                                    self._embedding_matrix(), self.latent_temperature)
-        embeds = embeds.clone()
-        embeds[tokens] = self.hybrid.mix(embeds[tokens], latent)
+        latents = hidden = None
+        thinking = torch.zeros(0, dtype=torch.bool, device=embeds.device)
+        if rows.numel():
+            if input_ids is None:
+                raise HybridThinkingStateError("decode steps need token ids (prompt embeddings are not supported)")
+            tokens = metadata.row_query_start_loc[rows]
+            slots = metadata.row_slots[rows]
+            marker = self.marker_table[ints[slots, MARKER_SLOT], input_ids[tokens].long()]
+            ints[slots, MARKER_SLOT] = marker
+            thinking = marker != self.marker_final
+            mixed = int(thinking.sum())
+            self.row_stats["mixed"] += mixed
+            self.row_stats["marker_found"] += rows.numel() - mixed
+            if mixed:
+                tokens, slots = tokens[thinking], slots[thinking]
+                embedding = self._embedding_matrix()
+                latents, hidden = self.hybrid.latent_inputs(self.thinking_state.hidden[slots], self._latent_logits,
+                                                            embedding, self.latent_temperature)
+                embeds = embeds.clone()
+                embeds[tokens] = self.hybrid.mix(embeds[tokens], self.hybrid.latent(latents, hidden, embedding))
+        if self.recorder is not None:
+            self.recorder.add_step(input_ids, positions, metadata, rows, thinking, latents, hidden)
         return embeds
 
     def _keep_last_hidden(self, hidden: torch.Tensor, metadata: HybridThinkingStateMetadata) -> None:
@@ -193,7 +208,7 @@ class HybridThinkingMixin:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.embed_input_ids(input_ids)
-        inputs_embeds = self._mix_decode_inputs(input_ids, inputs_embeds, metadata)
+        inputs_embeds = self._mix_decode_inputs(input_ids, positions, inputs_embeds, metadata)
         hidden = super().forward(None, positions, intermediate_tensors, inputs_embeds, **kwargs)
         if not isinstance(hidden, torch.Tensor):
             raise HybridThinkingStateError(f"the base model returned {type(hidden).__name__}, expected the final "

