@@ -139,7 +139,9 @@ class RunTrainerMixin(HeldOutEvaluation, HRPOModelCardMixin):
             server_base_url=args.vllm_server_base_url, server_host=args.vllm_server_host,
             server_port=args.vllm_server_port, group_port=args.vllm_group_port,
             server_timeout=args.vllm_server_timeout, tensor_parallel_size=args.vllm_tensor_parallel_size,
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization, max_model_length=args.vllm_max_model_length,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            max_model_length=(args.vllm_max_model_length
+                              or hrpo_setting(args, "max_prompt_length") + args.max_completion_length),
             max_num_seqs=args.per_device_train_batch_size * args.vllm_tensor_parallel_size * args.steps_per_generation,
             enable_sleep_mode=args.vllm_enable_sleep_mode, model_impl=args.vllm_model_impl,
             trust_remote_code=args.trust_remote_code, repetition_penalty=self.repetition_penalty,

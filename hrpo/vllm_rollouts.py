@@ -12,6 +12,8 @@ here starts it through ``EngineRollouts``, TRL's class with the engine start rep
 - the engine computes in the trainer's dtype (TRL's engine would take the checkpoint's, bfloat16
   for SmolLM2, while a CPU run trains in float32): the trainer scores the rollouts as sampled;
 - eager mode (the plugin's state update has no CUDA-graph support yet);
+- a context of the longest prompt plus the longest completion unless ``--vllm_max_model_length`` says
+  otherwise, and on the CPU a KV cache sized for the batch (``kv_cache_bytes``);
 - for hybrid thinking, the plugin's engine settings (``hybrid_llm_kwargs``: its architecture,
   the latent temperature = the sampling temperature, no prefix caching, a scheduler that never
   preempts) and, around every generate call, the plugin's recorder: the replay inputs of each
@@ -74,12 +76,21 @@ def check_engine_settings(args, hybrid: bool, thinking_config=None, num_processe
                          f"hybrid thinking are tested in one process only; run one process, or sample with the "
                          f"fork's generate (leave --use_vllm out)")
     if hybrid and thinking_config is not None:
-        if getattr(thinking_config, "thinking_latent_topk", None) is not None:
-            raise UsageError("--thinking_latent_topk with --use_vllm: the vLLM plugin does not mix top-k latents "
-                             "yet; leave one of them out")
         if getattr(thinking_config, "thinking_latent_noise", "none") not in (None, "none"):
             raise UsageError("--thinking_latent_noise with --use_vllm: the vLLM plugin does not add latent noise "
                              "yet; leave one of them out")
+
+
+def kv_cache_bytes(config, sequences: int, tokens: int, dtype: str) -> int:
+    """A KV cache that holds ``sequences`` whole sequences of ``tokens`` (the plugin's scheduler never
+    preempts, so every running sequence must fit), with a quarter to spare: for vLLM's CPU build, whose
+    default reserves a fraction of the machine's memory (``gpu_memory_utilization``, 0.9 in TRL) and
+    refuses to start when the trainer and other processes already use that much."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(getattr(torch, dtype)).bits // 8
+    state = 8 * 2 + 4 * config.hidden_size  # the hybrid-thinking state per sequence (hrpo.vllm_plugin.state)
+    return int(1.25 * sequences * (tokens * per_token + state)) + (64 << 20)
 
 
 class EngineRollouts(VLLMGeneration):
@@ -103,6 +114,10 @@ class EngineRollouts(VLLMGeneration):
                       max_num_seqs=self.max_num_seqs, enable_sleep_mode=self.enable_sleep_mode,
                       model_impl=self.model_impl, seed=self.accelerator.process_index // self.tensor_parallel_size,
                       trust_remote_code=self.trust_remote_code, load_format="dummy", enforce_eager=True)
+        if self.accelerator.device.type == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(base.config, self.max_num_seqs, self.max_model_length,
+                                                             self.engine_dtype)
         if not self.hybrid:
             return dict(kwargs, model=str(self.engine_folder), dtype=self.engine_dtype)
         from .vllm_plugin.engine_args import hybrid_llm_kwargs

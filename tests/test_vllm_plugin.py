@@ -41,8 +41,11 @@ SEEDS = {("llama", "embedding"): 1, ("llama", "projection"): 3, ("llama", "embed
 PROJECTION_OPTIONS = {"thinking_latent_scale": "embedding", "thinking_projection_layers": 2,
                       "thinking_projection_layernorm": True}
 CASES = [(arch, source, SEEDS[arch, source], {}) for source in SOURCES for arch in ("llama", "qwen2")]
-CASES += [("llama", "projection", 3, PROJECTION_OPTIONS)]
-CASE_IDS = [f"{arch}-{source}" + ("-options" if options else "") for arch, source, _, options in CASES]
+CASES += [("llama", "projection", 3, PROJECTION_OPTIONS), ("llama", "embedding", 1, {"thinking_latent_topk": 5}),
+          ("qwen2", "embedding_plus_projection", 0, {"thinking_latent_topk": 5})]
+CASE_IDS = [f"{arch}-{source}" + ("-options" if options.keys() - {"thinking_latent_topk"} else "")
+            + (f"-top{options['thinking_latent_topk']}" if "thinking_latent_topk" in options else "")
+            for arch, source, _, options in CASES]
 BUDGET = 16  # max_num_batched_tokens: every prompt (18-33 tokens) is split
 
 
@@ -269,6 +272,11 @@ def test_vllm_internals_pinned():
         "vLLM no longer asks the model class for get_mamba_state_dtype_from_config (models.py)"
     assert "is_prefilling" in inspect.getsource(GPUModelRunner), \
         "the model runner no longer fills CommonAttentionMetadata.is_prefilling (backend.py needs it)"
+    from vllm.v1.worker.gpu_worker import Worker
+
+    assert callable(getattr(Worker, "reload_weights", None)) and \
+        {"weights_iterator", "is_checkpoint_format"} <= set(inspect.signature(GPUModelRunner.reload_weights).parameters), \
+        "vLLM's in-place weight reload moved (hrpo.vllm_rollouts.EngineRollouts.sync_weights calls it)"
 
 
 SMOLLM2 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "SmolLM2-135M-Instruct")

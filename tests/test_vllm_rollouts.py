@@ -19,7 +19,6 @@ import torch
 from hrpo.vllm_plugin.recorder import RecordedRollout, RecordingError, RolloutRecorder
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
 
 GAP_FLOAT32 = 1e-4  # replay vs sampling log-probs, float32 (measured: about 1e-6)
 
@@ -81,6 +80,27 @@ def test_replay_entries_cut_at_the_stop_token_and_name_an_unrecorded_completion(
         list(replay_entries([[1, 2]], [[7, 9]], None, recorded, eos_token_ids=[]))
 
 
+def test_the_trl_internals_the_engine_rollouts_rely_on_are_pinned():
+    """``EngineRollouts`` overrides methods of TRL's ``VLLMGeneration`` and the trainer sets attributes TRL's
+    ``GRPOTrainer`` reads; a TRL upgrade that moves one fails here, naming it (trl 1.15)."""
+    import inspect
+
+    from trl import GRPOTrainer
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    for method, params in {"_init_vllm": [], "_iter_named_params": [], "sync_weights": [],
+                           "generate": ["prompts", "images", "num_generations", "profiler"]}.items():
+        assert callable(getattr(VLLMGeneration, method, None)), f"VLLMGeneration.{method} moved"
+        assert list(inspect.signature(getattr(VLLMGeneration, method)).parameters)[1:] == params, \
+            f"VLLMGeneration.{method}'s signature changed"
+    source = inspect.getsource(GRPOTrainer)
+    for used in ("self.vllm_generation.generate(", "self.vllm_generation.sync_weights()", "self._last_loaded_step",
+                 "self.use_vllm = args.use_vllm", "_generate_single_turn"):
+        assert used in source, f"GRPOTrainer no longer has {used!r} (hrpo.trainer.RunTrainerMixin._start_engine)"
+    init = inspect.getsource(VLLMGeneration.__init__)
+    assert "self._init_vllm()" in init, "VLLMGeneration no longer starts the engine in _init_vllm"
+
+
 # ---------------------------------------------------------------- training with vLLM
 
 
@@ -96,6 +116,12 @@ def vllm_workspace(tmp_path_factory):
     save_tiny_chat_model(root / "model", hidden_size=128, chat_template=PLAIN_CHAT_TEMPLATE)
     write_jsonl(make_problems(16, difficulty=3), root / "train.jsonl")
     return root
+
+
+@pytest.fixture(autouse=True)
+def trainer_sizes_the_cpu_kv_cache(monkeypatch):
+    """Without VLLM_CPU_KVCACHE_SPACE the trainer sizes vLLM's CPU KV cache itself (kv_cache_bytes)."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
 
 
 def _trainer(workspace, out, *extra):
@@ -121,9 +147,11 @@ def _logged(trainer, key):
     return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
-@pytest.mark.parametrize("source", ["projection", "embedding"])
+@pytest.mark.parametrize("source", ["projection", "embedding_plus_projection+top5"])
 def test_hybrid_training_replays_vllm_rollouts(vllm_workspace, tmp_path, source):
-    trainer = _trainer(vllm_workspace, tmp_path / "out", "--thinking_latent_source", source)
+    source, *topk = source.split("+top")
+    trainer = _trainer(vllm_workspace, tmp_path / "out", "--thinking_latent_source", source,
+                       *(["--thinking_latent_topk", topk[0]] if topk else []))
     try:
         trainer.train()
         diffs = trainer.replay_logprob_diffs

@@ -16,16 +16,19 @@ with h~ from the previous step's final hidden state h:
 
 The module names under ``HybridThinkingModules`` are the fork's, so a fork checkpoint's
 ``model.<name>.*`` weights load as ``hybrid.<name>.*``. Projection dropout is not applied (the
-fork samples with the projection in eval mode). Top-k latents and noise are later milestones:
-a config that asks for them is refused here rather than decoded differently.
+fork samples with the projection in eval mode). Top-k latents use the
+fork's ``latent_weights``; latent noise is a later milestone: a config that asks for it is refused
+here rather than decoded differently.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # The constants and the sources have their one home in the fork.
 from transformers.hybrid_thinking.config import LATENT_SOURCES
+from transformers.hybrid_thinking.exploration import latent_weights
 from transformers.hybrid_thinking.modeling import (PROJECTION_NORM_EPS, HybridThinkingMixin, ThinkingGate,
                                                    ThinkingProjection, ThinkingResidualLambda)
 
@@ -42,8 +45,6 @@ def check_supported(config) -> None:
     if source not in LATENT_SOURCES:
         raise ValueError(f"the hybrid-thinking vLLM model needs config.thinking_latent_source in {LATENT_SOURCES}, "
                          f"got {source!r}: is this a hybrid-thinking checkpoint?")
-    if getattr(config, "thinking_latent_topk", None) is not None:
-        raise NotImplementedError("thinking_latent_topk is not supported by the vLLM plugin yet")
     if getattr(config, "thinking_latent_noise", "none") not in (None, "none"):
         raise NotImplementedError("thinking_latent_noise is not supported by the vLLM plugin yet")
 
@@ -57,6 +58,7 @@ class HybridThinkingModules(nn.Module):
         d = config.hidden_size
         self.source = config.thinking_latent_source
         self.scale = getattr(config, "thinking_latent_scale", "unit") or "unit"
+        self.topk = getattr(config, "thinking_latent_topk", None)
         # the fork's own modules (their math has one home); the checkpoint's weights replace their init
         self.thinking_residual_gate_r = ThinkingGate(d, d, bias=True)
         self.thinking_residual_gate_i = ThinkingGate(d, d, bias=True)
@@ -89,12 +91,15 @@ class HybridThinkingModules(nn.Module):
         return loaded
 
     def embedding_latent(self, logits: torch.Tensor, embedding: torch.Tensor, temperature: float) -> torch.Tensor:
-        """softmax(logits / T) @ E / ||p||_2, in the embedding dtype (the fork's
-        ``embedding_method_latent`` over the whole vocabulary). ``logits`` (rows, V) float32."""
+        """sum_v w_v E_v / ||w||_2 in the embedding dtype, w = softmax(logits / T) or its top k (the fork's
+        ``embedding_method_latent``, with the fork's ``latent_weights``). ``logits`` (rows, V) float32."""
         scores = logits.float() if temperature == 1.0 else logits.float() / temperature
-        probs = torch.softmax(scores, dim=-1)
-        latent = probs.to(embedding.dtype) @ embedding
-        return (latent.float() / probs.float().norm(dim=-1, keepdim=True)).to(embedding.dtype)
+        weights, token_ids, _ = latent_weights(torch.softmax(scores, dim=-1), self.topk)
+        if token_ids is None:
+            latent = weights.to(embedding.dtype) @ embedding
+        else:
+            latent = torch.bmm(weights.to(embedding.dtype)[:, None, :], F.embedding(token_ids, embedding)).squeeze(1)
+        return (latent.float() / weights.float().norm(dim=-1, keepdim=True)).to(embedding.dtype)
 
     def latent_inputs(self, hidden: torch.Tensor, logits_fn, embedding: torch.Tensor,
                       temperature: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
