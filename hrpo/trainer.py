@@ -129,8 +129,7 @@ class RunTrainerMixin(HeldOutEvaluation, HRPOModelCardMixin):
         """``--use_vllm``: TRL's colocated vLLM generation (the arguments trl 1.15's GRPOTrainer gives it),
         started by ``hrpo.vllm_rollouts.EngineRollouts`` for both arms."""
         args, model = self.args, self.accelerator.unwrap_model(self.model)
-        thinking = find_thinking_base(self.model).config if self.hybrid_rollouts else None
-        check_engine_settings(args, self.hybrid_rollouts, thinking, self.accelerator.num_processes)
+        check_engine_settings(args, self.hybrid_rollouts, self.accelerator.num_processes)
         self._engine_folder = tempfile.TemporaryDirectory(prefix="hrpo-vllm-engine-")  # removed with the trainer
         self.use_vllm = True
         self.vllm_generation = EngineRollouts(

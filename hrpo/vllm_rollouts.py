@@ -25,6 +25,7 @@ settings), so that the two arms still differ only in hybrid thinking.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from trl.generation.vllm_generation import VLLMGeneration
 
 from .errors import UsageError
 from .replay import completion_mask
+from .vllm_plugin.recorder import LATENT_FIELDS
 
 # The engine start below mirrors trl 1.15's VLLMGeneration._init_vllm (colocate branch).
 TRL_ENGINE_KWARGS = {"distributed_executor_backend": "external_launcher", "max_num_batched_tokens": 4096,
@@ -62,7 +64,7 @@ def engine_dtype(args, model) -> str:
     return str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
 
 
-def check_engine_settings(args, hybrid: bool, thinking_config=None, num_processes: int = 1) -> None:
+def check_engine_settings(args, hybrid: bool, num_processes: int = 1) -> None:
     """What vLLM rollouts cannot do here, refused before training (see docs/scaling.md)."""
     if args.vllm_mode != "colocate":
         raise UsageError(f"--vllm_mode {args.vllm_mode}: HRPO samples with vLLM in colocate mode only (the "
@@ -75,10 +77,6 @@ def check_engine_settings(args, hybrid: bool, thinking_config=None, num_processe
         raise UsageError(f"--use_vllm with hybrid thinking on {num_processes} processes: the vLLM rollouts of "
                          f"hybrid thinking are tested in one process only; run one process, or sample with the "
                          f"fork's generate (leave --use_vllm out)")
-    if hybrid and thinking_config is not None:
-        if getattr(thinking_config, "thinking_latent_noise", "none") not in (None, "none"):
-            raise UsageError("--thinking_latent_noise with --use_vllm: the vLLM plugin does not add latent noise "
-                             "yet; leave one of them out")
 
 
 def kv_cache_bytes(config, sequences: int, tokens: int, dtype: str) -> int:
@@ -122,7 +120,7 @@ class EngineRollouts(VLLMGeneration):
             return dict(kwargs, model=str(self.engine_folder), dtype=self.engine_dtype)
         from .vllm_plugin.engine_args import hybrid_llm_kwargs
 
-        return hybrid_llm_kwargs(self.engine_folder, latent_temperature=self.latent_temperature,
+        return hybrid_llm_kwargs(self.engine_folder, latent_temperature=self.latent_temperature, sample_noise=True,
                                  dtype=self.engine_dtype, **kwargs)
 
     def _init_vllm(self):
@@ -175,7 +173,8 @@ class EngineRollouts(VLLMGeneration):
     def generate(self, prompts, images, num_generations, profiler=None):
         if not self.hybrid:
             return super().generate(prompts, images, num_generations, profiler)
-        self.llm.apply_model(_start_recording)
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())  # as the fork's generate: one noise seed per call
+        self.llm.apply_model(functools.partial(_start_recording, seed=seed))
         try:
             out = super().generate(prompts, images, num_generations, profiler)
         finally:
@@ -186,7 +185,8 @@ class EngineRollouts(VLLMGeneration):
         return out
 
 
-def _start_recording(model) -> None:
+def _start_recording(model, seed: int) -> None:
+    model.set_noise_seed(seed)
     model.start_recording()
 
 
@@ -222,7 +222,7 @@ def replay_entries(prompt_ids, completion_ids, logprobs, recorded, eos_token_ids
         if logprobs is not None:
             values = [float("nan") if lp is None or lp[0] is None else lp[0] for lp in logprobs[row][:kept]]
             sampled[len(prompt):] = torch.tensor(values, dtype=torch.float32)
-        latents = {"thinking_latents": rollout.thinking_latents, "thinking_hidden": rollout.thinking_hidden}
-        latents = {key: None if value is None else value[:flagged] for key, value in latents.items()}
+        latents = {key: None if getattr(rollout, key) is None else getattr(rollout, key)[:flagged]
+                   for key in LATENT_FIELDS}
         yield torch.tensor(prompt + completion[:kept]), mask, sampled, latents, len(prompt)
 

@@ -41,11 +41,21 @@ SEEDS = {("llama", "embedding"): 1, ("llama", "projection"): 3, ("llama", "embed
 PROJECTION_OPTIONS = {"thinking_latent_scale": "embedding", "thinking_projection_layers": 2,
                       "thinking_projection_layernorm": True}
 CASES = [(arch, source, SEEDS[arch, source], {}) for source in SOURCES for arch in ("llama", "qwen2")]
+GUMBEL = {"thinking_latent_noise": "gumbel", "thinking_latent_noise_scale": 0.1}
 CASES += [("llama", "projection", 3, PROJECTION_OPTIONS), ("llama", "embedding", 1, {"thinking_latent_topk": 5}),
-          ("qwen2", "embedding_plus_projection", 0, {"thinking_latent_topk": 5})]
-CASE_IDS = [f"{arch}-{source}" + ("-options" if options.keys() - {"thinking_latent_topk"} else "")
-            + (f"-top{options['thinking_latent_topk']}" if "thinking_latent_topk" in options else "")
-            for arch, source, _, options in CASES]
+          ("qwen2", "embedding_plus_projection", 0, {"thinking_latent_topk": 5}),
+          # greedy decoding of a Gumbel config: the weights sharpened at the Gumbel temperature, no noise
+          ("llama", "embedding", 1, {"thinking_latent_topk": 5, **GUMBEL})]
+
+
+def _case_id(arch, source, options) -> str:
+    named = {"thinking_latent_topk": "top", "thinking_latent_noise": ""}
+    extra = [f"{named[key]}{value}" for key, value in options.items() if key in named]
+    return "-".join([arch, source, *(["options"] if options.keys() - named.keys() - {"thinking_latent_noise_scale"}
+                                      else []), *extra])
+
+
+CASE_IDS = [_case_id(arch, source, options) for arch, source, _, options in CASES]
 BUDGET = 16  # max_num_batched_tokens: every prompt (18-33 tokens) is split
 
 
@@ -151,6 +161,68 @@ def test_greedy_parity_with_the_fork(tmp_path, arch, source, seed, options):
     assert stats["mixed"] > 0 and stats["marker_found"] > 0, stats
     # the test can tell mixing from none: unmixed decoding differs somewhere
     assert plain_equal < counts["compared"]
+
+
+def _record_with_seed(model, seed: int) -> None:
+    model.set_noise_seed(seed)
+    model.start_recording()
+
+
+def _take_recording(model):
+    return model.take_recording()
+
+
+@pytest.mark.parametrize("noise", [{"thinking_latent_noise": "gaussian", "thinking_latent_noise_scale": 0.33}, GUMBEL],
+                         ids=["gaussian", "gumbel"])
+def test_sampled_noise_is_keyed_as_the_fork_keys_it(tmp_path, noise):
+    """Sampling with latent noise (embedding_plus_projection, which records both the embedding latent and
+    the hidden state): at every thinking position the plugin fed the fork's draw for the call's seed and the
+    row's tokens so far (``initial_keys`` over the prompt, ``advance_keys`` per fed token): the Gaussian
+    noise at the fork's ``latent_noise_std``, or the Gumbel-perturbed embedding latent the fork forms from the
+    same hidden state. Prompts are split by chunked prefill, so the prompt keys fold across chunks."""
+    import functools
+
+    from vllm import LLM, SamplingParams
+    from transformers.hybrid_thinking.exploration import advance_keys, gaussian_draws, initial_keys
+
+    from hrpo.vllm_plugin.engine_args import hybrid_llm_kwargs
+
+    temperature, seed = 0.7, 1234
+    model, tokenizer = _save_hybrid_model(tmp_path, "qwen2", "embedding_plus_projection", 0, **noise)
+    enc = encode_prompts(tokenizer, PROMPTS)
+    prompts = [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(enc.input_ids.tolist(),
+                                                                          enc.attention_mask.tolist())]
+    llm = LLM(**hybrid_llm_kwargs(tmp_path, latent_temperature=temperature, sample_noise=True, enforce_eager=True,
+                                  max_model_len=256, max_num_seqs=len(PROMPTS), max_num_batched_tokens=BUDGET,
+                                  enable_chunked_prefill=True, seed=0))
+    try:
+        llm.apply_model(functools.partial(_record_with_seed, seed=seed))
+        llm.generate([{"prompt_token_ids": p} for p in prompts],
+                     SamplingParams(temperature=temperature, max_tokens=20, ignore_eos=True), use_tqdm=False)
+        recorded = llm.apply_model(_take_recording)[0]
+    finally:
+        _shutdown(llm)
+    base = model.model
+    checked = 0
+    for rollout in recorded:
+        key = initial_keys(seed, torch.tensor([rollout.tokens[:rollout.prompt_len]]), None)
+        flagged = 0
+        for token, thinking in zip(rollout.tokens[rollout.prompt_len:], rollout.thinking.tolist()):
+            key = advance_keys(key, torch.tensor([token]))
+            if not thinking:
+                continue
+            if noise["thinking_latent_noise"] == "gaussian":
+                expected = gaussian_draws(key, base.config.hidden_size)[0] * base.latent_noise_std()
+                torch.testing.assert_close(rollout.thinking_noise[flagged], expected, rtol=1e-4, atol=1e-6)
+            else:
+                with torch.no_grad():
+                    probs = torch.softmax(model.lm_head(rollout.thinking_hidden[flagged][None]).float() / temperature, -1)
+                    expected, _ = base.embedding_method_latent(probs, key)
+                torch.testing.assert_close(rollout.thinking_latents[flagged], expected[0], rtol=1e-4, atol=1e-5)
+            flagged += 1
+        checked += flagged
+    print(f"\n{noise['thinking_latent_noise']}: {checked} thinking positions of {len(recorded)} rollouts checked")
+    assert len(recorded) == len(PROMPTS) and checked > 50
 
 
 def test_preemption_is_refused(tmp_path):

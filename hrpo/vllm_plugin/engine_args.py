@@ -11,6 +11,8 @@ What they set, and why:
 - ``hf_overrides["hrpo_latent_temperature"]``: the temperature of the softmax the embedding latent
   uses. The model does not see per-request sampling parameters; greedy decoding in the fork uses
   no temperature (1.0), sampling at T uses T;
+- ``hf_overrides["hrpo_sample_noise"]``: whether a config's exploration noise is drawn (the fork draws
+  it when sampling; greedy decoding drops Gaussian noise and sharpens Gumbel weights without noise);
 - ``enable_prefix_caching=False``: a cached prefix skips the step-by-step mixing;
 - ``scheduler_cls`` (with ``async_scheduling=False``, as that scheduler is synchronous): a
   scheduler that raises rather than preempt (a preempted request is recomputed unmixed).
@@ -26,7 +28,7 @@ SCHEDULER = "hrpo.vllm_plugin.scheduler.HybridThinkingScheduler"
 FULL_ATTENTION = ("full_attention", "attention")
 
 
-def hybrid_hf_overrides(model: str | Path, latent_temperature: float = 1.0) -> dict:
+def hybrid_hf_overrides(model: str | Path, latent_temperature: float = 1.0, sample_noise: bool = False) -> dict:
     """The hf_overrides that select the hybrid architecture (see the module docstring)."""
     from transformers import AutoConfig
 
@@ -40,7 +42,7 @@ def hybrid_hf_overrides(model: str | Path, latent_temperature: float = 1.0) -> d
     if not latent_temperature > 0:
         raise ValueError(f"latent_temperature must be > 0, got {latent_temperature!r}")
     overrides = {"architectures": [ARCHITECTURES[architectures[0]]],
-                 "hrpo_latent_temperature": float(latent_temperature)}
+                 "hrpo_latent_temperature": float(latent_temperature), "hrpo_sample_noise": bool(sample_noise)}
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         other = sorted(set(layer_types) - set(FULL_ATTENTION))
@@ -50,14 +52,14 @@ def hybrid_hf_overrides(model: str | Path, latent_temperature: float = 1.0) -> d
     return overrides
 
 
-def hybrid_llm_kwargs(model: str | Path, *, latent_temperature: float = 1.0, dtype: str = "float32",
-                      **overrides) -> dict:
+def hybrid_llm_kwargs(model: str | Path, *, latent_temperature: float = 1.0, sample_noise: bool = False,
+                      dtype: str = "float32", **overrides) -> dict:
     """``LLM(**hybrid_llm_kwargs(folder, ...))`` decodes the folder's hybrid model like the fork.
     ``overrides``: any other ``LLM`` argument (``max_num_batched_tokens``, ``enforce_eager``, ...);
     the settings hybrid thinking needs cannot be overridden to unsafe values."""
     kwargs = {
         "model": str(model),
-        "hf_overrides": hybrid_hf_overrides(model, latent_temperature),
+        "hf_overrides": hybrid_hf_overrides(model, latent_temperature, sample_noise),
         "dtype": dtype,
         "enable_prefix_caching": False,
         "async_scheduling": False,

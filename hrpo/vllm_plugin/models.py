@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 import torch
 
+from transformers.hybrid_thinking.exploration import advance_keys
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.interfaces import IsHybrid
@@ -28,10 +29,11 @@ from .backend import HybridThinkingStateError, HybridThinkingStateMetadata
 from .engine_args import SCHEDULER
 from .recorder import RolloutRecorder
 from .scheduler import HybridThinkingScheduler
-from .state import MARKER_SLOT, STATE_COPY_FUNCS, STATE_DTYPES, HybridThinkingState, state_layer_name, state_shapes
+from .state import MARKER_SLOT, NOISE_KEY_SLOT, STATE_COPY_FUNCS, STATE_DTYPES, HybridThinkingState, state_layer_name, state_shapes
 from .thinking import CHECKPOINT_PREFIX, HybridThinkingModules
 
 LATENT_TEMPERATURE_KEY = "hrpo_latent_temperature"
+SAMPLE_NOISE_KEY = "hrpo_sample_noise"
 
 
 def _answer_marker_automaton(vllm_config: VllmConfig, config):
@@ -75,6 +77,9 @@ class HybridThinkingMixin:
         self.marker_start, self.marker_final = automaton.start_state, automaton.final
         self.vocab_size = config.vocab_size
         self.latent_temperature = float(getattr(config, LATENT_TEMPERATURE_KEY, 1.0) or 1.0)
+        # exploration noise is drawn while the engine samples (as the fork's do_sample), keyed by a seed per call
+        self.sample_noise = self.hybrid.noise != "none" and bool(getattr(config, SAMPLE_NOISE_KEY, False))
+        self.noise_seed = 0
         # Rows seen, for tests and diagnostics: decode rows, of which mixed and past the marker;
         # prompt chunks, of which one-token chunks (after a first chunk, the stock Mamba builder
         # would call them decodes; a one-token prompt counts here too).
@@ -86,6 +91,11 @@ class HybridThinkingMixin:
     def start_recording(self) -> None:
         """Record the replay inputs of every request decoded from now on (``hrpo.vllm_plugin.recorder``)."""
         self.recorder = RolloutRecorder()
+
+    def set_noise_seed(self, seed: int) -> None:
+        """The seed the noise keys of the requests started from now on begin with (the fork draws one per
+        generate call); the keys then follow each request's tokens."""
+        self.noise_seed = int(seed)
 
     def take_recording(self) -> list:
         """The rollouts recorded since ``start_recording`` (CPU), and recording off."""
@@ -166,17 +176,22 @@ class HybridThinkingMixin:
             query_lens = torch.diff(metadata.row_query_start_loc)[metadata.row_prefilling]
             self.row_stats["prompt_chunks"] += prompt_slots.numel()
             self.row_stats["one_token_prompt_chunks"] += int((query_lens == 1).sum())
+            if self.sample_noise:
+                self._fold_prompt_keys(input_ids, positions, metadata)
         rows = metadata.row_decoding.nonzero().squeeze(1)
         self.row_stats["decode_rows"] += rows.numel()
-        latents = hidden = None
+        inputs = None
         thinking = torch.zeros(0, dtype=torch.bool, device=embeds.device)
         if rows.numel():
             if input_ids is None:
                 raise HybridThinkingStateError("decode steps need token ids (prompt embeddings are not supported)")
             tokens = metadata.row_query_start_loc[rows]
             slots = metadata.row_slots[rows]
-            marker = self.marker_table[ints[slots, MARKER_SLOT], input_ids[tokens].long()]
+            fed = input_ids[tokens].long()
+            marker = self.marker_table[ints[slots, MARKER_SLOT], fed]
             ints[slots, MARKER_SLOT] = marker
+            if self.sample_noise:  # the fork advances every running row's key by the token it feeds
+                ints[slots, NOISE_KEY_SLOT] = advance_keys(ints[slots, NOISE_KEY_SLOT], fed)
             thinking = marker != self.marker_final
             mixed = int(thinking.sum())
             self.row_stats["mixed"] += mixed
@@ -184,13 +199,31 @@ class HybridThinkingMixin:
             if mixed:
                 tokens, slots = tokens[thinking], slots[thinking]
                 embedding = self._embedding_matrix()
-                latents, hidden = self.hybrid.latent_inputs(self.thinking_state.hidden[slots], self._latent_logits,
-                                                            embedding, self.latent_temperature)
+                keys = ints[slots, NOISE_KEY_SLOT] if self.sample_noise else None
+                inputs = self.hybrid.latent_inputs(self.thinking_state.hidden[slots], self._latent_logits,
+                                                   embedding, self.latent_temperature, keys)
                 embeds = embeds.clone()
-                embeds[tokens] = self.hybrid.mix(embeds[tokens], self.hybrid.latent(latents, hidden, embedding))
+                embeds[tokens] = self.hybrid.mix(embeds[tokens], self.hybrid.latent(inputs, embedding))
         if self.recorder is not None:
-            self.recorder.add_step(input_ids, positions, metadata, rows, thinking, latents, hidden)
+            self.recorder.add_step(input_ids, positions, metadata, rows, thinking, inputs)
         return embeds
+
+    def _fold_prompt_keys(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                          metadata: HybridThinkingStateMetadata) -> None:
+        """Each prompt chunk's tokens folded into its row's noise key (from the seed at position 0), as the
+        fork's ``initial_keys`` folds a prompt; chunks of one prompt continue one another."""
+        if input_ids is None:
+            raise HybridThinkingStateError("latent noise needs token ids (prompt embeddings are not supported)")
+        ints = self.thinking_state.ints
+        rows = metadata.row_prefilling.nonzero().squeeze(1).tolist()
+        starts = metadata.row_query_start_loc.tolist()
+        for row in rows:
+            slot, begin, end = int(metadata.row_slots[row]), starts[row], starts[row + 1]
+            key = (torch.tensor([self.noise_seed], dtype=torch.int64) if int(positions[begin]) == 0
+                   else ints[slot, NOISE_KEY_SLOT].reshape(1).cpu())
+            for token in input_ids[begin:end].cpu():  # small integer ops: cheaper on the host
+                key = advance_keys(key, token.reshape(1))
+            ints[slot, NOISE_KEY_SLOT] = key.to(ints.device)[0]
 
     def _keep_last_hidden(self, hidden: torch.Tensor, metadata: HybridThinkingStateMetadata) -> None:
         """Each row's last final hidden state into its slot (a prompt chunk's is overwritten by the

@@ -2,7 +2,7 @@
 
 The replay (``hrpo.replay``) mixes the same completion positions with the same latent inputs as
 sampling did: per position, whether it was mixed, and the latent's inputs (the embedding-method
-latent and/or the previous step's final hidden state h). vLLM hands back tokens and log-probs
+latent and/or the previous step's final hidden state h, and any Gaussian noise). vLLM hands back tokens and log-probs
 only, so the model records these itself while decoding.
 
 Per forward step the recorder keeps copies of the step's token ids, positions and row layout (as
@@ -19,21 +19,22 @@ from dataclasses import dataclass
 
 import torch
 
-LATENT_FIELDS = ("thinking_latents", "thinking_hidden")  # the fork's replay inputs the plugin records
+LATENT_FIELDS = ("thinking_latents", "thinking_hidden", "thinking_noise")  # the fork's replay inputs, as recorded
 
 
 @dataclass
 class RecordedRollout:
     """One request as the engine decoded it: ``tokens`` fed (prompt + all completion tokens but the
     last), ``prompt_len``, ``thinking`` (bool, one per fed completion token) and, for the flagged ones
-    in order, ``thinking_latents`` / ``thinking_hidden`` (rows x d, CPU; None where the source uses
-    no such input)."""
+    in order, ``thinking_latents`` / ``thinking_hidden`` / ``thinking_noise`` (rows x d, CPU; None where
+    the source uses no such input)."""
 
     tokens: list[int]
     prompt_len: int
     thinking: torch.Tensor
     thinking_latents: torch.Tensor | None
     thinking_hidden: torch.Tensor | None
+    thinking_noise: torch.Tensor | None = None
 
 
 class RecordingError(RuntimeError):
@@ -47,9 +48,11 @@ class RolloutRecorder:
         self.steps: list[dict] = []
 
     def add_step(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata, decode_rows: torch.Tensor,
-                 thinking: torch.Tensor, latents: torch.Tensor | None, hidden: torch.Tensor | None) -> None:
+                 thinking: torch.Tensor, inputs: dict | None) -> None:
         """One forward: ``decode_rows`` (the row indices that decoded), ``thinking`` (bool per decode
-        row), and the latent inputs of the thinking ones (their rows in order)."""
+        row), and ``inputs``, the latent inputs of the thinking ones (each of LATENT_FIELDS: their rows in
+        order, or None)."""
+        inputs = inputs or {}
         rows = int(metadata.row_slots.shape[0])
         end = int(metadata.row_query_start_loc[-1]) if rows else 0  # a device sync: once per step
         self.steps.append({
@@ -57,8 +60,7 @@ class RolloutRecorder:
             "slots": metadata.row_slots.clone(), "starts": metadata.row_query_start_loc.clone(),
             "prefilling": metadata.row_prefilling.clone(), "decode_rows": decode_rows.clone(),
             "thinking": thinking.clone(),
-            "thinking_latents": None if latents is None else latents.detach().clone(),
-            "thinking_hidden": None if hidden is None else hidden.detach().clone(),
+            **{field: None if inputs.get(field) is None else inputs[field].detach().clone() for field in LATENT_FIELDS},
         })
 
     def assemble(self) -> list[RecordedRollout]:

@@ -3,8 +3,8 @@
 A decoding step mixes the token it feeds with a latent of the PREVIOUS step, so each running
 request carries from one step to the next:
 
-- ``ints``: int64 (2,), [answer-marker automaton state after the tokens fed so far, reserved for
-  the noise key of a later milestone];
+- ``ints``: int64 (2,), [answer-marker automaton state after the tokens fed so far, the noise key:
+  the call's seed folded with the tokens fed so far (``transformers.hybrid_thinking.exploration``)];
 - ``hidden``: float32 (hidden_size,), the final (post-norm) hidden state of its last position: the
   latent of every source is a function of it (the embedding latent through the LM head).
 
@@ -27,8 +27,9 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from . import STATE_BACKEND
 
-INT_SLOTS = 2  # [marker state, noise key (later)]
+INT_SLOTS = 2  # [marker state, noise key]
 MARKER_SLOT = 0
+NOISE_KEY_SLOT = 1
 
 
 def state_shapes(hidden_size: int) -> tuple[tuple[int, ...], ...]:

@@ -16,9 +16,12 @@ with h~ from the previous step's final hidden state h:
 
 The module names under ``HybridThinkingModules`` are the fork's, so a fork checkpoint's
 ``model.<name>.*`` weights load as ``hybrid.<name>.*``. Projection dropout is not applied (the
-fork samples with the projection in eval mode). Top-k latents use the
-fork's ``latent_weights``; latent noise is a later milestone: a config that asks for it is refused
-here rather than decoded differently.
+fork samples with the projection in eval mode). Top-k latents and
+exploration noise use the fork's ``latent_weights`` and its counter-based draws
+(``transformers.hybrid_thinking.exploration``): Gaussian noise on the latent, Gumbel noise on the
+embedding-method weights, keyed by a per-call seed and each request's tokens so far. While the
+engine samples (``hrpo_sample_noise``) the noise is drawn; otherwise, as in the fork's greedy
+decoding, Gaussian noise is dropped and Gumbel weights are sharpened without noise.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from torch import nn
 
 # The constants and the sources have their one home in the fork.
 from transformers.hybrid_thinking.config import LATENT_SOURCES
-from transformers.hybrid_thinking.exploration import latent_weights
+from transformers.hybrid_thinking.exploration import gaussian_draws, latent_weights
 from transformers.hybrid_thinking.modeling import (PROJECTION_NORM_EPS, HybridThinkingMixin, ThinkingGate,
                                                    ThinkingProjection, ThinkingResidualLambda)
 
@@ -45,8 +48,6 @@ def check_supported(config) -> None:
     if source not in LATENT_SOURCES:
         raise ValueError(f"the hybrid-thinking vLLM model needs config.thinking_latent_source in {LATENT_SOURCES}, "
                          f"got {source!r}: is this a hybrid-thinking checkpoint?")
-    if getattr(config, "thinking_latent_noise", "none") not in (None, "none"):
-        raise NotImplementedError("thinking_latent_noise is not supported by the vLLM plugin yet")
 
 
 class HybridThinkingModules(nn.Module):
@@ -59,6 +60,8 @@ class HybridThinkingModules(nn.Module):
         self.source = config.thinking_latent_source
         self.scale = getattr(config, "thinking_latent_scale", "unit") or "unit"
         self.topk = getattr(config, "thinking_latent_topk", None)
+        self.noise = getattr(config, "thinking_latent_noise", None) or "none"
+        self.noise_scale = float(getattr(config, "thinking_latent_noise_scale", 0.0) or 0.0)
         # the fork's own modules (their math has one home); the checkpoint's weights replace their init
         self.thinking_residual_gate_r = ThinkingGate(d, d, bias=True)
         self.thinking_residual_gate_i = ThinkingGate(d, d, bias=True)
@@ -90,39 +93,57 @@ class HybridThinkingModules(nn.Module):
             loaded.add(MODULE_PREFIX + local)
         return loaded
 
-    def embedding_latent(self, logits: torch.Tensor, embedding: torch.Tensor, temperature: float) -> torch.Tensor:
-        """sum_v w_v E_v / ||w||_2 in the embedding dtype, w = softmax(logits / T) or its top k (the fork's
+    def embedding_latent(self, logits: torch.Tensor, embedding: torch.Tensor, temperature: float,
+                         keys: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_v w_v E_v / ||w||_2 in the embedding dtype, w = softmax(logits / T) or its top k, Gumbel-perturbed
+        by ``keys`` (sampling) or sharpened (without keys) under Gumbel noise (the fork's
         ``embedding_method_latent``, with the fork's ``latent_weights``). ``logits`` (rows, V) float32."""
         scores = logits.float() if temperature == 1.0 else logits.float() / temperature
-        weights, token_ids, _ = latent_weights(torch.softmax(scores, dim=-1), self.topk)
+        gumbel = self.noise_scale if self.noise == "gumbel" else None
+        weights, token_ids, _ = latent_weights(torch.softmax(scores, dim=-1), self.topk, gumbel,
+                                               keys if gumbel is not None else None)
         if token_ids is None:
             latent = weights.to(embedding.dtype) @ embedding
         else:
             latent = torch.bmm(weights.to(embedding.dtype)[:, None, :], F.embedding(token_ids, embedding)).squeeze(1)
         return (latent.float() / weights.float().norm(dim=-1, keepdim=True)).to(embedding.dtype)
 
-    def latent_inputs(self, hidden: torch.Tensor, logits_fn, embedding: torch.Tensor,
-                      temperature: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """What the configured source reads, as the fork's replay takes it (``thinking_latents``,
-        ``thinking_hidden``): the embedding-method latent (embedding sources) and the previous step's
-        final hidden states ``hidden`` (rows, d) (projection sources); None where unused.
-        ``logits_fn(hidden)`` gives the LM head's logits over the vocabulary (only called when needed)."""
-        latents = (None if self.source == "projection" else
-                   self.embedding_latent(logits_fn(hidden), embedding, temperature))
-        return latents, (None if self.source == "embedding" else hidden)
+    def noise_std(self, embedding: torch.Tensor) -> float:
+        """The fork's ``latent_noise_std``: the scale times the latent's typical norm (1 for a unit projection
+        latent, else the mean token-embedding norm) over sqrt(d)."""
+        unit = self.source == "projection" and self.scale == "unit"
+        typical = 1.0 if unit else float(embedding.detach().float().norm(dim=-1).mean())
+        return self.noise_scale * typical / embedding.shape[-1] ** 0.5
 
-    def latent(self, latents: torch.Tensor | None, hidden: torch.Tensor | None,
-               embedding: torch.Tensor) -> torch.Tensor:
-        """h~ of the configured source from its ``latent_inputs``."""
+    def latent_inputs(self, hidden: torch.Tensor, logits_fn, embedding: torch.Tensor, temperature: float,
+                      keys: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+        """What the configured source reads, as the fork's replay takes it: ``thinking_latents`` (the
+        embedding-method latent, embedding sources), ``thinking_hidden`` (the previous step's final hidden
+        states ``hidden`` (rows, d), projection sources) and ``thinking_noise`` (Gaussian noise drawn from
+        the rows' noise ``keys``, given only while sampling); None where unused. ``logits_fn(hidden)``
+        gives the LM head's logits over the vocabulary (only called when needed)."""
+        latents = (None if self.source == "projection" else
+                   self.embedding_latent(logits_fn(hidden), embedding, temperature, keys))
+        noise = None
+        if self.noise == "gaussian" and keys is not None:
+            noise = gaussian_draws(keys, hidden.shape[-1]) * self.noise_std(embedding)
+        return {"thinking_latents": latents, "thinking_hidden": None if self.source == "embedding" else hidden,
+                "thinking_noise": noise}
+
+    def latent(self, inputs: dict[str, torch.Tensor | None], embedding: torch.Tensor) -> torch.Tensor:
+        """h~ of the configured source from its ``latent_inputs`` (plus the Gaussian noise among them)."""
+        latents, hidden, noise = inputs["thinking_latents"], inputs["thinking_hidden"], inputs["thinking_noise"]
         if self.source == "embedding":
-            return latents
-        projected = self.thinking_projection(hidden).float()
-        if self.source == "projection":
-            latent = projected / (projected.norm(dim=-1, keepdim=True) + PROJECTION_NORM_EPS)
-            if self.scale == "embedding":
-                latent = latent * embedding.detach().float().norm(dim=-1).mean()
-            return latent
-        return latents.float() + projected
+            latent = latents
+        else:
+            projected = self.thinking_projection(hidden).float()
+            if self.source == "projection":
+                latent = projected / (projected.norm(dim=-1, keepdim=True) + PROJECTION_NORM_EPS)
+                if self.scale == "embedding":
+                    latent = latent * embedding.detach().float().norm(dim=-1).mean()
+            else:
+                latent = latents.float() + projected
+        return latent if noise is None else latent.float() + noise.float()
 
     def mix(self, embeds: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """The gated mix of token embeddings (rows, d) and latents: the fork's ``thinking_residual``
