@@ -9,8 +9,8 @@ engine starts and decodes once untimed before --repeats timed batches. The table
 tokens per second, each mode against plain vLLM and the fork's hybrid generate against vLLM hybrid
 in the same source.
 
-A mode is "plain" or a latent variant (testing/variants.py) that the plugin decodes: a source, with
-"+topK" for a top-k latent (noise is not in the plugin yet).
+A mode is "plain" or a latent variant (testing/variants.py): a source, with "+topK" for a top-k latent
+and "+gaussian" / "+gumbel" for exploration noise (drawn, as when training).
 
     python -m bench.engine_rollouts --model smollm2 --prompts 8 32 --group 4 --new-tokens 256
     python -m bench.engine_rollouts --model smollm2 --prompts 8 --new-tokens 64 --hf --compile
@@ -43,8 +43,6 @@ def load(name: str, mode: str):
     from testing.variants import latent_variant
 
     fields = {} if mode == "plain" else latent_variant(mode)
-    if fields.get("thinking_latent_noise", "none") != "none":
-        raise SystemExit(f"mode {mode}: the vLLM plugin does not add latent noise yet")
     if name.startswith("tiny-"):
         from testing.tiny import tiny_model, tiny_tokenizer
 
@@ -105,7 +103,8 @@ def vllm_child(args) -> None:
                       kv_cache_memory_bytes=kv_cache_bytes(config, batch, args.max_model_len, "float32"))
         start = time.perf_counter()
         llm = LLM(**(engine | {"model": str(folder)} if args.mode == "plain" else
-                     hybrid_llm_kwargs(folder, latent_temperature=args.temperature, **engine)))
+                     hybrid_llm_kwargs(folder, latent_temperature=args.temperature, sample_noise=True,
+                                       **engine)))
         startup = time.perf_counter() - start
     prompts = [{"prompt_token_ids": ids} for ids in prompt_ids(tokenizer, args.prompts) for _ in range(args.group)]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.new_tokens, ignore_eos=True, logprobs=0)

