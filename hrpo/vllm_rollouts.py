@@ -164,11 +164,19 @@ class EngineRollouts(VLLMGeneration):
 
     def _iter_named_params(self):
         """TRL's (the policy's weights under vLLM's names), without another adapter's copies of the
-        modules PEFT saves whole (the thinking modules of TRL's frozen "ref" adapter): TRL renames only
-        the active adapter's ``modules_to_save.default.``."""
+        modules PEFT saves whole (the thinking modules of TRL's frozen "ref" adapter: TRL renames only
+        the active adapter's ``modules_to_save.default.``), and with a tied LM head's weight after the
+        embedding's: ``named_parameters`` lists a tied weight once, and vLLM's in-place reload otherwise
+        leaves the LM head at its previous (at the first sync: dummy) values."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        embedding = next(name for name, module in base.named_modules() if module is base.get_input_embeddings())
+        tied = bool(getattr(base.config.get_text_config(), "tie_word_embeddings", False))
         for name, param in super()._iter_named_params():
-            if ".modules_to_save." not in name:
-                yield name, param
+            if ".modules_to_save." in name:
+                continue
+            yield name, param
+            if tied and name == f"{embedding}.weight":
+                yield "lm_head.weight", param
 
     def generate(self, prompts, images, num_generations, profiler=None):
         if not self.hybrid:

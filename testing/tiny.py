@@ -60,12 +60,17 @@ def encode_prompts(tokenizer, questions):
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 
-def save_tiny_chat_model(folder, arch: str = "qwen2", hidden_size: int = 64, chat_template: str | None = None):
+def save_tiny_chat_model(folder, arch: str = "qwen2", hidden_size: int = 64, chat_template: str | None = None,
+                         tie_word_embeddings: bool = False):
     """A tiny plain model and its tokenizer saved to ``folder``, for runs of the training script
     and the benches. chat_template: default CHAT_TEMPLATE (with roles)."""
     tokenizer = tiny_tokenizer()
     if chat_template is not None:
         tokenizer.chat_template = chat_template
-    tiny_model(arch, tokenizer, hidden_size=hidden_size, hybrid=False).save_pretrained(folder)
+    model = tiny_model(arch, tokenizer, hidden_size=hidden_size, hybrid=False)
+    if tie_word_embeddings:  # the LM head becomes the embedding matrix
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

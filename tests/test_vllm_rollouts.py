@@ -120,8 +120,9 @@ def vllm_workspace(tmp_path_factory):
     from testing.tiny import PLAIN_CHAT_TEMPLATE, save_tiny_chat_model
 
     root = tmp_path_factory.mktemp("vllm_workspace")
-    # hidden 128: head size 32, the smallest vLLM's CPU attention takes
-    save_tiny_chat_model(root / "model", hidden_size=128, chat_template=PLAIN_CHAT_TEMPLATE)
+    # hidden 128: head size 32, the smallest vLLM's CPU attention takes; a tied LM head, as SmolLM2's and
+    # the small Qwen2.5's (the weight sync must carry it: it is listed once, under the embedding)
+    save_tiny_chat_model(root / "model", hidden_size=128, chat_template=PLAIN_CHAT_TEMPLATE, tie_word_embeddings=True)
     write_jsonl(make_problems(16, difficulty=3), root / "train.jsonl")
     return root
 
