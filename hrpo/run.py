@@ -145,6 +145,7 @@ def train(settings: Settings) -> Path:
         (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     trainer.evaluate(file_name="eval_final.json")
     trainer.create_model_card()  # with the final evaluation
+    trainer.close_engine()
     return output_dir
 
 

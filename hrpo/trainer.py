@@ -151,6 +151,18 @@ class RunTrainerMixin(HeldOutEvaluation, HRPOModelCardMixin):
             on_rollouts=self._add_engine_rollouts if self.hybrid_rollouts else None)
         self._last_loaded_step = -1  # TRL's tag: the first generation syncs every weight into the engine
 
+    def close_engine(self) -> None:
+        """After the run (``--use_vllm``): every process past a barrier, then the engine shut down
+        (``EngineRollouts.close``). A no-op without vLLM."""
+        engine = getattr(self, "vllm_generation", None)
+        if not isinstance(engine, EngineRollouts):
+            return
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and self.accelerator.num_processes > 1:
+            dist.barrier()
+        engine.close()
+
     def _prepare_inputs(self, generation_batch):
         inputs = super()._prepare_inputs(generation_batch)
         if self.step_skipper is not None and self.model.training:

@@ -26,6 +26,7 @@ settings), so that the two arms still differ only in hybrid thinking.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 from pathlib import Path
 
@@ -148,6 +149,19 @@ class EngineRollouts(VLLMGeneration):
             self.llm.sleep(level=2)
         self._llm_weights_sleeping = self.enable_sleep_mode
         accelerator.wait_for_everyone()
+
+    def close(self) -> None:
+        """Shut the engine down and release vLLM's process groups, before the run tears its own down:
+        vLLM's exit hook would otherwise destroy groups that are gone (a traceback at every exit)."""
+        from vllm.distributed import cleanup_dist_env_and_memory
+
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
 
     def sync_weights(self):
         """TRL's colocate sync loads each weight into the engine's live parameters, which vLLM's CPU

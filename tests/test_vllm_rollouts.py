@@ -142,14 +142,7 @@ def _trainer(workspace, out, *extra):
 
 
 def _shutdown(trainer) -> None:
-    import gc
-
-    from vllm.distributed import cleanup_dist_env_and_memory
-
-    trainer.vllm_generation.llm.llm_engine.engine_core.shutdown()
-    del trainer.vllm_generation.llm
-    gc.collect()
-    cleanup_dist_env_and_memory()
+    trainer.close_engine()
 
 
 def _logged(trainer, key):
@@ -210,6 +203,30 @@ def test_a_replay_that_ignores_the_recorded_mixing_fails_the_check(vllm_workspac
         print(f"\nunmixed replay: {str(caught.value)[:160]}")
     finally:
         _shutdown(trainer)
+
+
+def test_the_training_script_with_vllm_exits_cleanly(vllm_workspace, tmp_path):
+    """The training script with ``--use_vllm`` (hybrid, the projection source) trains, replays on-policy,
+    and exits without vLLM's process-group traceback: the run shuts the engine down before it tears its
+    process group down."""
+    import json
+    import sys
+
+    from testing import REPO, module_env
+    from testing.processes import run_child
+    from testing.training import tiny_training_argv
+
+    out = tmp_path / "out"
+    argv = [sys.executable, str(REPO / "hrpo_gsm8k.py"), *tiny_training_argv(vllm_workspace, out), "--use_vllm",
+            "--thinking_latent_source", "projection", "--max_completion_length", "24"]
+    env = module_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    proc = run_child(argv, timeout=900, what="hrpo_gsm8k.py --use_vllm", cwd=tmp_path, env=env)
+    history = json.loads((out / "log_history.json").read_text())
+    gap = [entry["sampling/sampling_logp_difference/max"] for entry in history
+           if "sampling/sampling_logp_difference/max" in entry]
+    assert gap and max(gap) <= GAP_FLOAT32  # the CPU run is in float32
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_plain_grpo_samples_with_the_same_engine(vllm_workspace, tmp_path):
