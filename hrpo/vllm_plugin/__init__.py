@@ -12,6 +12,8 @@ through its plugin points only (no fork, no monkeypatching):
 - ``backend``: its metadata backend, which tells real decode rows from one-token prefill chunks;
 - ``scheduler``: a scheduler that refuses preemption (vLLM would recompute a preempted request as
   one unmixed prefill);
+- ``recorder``: while a trainer asks for it, each request's thinking flags and latent inputs, which
+  vLLM's outputs do not carry (``hrpo.vllm_rollouts`` hands them to the trainer's replay);
 - ``engine_args``: the ``LLM(...)`` keyword arguments for a hybrid model folder (no vLLM import).
 
 ``register`` is the ``vllm.general_plugins`` entry point (pyproject.toml); vLLM calls it in every
