@@ -143,6 +143,8 @@ def main() -> None:
                "temperature": args.temperature, "modes": {}}
     for mode in args.modes:
         results["modes"][mode] = run_child(args, mode)
+        if args.json:  # after every mode: a long run that is stopped keeps what it measured
+            args.json.write_text(json.dumps(results, indent=2))
     plain = results["modes"].get("plain", {}).get("max", float("nan"))
     print(f"\n{args.model}: {args.prompts} prompts x {args.group}, up to {args.new_tokens} tokens, temperature "
           f"{args.temperature}, float32; |replay - vLLM| log-prob over the completion tokens")
