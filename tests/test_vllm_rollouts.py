@@ -224,7 +224,8 @@ def test_the_training_script_with_vllm_exits_cleanly(vllm_workspace, tmp_path):
                if value is not None]
     argv = [sys.executable, str(REPO / "hrpo_gsm8k.py"), *tiny_training_argv(vllm_workspace, out), "--use_vllm",
             *variant, "--max_steps", "2", "--max_completion_length", "24"]
-    env = module_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    # MASTER_PORT 0: a free port (an engine started earlier in this process may still hold the one it took)
+    env = module_env(VLLM_ENABLE_V1_MULTIPROCESSING="0", MASTER_PORT="0")
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     proc = run_child(argv, timeout=900, what="hrpo_gsm8k.py --use_vllm", cwd=tmp_path, env=env)
     history = json.loads((out / "log_history.json").read_text())
