@@ -18,14 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from bench.engine_rollouts import QUESTIONS, load, prompt_ids, save_folder
+from bench.engine_rollouts import QUESTIONS, load, prompt_ids, run_child, save_folder
 
-REPO = Path(__file__).resolve().parent.parent
 MODES = ["plain", "embedding", "embedding+top64", "embedding+top64+gumbel", "embedding+gaussian", "projection",
          "projection+gaussian", "embedding_plus_projection", "embedding_plus_projection+top64+gumbel"]
 
@@ -111,16 +108,11 @@ def _take(model):
     return model.take_recording()
 
 
-def run_child(args, mode: str) -> dict:
-    argv = [sys.executable, "-m", "bench.engine_replay", "--child-mode", mode, "--model", args.model,
-            "--prompts", str(args.prompts), "--group", str(args.group), "--new-tokens", str(args.new_tokens),
-            "--temperature", str(args.temperature), "--max-model-len", str(args.max_model_len)]
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=args.timeout)
-    result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
-    if proc.returncode != 0 or result is None:
-        sys.stderr.write(proc.stderr[-6000:])
-        raise SystemExit(f"{mode} child failed (exit {proc.returncode}); its stderr is above")
-    return json.loads(result.removeprefix("RESULT "))
+def run_mode(args, mode: str) -> dict:
+    return run_child("bench.engine_replay", mode, [
+        "--child-mode", mode, "--model", args.model, "--prompts", str(args.prompts), "--group", str(args.group),
+        "--new-tokens", str(args.new_tokens), "--temperature", str(args.temperature),
+        "--max-model-len", str(args.max_model_len)], args.timeout)
 
 
 def main() -> None:
@@ -142,7 +134,7 @@ def main() -> None:
     results = {"model": args.model, "prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens,
                "temperature": args.temperature, "modes": {}}
     for mode in args.modes:
-        results["modes"][mode] = run_child(args, mode)
+        results["modes"][mode] = run_mode(args, mode)
         if args.json:  # after every mode: a long run that is stopped keeps what it measured
             args.json.write_text(json.dumps(results, indent=2))
     plain = results["modes"].get("plain", {}).get("max", float("nan"))

@@ -153,17 +153,22 @@ def hf_times(args, mode: str, compiled: bool) -> list[float]:
     return times
 
 
-def run_vllm_child(args, mode: str, prompts: int) -> dict:
-    argv = [sys.executable, "-m", "bench.engine_rollouts", "--child-mode", mode, "--model", args.model,
-            "--prompts", str(prompts), "--group", str(args.group), "--new-tokens", str(args.new_tokens),
-            "--repeats", str(args.repeats), "--temperature", str(args.temperature),
-            "--max-model-len", str(args.max_model_len)]
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=args.timeout)
+def run_child(module: str, what: str, argv: list[str], timeout: int) -> dict:
+    """``python -m module argv`` (a bench's child), its RESULT line parsed; its stderr shown if it fails."""
+    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout)
     result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
     if proc.returncode != 0 or result is None:
         sys.stderr.write(proc.stderr[-6000:])
-        raise SystemExit(f"vLLM {mode} child failed (exit {proc.returncode}); its stderr is above")
+        raise SystemExit(f"{what} child failed (exit {proc.returncode}); its stderr is above")
     return json.loads(result.removeprefix("RESULT "))
+
+
+def run_vllm_child(args, mode: str, prompts: int) -> dict:
+    return run_child("bench.engine_rollouts", f"vLLM {mode}", [
+        "--child-mode", mode, "--model", args.model, "--prompts", str(prompts), "--group", str(args.group),
+        "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--temperature", str(args.temperature),
+        "--max-model-len", str(args.max_model_len)], args.timeout)
 
 
 def main() -> None:
