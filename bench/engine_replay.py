@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 
 from bench.engine_rollouts import QUESTIONS, load, prompt_ids, run_child, save_folder
+from testing.variants import variant_grid
 
-MODES = ["plain", "embedding", "embedding+top64", "embedding+top64+gumbel", "embedding+gaussian", "projection",
-         "projection+gaussian", "embedding_plus_projection", "embedding_plus_projection+top64+gumbel"]
+MODES = ["plain", *variant_grid(64)]  # every source x top-k x noise
 
 
 def child(args) -> None:

@@ -22,3 +22,15 @@ def latent_variant(name: str) -> dict:
         else:
             raise ValueError(f"variant {name!r}: unknown option {option!r} (topK, gaussian, gumbel)")
     return fields
+
+
+def variant_grid(topk: int = 64) -> list[str]:
+    """Every source x (whole vocabulary, top-k) x noise the config accepts: top-k and Gumbel noise
+    only where the embedding-method latent is used."""
+    grid = []
+    for source in SOURCES:
+        embedding = source != "projection"
+        for top in ([None, topk] if embedding else [None]):
+            for noise in ["none", "gaussian", *(["gumbel"] if embedding else [])]:
+                grid.append("+".join([source, *([f"top{top}"] if top else []), *([noise] if noise != "none" else [])]))
+    return grid

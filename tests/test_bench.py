@@ -267,3 +267,26 @@ def test_engine_replay_bench(tmp_path):
     modes = json.loads((tmp_path / "r.json").read_text())["modes"]
     assert modes["projection+gaussian"]["thinking_positions"] > 0, out
     assert max(m["max"] for m in modes.values()) < 1e-4, out  # float32: rounding only
+
+
+def test_variant_grid_is_every_combination_the_config_accepts():
+    """engine_replay's grid: each variant validates, and every source x top-k x noise that the thinking
+    config accepts is in it (so a new option cannot silently drop out of the replay bench)."""
+    import itertools
+
+    from transformers.hybrid_thinking.config import ThinkingConfig
+
+    from testing.variants import NOISE_SCALES, SOURCES, latent_variant, variant_grid
+
+    def accepted(fields) -> bool:
+        try:
+            ThinkingConfig(**fields)
+        except ValueError:
+            return False
+        return True
+
+    grid = variant_grid(64)
+    assert len(set(grid)) == len(grid) and all(accepted(latent_variant(v)) for v in grid)
+    for source, top, noise in itertools.product(SOURCES, [None, 64], ["none", *NOISE_SCALES]):
+        name = "+".join([source, *([f"top{top}"] if top else []), *([noise] if noise != "none" else [])])
+        assert (name in grid) == accepted(latent_variant(name)), name
