@@ -196,6 +196,7 @@ def main() -> None:
                "repeats": args.repeats, "cpus": os.cpu_count(), "runs": {}}
     for prompts in args.prompts:
         run = {}
+        results["runs"][str(prompts)] = run
         for mode in args.modes:
             run[f"vllm {mode}"] = run_vllm_child(args, mode, prompts)
             if args.hf:
@@ -203,7 +204,8 @@ def main() -> None:
                 run[f"hf {mode}"] = {"times": hf_times(hf_args, mode, compiled=False)}
                 if args.compile:
                     run[f"hf-compiled {mode}"] = {"times": hf_times(hf_args, mode, compiled=True)}
-        results["runs"][str(prompts)] = run
+            if args.json:  # after every mode: a long run that is stopped keeps what it measured
+                args.json.write_text(json.dumps(results, indent=2))
         print_table(run, prompts, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
