@@ -24,6 +24,15 @@ def test_the_held_out_split_shares_no_question_with_training(splits):
     assert generated_rows("gsm_symbolic", "test", train_size=300) == splits["test"]
 
 
+def test_held_out_problems_are_not_the_training_problems_shifted_by_one():
+    """Generators seed problem i with seed + i: held-out seeds must not fall inside training's range,
+    or the held-out split is the training split shifted by one (chain_sum lost all 200 of its rows)."""
+    for name in ("chain_sum", "basic_arithmetic", "leg_counting", "gsm_symbolic"):  # many distinct problems
+        assert len(generated_rows(name, "test")) >= 190, name
+    with pytest.raises(DataError, match="SIZE a number of training problems from 1 to 1,000,000"):
+        parse_source("chain_sum:1000001")
+
+
 def test_grading_reads_the_answer_after_the_marker_with_the_generators_scorer(splits):
     row = splits["test"][0]
     entry = generator_entry(row)
@@ -50,7 +59,42 @@ def test_a_generator_that_does_not_exist_is_named_with_the_choices():
         parse_source("gsm_symbolik")
     with pytest.raises(DataError, match="NAME:SIZE"):
         parse_source("gsm_symbolic:0")
-    assert parse_source("chain_sum:50") == ("chain_sum", 50)
+    assert parse_source("chain_sum:50") == ("chain_sum", 50, "{}")
+
+
+def test_the_generators_configuration_reaches_its_problems_and_its_scorer():
+    source = 'chain_sum:20, min_terms=2,max_terms=2 ,max_digits=1,allow_negation=false'
+    name, size, options = parse_source(source)
+    assert (name, size, json.loads(options)) == ("chain_sum", 20, {"min_terms": 2, "max_terms": 2, "max_digits": 1,
+                                                                   "allow_negation": False})
+    rows = TASK.load(source, "test").to_list()
+    for row in rows:
+        terms = row["question"].split(":")[1].rstrip(" =").split()[::2]
+        assert len(terms) == 2 and all(len(term) == 1 for term in terms), row["question"]
+    # the row finds its problem again, configuration included, so the scorer grades the right answer
+    assert all(TASK.grade(f"#### {generator_entry(row)['answer']}", row)["correct"] for row in rows)
+    assert not TASK.grade("#### 100", rows[0])["correct"]  # two one-digit terms never sum to 100
+    # 2,000 training problems exhaust the 200 distinct ones: nothing is left to hold out, and it is said
+    with pytest.raises(DataError, match="every test problem is also one of the 2000 training problems; this "
+                                        "configuration has too few distinct problems"):
+        TASK.load("chain_sum,min_terms=2,max_terms=2,max_digits=1", "test")
+
+
+def test_a_configuration_value_may_be_a_json_list_with_commas():
+    source = 'calendar_arithmetic:10,tasks=["is_leap_year", "weekday_of_date"],year=2024'
+    assert json.loads(parse_source(source)[2]) == {"tasks": ["is_leap_year", "weekday_of_date"], "year": 2024}
+    questions = [row["question"] for row in TASK.load(source, "train").to_list()]
+    assert questions and all("leap year" in q or "weekday" in q or "day of the week" in q for q in questions), questions
+
+
+def test_a_bad_configuration_is_refused_before_training_naming_the_field():
+    with pytest.raises(DataError, match="'max_digit' is not a configuration field of chain_sum; expected KEY=VALUE "
+                                        "with KEY one of .*max_digits"):
+        parse_source("chain_sum,max_digit=1")
+    with pytest.raises(DataError, match="'seed' is not a configuration field"):
+        parse_source("chain_sum,seed=3")  # the splits' seeds are the task's, never a field
+    with pytest.raises(DataError, match=r"reasoning-gym refused the configuration \{'min_terms': 5, 'max_terms': 2\}"):
+        parse_source("chain_sum,min_terms=5,max_terms=2")
 
 
 def test_other_generators_keep_their_metadata_for_the_scorer():

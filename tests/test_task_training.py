@@ -129,3 +129,33 @@ def test_reasoning_gym_one_step_and_held_out_evaluation_offline(model_dir, tmp_p
     assert "rewards/reasoning_gym_reward/mean" in logged
     result = json.loads(next(out.glob("eval_*.json")).read_text())
     assert result["metrics"]["total"] == 3 and len(result["examples"]) == 3
+
+
+def test_hrpo_eval_scores_a_base_model_and_a_checkpoint_on_a_configured_generator(model_dir, tmp_path):
+    """The comparison a user makes: the untrained model (--base_model) and a trained run, on the same
+    configured generator's held-out problems, graded alike; the configuration reaches the rows."""
+    source = "chain_sum,max_terms=2,max_digits=2"
+    common = ["--task", "reasoning_gym", "--dataset_path", source, "--greedy", "--num_samples", "3",
+              "--max_new_tokens", "4"]
+    assert evaluation_cli.main(["--base_model", str(model_dir), "--output_dir", str(tmp_path / "base"), *common]) == 0
+    base = json.loads((tmp_path / "base" / result_file_name(source, "test")).read_text())
+    assert base["metrics"]["thinking"] is False and base["metrics"]["model"] == str(model_dir)
+    assert base["metrics"]["total"] == 3 and base["metrics"]["system_prompt"] == "hrpo"
+    assert all(len(e["question"].split(":")[1].rstrip(" =").split()) == 3 for e in base["examples"])  # a + b
+
+    out = tmp_path / "run"
+    assert train.main(tiny_argv(model_dir, "chain_sum:16,max_terms=2,max_digits=2", out, "--task",
+                                "reasoning_gym")) == 0
+    assert evaluation_cli.main(["--checkpoint_path", str(out), *common]) == 0
+    trained = json.loads((out / result_file_name(source, "test")).read_text())
+    assert [e["question"] for e in trained["examples"]] == [e["question"] for e in base["examples"]]
+    assert trained["metrics"]["thinking"] is True
+
+
+def test_hrpo_eval_says_what_a_base_model_lacks(model_dir, tmp_path, capsys):
+    assert evaluation_cli.main(["--base_model", str(model_dir), "--greedy"]) == 2
+    assert "give --task and --output_dir (a base model has no run settings" in capsys.readouterr().err
+    assert evaluation_cli.main(["--base_model", str(model_dir), "--task", "arith", "--output_dir", str(tmp_path),
+                                "--thinking", "on"]) == 2
+    assert "a base model has no trained thinking modules" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
