@@ -89,7 +89,9 @@ def kv_cache_bytes(config, sequences: int, tokens: int, dtype: str) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(getattr(torch, dtype)).bits // 8
-    state = 8 * 2 + 4 * config.hidden_size  # the hybrid-thinking state per sequence (hrpo.vllm_plugin.state)
+    from .vllm_plugin.state import state_bytes
+
+    state = state_bytes(config.hidden_size, getattr(config, "thinking_latent_topk", None) or 0)
     return int(1.25 * sequences * (tokens * per_token + state)) + (64 << 20)
 
 

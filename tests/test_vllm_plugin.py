@@ -159,6 +159,8 @@ def test_greedy_parity_with_the_fork(tmp_path, arch, source, seed, options):
     assert counts["near_tie"] <= 1, counts
     assert stats["one_token_prompt_chunks"] > 0, "chunked prefill never made a one-token prompt chunk: retune BUDGET"
     assert stats["mixed"] > 0 and stats["marker_found"] > 0, stats
+    # a top-k latent is formed from the top-k kept from vLLM's own logits, never by a second LM head
+    assert stats["latents_recomputed"] == 0, stats
     # the test can tell mixing from none: unmixed decoding differs somewhere
     assert plain_equal < counts["compared"]
 
@@ -172,8 +174,8 @@ def _take_recording(model):
     return model.take_recording()
 
 
-@pytest.mark.parametrize("noise", [{"thinking_latent_noise": "gaussian", "thinking_latent_noise_scale": 0.33}, GUMBEL],
-                         ids=["gaussian", "gumbel"])
+@pytest.mark.parametrize("noise", [{"thinking_latent_noise": "gaussian", "thinking_latent_noise_scale": 0.33}, GUMBEL,
+                                   {**GUMBEL, "thinking_latent_topk": 5}], ids=["gaussian", "gumbel", "gumbel_top5"])
 def test_sampled_noise_is_keyed_as_the_fork_keys_it(tmp_path, noise):
     """Sampling with latent noise (embedding_plus_projection, which records both the embedding latent and
     the hidden state): at every thinking position the plugin fed the fork's draw for the call's seed and the
@@ -200,8 +202,10 @@ def test_sampled_noise_is_keyed_as_the_fork_keys_it(tmp_path, noise):
         llm.generate([{"prompt_token_ids": p} for p in prompts],
                      SamplingParams(temperature=temperature, max_tokens=20, ignore_eos=True), use_tqdm=False)
         recorded = llm.apply_model(_take_recording)[0]
+        stats = _stats(llm)
     finally:
         _shutdown(llm)
+    assert stats["latents_recomputed"] == 0, stats  # top-5: perturbed from the top-k kept from vLLM's logits
     base = model.model
     checked = 0
     for rollout in recorded:
@@ -437,6 +441,7 @@ def test_smollm2_greedy_parity(smollm2_folder, tmp_path, source, topk):
           f"decoding equal on {plain_equal}/{counts['compared']}, vLLM rows {stats}")
     assert counts["near_tie"] <= max(1, prompts_n // 8), counts
     assert stats["mixed"] > 0, stats
+    assert stats["latents_recomputed"] == 0, stats
     assert plain_equal < counts["compared"], "unmixed decoding gives the same tokens: the test cannot see mixing"
 
 

@@ -7,6 +7,12 @@ for each row that really decodes (``backend``), advances the marker automaton wi
 and, while the marker has not been found, replaces the token's embedding by the gated mix with
 the latent of the previous step. Prompt tokens are never mixed, as in the fork.
 
+With a top-k embedding latent, ``compute_logits`` (what vLLM's runner calls on each request's last
+hidden state to sample) also keeps the top-k of those logits in the request's slot, so the next step
+forms its latent without a second LM head. Only logits computed on exactly the hidden states the
+forward left are kept (checked by value), and a slot's top-k is used once: a row without one has its
+logits computed again from the kept hidden state (``row_stats["latents_recomputed"]``).
+
 Declaring ``IsHybrid`` is what makes vLLM allocate the per-request state (and treat the model's
 KV cache as attention + "mamba"). ``ModelConfig.is_hybrid`` is also false when the config's
 ``layer_types`` are all full attention (Qwen2's): ``engine_args`` renames them, and the model
@@ -29,7 +35,8 @@ from .backend import HybridThinkingStateError, HybridThinkingStateMetadata
 from .engine_args import SCHEDULER
 from .recorder import RolloutRecorder
 from .scheduler import HybridThinkingScheduler
-from .state import MARKER_SLOT, NOISE_KEY_SLOT, STATE_COPY_FUNCS, STATE_DTYPES, HybridThinkingState, state_layer_name, state_shapes
+from .state import (KEPT_READY_SLOT, MARKER_SLOT, NOISE_KEY_SLOT, STATE_COPY_FUNCS, STATE_DTYPES, HybridThinkingState,
+                    state_layer_name, state_shapes)
 from .thinking import CHECKPOINT_PREFIX, HybridThinkingModules
 
 LATENT_TEMPERATURE_KEY = "hrpo_latent_temperature"
@@ -49,6 +56,12 @@ def _answer_marker_automaton(vllm_config: VllmConfig, config):
     return AnswerMarkerAutomaton(tokenizer, marker, config.vocab_size, device="cpu")
 
 
+def _kept_topk(config) -> int:
+    """k of the top-k the state keeps per request: the embedding latent's top-k, else 0."""
+    topk = getattr(config, "thinking_latent_topk", None)
+    return int(topk) if topk and getattr(config, "thinking_latent_source", None) != "projection" else 0
+
+
 class HybridThinkingMixin:
     """The hybrid-thinking part of a vLLM causal LM (placed before the vLLM class in the bases)."""
 
@@ -56,7 +69,8 @@ class HybridThinkingMixin:
 
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
-        return state_shapes(vllm_config.model_config.hf_config.hidden_size)
+        config = vllm_config.model_config.hf_config
+        return state_shapes(config.hidden_size, _kept_topk(config))
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig):
@@ -71,7 +85,11 @@ class HybridThinkingMixin:
         config = vllm_config.model_config.hf_config
         self._check_engine(vllm_config)
         self.hybrid = HybridThinkingModules(config)
-        self.thinking_state = HybridThinkingState(config.hidden_size, state_layer_name(config.num_hidden_layers))
+        self.kept_topk = _kept_topk(config)
+        self.thinking_state = HybridThinkingState(config.hidden_size, state_layer_name(config.num_hidden_layers),
+                                                  self.kept_topk)
+        # (slots, their last hidden states) of this step's rows, for compute_logits to keep their top-k
+        self._pending_kept: tuple[torch.Tensor, torch.Tensor] | None = None
         automaton = _answer_marker_automaton(vllm_config, config)
         self.register_buffer("marker_table", automaton.table, persistent=False)
         self.marker_start, self.marker_final = automaton.start_state, automaton.final
@@ -84,7 +102,7 @@ class HybridThinkingMixin:
         # prompt chunks, of which one-token chunks (after a first chunk, the stock Mamba builder
         # would call them decodes; a one-token prompt counts here too).
         self.row_stats = dict.fromkeys(("decode_rows", "mixed", "marker_found", "prompt_chunks",
-                                        "one_token_prompt_chunks"), 0)
+                                        "one_token_prompt_chunks", "latents_recomputed"), 0)
         # What the trainer's replay needs, while a trainer asks for it (start_recording): off otherwise.
         self.recorder: RolloutRecorder | None = None
 
@@ -160,7 +178,20 @@ class HybridThinkingMixin:
 
     def _latent_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head's logits over the vocabulary, as vLLM's sampler sees them."""
-        return self.compute_logits(hidden)[:, :self.vocab_size].float()
+        return super().compute_logits(hidden)[:, :self.vocab_size].float()
+
+    def compute_logits(self, hidden_states: torch.Tensor):
+        """vLLM's logits; with a top-k latent, their top-k kept in the slots of the rows they belong to."""
+        logits = super().compute_logits(hidden_states)
+        pending, self._pending_kept = self._pending_kept, None
+        if pending is not None and logits is not None:
+            slots, last_hidden = pending
+            if last_hidden.shape == hidden_states.shape and torch.equal(last_hidden, hidden_states):
+                weights, token_ids = self.hybrid.kept_weights(logits[:, :self.vocab_size], self.latent_temperature)
+                self.thinking_state.kept_probs[slots] = weights.float()
+                self.thinking_state.kept_ids[slots] = token_ids
+                self.thinking_state.ints[slots, KEPT_READY_SLOT] = 1
+        return logits
 
     def _embedding_matrix(self) -> torch.Tensor:
         return self.model.embed_tokens.weight[:self.vocab_size]
@@ -173,6 +204,7 @@ class HybridThinkingMixin:
         prompt_slots = metadata.row_slots[metadata.row_prefilling]
         if prompt_slots.numel():
             ints[prompt_slots, MARKER_SLOT] = self.marker_start
+            ints[prompt_slots, KEPT_READY_SLOT] = 0
             query_lens = torch.diff(metadata.row_query_start_loc)[metadata.row_prefilling]
             self.row_stats["prompt_chunks"] += prompt_slots.numel()
             self.row_stats["one_token_prompt_chunks"] += int((query_lens == 1).sum())
@@ -201,12 +233,22 @@ class HybridThinkingMixin:
                 embedding = self._embedding_matrix()
                 keys = ints[slots, NOISE_KEY_SLOT] if self.sample_noise else None
                 inputs = self.hybrid.latent_inputs(self.thinking_state.hidden[slots], self._latent_logits,
-                                                   embedding, self.latent_temperature, keys)
+                                                   embedding, self.latent_temperature, keys, self._kept(slots))
                 embeds = embeds.clone()
                 embeds[tokens] = self.hybrid.mix(embeds[tokens], self.hybrid.latent(inputs, embedding))
         if self.recorder is not None:
             self.recorder.add_step(input_ids, positions, metadata, rows, thinking, inputs)
         return embeds
+
+    def _kept(self, slots: torch.Tensor):
+        """The slots' kept top-k (``compute_logits``), when every one has its own; else None (recomputed)."""
+        if not self.kept_topk:
+            return None
+        ready = self.thinking_state.ints[slots, KEPT_READY_SLOT] == 1
+        if not bool(ready.all()):
+            self.row_stats["latents_recomputed"] += int((~ready).sum())
+            return None
+        return self.thinking_state.kept_probs[slots], self.thinking_state.kept_ids[slots]
 
     def _fold_prompt_keys(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                           metadata: HybridThinkingStateMetadata) -> None:
@@ -232,10 +274,15 @@ class HybridThinkingMixin:
         if rows.numel() == 0:
             return
         last = metadata.row_query_start_loc[rows + 1] - 1
-        self.thinking_state.hidden[metadata.row_slots[rows]] = hidden[last].float()
+        slots = metadata.row_slots[rows]
+        self.thinking_state.hidden[slots] = hidden[last].float()
+        if self.kept_topk:  # this step's top-k, once compute_logits has it
+            self.thinking_state.ints[slots, KEPT_READY_SLOT] = 0
+            self._pending_kept = (slots, hidden[last])
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: torch.Tensor | None = None, **kwargs):
+        self._pending_kept = None
         metadata = self._state_metadata()
         if metadata is None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)

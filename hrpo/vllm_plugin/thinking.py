@@ -31,7 +31,7 @@ from torch import nn
 
 # The constants and the sources have their one home in the fork.
 from transformers.hybrid_thinking.config import LATENT_SOURCES
-from transformers.hybrid_thinking.exploration import gaussian_draws, latent_weights
+from transformers.hybrid_thinking.exploration import gaussian_draws, latent_weights, perturbed_weights
 from transformers.hybrid_thinking.modeling import (PROJECTION_NORM_EPS, HybridThinkingMixin, ThinkingGate,
                                                    ThinkingProjection, ThinkingResidualLambda)
 
@@ -93,15 +93,19 @@ class HybridThinkingModules(nn.Module):
             loaded.add(MODULE_PREFIX + local)
         return loaded
 
-    def embedding_latent(self, logits: torch.Tensor, embedding: torch.Tensor, temperature: float,
-                         keys: torch.Tensor | None = None) -> torch.Tensor:
-        """sum_v w_v E_v / ||w||_2 in the embedding dtype, w = softmax(logits / T) or its top k, Gumbel-perturbed
-        by ``keys`` (sampling) or sharpened (without keys) under Gumbel noise (the fork's
-        ``embedding_method_latent``, with the fork's ``latent_weights``). ``logits`` (rows, V) float32."""
+    def kept_weights(self, logits: torch.Tensor, temperature: float):
+        """(weights, token_ids or None) of w = softmax(logits / T), or its top k, before any Gumbel noise
+        (the fork's ``latent_weights``). ``logits`` (rows, V)."""
         scores = logits.float() if temperature == 1.0 else logits.float() / temperature
+        weights, token_ids, _ = latent_weights(torch.softmax(scores, dim=-1), self.topk)
+        return weights, token_ids
+
+    def embedding_latent(self, kept, embedding: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_v w_v E_v / ||w||_2 in the embedding dtype from ``kept_weights`` w, Gumbel-perturbed by ``keys``
+        (sampling) or sharpened (without keys) under Gumbel noise (the fork's ``embedding_method_latent``)."""
+        weights, token_ids = kept
         gumbel = self.noise_scale if self.noise == "gumbel" else None
-        weights, token_ids, _ = latent_weights(torch.softmax(scores, dim=-1), self.topk, gumbel,
-                                               keys if gumbel is not None else None)
+        weights = perturbed_weights(weights, token_ids, gumbel, keys if gumbel is not None else None)
         if token_ids is None:
             latent = weights.to(embedding.dtype) @ embedding
         else:
@@ -116,14 +120,16 @@ class HybridThinkingModules(nn.Module):
         return self.noise_scale * typical / embedding.shape[-1] ** 0.5
 
     def latent_inputs(self, hidden: torch.Tensor, logits_fn, embedding: torch.Tensor, temperature: float,
-                      keys: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+                      keys: torch.Tensor | None = None, kept=None) -> dict[str, torch.Tensor | None]:
         """What the configured source reads, as the fork's replay takes it: ``thinking_latents`` (the
         embedding-method latent, embedding sources), ``thinking_hidden`` (the previous step's final hidden
         states ``hidden`` (rows, d), projection sources) and ``thinking_noise`` (Gaussian noise drawn from
-        the rows' noise ``keys``, given only while sampling); None where unused. ``logits_fn(hidden)``
-        gives the LM head's logits over the vocabulary (only called when needed)."""
-        latents = (None if self.source == "projection" else
-                   self.embedding_latent(logits_fn(hidden), embedding, temperature, keys))
+        the rows' noise ``keys``, given only while sampling); None where unused. The embedding latent reads
+        ``kept`` (the rows' ``kept_weights`` of the previous step), else ``logits_fn(hidden)``, the LM head's
+        logits over the vocabulary."""
+        if self.source != "projection" and kept is None:
+            kept = self.kept_weights(logits_fn(hidden), temperature)
+        latents = None if self.source == "projection" else self.embedding_latent(kept, embedding, keys)
         noise = None
         if self.noise == "gaussian" and keys is not None:
             noise = gaussian_draws(keys, hidden.shape[-1]) * self.noise_std(embedding)

@@ -138,10 +138,18 @@ def latent_weights(probs: torch.Tensor, topk: int | None, gumbel_temperature: fl
     else:
         weights, token_ids = probs, None
         left_out = torch.zeros(probs.shape[0], dtype=torch.float32, device=probs.device)
-    if gumbel_temperature is not None:
-        logits = torch.log(weights.float())
-        if keys is not None:
-            ids = token_ids if token_ids is not None else torch.arange(probs.shape[-1], device=probs.device)[None, :]
-            logits = logits + gumbel_draws(keys, ids)
-        weights = torch.softmax(logits / gumbel_temperature, dim=-1).to(weights.dtype)
-    return weights, token_ids, left_out
+    return perturbed_weights(weights, token_ids, gumbel_temperature, keys), token_ids, left_out
+
+
+def perturbed_weights(weights: torch.Tensor, token_ids: torch.Tensor | None, gumbel_temperature: float | None,
+                      keys: torch.Tensor | None = None) -> torch.Tensor:
+    """The kept probabilities ``weights`` (b, k) of ``token_ids`` (None: the whole vocabulary, k = V)
+    under Gumbel noise (``latent_weights``): unchanged without a Gumbel temperature. Apart from the
+    top-k choice, so that an engine that kept a step's top-k can perturb it at the next step."""
+    if gumbel_temperature is None:
+        return weights
+    logits = torch.log(weights.float())
+    if keys is not None:
+        ids = token_ids if token_ids is not None else torch.arange(weights.shape[-1], device=weights.device)[None, :]
+        logits = logits + gumbel_draws(keys, ids)
+    return torch.softmax(logits / gumbel_temperature, dim=-1).to(weights.dtype)
