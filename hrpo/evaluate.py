@@ -27,6 +27,9 @@ from pathlib import Path
 
 from hrpo.tasks import TASK_NAMES
 
+# Problems decoded at once, here and by lm-eval's hrpo model (batch composition moves floats).
+EVAL_BATCH_SIZE = 16
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_on_train_data", action="store_true",
                    help="without --dataset_path, let a run's single local training file be evaluated (it then scores "
                         "training rows, recorded as split train)")
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=EVAL_BATCH_SIZE)
     p.add_argument("--greedy", action="store_true", help="HRPO's inference mode: argmax tokens")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature, and the latent's temperature when --greedy (default: the run's)")

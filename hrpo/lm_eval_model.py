@@ -12,7 +12,7 @@ by the task's own reward, which on the same rows equals ``hrpo-eval``'s (tests/t
 The model answers ``generate_until`` only: each request's context is the question, put into the
 run's prompt (system prompt, chat template) as in training; decoding follows the run's settings
 (thinking on or off, temperature, completion length), greedy unless ``greedy=false``, in batches of
-``batch_size`` in the order lm-eval hands the requests. lm-eval's own generation arguments
+``batch_size`` (``hrpo-eval``'s, 16, unless given) in the order lm-eval hands the requests. lm-eval's own generation arguments
 (``until``, ``max_gen_toks``) are not used: the answer marker ends thinking and the run's length
 ends the completion, as in training. Log-likelihood requests are refused.
 """
@@ -26,6 +26,8 @@ from pathlib import Path
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from hrpo.evaluate import EVAL_BATCH_SIZE
+
 HELD_OUT_TASK = "hrpo_held_out"
 
 
@@ -35,7 +37,7 @@ def _flag(value) -> bool:
 
 @register_model("hrpo")
 class HRPOLM(LM):
-    def __init__(self, checkpoint_path: str, greedy=True, batch_size=16, task: str | None = None,
+    def __init__(self, checkpoint_path: str, greedy=True, batch_size=EVAL_BATCH_SIZE, task: str | None = None,
                  system_prompt: str | None = None, temperature: float | None = None, thinking: str | None = None,
                  max_new_tokens: int | None = None, **_ignored):
         super().__init__()
@@ -50,7 +52,7 @@ class HRPOLM(LM):
             thinking=thinking, max_new_tokens=None if max_new_tokens is None else int(max_new_tokens)), run)
         self.task = get_task(task or run.get("task", "gsm8k"))
         self.greedy = _flag(greedy)
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # lm-eval's "auto": ours
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else EVAL_BATCH_SIZE  # lm-eval's "auto"
         self.model, self.tokenizer = load_for_evaluation(checkpoint_path)
 
     @classmethod
@@ -129,6 +131,8 @@ def main(argv=None) -> int:
         rest = ["run", *rest]
     if rest[0] == "run" and "--model" not in rest:
         rest = ["run", "--model", "hrpo", *rest[1:]]
+    if rest[0] == "run" and not any(arg.split("=")[0] in ("--batch_size", "-b") for arg in rest):
+        rest += ["--batch_size", str(EVAL_BATCH_SIZE)]  # hrpo-eval's, not lm-eval's 1
     with tempfile.TemporaryDirectory() as tmp:
         if ours.held_out is not None:
             if not ours.held_out.is_file():

@@ -64,3 +64,23 @@ def test_the_command_line_registers_the_model_and_writes_the_task(checkpoint, tm
                  "--task", "arith", "--limit", "1", "--output_path", str(tmp_path / "lm-eval-out")]) == 0
     assert "hrpo_held_out" in capsys.readouterr().out
     assert main(["--model_args", f"checkpoint_path={folder}", "--held_out", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_the_command_line_decodes_in_hrpo_evals_batches_unless_told(monkeypatch):
+    """lm-eval's own default batch is 1; the hrpo model decodes in hrpo-eval's batches, as the
+    recorded comparison did (bench/results/lm_eval), unless --batch_size is given."""
+    import sys
+
+    import lm_eval.__main__
+
+    from hrpo.evaluate import EVAL_BATCH_SIZE
+    from hrpo.lm_eval_model import main
+
+    seen = []
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(list(sys.argv)))
+    assert main(["--model_args", "checkpoint_path=x", "--tasks", "t"]) == 0
+    assert main(["--model_args", "checkpoint_path=x", "--tasks", "t", "--batch_size", "4"]) == 0
+    assert main(["ls", "tasks"]) == 0
+    assert seen[0][-2:] == ["--batch_size", str(EVAL_BATCH_SIZE)] and seen[0][1:4] == ["run", "--model", "hrpo"]
+    assert seen[1].count("--batch_size") == 1 and seen[1][-1] == "4"
+    assert "--batch_size" not in seen[2]
