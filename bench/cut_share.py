@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.learning import machine, prepare_model
+from bench.learning import load_base_model, machine
 
 LIMITS = (64, 96, 128, 160, 192, 256, 384, 512)
 
@@ -60,20 +60,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import tempfile
-
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hrpo.data import left_padded
     from hrpo.tasks import get_task
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    path = prepare_model(args.model, Path(tempfile.mkdtemp(prefix="cut-share-")))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = left_padded(AutoTokenizer.from_pretrained(path), model.generation_config.eos_token_id)
+    model, tokenizer = load_base_model(args.model, args.threads, "cut-share-")
     task = get_task(args.task)
     rows = task.with_prompts(task.load(args.dataset_path, "train")).select(range(args.prompts))
     prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in rows["prompt"]]

@@ -101,6 +101,23 @@ def prepare_model(name: str, workdir: Path) -> str:
     return name
 
 
+def load_base_model(name: str, threads: int | None, prefix: str):
+    """(model, tokenizer) of ``prepare_model(name)`` in float32 for batched generation, on ``threads``
+    threads when given."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hrpo.data import left_padded
+
+    if threads:
+        torch.set_num_threads(threads)
+    path = prepare_model(name, Path(tempfile.mkdtemp(prefix=prefix)))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, left_padded(AutoTokenizer.from_pretrained(path), model.generation_config.eos_token_id)
+
+
 def run_folder(out: Path, arm: str, seed: int) -> Path:
     return out / "runs" / f"{arm}-seed{seed}"
 

@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
-from bench.learning import machine, prepare_model
+from bench.learning import load_base_model, machine
 
 
 def start_accuracy(model, tokenizer, task, source: str, system_prompt: str, samples: int, max_new_tokens: int) -> dict:
@@ -53,20 +52,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hrpo.data import left_padded
     from hrpo.tasks import get_task
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     task = get_task(args.task)
     for source in args.sources:  # bad sources fail here, before the model loads
         task.load(source, "test")
-    path = prepare_model(args.model, Path(tempfile.mkdtemp(prefix="start-accuracy-")))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = left_padded(AutoTokenizer.from_pretrained(path), model.generation_config.eos_token_id)
+    model, tokenizer = load_base_model(args.model, args.threads, "start-accuracy-")
     start, results = time.time(), []
     print(f"{'source':58s} {'prompt':7s} {'rows':>5s} {'accuracy':>8s} {'answered':>8s}")
     for source in args.sources:
