@@ -57,9 +57,12 @@ def _answer_marker_automaton(vllm_config: VllmConfig, config):
 
 
 def _kept_topk(config) -> int:
-    """k of the top-k the state keeps per request: the embedding latent's top-k, else 0."""
+    """k of the top-k the state keeps per request: the embedding latent's top-k, else 0 (also when k is
+    not below the vocabulary: the fork's ``latent_weights`` then reads the whole distribution)."""
     topk = getattr(config, "thinking_latent_topk", None)
-    return int(topk) if topk and getattr(config, "thinking_latent_source", None) != "projection" else 0
+    if not topk or topk >= config.vocab_size or getattr(config, "thinking_latent_source", None) == "projection":
+        return 0
+    return int(topk)
 
 
 class HybridThinkingMixin:
