@@ -86,14 +86,14 @@ def resolved(args) -> argparse.Namespace:
 def base_model_settings(args) -> dict:
     """What a run's saved settings would say, for a model without one: training's defaults, no thinking."""
     from hrpo.config import TaskArguments
-    from hrpo.data import DataError
+    from hrpo.errors import UsageError
 
     missing = [flag for flag, value in (("--task", args.task), ("--output_dir", args.output_dir)) if value is None]
     if missing:
-        raise DataError(f"--base_model {args.base_model}: give {' and '.join(missing)} (a base model has no run "
+        raise UsageError(f"--base_model {args.base_model}: give {' and '.join(missing)} (a base model has no run "
                         f"settings to take them from)")
     if args.thinking == "on":
-        raise DataError(f"--base_model {args.base_model} --thinking on: a base model has no trained thinking "
+        raise UsageError(f"--base_model {args.base_model} --thinking on: a base model has no trained thinking "
                         f"modules; score it with --thinking off, or a training run's step 0 (--eval_on_start)")
     return {"system_prompt": TaskArguments.system_prompt, "hybrid_thinking": "off"}
 
@@ -164,11 +164,12 @@ def evaluate(args) -> dict:
 def main(argv=None) -> int:
     from hrpo.checkpoint import CheckpointError
     from hrpo.data import DataError
+    from hrpo.errors import UsageError
 
     args = build_parser().parse_args(argv)
     try:
         evaluate(args)
-    except (CheckpointError, DataError) as err:
+    except (CheckpointError, DataError, UsageError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         return 2
     return 0
