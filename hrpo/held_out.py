@@ -5,7 +5,9 @@ checkpoint's generation_config (Qwen2.5 ships repetition_penalty 1.1, top_k 20, 
 0.8): temperature T, every other logits processor off (``hrpo.sampling``), and the same stop
 ids as TRL's trainer (the tokenizer's eos plus every eos id of the model). Greedy means
 HRPO's inference mode: argmax tokens, while the embedding-method latent is still formed
-from the temperature-T distribution that training used.
+from the temperature-T distribution that training used. A run with ``--use_vllm`` decodes its
+held-out rows with its vLLM engine (the same greedy tokens; ``HeldOutEvaluation._held_out_engine``
+says when it cannot), every row in one call, so that no row waits for the longest of a batch.
 """
 from __future__ import annotations
 
@@ -89,12 +91,23 @@ def decoding_config(model, tokenizer, *, temperature: float, greedy: bool, max_n
         disable_compile=True)
 
 
+def prompt_texts(tokenizer, task: Task, questions: list[str], system_prompt: str) -> list[str]:
+    """Each question's prompt as the model reads it (the chat template, the generation prompt added)."""
+    return [tokenizer.apply_chat_template(task.to_prompt(question, system_prompt), tokenize=False,
+                                          add_generation_prompt=True) for question in questions]
+
+
 @torch.no_grad()
 def complete_rows(model, tokenizer, task: Task, questions: list[str], *, system_prompt: str, thinking: bool,
-                  greedy: bool, temperature: float, max_new_tokens: int, batch_size: int = 32, done=None) -> list[str]:
+                  greedy: bool, temperature: float, max_new_tokens: int, batch_size: int = 32, done=None,
+                  engine=None) -> list[str]:
     """The completion of each question, decoded as trained (the module docstring), ``batch_size`` at a
     time in order; ``done(completions of a batch)`` after each batch. What every evaluation decodes
-    with: ``evaluate_rows``, and lm-evaluation-harness's ``hrpo`` model (``hrpo.lm_eval_model``)."""
+    with: ``evaluate_rows``, and lm-evaluation-harness's ``hrpo`` model (``hrpo.lm_eval_model``).
+    ``engine``: greedy decoding by a run's vLLM engine instead (``HeldOutEvaluation``)."""
+    if engine is not None:
+        return engine_complete_rows(engine, model, tokenizer, task, questions, system_prompt=system_prompt,
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size, done=done)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -102,9 +115,7 @@ def complete_rows(model, tokenizer, task: Task, questions: list[str], *, system_
     completions = []
     try:
         for first in range(0, len(questions), batch_size):
-            batch = questions[first:first + batch_size]
-            texts = [tokenizer.apply_chat_template(task.to_prompt(question, system_prompt), tokenize=False,
-                                                   add_generation_prompt=True) for question in batch]
+            texts = prompt_texts(tokenizer, task, questions[first:first + batch_size], system_prompt)
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             hybrid = {"processing_class": tokenizer, "is_inference": greedy} if thinking else {}
             if greedy and not thinking:
@@ -120,9 +131,23 @@ def complete_rows(model, tokenizer, task: Task, questions: list[str], *, system_
     return completions
 
 
+def engine_complete_rows(engine, model, tokenizer, task: Task, questions: list[str], *, system_prompt: str,
+                         max_new_tokens: int, batch_size: int, done=None) -> list[str]:
+    """``complete_rows``, greedy, by a vLLM engine (``hrpo.vllm_rollouts.EngineRollouts``): every prompt in one
+    call (the engine batches them continuously, no row waits for another's end), the same stop ids and the
+    same decoding of the tokens to text; ``done`` per ``batch_size`` completions."""
+    prompts = tokenizer(prompt_texts(tokenizer, task, questions, system_prompt), add_special_tokens=False)["input_ids"]
+    tokens = engine.greedy_completions(prompts, max_new_tokens, trainer_stop_ids(model, tokenizer))
+    completions = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    if done is not None:
+        for first in range(0, len(completions), batch_size):
+            done(completions[first:first + batch_size])
+    return completions
+
+
 def evaluate_rows(model, tokenizer, task: Task, rows: list[dict], *, system_prompt: str, thinking: bool,
                   greedy: bool, temperature: float, max_new_tokens: int, batch_size: int = 32,
-                  progress=None) -> dict:
+                  progress=None, engine=None) -> dict:
     """Accuracy over ``rows`` and every example ({question, completion, predicted, reference, correct})."""
     examples, start = [], time.time()
 
@@ -137,11 +162,12 @@ def evaluate_rows(model, tokenizer, task: Task, rows: list[dict], *, system_prom
 
     complete_rows(model, tokenizer, task, [row["question"] for row in rows], system_prompt=system_prompt,
                   thinking=thinking, greedy=greedy, temperature=temperature, max_new_tokens=max_new_tokens,
-                  batch_size=batch_size, done=graded)
+                  batch_size=batch_size, done=graded, engine=engine)
     correct = sum(e["correct"] for e in examples)
     metrics = {"accuracy": correct / max(len(examples), 1), "correct": correct, "total": len(examples),
                "thinking": thinking, "greedy": greedy, "temperature": temperature, "max_new_tokens": max_new_tokens,
-               "system_prompt": system_prompt, "seconds": round(time.time() - start, 1)}
+               "system_prompt": system_prompt, "decoder": "fork generate" if engine is None else "vllm",
+               "seconds": round(time.time() - start, 1)}
     return {"metrics": metrics, "examples": examples}
 
 
@@ -167,7 +193,7 @@ class HeldOutEvaluation:
         result = evaluate_rows(model, self.processing_class, spec.task, spec.rows, system_prompt=spec.system_prompt,
                                thinking=spec.thinking, greedy=True, temperature=self.args.temperature,
                                max_new_tokens=self.args.max_completion_length,
-                               batch_size=self.args.per_device_train_batch_size * 4)
+                               batch_size=self.args.per_device_train_batch_size * 4, engine=self._held_out_engine())
         step = self.state.global_step
         result["metrics"].update(step=step, **spec.source)
         m = result["metrics"]
@@ -191,6 +217,28 @@ class HeldOutEvaluation:
             self.model.train(was_training)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+    def _held_out_engine(self):
+        """With ``--use_vllm``, the run's engine, its weights synced to the policy's, where it decodes the held-out
+        rows as the fork's greedy generate does (hybrid thinking through the plugin, whose greedy tokens are the
+        fork's: tests/test_vllm_plugin.py); else None, and the fork's generate decodes them (the reason said once)."""
+        engine = getattr(self, "vllm_generation", None)
+        if not getattr(self, "use_vllm", False) or not hasattr(engine, "greedy_completions"):
+            return None
+        spec, tokenizer = self.held_out, self.processing_class
+        texts = prompt_texts(tokenizer, spec.task, [row["question"] for row in spec.rows], spec.system_prompt)
+        longest = max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+        why = engine.why_not_greedy(longest, self.args.max_completion_length)
+        if why is not None:
+            if not getattr(self, "_said_why_not_engine", False) and self.args.should_save:
+                print(f"[hrpo] held-out evaluation decodes with the fork's generate, not vLLM: {why}", flush=True)
+            self._said_why_not_engine = True
+            return None
+        if self.state.global_step != self._last_loaded_step:  # TRL's rule: sync once per optimizer step
+            engine.sync_weights()
+            self._last_loaded_step = self.state.global_step
+        return engine
 
 
 class HeldOut:

@@ -195,6 +195,31 @@ class EngineRollouts(VLLMGeneration):
             if tied and name == f"{embedding}.weight":
                 yield "lm_head.weight", param
 
+    def why_not_greedy(self, longest_prompt: int, max_tokens: int) -> str | None:
+        """Why this engine would not decode held-out rows as the fork's greedy generate does (None: it would)."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if self.hybrid and (getattr(base.config, "thinking_latent_noise", None) or "none") != "none":
+            return ("the plugin draws the latent's exploration noise on every request of an engine that samples "
+                    "it, and greedy decoding leaves it out")
+        if self.tensor_parallel_size > 1:
+            return "the engine spans several processes (--vllm_tensor_parallel_size > 1)"
+        if self.enable_sleep_mode:
+            return "the engine sleeps between generations (--vllm_enable_sleep_mode)"
+        if longest_prompt + max_tokens > self.max_model_length:
+            return (f"a prompt of {longest_prompt} tokens and {max_tokens} new ones exceed the engine's context of "
+                    f"{self.max_model_length} tokens")
+        return None
+
+    def greedy_completions(self, prompt_ids: list[list[int]], max_tokens: int,
+                           stop_token_ids: list[int]) -> list[list[int]]:
+        """Each prompt's greedy completion (token ids up to and including a stop id), hybrid thinking as the
+        engine samples it: held-out evaluation (``hrpo.held_out``). The caller syncs the weights first."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_token_ids=stop_token_ids)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        return [list(output.outputs[0].token_ids) for output in outputs]
+
     def generate(self, prompts, images, num_generations, profiler=None):
         if not self.hybrid:
             return super().generate(prompts, images, num_generations, profiler)

@@ -236,6 +236,58 @@ def test_the_training_script_with_vllm_exits_cleanly(vllm_workspace, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
+def test_held_out_evaluation_decodes_with_the_engine_as_the_fork_does(vllm_workspace, tmp_path):
+    """With --use_vllm the held-out rows are decoded greedily by the run's engine, its weights synced to the
+    policy's first: the completions are the fork's greedy ones, before and after the policy moves (so a stale
+    engine fails), and the result says which decoder ran."""
+    import json
+
+    from hrpo.held_out import HeldOut, evaluate_rows
+    from hrpo.tasks import get_task
+    from hrpo.tasks.arith import make_problems
+
+    task = get_task("arith")
+    rows = make_problems(6, seed=5, difficulty=3)
+    out = tmp_path / "out"
+    trainer = _trainer(vllm_workspace, out, "--thinking_latent_source", "embedding", "--thinking_latent_topk", "5")
+    try:
+        trainer.held_out = HeldOut(rows, {"dataset_path": "generated", "split": "test"}, task, "hrpo", True)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+
+        def fork_completions():
+            result = evaluate_rows(model, trainer.processing_class, task, rows, system_prompt="hrpo", thinking=True,
+                                   greedy=True, temperature=trainer.args.temperature,
+                                   max_new_tokens=trainer.args.max_completion_length)
+            assert result["metrics"]["decoder"] == "fork generate"
+            return [example["completion"] for example in result["examples"]]
+
+        def engine_completions(name):
+            trainer.evaluate(file_name=name)
+            result = json.loads((out / name).read_text())
+            assert result["metrics"]["decoder"] == "vllm"
+            return [example["completion"] for example in result["examples"]]
+
+        before = fork_completions()
+        assert engine_completions("start.json") == before
+        with torch.no_grad():  # the policy moves (as after an optimizer step): the engine must follow it
+            generator = torch.Generator().manual_seed(0)
+            for name, param in model.named_parameters():
+                if "lora_B" in name or "thinking_residual_gate" in name:
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+        trainer.state.global_step += 1
+        after = fork_completions()
+        assert after != before, "the perturbation did not change the greedy completions: the test cannot fail"
+        assert engine_completions("moved.json") == after
+        assert trainer._last_loaded_step == trainer.state.global_step
+        print(f"\nheld-out through vLLM: {len(rows)} rows equal to the fork's, before and after the policy moved")
+        # what the engine cannot decode as the fork's greedy generate does goes to the fork's generate
+        engine = trainer.vllm_generation
+        assert "context" in engine.why_not_greedy(engine.max_model_length, 1)
+        assert engine.why_not_greedy(1, 1) is None
+    finally:
+        _shutdown(trainer)
+
+
 def test_plain_grpo_samples_with_the_same_engine(vllm_workspace, tmp_path):
     trainer = _trainer(vllm_workspace, tmp_path / "out", "--hybrid_thinking", "off")
     try:
