@@ -7,6 +7,8 @@ the given answers were, at step 0 and at the end.
 
     python -m bench.stats bench/results/learning                    # reads OUT/records/*.json
     python -m bench.stats OUT --json OUT/statistics.json --baseline grpo
+    python -m bench.stats bench/results/demo_seeds_lr2e-4 --against bench/results/demo_seeds --baseline projection
+                                          # the same arm under two recipes, paired on the seeds both ran
 
 Every record is one run (one arm, one seed) with, at step 0 ("problems_start") and at the end
 ("problems_end"), 1/0 per held-out problem: "correct" and "answered". A problem's gain is its
@@ -316,6 +318,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="a bench.learning output folder (with records/)")
     parser.add_argument("--baseline", default="grpo", help="the arm the others are compared with")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another bench.learning folder: its arms join as ARM@FOLDER, and the baseline is "
+                             "--baseline's arm there (one arm under two settings, paired by seed and problem)")
     parser.add_argument("--json", type=Path, help="also write the statistics here")
     parser.add_argument("--resamples", type=int, default=RESAMPLES)
     parser.add_argument("--permutations", type=int, default=PERMUTATIONS)
@@ -325,7 +330,15 @@ def main(argv=None) -> int:
     if not records_by_arm:
         print(f"no records under {args.out / 'records'}", file=sys.stderr)
         return 1
-    summary = summarize(records_by_arm, args.baseline, args.resamples, args.permutations, args.random_seed)
+    baseline = args.baseline
+    if args.against is not None:
+        other = read_records(args.against)
+        if args.baseline not in other:
+            print(f"no {args.baseline!r} records under {args.against / 'records'}", file=sys.stderr)
+            return 1
+        records_by_arm.update({f"{arm}@{args.against.name}": records for arm, records in other.items()})
+        baseline = f"{args.baseline}@{args.against.name}"
+    summary = summarize(records_by_arm, baseline, args.resamples, args.permutations, args.random_seed)
     print(format_table(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

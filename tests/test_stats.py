@@ -159,6 +159,26 @@ def test_command_line_on_two_fake_records(tmp_path, capsys):
     assert written["versus_baseline"]["embedding"]["sign_test"]["p"] == pytest.approx(1.0)  # 1 seed: 2 * 1/2
 
 
+def test_command_line_against_another_folder_pairs_the_same_arm(tmp_path, capsys):
+    """--against: one arm under two settings (two bench.learning folders), paired by seed and problem."""
+    for folder, ends in (("new", {1: [1, 1, 1, 0], 2: [1, 1, 0, 0]}), ("old", {1: [1, 0, 0, 0], 2: [0, 0, 0, 0],
+                                                                             3: [1, 1, 1, 1]})):
+        (tmp_path / folder / "records").mkdir(parents=True)
+        for seed, end in ends.items():
+            run = record("projection", seed, [1, 0, 0, 0], end)
+            (tmp_path / folder / "records" / f"projection-seed{seed}.json").write_text(json.dumps(run))
+    out = tmp_path / "statistics.json"
+    assert stats.main([str(tmp_path / "new"), "--against", str(tmp_path / "old"), "--baseline", "projection",
+                       "--json", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["baseline"] == "projection@old"
+    versus = written["versus_baseline"]["projection"]
+    assert versus["seeds"] == [1, 2]  # seed 3 ran under the old settings only
+    assert versus["mean"] == pytest.approx(((0.75 - 0.25) + (0.5 - 0.0)) / 2)  # per seed: end new - end old
+    assert stats.main([str(tmp_path / "new"), "--against", str(tmp_path / "old"), "--baseline", "grpo"]) == 1
+    assert "no 'grpo' records" in capsys.readouterr().err
+
+
 def test_command_line_without_records_fails(tmp_path, capsys):
     assert stats.main([str(tmp_path)]) == 1
     assert "no records" in capsys.readouterr().err
