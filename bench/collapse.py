@@ -15,12 +15,12 @@ the weight decay, the distance from the start). A traced run trains exactly as t
     python -m bench.collapse --report            # collapse.json, the plots and the table from the kept traces
     python -m bench.collapse --model tiny --runs projection:1 --out /tmp/c -- --max_steps 2   # smoke run
 
-The runs coast as the demo did when its runs collapsed (`--skip_steps_without_signal false`;
-flags after "--" can change that). ARM:SEED:hold is the counterfactual that made the case for that
-option: after every step whose gradient is exactly zero (no group's rewards differed), the weights
-and AdamW's state are put back as they were (HoldWithoutSignal), so the policy does not move on
-AdamW's moments alone; `--skip_steps_without_signal` gives the same weights
-(tests/test_skip_steps.py).
+The runs coast as the demo did when its runs collapsed (`--skip_steps_without_signal false`, at
+its learning rate of then, 5e-4; flags after "--" can change that). ARM:SEED:hold is the
+counterfactual that made the case for that option: after every step whose gradient is exactly
+zero (no group's rewards differed), the weights and AdamW's state are put back as they were
+(HoldWithoutSignal), so the policy does not move on AdamW's moments alone;
+`--skip_steps_without_signal` gives the same weights (tests/test_skip_steps.py).
 
 Flags after "--" go to every training run, after the demo's (the last one wins). Runs with a
 trace are done (resumable). Writes OUT/traces/<run>.json.gz (gzipped JSON, 10-25 kB, kept in the
@@ -83,8 +83,9 @@ def read_trace(path: Path) -> dict:
 
 
 # The traced recipe is the demo's as it was when its runs collapsed: AdamW stepping on batches
-# without signal. "-- --skip_steps_without_signal true" traces the demo's recipe as it is now.
-COASTING = ["--skip_steps_without_signal", "false"]
+# without signal, at the learning rate of then. "-- --skip_steps_without_signal true --learning_rate 2e-4"
+# traces the demo's recipe as it is now.
+COASTING = ["--skip_steps_without_signal", "false", "--learning_rate", "5e-4"]
 
 
 def training_argv(arm: str, seed: int, model: str, folder: Path, flags: list[str]) -> list[str]:

@@ -66,6 +66,13 @@ def _learning_bench():
     return module
 
 
+def recipe_learning_rate(bench) -> float:
+    """The demo recipe's learning rate (the comparison's, unless a flag changes it)."""
+    import yaml
+
+    return float(yaml.safe_load(bench.SETTINGS.read_text())["learning_rate"])
+
+
 def test_a_finished_run_is_kept_only_with_the_settings_asked_for_now(tmp_path):
     bench = _learning_bench()
     settings = ["--task", "arith", "--max_steps", "24", "--lr", "5e-4"]
@@ -102,7 +109,8 @@ def test_a_run_kept_from_another_checkout_has_the_same_settings(tmp_path):
     elsewhere = [token.replace(str(bench.REPO), "/elsewhere/hrpo") for token in wanted]
     assert elsewhere != wanted and "/elsewhere/hrpo/configs/recipes/cpu_demo.yaml" in elsewhere
     assert bench.changed_settings(shlex.join(elsewhere), wanted) == {}
-    assert bench.changed_settings(shlex.join(elsewhere + ["--lr", "1e-3"]), wanted) == {"learning_rate": (1e-3, 5e-4)}
+    assert bench.changed_settings(shlex.join(elsewhere + ["--lr", "1e-3"]), wanted) == {
+        "learning_rate": (1e-3, recipe_learning_rate(bench))}
 
 
 def test_the_comparison_scores_every_held_out_problem():
@@ -264,7 +272,8 @@ def test_a_run_records_its_command_relative_to_the_checkout(tmp_path, monkeypatc
         ".cache/SmolLM2-135M-Instruct", "--output_dir", "bench/results/x/runs/projection-seed1", "--seed", "1",
         "--thinking_latent_source", "projection"]
     assert bench.changed_settings(kept["command"], wanted) == {}
-    assert bench.changed_settings(kept["command"] + " --lr 1e-3", wanted) == {"learning_rate": (1e-3, 5e-4)}
+    assert bench.changed_settings(kept["command"] + " --lr 1e-3", wanted) == {
+        "learning_rate": (1e-3, recipe_learning_rate(bench))}
     bench.run_arm("projection", 1, model, settings, bench.run_folder(tmp_path, "projection", 1), 1,
                   invocation="python -m bench.learning --arms projection --seeds 1")
     kept = json.loads((bench.run_folder(tmp_path, "projection", 1) / "bench_run.json").read_text())
