@@ -178,6 +178,16 @@ def test_hybrid_training_replays_vllm_rollouts(vllm_workspace, tmp_path, variant
         assert set(engine) == set(trained) and trained
         for name, param in trained.items():
             torch.testing.assert_close(engine[name], param.to(engine[name].dtype), rtol=0, atol=0, msg=name)
+        # greedy held-out decoding drops the noise the engine draws: the fork's generate decodes it
+        from hrpo.held_out import HeldOut
+        from hrpo.tasks import get_task
+        from hrpo.tasks.arith import make_problems
+
+        assert "noise" in trainer.vllm_generation.why_not_greedy(1, 1)
+        trainer.held_out = HeldOut(make_problems(2, seed=5, difficulty=3), {"dataset_path": "generated",
+                                                                             "split": "test"}, get_task("arith"),
+                                   "hrpo", True)
+        assert trainer._held_out_engine() is None
     finally:
         _shutdown(trainer)
 
@@ -236,10 +246,10 @@ def test_the_training_script_with_vllm_exits_cleanly(vllm_workspace, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
-def test_held_out_evaluation_decodes_with_the_engine_as_the_fork_does(vllm_workspace, tmp_path):
-    """With --use_vllm the held-out rows are decoded greedily by the run's engine, its weights synced to the
-    policy's first: the completions are the fork's greedy ones, before and after the policy moves (so a stale
-    engine fails), and the result says which decoder ran."""
+def _held_out_through_the_engine(trainer, out, thinking: bool) -> None:
+    """The trainer's held-out evaluation (``--use_vllm``: through its engine, its weights synced to the policy's
+    first) gives the fork's greedy completions, before and after the policy moves (so a stale engine fails),
+    and says which decoder ran."""
     import json
 
     from hrpo.held_out import HeldOut, evaluate_rows
@@ -248,38 +258,43 @@ def test_held_out_evaluation_decodes_with_the_engine_as_the_fork_does(vllm_works
 
     task = get_task("arith")
     rows = make_problems(6, seed=5, difficulty=3)
+    trainer.held_out = HeldOut(rows, {"dataset_path": "generated", "split": "test"}, task, "hrpo", thinking)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+
+    def fork_completions():
+        result = evaluate_rows(model, trainer.processing_class, task, rows, system_prompt="hrpo", thinking=thinking,
+                               greedy=True, temperature=trainer.args.temperature,
+                               max_new_tokens=trainer.args.max_completion_length)
+        assert result["metrics"]["decoder"] == "fork generate"
+        return [example["completion"] for example in result["examples"]]
+
+    def engine_completions(name):
+        trainer.evaluate(file_name=name)
+        result = json.loads((out / name).read_text())
+        assert result["metrics"]["decoder"] == "vllm"
+        return [example["completion"] for example in result["examples"]]
+
+    before = fork_completions()
+    assert engine_completions("start.json") == before
+    with torch.no_grad():  # the policy moves (as after an optimizer step): the engine must follow it
+        generator = torch.Generator().manual_seed(0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "thinking_residual_gate" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+    trainer.state.global_step += 1
+    after = fork_completions()
+    assert after != before, "the perturbation did not change the greedy completions: the test cannot fail"
+    assert engine_completions("moved.json") == after
+    assert trainer._last_loaded_step == trainer.state.global_step
+    print(f"\nheld-out through vLLM ({'hybrid' if thinking else 'plain'}): {len(rows)} rows equal to the fork's, "
+          f"before and after the policy moved")
+
+
+def test_held_out_evaluation_decodes_with_the_engine_as_the_fork_does(vllm_workspace, tmp_path):
     out = tmp_path / "out"
     trainer = _trainer(vllm_workspace, out, "--thinking_latent_source", "embedding", "--thinking_latent_topk", "5")
     try:
-        trainer.held_out = HeldOut(rows, {"dataset_path": "generated", "split": "test"}, task, "hrpo", True)
-        model = trainer.accelerator.unwrap_model(trainer.model)
-
-        def fork_completions():
-            result = evaluate_rows(model, trainer.processing_class, task, rows, system_prompt="hrpo", thinking=True,
-                                   greedy=True, temperature=trainer.args.temperature,
-                                   max_new_tokens=trainer.args.max_completion_length)
-            assert result["metrics"]["decoder"] == "fork generate"
-            return [example["completion"] for example in result["examples"]]
-
-        def engine_completions(name):
-            trainer.evaluate(file_name=name)
-            result = json.loads((out / name).read_text())
-            assert result["metrics"]["decoder"] == "vllm"
-            return [example["completion"] for example in result["examples"]]
-
-        before = fork_completions()
-        assert engine_completions("start.json") == before
-        with torch.no_grad():  # the policy moves (as after an optimizer step): the engine must follow it
-            generator = torch.Generator().manual_seed(0)
-            for name, param in model.named_parameters():
-                if "lora_B" in name or "thinking_residual_gate" in name:
-                    param.add_(torch.randn(param.shape, generator=generator) * 0.5)
-        trainer.state.global_step += 1
-        after = fork_completions()
-        assert after != before, "the perturbation did not change the greedy completions: the test cannot fail"
-        assert engine_completions("moved.json") == after
-        assert trainer._last_loaded_step == trainer.state.global_step
-        print(f"\nheld-out through vLLM: {len(rows)} rows equal to the fork's, before and after the policy moved")
+        _held_out_through_the_engine(trainer, out, thinking=True)
         # what the engine cannot decode as the fork's greedy generate does goes to the fork's generate
         engine = trainer.vllm_generation
         assert "context" in engine.why_not_greedy(engine.max_model_length, 1)
@@ -296,6 +311,7 @@ def test_plain_grpo_samples_with_the_same_engine(vllm_workspace, tmp_path):
         print(f"\nplain GRPO: TRL's vLLM-to-trainer gaps {gap}")
         assert gap and max(gap) <= gap_bound(trainer)
         assert not trainer.vllm_generation.hybrid
+        _held_out_through_the_engine(trainer, tmp_path / "out", thinking=False)
     finally:
         _shutdown(trainer)
 
