@@ -218,7 +218,6 @@ class HeldOutEvaluation:
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-
     def _held_out_engine(self):
         """With ``--use_vllm``, the run's engine, its weights synced to the policy's, where it decodes the held-out
         rows as the fork's greedy generate does (hybrid thinking through the plugin, whose greedy tokens are the
