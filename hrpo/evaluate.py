@@ -91,10 +91,10 @@ def base_model_settings(args) -> dict:
     missing = [flag for flag, value in (("--task", args.task), ("--output_dir", args.output_dir)) if value is None]
     if missing:
         raise UsageError(f"--base_model {args.base_model}: give {' and '.join(missing)} (a base model has no run "
-                        f"settings to take them from)")
+                         f"settings to take them from)")
     if args.thinking == "on":
         raise UsageError(f"--base_model {args.base_model} --thinking on: a base model has no trained thinking "
-                        f"modules; score it with --thinking off, or a training run's step 0 (--eval_on_start)")
+                         f"modules; score it with --thinking off, or a training run's step 0 (--eval_on_start)")
     return {"system_prompt": TaskArguments.system_prompt, "hybrid_thinking": "off"}
 
 

@@ -225,10 +225,7 @@ class HeldOutEvaluation:
         engine = getattr(self, "vllm_generation", None)
         if not getattr(self, "use_vllm", False) or not hasattr(engine, "greedy_completions"):
             return None
-        spec, tokenizer = self.held_out, self.processing_class
-        texts = prompt_texts(tokenizer, spec.task, [row["question"] for row in spec.rows], spec.system_prompt)
-        longest = max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-        why = engine.why_not_greedy(longest, self.args.max_completion_length)
+        why = engine.why_not_greedy(self._longest_held_out_prompt(), self.args.max_completion_length)
         if why is not None:
             if not getattr(self, "_said_why_not_engine", False) and self.args.should_save:
                 print(f"[hrpo] held-out evaluation decodes with the fork's generate, not vLLM: {why}", flush=True)
@@ -238,6 +235,16 @@ class HeldOutEvaluation:
             engine.sync_weights()
             self._last_loaded_step = self.state.global_step
         return engine
+
+    def _longest_held_out_prompt(self) -> int:
+        """The held-out prompts' longest length in tokens (the rows and the prompt stay: counted once)."""
+        spec = self.held_out
+        if getattr(self, "_longest_prompt_of", None) is not spec:
+            texts = prompt_texts(self.processing_class, spec.task, [row["question"] for row in spec.rows],
+                                 spec.system_prompt)
+            ids = self.processing_class(texts, add_special_tokens=False)["input_ids"]
+            self._longest_prompt, self._longest_prompt_of = max(len(row) for row in ids), spec
+        return self._longest_prompt
 
 
 class HeldOut:
