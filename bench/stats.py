@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The statistics of the learning comparison (bench/learning.py): per arm, the held-out accuracy
 gain with a bootstrap 95% interval; per arm against a baseline arm (plain GRPO), the paired
-difference of gains with a bootstrap 95% interval, an exact sign test over seeds and a paired
-permutation test over seeds x problems; per arm, how often an answer was given and how accurate
-the given answers were, at step 0 and at the end.
+difference of gains with a bootstrap 95% interval, an exact sign test and a paired permutation
+test over seeds; per arm, how often an answer was given and how accurate the given answers were,
+at step 0 and at the end.
 
     python -m bench.stats bench/results/learning                    # reads OUT/records/*.json
     python -m bench.stats OUT --json OUT/statistics.json --baseline grpo
@@ -42,6 +42,7 @@ RESAMPLES = 10000
 PERMUTATIONS = 10000
 RANDOM_SEED = 0
 CONFIDENCE = 0.95
+EXACT_SEEDS = 16  # seed_permutation_test enumerates every sign pattern up to this many seeds
 DEFINITIONS = {
     "gain": "per problem: correct at the end minus correct at step 0; per run: mean over problems; "
             "per arm: mean over seeds",
@@ -54,9 +55,10 @@ DEFINITIONS = {
     "difference_ci95": "the same interval from the table of per-(seed, problem) differences: one draw of seeds "
                        "and problems serves both arms",
     "sign_test_p": "two-sided exact binomial test (p=1/2) on the signs of the per-seed differences; ties dropped",
-    "permutation_p": "two-sided paired permutation test: random sign flips of the per-(seed, problem) "
-                     "differences; (1 + #(|mean| >= observed)) / (1 + permutations); treats problems as "
-                     "independent, so it speaks for these trained models, the sign test for training seeds",
+    "seed_permutation_p": "two-sided paired permutation test over seeds: sign flips of the per-seed "
+                          "differences, p = share of sign patterns with |mean| >= observed (exact: all 2^n "
+                          f"patterns up to {EXACT_SEEDS} seeds; else random ones, (1 + count) / (1 + permutations)); the "
+                          "problems held fixed, as in the sign test",
     "answered_share": "completions that gave an answer / all completions, pooled over seeds and problems",
     "accuracy_answered": "correct / answered, pooled over seeds and problems (null when none answered)",
 }
@@ -189,19 +191,22 @@ def sign_test(differences) -> dict:
     return {"positive": positive, "negative": negative, "ties": len(values) - n, "p": min(1.0, 2 * one_tail)}
 
 
-def paired_permutation_test(rows: list[np.ndarray], permutations: int = PERMUTATIONS,
-                            seed: int = RANDOM_SEED) -> float:
-    """Two-sided p-value of mean_of_seed_means of paired differences under no effect: each
-    (seed, problem) difference is equally likely to have either sign (the two arms' labels
-    swapped); p = (1 + #(|permuted mean| >= |observed mean|)) / (1 + permutations)."""
-    rng = np.random.default_rng(seed)
-    observed = abs(mean_of_seed_means(rows))
-    permuted = np.zeros(permutations)
-    for row in rows:
-        signs = rng.choice([-1.0, 1.0], size=(permutations, len(row)))
-        permuted += (signs * row).mean(axis=1)
-    permuted = np.abs(permuted / len(rows))
-    at_least_as_far = int((permuted >= observed - 1e-12).sum())
+def seed_permutation_test(differences, permutations: int = PERMUTATIONS, seed: int = RANDOM_SEED) -> float:
+    """Two-sided paired permutation test over seeds: under no effect each seed's difference is
+    equally likely to have either sign (the two arms' labels swapped for that training seed);
+    p = the share of sign patterns whose |mean| is at least the observed |mean|. Exact (all 2^n
+    patterns, so never below 2 / 2^n) up to EXACT_SEEDS seeds; above, `permutations` random
+    patterns, p = (1 + #(at least as far)) / (1 + permutations). A seed's difference is its mean
+    over the problems: the problems are held fixed, as in the sign test, whose signs this weighs
+    by size."""
+    values = np.asarray(differences, dtype=float)
+    observed = abs(values.mean()) - 1e-12
+    if len(values) <= EXACT_SEEDS:
+        patterns = np.arange(2 ** len(values))[:, None] >> np.arange(len(values)) & 1
+        means = np.abs(((1 - 2 * patterns) * values).mean(axis=1))
+        return float((means >= observed).mean())
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(permutations, len(values)))
+    at_least_as_far = int((np.abs((signs * values).mean(axis=1)) >= observed).sum())
     return (1 + at_least_as_far) / (1 + permutations)
 
 
@@ -228,7 +233,7 @@ def paired_difference(records_a: list[dict], records_b: list[dict], resamples: i
     """Arm A's gain minus arm B's on the seeds both ran, paired by seed and by problem (the
     same held-out problems): the mean difference, a 95% crossed-bootstrap interval (one draw of
     seeds and problems for both arms), the exact sign test over the per-seed differences and the
-    paired permutation test over seeds x problems."""
+    paired permutation test over them."""
     runs_a, runs_b = by_seed(records_a), by_seed(records_b)
     seeds = sorted(set(runs_a) & set(runs_b))
     if not seeds:
@@ -241,7 +246,7 @@ def paired_difference(records_a: list[dict], records_b: list[dict], resamples: i
         rows.append(gains_a - gains_b)
     difference = estimate(rows, resamples, seed)
     return {"seeds": seeds, **difference, "sign_test": sign_test(difference["per_seed"]),
-            "permutation_p": paired_permutation_test(rows, permutations, seed)}
+            "seed_permutation_p": seed_permutation_test(difference["per_seed"], permutations, seed)}
 
 
 def answered_at(records: list[dict], when: str) -> dict:
@@ -296,12 +301,12 @@ def format_table(summary: dict) -> str:
                      f"| {_share(start['accuracy_answered'])} | {_share(end['accuracy_answered'])} |")
     if summary["versus_baseline"]:
         lines += ["", f"| arm − {summary['baseline']} | seeds | gain difference [95% CI] | seeds + / − / = "
-                      "| sign test p | permutation p |", "|---|---|---|---|---|---|"]
+                      "| sign test p | permutation p (seeds) |", "|---|---|---|---|---|---|"]
         for arm, diff in summary["versus_baseline"].items():
             signs = diff["sign_test"]
             lines.append(f"| {arm} | {len(diff['seeds'])} | {_estimate(diff)} "
                          f"| {signs['positive']} / {signs['negative']} / {signs['ties']} "
-                         f"| {signs['p']:.4f} | {diff['permutation_p']:.4f} |")
+                         f"| {signs['p']:.4f} | {diff['seed_permutation_p']:.4f} |")
     return "\n".join(lines)
 
 
@@ -323,7 +328,8 @@ def main(argv=None) -> int:
                              "--baseline's arm there (one arm under two settings, paired by seed and problem)")
     parser.add_argument("--json", type=Path, help="also write the statistics here")
     parser.add_argument("--resamples", type=int, default=RESAMPLES)
-    parser.add_argument("--permutations", type=int, default=PERMUTATIONS)
+    parser.add_argument("--permutations", type=int, default=PERMUTATIONS,
+                        help=f"random sign patterns of the permutation test above {EXACT_SEEDS} seeds (exact below)")
     parser.add_argument("--random-seed", type=int, default=RANDOM_SEED)
     args = parser.parse_args(argv)
     records_by_arm = read_records(args.out)

@@ -35,10 +35,29 @@ def test_sign_test_counts_signs():
                                                          "p": pytest.approx(1.0)}
 
 
-def test_permutation_test_approximates_the_exact_permutation_p():
-    # 3 differences of +1: of the 8 sign patterns, 2 have |mean| = 1, so the exact p is 1/4
-    p = stats.paired_permutation_test([np.array([1.0, 1.0, 1.0])], permutations=20000)
-    assert p == pytest.approx(0.25, abs=0.015)
+def test_seed_permutation_test_is_exact_by_hand():
+    # seeds +0.1, +0.2, +0.3: of the 8 sign patterns only all + and all - reach |mean| 0.2
+    assert stats.seed_permutation_test([0.1, 0.2, 0.3]) == pytest.approx(2 / 8)
+    # +0.3, -0.1, +0.1: |mean| 0.1, reached by |0.3 + 0.1a + 0.1b| >= 0.3 unless both a and b
+    # oppose the 0.3: 6 of 8 patterns
+    assert stats.seed_permutation_test([0.3, -0.1, 0.1]) == pytest.approx(6 / 8)
+    assert stats.seed_permutation_test([0.0, 0.0]) == pytest.approx(1.0)
+
+
+def test_seed_permutation_test_above_the_exact_size_samples_patterns():
+    # 20 seeds, all +0.1: the exact p is 2 / 2^20, the sampled one its floor 1 / (1 + permutations)
+    assert stats.seed_permutation_test([0.1] * 20, permutations=999) == pytest.approx(1 / 1000)
+    # half +, half -: |mean| 0 is reached by every pattern
+    assert stats.seed_permutation_test([0.1, -0.1] * 10, permutations=999) == pytest.approx(1.0)
+
+
+def test_the_permutation_test_does_not_count_problems_as_samples():
+    # 5 seeds that all gained a little on 200 problems: the seeds x problems sign flips (the test
+    # this module had) gave p < 0.001; 5 seeds cannot give less than 2 / 32
+    arm_a, arm_b = constructed_arms(np.random.default_rng(7), problems=200)
+    diff = stats.paired_difference(arm_a, arm_b)
+    assert diff["sign_test"]["positive"] == 5
+    assert diff["seed_permutation_p"] == pytest.approx(2 / 32)
 
 
 def test_arm_gain_without_spread_has_a_point_interval():
@@ -80,7 +99,6 @@ def test_a_large_paired_difference_is_covered_and_excludes_zero():
     assert low > 0.0
     assert diff["mean"] == pytest.approx(stats.arm_gain(arm_a)["mean"] - stats.arm_gain(arm_b)["mean"])
     assert diff["sign_test"]["positive"] == 5 and diff["sign_test"]["p"] == pytest.approx(0.0625)
-    assert diff["permutation_p"] < 0.001
 
 
 def test_paired_difference_with_exact_per_seed_differences():
@@ -101,7 +119,7 @@ def test_no_difference_gives_an_interval_around_zero_and_p_one():
     assert diff["mean"] == pytest.approx(0.0)
     assert diff["ci95"][0] <= 0.0 <= diff["ci95"][1]
     assert diff["sign_test"]["ties"] == 5 and diff["sign_test"]["p"] == pytest.approx(1.0)
-    assert diff["permutation_p"] == pytest.approx(1.0)
+    assert diff["seed_permutation_p"] == pytest.approx(1.0)
 
 
 def test_paired_difference_uses_the_seeds_both_arms_ran():
