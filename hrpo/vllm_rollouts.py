@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -40,6 +41,21 @@ from .vllm_plugin.recorder import LATENT_FIELDS
 # The engine start below mirrors trl 1.15's VLLMGeneration._init_vllm (colocate branch).
 TRL_ENGINE_KWARGS = {"distributed_executor_backend": "external_launcher", "max_num_batched_tokens": 4096,
                      "logprobs_mode": "processed_logprobs"}
+
+
+def set_rendezvous_port() -> None:
+    """MASTER_ADDR and MASTER_PORT for the engine's process group, as trl's ``ensure_master_addr_port``
+    sets them (a port already set is kept: a launcher's, shared by every rank), except that an unset,
+    "0" or "auto" port becomes one the OS assigns. trl tries 29500 first, so runs started together
+    on one machine (a sweep of single-device runs) all took 29500, and all but one failed with
+    EADDRINUSE when the engine started."""
+    from trl.trainer.utils import ensure_master_addr_port
+
+    if os.environ.get("MASTER_PORT", "").strip().lower() in {"", "0", "auto"}:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+    ensure_master_addr_port()
 
 
 def write_engine_folder(model, tokenizer, folder: str | Path) -> Path:
@@ -129,8 +145,8 @@ class EngineRollouts(VLLMGeneration):
 
     def _init_vllm(self):
         """trl 1.15's colocate start (the process-group environment, tensor-parallel groups), with our
-        engine arguments; server mode is refused by ``check_engine_settings`` before this."""
-        from trl.trainer.utils import ensure_master_addr_port
+        engine arguments and ``set_rendezvous_port``; server mode is refused by ``check_engine_settings``
+        before this."""
         from vllm import LLM
 
         if self.mode != "colocate":
@@ -146,7 +162,7 @@ class EngineRollouts(VLLMGeneration):
         os.environ["RANK"] = str(accelerator.process_index)
         os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
         os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
-        ensure_master_addr_port()
+        set_rendezvous_port()
         self.llm = LLM(**self.engine_kwargs())
         if self.enable_sleep_mode:
             self.llm.sleep(level=2)

@@ -109,6 +109,24 @@ def test_the_trl_internals_the_engine_rollouts_rely_on_are_pinned():
     assert "self._init_vllm()" in init, "VLLMGeneration no longer starts the engine in _init_vllm"
 
 
+def test_runs_started_together_get_different_engine_ports(monkeypatch):
+    """Engines that have not bound their port yet (runs started at the same moment): trl's
+    ``ensure_master_addr_port`` gave each 29500, and all but one run failed with EADDRINUSE."""
+    from hrpo.vllm_rollouts import set_rendezvous_port
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    ports = []
+    for unset in ("", "0", "auto"):
+        monkeypatch.setenv("MASTER_PORT", unset)
+        set_rendezvous_port()
+        ports.append(os.environ["MASTER_PORT"])
+    assert len(set(ports)) > 1, f"every run took port {ports[0]}"
+    assert os.environ["MASTER_ADDR"] == "localhost"
+    monkeypatch.setenv("MASTER_PORT", "29611")  # a launcher's port, shared by its ranks: kept
+    set_rendezvous_port()
+    assert os.environ["MASTER_PORT"] == "29611"
+
+
 # ---------------------------------------------------------------- training with vLLM
 
 
