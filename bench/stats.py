@@ -286,8 +286,10 @@ def _share(value) -> str:
 
 
 def _estimate(entry: dict) -> str:
+    """Mean [interval]; from one seed the interval speaks for the problems only, and says so."""
     low, high = entry["ci95"]
-    return f"{entry['mean']:+.3f} [{low:+.3f}, {high:+.3f}]"
+    problems_only = " (1 seed: problems only)" if len(entry["per_seed"]) == 1 else ""
+    return f"{entry['mean']:+.3f} [{low:+.3f}, {high:+.3f}]{problems_only}"
 
 
 def format_table(summary: dict) -> str:

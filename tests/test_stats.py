@@ -155,6 +155,9 @@ def test_summary_is_json_and_compares_with_the_baseline():
     assert summary["baseline"] == "grpo" and list(summary["versus_baseline"]) == ["embedding"]
     table = stats.format_table(summary)
     assert "| grpo | 2 |" in table and "| embedding | 2 |" in table and "arm − grpo" in table
+    assert "problems only" not in table
+    one_seed = stats.format_table(stats.summarize({"grpo": arm_b[:1], "embedding": arm_a[:1]}, resamples=200))
+    assert one_seed.count("(1 seed: problems only)") == 3  # both arms' gains and their difference
     without = stats.summarize({"embedding": arm_a}, resamples=200, permutations=200)
     assert without["baseline"] is None and without["versus_baseline"] == {}
     assert "arm −" not in stats.format_table(without)
